@@ -1,0 +1,7 @@
+"""Benchmarks of pyprune's dynamic layers and models against an mmrazor-style baseline and the exported model.
+
+``pyprune bench ops`` / ``pyprune bench models`` (see :func:`main`); ``--quick`` runs in seconds.
+"""
+from .cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,136 @@
+"""``pyprune bench {ops,models}``: argument parsing, progress bars and writing the outputs."""
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from . import models as model_bench
+from . import ops as op_bench
+from .report import (format_header, format_table, plot_time_vs_ratio, run_header, write_csv, write_json)
+
+
+def _progress_iter(iterable, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, file=sys.stderr)
+    return bar, bar.update
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("pyprune bench: --device cuda requested but no CUDA device is available")
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyprune bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name, helptext in (("ops", "channel gather and single dynamic layers"),
+                           ("models", "whole torchvision models at several channel ratios")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repetitions: runs in seconds")
+        p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+        p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV / JSON / PNG")
+        p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+        p.add_argument("--reps", type=int, default=None, help="timed repetitions (the median is reported)")
+        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+        p.add_argument("--note", default="", help="free text stored in the header (e.g. 'machine shared')")
+    m = sub.choices["models"]
+    m.add_argument("--models", nargs="+", default=None, help=f"any of {', '.join(model_bench.MODEL_NAMES)}, tiny")
+    m.add_argument("--batch-sizes", nargs="+", type=int, default=None)
+    m.add_argument("--ratios", nargs="+", type=float, default=None)
+    m.add_argument("--image-size", type=int, default=None)
+    m.add_argument("--backends", nargs="+", choices=model_bench.BACKENDS, default=None)
+    m.add_argument("--compile-models", nargs="*", default=None,
+                   help="models that also run under torch.compile (default: all on CUDA, resnet18 on CPU)")
+    m.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    m.add_argument("--switch-subnets", type=int, default=None, help="random subnets in the switch workload")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``pyprune bench``; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "ops":
+        _run_ops(args, device)
+    else:
+        _run_models(args, device)
+    return 0
+
+
+def _run_ops(args, device: torch.device) -> Dict[str, Path]:
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 10)
+    header = run_header(device, benchmark="ops", quick=args.quick, warmup=warmup, reps=reps, note=args.note)
+    results = op_bench.run(device, quick=args.quick, warmup=warmup, reps=reps, progress=_progress_iter)
+    paths = {
+        "gather_csv": write_csv(args.out / "ops_gather.csv", results["gather"], op_bench.GATHER_COLUMNS),
+        "layers_csv": write_csv(args.out / "ops_layers.csv", results["layers"], op_bench.LAYER_COLUMNS),
+        "json": write_json(args.out / "ops.json", header, [dict(r, table=t) for t, rows in results.items()
+                                                           for r in rows]),
+    }
+    plot = plot_time_vs_ratio(args.out / "ops_layers.png", results["layers"], panel_keys=("layer", "workload"),
+                              line_key="variant", title=f"dynamic layers on {header['device']}")
+    if plot:
+        paths["png"] = plot
+    print(format_header(header))
+    print("\n## channel gather (random 50 % of each dim)\n")
+    print(format_table(results["gather"], op_bench.GATHER_COLUMNS))
+    print("\n## dynamic layers (vs_dense = time / exported dense layer)\n")
+    print(format_table(results["layers"], op_bench.LAYER_COLUMNS))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
+    cfg = model_bench.quick_config(device) if args.quick else model_bench.default_config(device)
+    overrides = {"models": args.models, "batch_sizes": args.batch_sizes, "ratios": args.ratios,
+                 "image_size": args.image_size, "warmup": args.warmup, "reps": args.reps, "backends": args.backends,
+                 "compile_backend": args.compile_backend, "switch_subnets": args.switch_subnets}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.compile_models is not None:
+        cfg.compile_models = args.compile_models
+    return cfg
+
+
+def _run_models(args, device: torch.device) -> Dict[str, Path]:
+    cfg = _models_config(args, device)
+    header = run_header(device, benchmark="models", quick=args.quick, image_size=cfg.image_size,
+                        warmup=cfg.warmup, reps=cfg.reps, compile_backend=cfg.compile_backend,
+                        compile_models=cfg.compile_models or "all", note=args.note)
+    rows = model_bench.run(cfg, _progress_bar)
+    targets = model_bench.evaluate_targets(rows)
+    paths = {
+        "csv": write_csv(args.out / "models.csv", rows, model_bench.MODEL_COLUMNS),
+        "json": write_json(args.out / "models.json", header, rows + [dict(t, table="targets") for t in targets]),
+    }
+    plot = plot_time_vs_ratio(args.out / "models.png", rows, panel_keys=("model", "batch", "workload"),
+                              line_key="backend", title=f"models on {header['device']} ({header['date']})")
+    if plot:
+        paths["png"] = plot
+    print(format_header(header))
+    print()
+    print(format_table(rows, model_bench.MODEL_COLUMNS))
+    print("\n## targets\n")
+    print(format_table(targets, model_bench.TARGET_COLUMNS))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

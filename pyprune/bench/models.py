@@ -1,0 +1,388 @@
+"""Model-level benchmark: whole networks at several channel ratios, all backends side by side in one run.
+
+Backends (each row's ``vs_dense`` is its time over the exported dense model's, same model / batch / ratio / workload):
+
+* ``pyprune-ext``   : the prepared (dynamic) model, kernels on the compiled extension,
+* ``pyprune-torch`` : the same model on the pure-torch kernel fallback,
+* ``mmrazor-ref``   : the same subnet on mmrazor-style boolean-slicing layers (:mod:`.mmrazor_reference`),
+* ``dense``         : ``mutator.export(model)``, plain torch layers with compact weights,
+* ``pyprune-compile``: the dynamic model under ``torch.compile``.
+
+Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward + cross-entropy + backward + SGD step) at
+fixed ratios, and ``switch`` (a training step on a new random subnet every iteration: the subnets are drawn once with
+``mutator.sample_choices()`` and replayed identically for every backend; the dense baseline runs each subnet's
+pre-exported model, export time excluded).
+"""
+import copy
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .mmrazor_reference import build_reference_model
+from .timing import Measurement, measure
+
+BACKENDS = ("pyprune-ext", "pyprune-torch", "mmrazor-ref", "dense", "pyprune-compile")
+WORKLOADS = ("eval", "train")
+MODEL_NAMES = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
+NUM_CLASSES = 1000
+
+
+@dataclass
+class ModelBenchConfig:
+    """What to run. ``compile_models``: models that also get the ``pyprune-compile`` backend (compiling is slow)."""
+    device: torch.device
+    models: Sequence[str] = MODEL_NAMES
+    batch_sizes: Sequence[int] = (1, 8, 64)
+    ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
+    image_size: int = 224
+    warmup: int = 3
+    reps: int = 10
+    backends: Sequence[str] = BACKENDS
+    compile_models: Optional[Sequence[str]] = None        # None = every model
+    compile_backend: str = "inductor"
+    switch_subnets: int = 4
+    switch_passes: int = 3
+    seed: int = 0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def quick_config(device: torch.device) -> ModelBenchConfig:
+    """Seconds, not minutes: a tiny CNN, tiny inputs, one warm-up, two repetitions."""
+    return ModelBenchConfig(device=device, models=("tiny",), batch_sizes=(2,), image_size=16, warmup=1, reps=2,
+                            compile_backend="aot_eager", switch_subnets=2, switch_passes=1)
+
+
+def default_config(device: torch.device) -> ModelBenchConfig:
+    if device.type == "cuda":
+        return ModelBenchConfig(device=device)
+    # Two shared CPU cores: reduced images and batches, compile only on the smallest ResNet.
+    return ModelBenchConfig(device=device, batch_sizes=(1, 8), image_size=96, warmup=2, reps=5,
+                            compile_models=("resnet18",))
+
+
+# ------------------------------------------------------------------------------------------------------------ models
+class TinyNet(nn.Module):
+    """A small residual CNN with a depthwise conv and a linear head: x [N, 3, H, W] -> logits [N, 10]."""
+
+    def __init__(self, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(width, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width, bias=False),
+                                       nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(2 * width, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build_supernet(name: str, image_size: int) -> nn.Module:
+    """Randomly initialised model (never downloads weights)."""
+    if name == "tiny":
+        return TinyNet()
+    import torchvision
+    kwargs = {"image_size": image_size} if name.startswith("vit") else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
+
+
+def num_classes_of(name: str) -> int:
+    return 10 if name == "tiny" else NUM_CLASSES
+
+
+def prepare(model: nn.Module, image_size: int):
+    """Prepare ``model`` in place with a prefix (sequential) ChannelMutator; returns the mutator."""
+    from ..mutators import ChannelMutator
+    mutator = ChannelMutator(
+        channel_unit_cfg=dict(type="SequentialMutableChannelUnit", default_args=dict(choice_mode="ratio")),
+        parse_cfg=dict(type="ChannelAnalyzer", demo_input=(1, 3, image_size, image_size), tracer_type="auto"))
+    mutator.prepare_from_supernet(model)
+    return mutator
+
+
+# --------------------------------------------------------------------------------------------------------- workloads
+def extension_available() -> bool:
+    return bool(getattr(kernels, "extension_available", lambda: False)())
+
+
+def _use_backend(name: str):
+    if hasattr(kernels, "use_backend"):
+        return kernels.use_backend(name)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+class Runner:
+    """One backend's model, optimizer and kernel backend; ``eval_step`` / ``train_step`` are the timed bodies."""
+
+    def __init__(self, model: nn.Module, kernel_backend: str, forward: Optional[Callable] = None):
+        self.model = model
+        self.kernel_backend = kernel_backend
+        self.forward = forward or model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def eval_step(self, x: torch.Tensor) -> None:
+        self.model.eval()
+        with torch.no_grad(), _use_backend(self.kernel_backend):
+            self.forward(x)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model.train()
+        with _use_backend(self.kernel_backend):
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.forward(x), y).backward()
+            self.optimizer.step()
+
+
+def dynamic_backend_name() -> str:
+    """The kernel backend a compiled or "best" dynamic model runs on."""
+    return "ext" if extension_available() else "torch"
+
+
+def check_same_subnet(runners: Dict[str, Runner], x: torch.Tensor, label: str, tolerance: float = 1e-3) -> None:
+    """Every runner's eval output must match the dense export's (catches a benchmark of the wrong subnet)."""
+    outputs = {}
+    for name, runner in runners.items():
+        if name == "pyprune-compile":
+            continue  # same module as pyprune-*; compiling it just for a check is not worth the time
+        runner.model.eval()
+        with torch.no_grad(), _use_backend(runner.kernel_backend):
+            outputs[name] = runner.forward(x).float()
+    reference = outputs["dense"]
+    scale = reference.abs().max().clamp_min(1.0)
+    for name, out in outputs.items():
+        if out.shape != reference.shape or (out - reference).abs().max() > tolerance * scale:
+            raise AssertionError(f"{label}: {name} does not compute the same subnet as the exported dense model")
+
+
+# ------------------------------------------------------------------------------------------------------------- grid
+def _result_row(cfg: ModelBenchConfig, model: str, batch: int, ratio, backend: str, workload: str,
+                result: Optional[Measurement], status: str = "ok") -> Dict[str, object]:
+    return {"model": model, "batch": batch, "image_size": cfg.image_size, "ratio": ratio, "backend": backend,
+            "workload": workload,
+            "median_ms": float("nan") if result is None else result.median_s * 1e3,
+            "times_ms": [] if result is None else [t * 1e3 for t in result.times_s],
+            "syncs_per_step": None if result is None else result.syncs_per_call,
+            "vs_dense": float("nan"), "status": status}
+
+
+def _fill_vs_dense(rows: List[Dict[str, object]]) -> None:
+    dense = {(r["model"], r["batch"], r["ratio"], r["workload"]): r["median_ms"] for r in rows
+             if r["backend"] == "dense" and r["status"] == "ok"}
+    for row in rows:
+        base = dense.get((row["model"], row["batch"], row["ratio"], row["workload"]))
+        if base and row["status"] == "ok":
+            row["vs_dense"] = row["median_ms"] / base
+
+
+def _backends_for(cfg: ModelBenchConfig, model_name: str) -> List[str]:
+    chosen = []
+    for backend in cfg.backends:
+        if backend == "pyprune-compile" and cfg.compile_models is not None and model_name not in cfg.compile_models:
+            continue
+        chosen.append(backend)
+    return chosen
+
+
+def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: ModelBenchConfig) -> Dict[str, Runner]:
+    device = cfg.device
+    runners = {}
+    if "pyprune-ext" in backends and extension_available():
+        runners["pyprune-ext"] = Runner(model, "ext")
+    if "pyprune-torch" in backends:
+        runners["pyprune-torch"] = Runner(model, "torch")
+    if "mmrazor-ref" in backends:
+        runners["mmrazor-ref"] = Runner(build_reference_model(model, mutator).model.to(device), "torch")
+    runners["dense"] = Runner(mutator.export(copy.deepcopy(model)).to(device), "torch")
+    if "pyprune-compile" in backends:
+        torch._dynamo.reset()  # a fresh cache per subnet: recompiling is part of the warm-up, not of a timed step
+        compiled = torch.compile(model, backend=cfg.compile_backend, dynamic=False)
+        runners["pyprune-compile"] = Runner(model, dynamic_backend_name(), forward=compiled)
+    return runners
+
+
+def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callable) -> List[Dict[str, object]]:
+    """eval / train rows for every batch size, ratio and backend of one model."""
+    torch.manual_seed(cfg.seed)
+    model = build_supernet(model_name, cfg.image_size)
+    mutator = prepare(model, cfg.image_size)
+    model.to(cfg.device)
+    backends = _backends_for(cfg, model_name)
+    rows = []
+    for ratio in cfg.ratios:
+        mutator.set_global_ratio(ratio)
+        runners = _make_runners(model, mutator, backends, cfg)
+        # Checked before any training step: afterwards the backends' weights drift apart (each trains its own).
+        probe = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=cfg.device)
+        check_same_subnet(runners, probe, f"{model_name} ratio {ratio}")
+        for batch in cfg.batch_sizes:
+            x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
+            y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
+            for workload in WORKLOADS:
+                for backend in backends:
+                    rows.append(_time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y))
+                    progress(1)
+    return rows
+
+
+def _time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y) -> Dict[str, object]:
+    if backend not in runners:
+        return _result_row(cfg, model_name, batch, ratio, backend, workload, None, "skipped: extension not built")
+    runner = runners[backend]
+    step = (lambda: runner.eval_step(x)) if workload == "eval" else (lambda: runner.train_step(x, y))
+    try:
+        result = measure(step, cfg.device, warmup=cfg.warmup, reps=cfg.reps)
+    except Exception as error:  # one failing backend (e.g. a compile error) must not hide the others' numbers
+        return _result_row(cfg, model_name, batch, ratio, backend, workload, None,
+                           f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+    return _result_row(cfg, model_name, batch, ratio, backend, workload, result)
+
+
+# ----------------------------------------------------------------------------------------------------------- switch
+SWITCH_BACKENDS = ("pyprune-ext", "pyprune-torch", "mmrazor-ref", "dense")
+
+
+def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dict[str, object]]:
+    """Training steps on a new random subnet every iteration (same subnet sequence for every backend)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_supernet(model_name, cfg.image_size)
+    mutator = prepare(model, cfg.image_size)
+    model.to(cfg.device)
+    subnets = [mutator.sample_choices() for _ in range(cfg.switch_subnets)]
+
+    reference = build_reference_model(model, mutator)
+    reference.model.to(cfg.device)
+    prefix_counts, dense_models = [], []
+    for choices in subnets:
+        mutator.set_choices(choices)
+        prefix_counts.append(_unit_prefix_counts(mutator))
+        dense_models.append(mutator.export(copy.deepcopy(model)).to(cfg.device))
+    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
+    y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
+
+    dynamic = {name: Runner(model, backend) for name, backend in (("pyprune-ext", "ext"), ("pyprune-torch", "torch"))
+               if name in cfg.backends and (backend == "torch" or extension_available())}
+    ref_runner = Runner(reference.model, "torch")
+    dense_runners = [Runner(m, "torch") for m in dense_models]
+    counter = {"i": 0}
+
+    def next_index() -> int:
+        counter["i"] += 1
+        return counter["i"] % len(subnets)
+
+    steps: Dict[str, Callable[[], None]] = {}
+    for name, runner in dynamic.items():
+        steps[name] = lambda runner=runner: (mutator.set_choices(subnets[next_index()]), runner.train_step(x, y))
+    if "mmrazor-ref" in cfg.backends:
+        steps["mmrazor-ref"] = lambda: (reference.set_unit_prefixes(prefix_counts[next_index()]),
+                                        ref_runner.train_step(x, y))
+    steps["dense"] = lambda: dense_runners[next_index()].train_step(x, y)
+
+    rows = []
+    for name in SWITCH_BACKENDS:
+        if name not in steps:
+            if name in cfg.backends:
+                rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None,
+                                        "skipped: extension not built"))
+            continue
+        counter["i"] = -1
+        # One repetition = one pass over every subnet; warm-up passes touch every subnet once.
+        result = measure(steps[name], cfg.device, warmup=len(subnets), reps=cfg.switch_passes, inner=len(subnets))
+        rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", result))
+    return rows
+
+
+def _unit_prefix_counts(mutator) -> Dict[str, int]:
+    """Active channel count per unit; sequential units keep a prefix, which is checked here."""
+    counts = {}
+    for unit in mutator.units:
+        index = unit.current_index
+        count = int(index.numel())
+        if not torch.equal(index.cpu(), torch.arange(count)):
+            raise AssertionError(f"unit {unit.name}: expected a prefix selection from a sequential unit")
+        counts[unit.name] = count
+    return counts
+
+
+# -------------------------------------------------------------------------------------------------------------- run
+def run(cfg: ModelBenchConfig, progress_factory: Callable) -> List[Dict[str, object]]:
+    """The whole grid; ``progress_factory(total, desc)`` returns a callable advancing a progress bar by n."""
+    total = sum(len(cfg.ratios) * len(cfg.batch_sizes) * len(WORKLOADS) * len(_backends_for(cfg, m))
+                for m in cfg.models)
+    rows = []
+    bar, advance = progress_factory(total, "models")
+    try:
+        for model_name in cfg.models:
+            bar.set_postfix_str(model_name)
+            rows += bench_fixed_ratios(cfg, model_name, advance)
+            for batch in cfg.batch_sizes:
+                rows += bench_switch(cfg, model_name, batch)
+    finally:
+        bar.close()
+    _fill_vs_dense(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- targets
+def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """The performance targets of issue 5, each with the numbers behind met / missed (absent data: "n/a")."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    dyn = "pyprune-ext" if any(r["backend"] == "pyprune-ext" for r in ok) else "pyprune-torch"
+
+    def pick(**where):
+        return [r for r in ok if all(r[k] == v for k, v in where.items())]
+
+    targets = []
+    train50 = pick(model="resnet50", ratio=0.5, workload="train", backend=dyn)
+    worst = max(train50, key=lambda r: r["vs_dense"], default=None)
+    targets.append(_target("train step <= 1.25x exported dense (ResNet-50, 50 %)", dyn,
+                           None if worst is None else worst["vs_dense"] <= 1.25,
+                           "" if worst is None else f"worst {worst['vs_dense']:.2f}x (batch {worst['batch']})"))
+
+    speedups = []
+    for ref in pick(backend="mmrazor-ref"):
+        ours = pick(model=ref["model"], batch=ref["batch"], ratio=ref["ratio"], workload=ref["workload"], backend=dyn)
+        if ours:
+            speedups.append((ref["median_ms"] / ours[0]["median_ms"], ref))
+    small = [s for s, r in speedups if r["model"] == "resnet18" and r["batch"] == 8 and r["workload"] != "eval"]
+    targets.append(_target(">= 2x faster than mmrazor-ref (ResNet-18, batch 8, train + switch)", dyn,
+                           None if not small else min(small) >= 2.0,
+                           "" if not small else f"min {min(small):.2f}x, max {max(small):.2f}x"))
+    slowest = min(speedups, key=lambda s: s[0], default=None)
+    targets.append(_target("never slower than mmrazor-ref (every row)", dyn,
+                           None if slowest is None else slowest[0] >= 1.0,
+                           "" if slowest is None else
+                           f"min speedup {slowest[0]:.2f}x at {slowest[1]['model']} b{slowest[1]['batch']} "
+                           f"r{slowest[1]['ratio']} {slowest[1]['workload']}"))
+
+    evals = pick(workload="eval", backend=dyn)
+    worst_eval = max(evals, key=lambda r: r["vs_dense"], default=None)
+    targets.append(_target("eval forward <= 1.05x exported dense (every model / batch / ratio)", dyn,
+                           None if worst_eval is None else worst_eval["vs_dense"] <= 1.05,
+                           "" if worst_eval is None else
+                           f"worst {worst_eval['vs_dense']:.2f}x at {worst_eval['model']} b{worst_eval['batch']} "
+                           f"r{worst_eval['ratio']}"))
+    return targets
+
+
+def _target(name: str, backend: str, met: Optional[bool], numbers: str) -> Dict[str, object]:
+    return {"target": name, "backend": backend, "result": "n/a" if met is None else ("met" if met else "MISSED"),
+            "numbers": numbers or "no data in this run"}
+
+
+MODEL_COLUMNS = ("model", "batch", "image_size", "ratio", "workload", "backend", "median_ms", "vs_dense",
+                 "syncs_per_step", "status")
+TARGET_COLUMNS = ("target", "backend", "result", "numbers")
+
+
+def is_finite_positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0

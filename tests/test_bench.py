@@ -1,0 +1,173 @@
+"""Benchmarks: the mmrazor-style reference computes the right subnet, and the quick runs produce complete outputs.
+
+These tests check outputs, never timings (the CI machine is shared).
+"""
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyprune.bench import mmrazor_reference as ref
+from pyprune.bench import ops as op_bench
+from pyprune.bench.timing import count_syncs, measure
+from pyprune.errors import ConfigError
+
+
+def _sorted_index(n, keep, generator):
+    return torch.randperm(n, generator=generator)[:keep].sort().values
+
+
+def _mask(index, n):
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[index] = True
+    return mask
+
+
+def _set_single_masks(layer, in_index, out_index):
+    for container, index in ((layer.in_container, in_index), (layer.out_container, out_index)):
+        channel = ref.MaskChannel(container.num_channels)
+        channel.set_mask(_mask(index, container.num_channels))
+        container.register(channel, 0, container.num_channels)
+
+
+# ---------------------------------------------------------------------------------------------- reference layers
+@pytest.mark.parametrize("groups", [1, 8, 16], ids=["dense", "grouped", "depthwise"])
+def test_reference_conv_equals_conv_on_gathered_weight(groups):
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=True)
+    layer = ref.to_reference_layer(conv, "conv")
+    if groups == 16:  # depthwise: in and out are one selection
+        out_index = in_index = _sorted_index(16, 6, generator)
+        weight = conv.weight[out_index]
+    elif groups == 8:  # keep one of the two channels of every group, both dims
+        out_index = torch.arange(0, 16, 2)
+        in_index = torch.arange(1, 16, 2)
+        weight = conv.weight[out_index][:, 1:2]  # global in channel 2g+1 is local column 1 of group g
+    else:
+        out_index, in_index = _sorted_index(16, 5, generator), _sorted_index(16, 11, generator)
+        weight = conv.weight[out_index][:, in_index]
+    _set_single_masks(layer, in_index, out_index)
+    x = torch.randn(2, len(in_index), 6, 6)
+    active_groups = len(in_index) if groups == 16 else groups
+    expected = F.conv2d(x, weight, conv.bias[out_index], padding=1, groups=active_groups)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_grouped_conv_rejects_uneven_groups():
+    layer = ref.to_reference_layer(nn.Conv2d(8, 8, 1, groups=2), "blocks.0.conv")
+    _set_single_masks(layer, torch.arange(8), torch.tensor([0, 1, 2, 4]))  # 3 + 1 out channels per group
+    with pytest.raises(ConfigError, match="blocks.0.conv"):
+        layer(torch.randn(1, 8, 2, 2))
+
+
+def test_reference_linear_equals_linear_on_gathered_weight():
+    generator = torch.Generator().manual_seed(1)
+    linear = nn.Linear(12, 10)
+    layer = ref.to_reference_layer(linear)
+    out_index, in_index = _sorted_index(10, 4, generator), _sorted_index(12, 7, generator)
+    _set_single_masks(layer, in_index, out_index)
+    x = torch.randn(3, 7)
+    expected = F.linear(x, linear.weight[out_index][:, in_index], linear.bias[out_index])
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_reference_batchnorm_updates_only_active_running_stats():
+    bn = nn.BatchNorm2d(6)
+    bn.running_mean.uniform_()
+    bn.running_var.uniform_(0.5, 1.5)
+    before_mean, before_var = bn.running_mean.clone(), bn.running_var.clone()
+    layer = ref.to_reference_layer(bn, "bn")
+    active = torch.tensor([1, 2, 5])
+    _set_single_masks(layer, active, active)
+    x = torch.randn(4, 3, 5, 5)
+
+    compact = nn.BatchNorm2d(3)
+    compact.running_mean.copy_(before_mean[active])
+    compact.running_var.copy_(before_var[active])
+    compact.weight.data.copy_(bn.weight[active])
+    compact.bias.data.copy_(bn.bias[active])
+    torch.testing.assert_close(layer.train()(x), compact.train()(x))
+
+    torch.testing.assert_close(bn.running_mean[active], compact.running_mean)
+    torch.testing.assert_close(bn.running_var[active], compact.running_var)
+    inactive = torch.tensor([0, 3, 4])
+    assert torch.equal(bn.running_mean[inactive], before_mean[inactive])
+    assert torch.equal(bn.running_var[inactive], before_var[inactive])
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_reference_layernorm_normalises_over_active_channels():
+    norm = nn.LayerNorm(8)
+    nn.init.normal_(norm.weight)
+    layer = ref.to_reference_layer(norm)
+    active = torch.tensor([0, 3, 4, 7])
+    _set_single_masks(layer, active, active)
+    x = torch.randn(2, 5, 4)
+    expected = F.layer_norm(x, (4,), norm.weight[active], norm.bias[active], norm.eps)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_mask_container_concatenates_pieces_and_fills_gaps():
+    container = ref.MaskContainer(10)
+    first = ref.MaskChannel(3)
+    first.set_prefix(1)
+    derived = ref.ExpandedMaskChannel(ref.MaskChannel(2), expand=2)
+    derived.source.set_mask(torch.tensor([False, True]))
+    container.register(first, 0, 3)
+    container.register(derived, 5, 9)
+    expected = torch.tensor([1, 0, 0, 1, 1, 0, 0, 1, 1, 1], dtype=torch.bool)
+    assert torch.equal(container.current_mask, expected)
+
+
+def test_mask_container_rejects_range_of_wrong_width():
+    with pytest.raises(ConfigError, match=r"\[0, 4\)"):
+        ref.MaskContainer(8).register(ref.MaskChannel(3), 0, 4)
+
+
+def test_reference_layer_for_unknown_module_names_it():
+    with pytest.raises(ConfigError, match="features.3"):
+        ref.to_reference_layer(nn.PReLU(), "features.3")
+
+
+def test_reference_layer_shares_parameters_and_leaves_source_unchanged():
+    conv = nn.Conv2d(4, 4, 1)
+    layer = ref.to_reference_layer(conv)
+    assert layer.weight is conv.weight
+    assert type(conv) is nn.Conv2d and not hasattr(conv, "out_container")
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+def test_measure_reports_every_repetition_and_their_median():
+    calls = []
+    result = measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=3, inner=4)
+    assert len(calls) == 2 + 3 * 4
+    assert len(result.times_s) == 3 and all(t >= 0 for t in result.times_s)
+    assert min(result.times_s) <= result.median_s <= max(result.times_s)
+    assert result.syncs_per_call is None  # no CUDA: no sync counting
+
+
+def test_measure_rejects_zero_repetitions():
+    with pytest.raises(ValueError, match="reps"):
+        measure(lambda: None, torch.device("cpu"), reps=0)
+
+
+def test_count_syncs_is_none_off_cuda():
+    assert count_syncs(lambda: torch.ones(3).sum().item(), torch.device("cpu")) is None
+
+
+# -------------------------------------------------------------------------------------------------- gather bench
+def test_gather_bench_quick_covers_every_case_and_method():
+    rows = op_bench.bench_gather(torch.device("cpu"), quick=True, warmup=0, reps=1)
+    cases = op_bench.gather_cases(torch.device("cpu"), quick=True)
+    assert len(rows) == len(cases) * len(op_bench.GATHER_METHODS)
+    assert {r["kind"] for r in rows} == {"1-D", "linear", "conv"}
+    for row in rows:
+        if row["status"] == "ok":
+            assert math.isfinite(row["median_us"]) and row["median_us"] > 0
+            assert row["GB_per_s"] > 0
+        else:
+            assert row["method"] == "pyprune-ext" and not op_bench.extension_available()
