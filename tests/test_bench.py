@@ -171,3 +171,125 @@ def test_gather_bench_quick_covers_every_case_and_method():
             assert row["GB_per_s"] > 0
         else:
             assert row["method"] == "pyprune-ext" and not op_bench.extension_available()
+
+
+# ------------------------------------------------------------------------------- against pyprune's DynamicOps
+def _landed(module_name, attribute):
+    import importlib
+    try:
+        return hasattr(importlib.import_module(module_name), attribute)
+    except ImportError:
+        return False
+
+
+# pyprune.ops / pyprune.mutators are written concurrently; these tests switch on as soon as they exist.
+requires_ops = pytest.mark.skipif(not _landed("pyprune.ops", "to_dynamic"), reason="pyprune.ops not landed yet")
+requires_mutator = pytest.mark.skipif(not _landed("pyprune.mutators", "ChannelMutator"),
+                                      reason="pyprune.mutators.ChannelMutator not landed yet")
+
+
+@requires_mutator
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_reference_model_runs_the_same_subnet_as_the_dynamic_model(ratio):
+    from pyprune.bench import models as model_bench
+    model = model_bench.TinyNet()
+    mutator = model_bench.prepare(model, image_size=16)
+    mutator.set_global_ratio(ratio)
+    reference = ref.build_reference_model(model, mutator)
+    assert ref.reference_layers(reference.model), "no DynamicOp was swapped"
+    x = torch.randn(4, 3, 16, 16)
+    model.eval(), reference.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
+    # Training mode: batch statistics and the running-stat write-back must agree too.
+    model.train(), reference.model.train()
+    torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
+    dyn_bn = dict(model.named_modules())["expand.1"]
+    ref_bn = dict(reference.model.named_modules())["expand.1"]
+    torch.testing.assert_close(ref_bn.running_mean, dyn_bn.running_mean)
+    torch.testing.assert_close(ref_bn.running_var, dyn_bn.running_var)
+
+
+@requires_mutator
+def test_reference_model_follows_unit_prefix_switches():
+    from pyprune.bench import models as model_bench
+    model = model_bench.TinyNet().eval()
+    mutator = model_bench.prepare(model, image_size=16)
+    reference = ref.build_reference_model(model, mutator)
+    reference.model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(3):
+        mutator.set_choices(mutator.sample_choices())
+        reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
+        with torch.no_grad():
+            torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@requires_ops
+def test_reference_from_op_matches_dynamic_conv():
+    from pyprune.ops import to_dynamic
+    op = to_dynamic(nn.Conv2d(8, 12, 3, padding=1))
+    op.set_in_channels([0, 2, 3, 7])
+    op.set_out_channels(0.5)
+    layer = ref.reference_from_op(op, "conv")
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(layer(x), op(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- quick runs
+def _read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_positive_finite(value, where):
+    number = float(value)
+    assert math.isfinite(number) and number > 0, f"{where}: time {value!r} is not positive and finite"
+
+
+@requires_ops
+def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
+    from pyprune.bench import main
+    assert main(["ops", "--quick", "--out", str(tmp_path)]) == 0
+    layers = _read_csv(tmp_path / "ops_layers.csv")
+    for variant in op_bench.LAYER_VARIANTS:
+        for ratio in op_bench.RATIOS:
+            rows = [r for r in layers if r["variant"] == variant and float(r["ratio"]) == ratio]
+            assert len(rows) == len(op_bench.LAYER_WORKLOADS) * 2, (variant, ratio)
+            for row in rows:
+                if row["status"] == "ok":
+                    _assert_positive_finite(row["median_ms"], f"{variant} {ratio}")
+                else:
+                    assert variant == "pyprune-ext" and not op_bench.extension_available()
+    assert (tmp_path / "ops_layers.png").stat().st_size > 0
+    assert json.loads((tmp_path / "ops.json").read_text())["header"]["torch"] == torch.__version__
+    assert "channel gather" in capsys.readouterr().out
+
+
+@requires_mutator
+def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
+    from pyprune.bench import main
+    from pyprune.bench import models as model_bench
+    assert main(["models", "--quick", "--out", str(tmp_path)]) == 0
+    rows = _read_csv(tmp_path / "models.csv")
+    cfg = model_bench.quick_config(torch.device("cpu"))
+    for backend in model_bench.BACKENDS:
+        for ratio in cfg.ratios:
+            for workload in model_bench.WORKLOADS:
+                match = [r for r in rows if r["backend"] == backend and r["ratio"] == str(ratio)
+                         and r["workload"] == workload]
+                assert len(match) == 1, (backend, ratio, workload)
+                if backend == "pyprune-ext" and not op_bench.extension_available():
+                    assert match[0]["status"].startswith("skipped")
+                    continue
+                assert match[0]["status"] == "ok", match[0]["status"]
+                _assert_positive_finite(match[0]["median_ms"], f"{backend} {ratio} {workload}")
+                _assert_positive_finite(match[0]["vs_dense"], f"{backend} {ratio} {workload}")
+    switch = {r["backend"]: r for r in rows if r["workload"] == "switch"}
+    for backend in ("pyprune-torch", "mmrazor-ref", "dense"):
+        _assert_positive_finite(switch[backend]["median_ms"], f"switch {backend}")
+    payload = json.loads((tmp_path / "models.json").read_text())
+    assert {"device", "torch", "date"} <= set(payload["header"])
+    assert (tmp_path / "models.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "# torch: " + torch.__version__ in out and "targets" in out

@@ -126,7 +126,7 @@ class Runner:
     def __init__(self, model: nn.Module, kernel_backend: str, forward: Optional[Callable] = None):
         self.model = model
         self.kernel_backend = kernel_backend
-        self.forward = forward or model
+        self.forward = model if forward is None else forward
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def eval_step(self, x: torch.Tensor) -> None:
