@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backends", nargs="+", choices=model_bench.BACKENDS, default=None)
     m.add_argument("--compile-models", nargs="*", default=None,
                    help="models that also run under torch.compile (default: all on CUDA, resnet18 on CPU)")
+    m.add_argument("--compile-batch-sizes", nargs="*", type=int, default=None,
+                   help="batch sizes that run under torch.compile (default 8; an empty list means all)")
+    m.add_argument("--compile-ratios", nargs="*", type=float, default=None,
+                   help="ratios that run under torch.compile (default: all on CUDA, 0.5 on CPU; empty = all)")
     m.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     m.add_argument("--switch-subnets", type=int, default=None, help="random subnets in the switch workload")
     return parser
@@ -103,8 +107,11 @@ def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    if args.compile_models is not None:
-        cfg.compile_models = args.compile_models
+    # For the three "where to compile" lists an explicit empty list means "everywhere".
+    for key in ("compile_models", "compile_batch_sizes", "compile_ratios"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value or None)
     return cfg
 
 
@@ -112,7 +119,9 @@ def _run_models(args, device: torch.device) -> Dict[str, Path]:
     cfg = _models_config(args, device)
     header = run_header(device, benchmark="models", quick=args.quick, image_size=cfg.image_size,
                         warmup=cfg.warmup, reps=cfg.reps, compile_backend=cfg.compile_backend,
-                        compile_models=cfg.compile_models or "all", note=args.note)
+                        compile_models=cfg.compile_models or "all",
+                        compile_batch_sizes=cfg.compile_batch_sizes or "all",
+                        compile_ratios=cfg.compile_ratios or "all", note=args.note)
     rows = model_bench.run(cfg, _progress_bar)
     targets = model_bench.evaluate_targets(rows)
     paths = {

@@ -35,7 +35,12 @@ NUM_CLASSES = 1000
 
 @dataclass
 class ModelBenchConfig:
-    """What to run. ``compile_models``: models that also get the ``pyprune-compile`` backend (compiling is slow)."""
+    """What to run.
+
+    ``compile_models`` / ``compile_batch_sizes`` / ``compile_ratios``: where the ``pyprune-compile`` backend runs
+    (``None`` = everywhere). Every subnet and batch size is a fresh compile of a minute or more, so the defaults
+    keep it to one batch size.
+    """
     device: torch.device
     models: Sequence[str] = MODEL_NAMES
     batch_sizes: Sequence[int] = (1, 8, 64)
@@ -45,6 +50,8 @@ class ModelBenchConfig:
     reps: int = 10
     backends: Sequence[str] = BACKENDS
     compile_models: Optional[Sequence[str]] = None        # None = every model
+    compile_batch_sizes: Optional[Sequence[int]] = (8,)
+    compile_ratios: Optional[Sequence[float]] = None
     compile_backend: str = "inductor"
     switch_subnets: int = 4
     switch_passes: int = 3
@@ -55,15 +62,16 @@ class ModelBenchConfig:
 def quick_config(device: torch.device) -> ModelBenchConfig:
     """Seconds, not minutes: a tiny CNN, tiny inputs, one warm-up, two repetitions."""
     return ModelBenchConfig(device=device, models=("tiny",), batch_sizes=(2,), image_size=16, warmup=1, reps=2,
-                            compile_backend="aot_eager", switch_subnets=2, switch_passes=1)
+                            compile_backend="aot_eager", compile_batch_sizes=None, switch_subnets=2,
+                            switch_passes=1)
 
 
 def default_config(device: torch.device) -> ModelBenchConfig:
     if device.type == "cuda":
         return ModelBenchConfig(device=device)
-    # Two shared CPU cores: reduced images and batches, compile only on the smallest ResNet.
+    # Two shared CPU cores: reduced images and batches; compile only the smallest ResNet at one point.
     return ModelBenchConfig(device=device, batch_sizes=(1, 8), image_size=96, warmup=2, reps=5,
-                            compile_models=("resnet18",))
+                            compile_models=("resnet18",), compile_ratios=(0.5,))
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -183,13 +191,17 @@ def _fill_vs_dense(rows: List[Dict[str, object]]) -> None:
             row["vs_dense"] = row["median_ms"] / base
 
 
-def _backends_for(cfg: ModelBenchConfig, model_name: str) -> List[str]:
-    chosen = []
-    for backend in cfg.backends:
-        if backend == "pyprune-compile" and cfg.compile_models is not None and model_name not in cfg.compile_models:
-            continue
-        chosen.append(backend)
-    return chosen
+def _compiles(cfg: ModelBenchConfig, model_name: str, ratio: Optional[float] = None,
+              batch: Optional[int] = None) -> bool:
+    """Whether ``pyprune-compile`` runs for this model (and ratio / batch size, when given)."""
+    wanted = [(cfg.compile_models, model_name), (cfg.compile_ratios, ratio), (cfg.compile_batch_sizes, batch)]
+    return "pyprune-compile" in cfg.backends and all(
+        allowed is None or value is None or value in allowed for allowed, value in wanted)
+
+
+def _backends_for(cfg: ModelBenchConfig, model_name: str, ratio: Optional[float] = None,
+                  batch: Optional[int] = None) -> List[str]:
+    return [b for b in cfg.backends if b != "pyprune-compile" or _compiles(cfg, model_name, ratio, batch)]
 
 
 def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: ModelBenchConfig) -> Dict[str, Runner]:
@@ -215,11 +227,10 @@ def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callabl
     model = build_supernet(model_name, cfg.image_size)
     mutator = prepare(model, cfg.image_size)
     model.to(cfg.device)
-    backends = _backends_for(cfg, model_name)
     rows = []
     for ratio in cfg.ratios:
         mutator.set_global_ratio(ratio)
-        runners = _make_runners(model, mutator, backends, cfg)
+        runners = _make_runners(model, mutator, _backends_for(cfg, model_name, ratio), cfg)
         # Checked before any training step: afterwards the backends' weights drift apart (each trains its own).
         probe = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=cfg.device)
         check_same_subnet(runners, probe, f"{model_name} ratio {ratio}")
@@ -227,7 +238,7 @@ def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callabl
             x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
             y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
             for workload in WORKLOADS:
-                for backend in backends:
+                for backend in _backends_for(cfg, model_name, ratio, batch):
                     rows.append(_time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y))
                     progress(1)
     return rows
@@ -316,8 +327,8 @@ def _unit_prefix_counts(mutator) -> Dict[str, int]:
 # -------------------------------------------------------------------------------------------------------------- run
 def run(cfg: ModelBenchConfig, progress_factory: Callable) -> List[Dict[str, object]]:
     """The whole grid; ``progress_factory(total, desc)`` returns a callable advancing a progress bar by n."""
-    total = sum(len(cfg.ratios) * len(cfg.batch_sizes) * len(WORKLOADS) * len(_backends_for(cfg, m))
-                for m in cfg.models)
+    total = sum(len(WORKLOADS) * len(_backends_for(cfg, m, r, b))
+                for m in cfg.models for r in cfg.ratios for b in cfg.batch_sizes)
     rows = []
     bar, advance = progress_factory(total, "models")
     try:
