@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reps", type=int, default=None, help="timed repetitions (the median is reported)")
         p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
         p.add_argument("--note", default="", help="free text stored in the header (e.g. 'machine shared')")
+    sub.choices["ops"].add_argument("--parts", nargs="+", choices=("gather", "layers"), default=("gather", "layers"),
+                                    help="which op benchmarks to run (default both)")
     m = sub.choices["models"]
     m.add_argument("--models", nargs="+", default=None, help=f"any of {', '.join(model_bench.MODEL_NAMES)}, tiny")
     m.add_argument("--batch-sizes", nargs="+", type=int, default=None)
@@ -51,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=None)
     m.add_argument("--backends", nargs="+", choices=model_bench.BACKENDS, default=None)
     m.add_argument("--compile-models", nargs="*", default=None,
-                   help="models that also run under torch.compile (default: all on CUDA, resnet18 on CPU)")
+                   help="models that also run under torch.compile (default: resnet18+50 on CUDA, resnet18 on CPU)")
     m.add_argument("--compile-batch-sizes", nargs="*", type=int, default=None,
                    help="batch sizes that run under torch.compile (default 8; an empty list means all)")
     m.add_argument("--compile-ratios", nargs="*", type=float, default=None,
-                   help="ratios that run under torch.compile (default: all on CUDA, 0.5 on CPU; empty = all)")
+                   help="ratios that run under torch.compile (default: 1.0 0.5 on CUDA, 0.5 on CPU; empty = all)")
     m.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     m.add_argument("--switch-subnets", type=int, default=None, help="random subnets in the switch workload")
     return parser
@@ -79,7 +81,8 @@ def _run_ops(args, device: torch.device) -> Dict[str, Path]:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     reps = args.reps if args.reps is not None else (2 if args.quick else 10)
     header = run_header(device, benchmark="ops", quick=args.quick, warmup=warmup, reps=reps, note=args.note)
-    results = op_bench.run(device, quick=args.quick, warmup=warmup, reps=reps, progress=_progress_iter)
+    results = op_bench.run(device, quick=args.quick, warmup=warmup, reps=reps, progress=_progress_iter,
+                           parts=args.parts)
     paths = {
         "gather_csv": write_csv(args.out / "ops_gather.csv", results["gather"], op_bench.GATHER_COLUMNS),
         "layers_csv": write_csv(args.out / "ops_layers.csv", results["layers"], op_bench.LAYER_COLUMNS),

@@ -261,9 +261,11 @@ GATHER_COLUMNS = ("kind", "shape", "MB", "method", "median_us", "vs_bool_mask", 
 LAYER_COLUMNS = ("layer", "ratio", "workload", "variant", "median_ms", "vs_dense", "syncs", "status")
 
 
-def run(device: torch.device, *, quick: bool, warmup: int, reps: int, progress: Callable) -> Dict[str, List[dict]]:
-    """Both parts; returns ``{"gather": rows, "layers": rows}``."""
+def run(device: torch.device, *, quick: bool, warmup: int, reps: int, progress: Callable,
+        parts: Sequence[str] = ("gather", "layers")) -> Dict[str, List[dict]]:
+    """The chosen parts; returns ``{"gather": rows, "layers": rows}`` (an empty list for a part not run)."""
     synchronize(device)
-    return {"gather": bench_gather(device, quick, warmup, reps, progress),
-            "layers": sorted(bench_layers(device, quick, warmup, reps, progress),
-                             key=lambda r: (r["layer"], r["workload"], r["ratio"], LAYER_VARIANTS.index(r["variant"])))}
+    gather = bench_gather(device, quick, warmup, reps, progress) if "gather" in parts else []
+    layers = bench_layers(device, quick, warmup, reps, progress) if "layers" in parts else []
+    layers.sort(key=lambda r: (r["layer"], r["workload"], r["ratio"], LAYER_VARIANTS.index(r["variant"])))
+    return {"gather": gather, "layers": layers}
