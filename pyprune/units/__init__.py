@@ -1,0 +1,20 @@
+"""Mutable channel units: coupled channel groups that are pruned together, and how their choices reach layers."""
+from .assembler import LayerIndexAssembler
+from .base import MutableChannelUnit
+from .bn_scale import BNScaleMutableChannelUnit
+from .importance import ImportanceMutableChannelUnit
+from .l1 import L1MutableChannelUnit
+from .l2 import L2MutableChannelUnit
+from .one_shot import OneShotMutableChannelUnit
+from .registry import UNITS, register_unit, unit_class
+from .rounding import kept_channel_count, make_divisible
+from .sequential import SequentialMutableChannelUnit
+from .slimmable import SlimmableChannelUnit
+from .taylor import TaylorMutableChannelUnit
+
+__all__ = [
+    "UNITS", "register_unit", "unit_class", "make_divisible", "kept_channel_count", "LayerIndexAssembler",
+    "MutableChannelUnit", "ImportanceMutableChannelUnit", "SequentialMutableChannelUnit", "L1MutableChannelUnit",
+    "L2MutableChannelUnit", "BNScaleMutableChannelUnit", "TaylorMutableChannelUnit", "OneShotMutableChannelUnit",
+    "SlimmableChannelUnit",
+]

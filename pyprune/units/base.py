@@ -1,0 +1,280 @@
+"""MutableChannelUnit: one coupled group of channels that is pruned as a whole (mmrazor semantics)."""
+import math
+import numbers
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ChannelSelectionError, ConfigError
+from .modules import get_module, module_device, plan_dynamic_conversion, replace_modules
+from .rounding import kept_channel_count
+
+CHOICE_MODES = ("ratio", "number")
+
+
+def unit_name_from_refs(output_related: Sequence, input_related: Sequence, num_channels: int) -> str:
+    """mmrazor's unit name: first related module, its range and the channel count, e.g. ``conv1_(0, 64)_64``."""
+    refs = list(output_related) or list(input_related)
+    if not refs:
+        return f"unit_{num_channels}"
+    first = refs[0]
+    return f"{first.name}_({first.start}, {first.end})_{num_channels}"
+
+
+def ref_to_dict(ref) -> Dict[str, Any]:
+    """A ChannelRef in mmrazor's config layout (``expand`` only when it is not 1)."""
+    out = {"name": ref.name, "start": int(ref.start), "end": int(ref.end),
+           "is_output_channel": bool(ref.is_output_channel)}
+    if getattr(ref, "expand", 1) != 1:
+        out["expand"] = int(ref.expand)
+    return out
+
+
+class MutableChannelUnit:
+    """A set of channels shared by several layers, pruned together.
+
+    ``output_related`` refs name layers whose *output* channels (``[start, end)``, each unit channel spanning
+    ``expand`` layer channels) are these channels; ``input_related`` refs name layers that consume them. A selection
+    is a sorted int64 index ``[K]`` into ``[0, num_channels)``; it keeps the same count in each of ``groups`` equal
+    blocks. Subclasses say which channels (``_select``): a prefix, or the most important ones.
+
+    Init args (the ones configs carry): ``num_channels``, ``choice_mode`` (``'ratio'``: choices are floats in
+    (0, 1]; ``'number'``: ints in [1, num_channels]), ``divisor`` (kept counts are rounded to a multiple of it),
+    ``min_value`` (never keep fewer), ``min_ratio`` (never round below this fraction of the asked count).
+    """
+
+    def __init__(self, num_channels: int, choice_mode: str = "ratio", divisor: int = 1, min_value: int = 1,
+                 min_ratio: float = 0.0, *, output_related: Sequence = (), input_related: Sequence = (),
+                 groups: int = 1, fixed: bool = False, reason: str = "", name: Optional[str] = None):
+        self.output_related = list(output_related)
+        self.input_related = list(input_related)
+        self.name = name or unit_name_from_refs(self.output_related, self.input_related, num_channels)
+        self._check_init_args(num_channels, choice_mode, divisor, min_value, min_ratio, groups)
+        self.num_channels = int(num_channels)
+        self.choice_mode = choice_mode
+        self.divisor = int(divisor)
+        self.min_value = int(min_value)
+        self.min_ratio = float(min_ratio)
+        self.groups = int(groups)
+        self.fixed = bool(fixed)
+        self.reason = reason
+        self._count = self.num_channels     # Python int: how many channels are kept (no device sync needed)
+        self._index: Optional[Tensor] = None  # None = all channels
+        self.version = 0                    # bumped whenever the selection changes
+        self._modules: Dict[str, nn.Module] = {}
+        self._assembler = None
+
+    @classmethod
+    def from_spec(cls, spec, **init_args) -> "MutableChannelUnit":
+        """Build from a tracer ``UnitSpec`` plus init args (``num_channels`` in them must match the spec)."""
+        num_channels = init_args.pop("num_channels", spec.num_channels)
+        name = init_args.pop("name", None) or getattr(spec, "name", None) or None
+        if num_channels != spec.num_channels:
+            unit = unit_name_from_refs(spec.output_related, spec.input_related, spec.num_channels)
+            raise ConfigError(f"unit {name or unit}: init_args num_channels={num_channels} but the model has "
+                              f"{spec.num_channels} channels there")
+        try:
+            return cls(spec.num_channels, output_related=spec.output_related, input_related=spec.input_related,
+                       groups=getattr(spec, "groups", 1), fixed=getattr(spec, "fixed", False),
+                       reason=getattr(spec, "reason", ""), name=name, **init_args)
+        except TypeError as error:  # an init arg this unit type does not take
+            unit = name or unit_name_from_refs(spec.output_related, spec.input_related, spec.num_channels)
+            raise ConfigError(f"unit {unit}: bad init args for {cls.__name__}: {error}") from None
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def _check_init_args(self, num_channels, choice_mode, divisor, min_value, min_ratio, groups) -> None:
+        def bad(what):
+            raise ConfigError(f"unit {self.name}: {what}")
+        if not _is_int(num_channels) or num_channels < 1:
+            bad(f"num_channels must be a positive int, got {num_channels!r}")
+        if choice_mode not in CHOICE_MODES:
+            bad(f"choice_mode must be one of {CHOICE_MODES}, got {choice_mode!r}")
+        if not _is_int(divisor) or divisor < 1:
+            bad(f"divisor must be an int >= 1, got {divisor!r}")
+        if not _is_int(min_value) or min_value < 1:
+            bad(f"min_value must be an int >= 1, got {min_value!r}")
+        if not _is_real(min_ratio) or not 0.0 <= min_ratio <= 1.0:
+            bad(f"min_ratio must be a number in [0, 1], got {min_ratio!r}")
+        if not _is_int(groups) or groups < 1 or num_channels % groups:
+            bad(f"groups must be a positive divisor of num_channels={num_channels}, got {groups!r}")
+
+    def _fail(self, what: str):
+        raise ChannelSelectionError(f"unit {self.name}: {what}")
+
+    def choice_to_count(self, choice) -> int:
+        """Validate ``choice`` for this unit and return the channel count it keeps; nothing is changed."""
+        if self.choice_mode == "ratio":
+            if not _is_real(choice):
+                self._fail(f"choice must be a ratio (float) in (0, 1], got {type(choice).__name__} {choice!r}")
+            if not math.isfinite(choice) or not 0.0 < choice <= 1.0:
+                self._fail(f"ratio choice must be in (0, 1], got {choice!r}")
+            asked = float(choice) * self.num_channels
+        else:
+            if not _is_int(choice):
+                self._fail(f"choice must be an int channel count in [1, {self.num_channels}], "
+                           f"got {type(choice).__name__} {choice!r}")
+            if not 1 <= choice <= self.num_channels:
+                self._fail(f"channel count must be in [1, {self.num_channels}], got {choice!r}")
+            asked = int(choice)
+        count = self._round(asked)
+        if self.fixed and count != self.num_channels:
+            self._fail(f"the unit is fixed ({self.reason or 'not prunable'}); only the full width is allowed")
+        return count
+
+    def _round(self, asked: float) -> int:
+        return kept_channel_count(asked, self.num_channels, self.divisor, self.min_value, self.min_ratio,
+                                  self.groups)
+
+    def count_to_choice(self, count: int):
+        return count / self.num_channels if self.choice_mode == "ratio" else int(count)
+
+    def choice_from_ratio(self, ratio: float):
+        """A valid choice in this unit's mode that keeps about ``ratio`` of the channels."""
+        if self.choice_mode == "ratio":
+            return float(ratio)
+        return max(1, min(self.num_channels, math.floor(ratio * self.num_channels + 0.5)))
+
+    # --------------------------------------------------------------------------------------------------- choices
+    @property
+    def is_mutable(self) -> bool:
+        """Prunable: not fixed and both produced and consumed by known layers."""
+        return not self.fixed and bool(self.output_related) and bool(self.input_related)
+
+    @property
+    def current_choice(self):
+        """The kept width: ``count / num_channels`` in ratio mode, the count in number mode."""
+        return self.count_to_choice(self._count)
+
+    @current_choice.setter
+    def current_choice(self, choice) -> None:
+        self._set_count(self.choice_to_count(choice))
+
+    @property
+    def active_channels(self) -> int:
+        return self._count
+
+    def _set_count(self, count: int) -> None:
+        """Apply an already validated count: select the channels and tell the layers."""
+        self._count = count
+        self._index = None if count == self.num_channels else self._select(count)
+        self.version += 1
+        if self._assembler is not None:
+            self._assembler.unit_changed(self)
+
+    def _select(self, count: int) -> Tensor:
+        """Sorted int64 index ``[count]`` of the kept channels (``count / groups`` in each group)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say which channels to keep")
+
+    def sample_choice(self):
+        """A random valid choice (uniform over counts, then rounded like any choice)."""
+        asked = int(torch.randint(1, self.num_channels + 1, ()))
+        return self.count_to_choice(self._round(asked))
+
+    @property
+    def max_choice(self):
+        return self.count_to_choice(self.num_channels)
+
+    @property
+    def min_choice(self):
+        return self.count_to_choice(self._round(self.min_value))
+
+    # ------------------------------------------------------------------------------------------------- selection
+    @property
+    def device(self) -> torch.device:
+        """Device of the unit's layers (cpu before ``prepare_for_pruning``)."""
+        for module in self._modules.values():
+            return module_device(module)
+        return torch.device("cpu")
+
+    @property
+    def current_index(self) -> Tensor:
+        """Sorted int64 ``[K]`` of kept channels, on the layers' device."""
+        device = self.device
+        if self._index is None:
+            return torch.arange(self.num_channels, device=device)
+        if self._index.device != device:  # the model was moved after the choice was made
+            self._index = self._index.to(device)
+        return self._index
+
+    @property
+    def current_mask(self) -> Tensor:
+        """Bool ``[num_channels]``, True where a channel is kept."""
+        device = self.device
+        if self._index is None:
+            return torch.ones(self.num_channels, dtype=torch.bool, device=device)
+        mask = torch.zeros(self.num_channels, dtype=torch.bool, device=device)
+        return mask.index_fill_(0, self.current_index, True)
+
+    # ------------------------------------------------------------------------------------------------- the model
+    @property
+    def related_refs(self) -> List:
+        return self.output_related + self.input_related
+
+    def module_names(self) -> List[str]:
+        return list(dict.fromkeys(ref.name for ref in self.related_refs))
+
+    def prepare_for_pruning(self, model: nn.Module) -> None:
+        """Turn the unit's layers into DynamicOps in place (each module once) and apply the current choice.
+
+        Validates everything first: a missing or unconvertible module raises ConfigError, the model unchanged.
+        """
+        replace_modules(model, plan_dynamic_conversion(model, self.module_names(), f"unit {self.name}"))
+        self.bind(model)
+        if self._assembler is None:
+            from .assembler import LayerIndexAssembler
+            LayerIndexAssembler([self]).attach(model)
+        self._set_count(self._count)  # importance units re-rank now that they can see the weights
+
+    def bind(self, model: nn.Module) -> None:
+        """Resolve the unit's module names to the model's (dynamic) modules and check the ranges fit."""
+        self._modules = {name: get_module(model, name, f"unit {self.name}") for name in self.module_names()}
+        for ref in self.related_refs:
+            width = ref.end - ref.start
+            if width != self.num_channels * getattr(ref, "expand", 1):
+                raise ConfigError(f"unit {self.name}: range [{ref.start}, {ref.end}) of {ref.name!r} is {width} "
+                                  f"channels, expected num_channels * expand = "
+                                  f"{self.num_channels} * {getattr(ref, 'expand', 1)}")
+
+    def module(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def output_layers(self):
+        """(ref, module) for every bound output-related layer."""
+        return [(ref, self._modules[ref.name]) for ref in self.output_related if ref.name in self._modules]
+
+    # ---------------------------------------------------------------------------------------------------- config
+    @property
+    def init_args(self) -> Dict[str, Any]:
+        return {"num_channels": self.num_channels, "choice_mode": self.choice_mode, "divisor": self.divisor,
+                "min_value": self.min_value, "min_ratio": self.min_ratio}
+
+    def config_template(self, with_init_args: bool = False, with_channels: bool = False) -> Dict[str, Any]:
+        """``{'init_args': ..., 'choice': ..., 'channels': {'input_related': [...], 'output_related': [...]}}``."""
+        config: Dict[str, Any] = {}
+        if with_init_args:
+            config["init_args"] = dict(self.init_args)
+        config["choice"] = self.current_choice
+        if with_channels:
+            config["channels"] = {"input_related": [ref_to_dict(r) for r in self.input_related],
+                                  "output_related": [ref_to_dict(r) for r in self.output_related]}
+        return config
+
+    def __repr__(self) -> str:
+        state = "fixed" if self.fixed else f"{self._count}/{self.num_channels}"
+        return f"{type(self).__name__}({self.name}, {state})"
+
+
+def prefix_index(num_channels: int, count: int, groups: int, device) -> Tensor:
+    """The first ``count / groups`` channels of each of ``groups`` equal blocks, as a sorted int64 ``[count]``."""
+    block = num_channels // groups
+    starts = torch.arange(groups, device=device) * block
+    return (starts.unsqueeze(1) + torch.arange(count // groups, device=device)).reshape(-1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -1,0 +1,648 @@
+"""MutableChannelUnits and LayerIndexAssembler on a small hand-described conv net.
+
+The net has conv-bn-relu, a residual add, a concat, a depthwise conv, a grouped conv and flatten -> linear; its
+UnitSpecs are written by hand here so these tests do not depend on the tracer. ``pyprune.ops`` is used when it has
+landed; until then a minimal local stand-in with the same trusted interface (``set_out_index`` / ``set_in_index`` /
+``export``) takes its place.
+"""
+import importlib
+import json
+import math
+from dataclasses import dataclass
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyprune.units as units_pkg
+from pyprune.errors import ChannelSelectionError, ConfigError
+from pyprune.units import (UNITS, BNScaleMutableChannelUnit, L1MutableChannelUnit, L2MutableChannelUnit,
+                           LayerIndexAssembler, OneShotMutableChannelUnit, SequentialMutableChannelUnit,
+                           SlimmableChannelUnit, TaylorMutableChannelUnit, kept_channel_count, make_divisible)
+from pyprune.units import modules as unit_modules
+
+
+# ------------------------------------------------------------------------------------ specs (tracer's dataclasses)
+def _tracing_dataclasses():
+    try:
+        tracing = importlib.import_module("pyprune.tracing")
+        return tracing.ChannelRef, tracing.UnitSpec
+    except (ImportError, AttributeError):
+        return None
+
+
+@dataclass
+class _ChannelRef:
+    name: str
+    start: int
+    end: int
+    is_output_channel: bool
+    expand: int = 1
+
+
+@dataclass
+class _UnitSpec:
+    num_channels: int
+    output_related: List
+    input_related: List
+    groups: int = 1
+    fixed: bool = False
+    reason: str = ""
+
+
+ChannelRef, UnitSpec = _tracing_dataclasses() or (_ChannelRef, _UnitSpec)
+
+
+# ----------------------------------------------------------------------------- DynamicOps (real or local stand-in)
+def _ops_landed() -> bool:
+    try:
+        return hasattr(importlib.import_module("pyprune.ops"), "to_dynamic")
+    except ImportError:
+        return False
+
+
+class _StandInMixin:
+    """Just enough of the DynamicOp contract: global sorted indices, compact forward, export."""
+    out_index = None
+    in_index = None
+    pyprune_name = ""
+
+    def set_out_index(self, index):
+        self.out_index = index
+        self.calls = getattr(self, "calls", 0) + 1
+
+    def set_in_index(self, index):
+        self.in_index = index
+        self.calls = getattr(self, "calls", 0) + 1
+
+
+def _take(tensor, index, dim=0):
+    return tensor if index is None or tensor is None else tensor.index_select(dim, index)
+
+
+class _StandInConv2d(_StandInMixin, nn.Conv2d):
+    def _compact(self):
+        depthwise = self.groups == self.in_channels == self.out_channels and self.groups > 1
+        out_index = self.out_index if self.out_index is not None else (self.in_index if depthwise else None)
+        weight, groups = _take(self.weight, out_index), self.groups
+        if depthwise:
+            groups = weight.shape[0]
+        elif self.in_index is not None and groups == 1:
+            weight = weight.index_select(1, self.in_index)
+        elif self.in_index is not None:
+            per_group = self.in_channels // groups
+            local = self.in_index.view(groups, -1) - torch.arange(groups).unsqueeze(1) * per_group
+            rows = weight.shape[0] // groups
+            weight = torch.cat([weight[g * rows:(g + 1) * rows].index_select(1, local[g]) for g in range(groups)])
+        return weight, _take(self.bias, out_index), groups
+
+    def forward(self, x):
+        weight, bias, groups = self._compact()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+
+    def export(self):
+        weight, bias, groups = self._compact()
+        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], self.kernel_size, self.stride, self.padding,
+                         self.dilation, groups, bias is not None)
+        conv.weight.data.copy_(weight)
+        if bias is not None:
+            conv.bias.data.copy_(bias)
+        return conv
+
+
+class _StandInLinear(_StandInMixin, nn.Linear):
+    def _compact(self):
+        return _take(_take(self.weight, self.out_index), self.in_index, 1), _take(self.bias, self.out_index)
+
+    def forward(self, x):
+        return F.linear(x, *self._compact())
+
+    def export(self):
+        weight, bias = self._compact()
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
+        linear.weight.data.copy_(weight)
+        if bias is not None:
+            linear.bias.data.copy_(bias)
+        return linear
+
+
+class _StandInBatchNorm2d(_StandInMixin, nn.BatchNorm2d):
+    def forward(self, x):
+        index = self.out_index
+        return F.batch_norm(x, _take(self.running_mean, index), _take(self.running_var, index),
+                            _take(self.weight, index), _take(self.bias, index), False, 0.0, self.eps)
+
+    def export(self):
+        index = self.out_index
+        bn = nn.BatchNorm2d(self.num_features if index is None else len(index), self.eps, self.momentum)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn, name).data.copy_(_take(getattr(self, name), index))
+        return bn.eval()
+
+
+class _StandInOps:
+    DynamicChannelMixin = _StandInMixin
+    _TYPES = {nn.Conv2d: _StandInConv2d, nn.Linear: _StandInLinear, nn.BatchNorm2d: _StandInBatchNorm2d}
+
+    @classmethod
+    def to_dynamic(cls, module):
+        dynamic_type = cls._TYPES.get(type(module))
+        if dynamic_type is None:
+            return None
+        dynamic = dynamic_type.__new__(dynamic_type)
+        dynamic.__dict__ = dict(module.__dict__)  # shares parameters, buffers and hooks, as convert_from does
+        dynamic._parameters = dict(module._parameters)
+        dynamic._buffers = dict(module._buffers)
+        return dynamic
+
+
+@pytest.fixture(autouse=True)
+def ops(monkeypatch):
+    """The real ``pyprune.ops`` once it has landed, the local stand-in until then."""
+    if _ops_landed():
+        return importlib.import_module("pyprune.ops")
+    monkeypatch.setattr(unit_modules, "ops_package", lambda: _StandInOps)
+    return _StandInOps
+
+
+def export_model(model: nn.Module, ops) -> nn.Module:
+    """Replace every DynamicOp of ``model`` (in place) by its exported plain module."""
+    replacements = {name: m.export() for name, m in model.named_modules() if isinstance(m, ops.DynamicChannelMixin)}
+    unit_modules.replace_modules(model, replacements)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- the net
+class SmallNet(nn.Module):
+    """conv-bn-relu, residual add, concat, depthwise conv, grouped conv, flatten -> linear. Input [N, 3, 8, 8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+        self.dw, self.bn_dw = nn.Conv2d(10, 10, 3, padding=1, groups=10), nn.BatchNorm2d(10)
+        self.conv4 = nn.Conv2d(10, 8, 1)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32, 5)
+        for bn in (self.bn0, self.bn1, self.bn2, self.bn_dw):  # non-trivial statistics for eval-mode checks
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        a = F.relu(self.bn0(self.conv0(x)))
+        a = F.relu(self.bn1(self.conv1(a)) + a)
+        b, c = F.relu(self.bn2(self.conv2(a))), self.conv3(a)
+        d = F.relu(self.bn_dw(self.dw(torch.cat([b, c], 1))))
+        e = self.gconv(self.conv4(d))
+        return self.fc(self.pool(e).flatten(1))
+
+
+def _out(name, start, end, expand=1):
+    return ChannelRef(name, start, end, True, expand)
+
+
+def _in(name, start, end, expand=1):
+    return ChannelRef(name, start, end, False, expand)
+
+
+def small_net_specs():
+    """The units a tracer finds in :class:`SmallNet` (unit names: first output ref, range, channel count)."""
+    return [
+        UnitSpec(3, [], [_in("conv0", 0, 3)], fixed=True, reason="model input"),
+        UnitSpec(8, [_out("conv0", 0, 8), _out("bn0", 0, 8), _out("conv1", 0, 8), _out("bn1", 0, 8)],
+                 [_in("bn0", 0, 8), _in("bn1", 0, 8), _in("conv1", 0, 8), _in("conv2", 0, 8), _in("conv3", 0, 8)]),
+        UnitSpec(6, [_out("conv2", 0, 6), _out("bn2", 0, 6), _out("dw", 0, 6), _out("bn_dw", 0, 6)],
+                 [_in("bn2", 0, 6), _in("dw", 0, 6), _in("bn_dw", 0, 6), _in("conv4", 0, 6)]),
+        UnitSpec(4, [_out("conv3", 0, 4), _out("dw", 6, 10), _out("bn_dw", 6, 10)],
+                 [_in("dw", 6, 10), _in("bn_dw", 6, 10), _in("conv4", 6, 10)]),
+        UnitSpec(8, [_out("conv4", 0, 8)], [_in("gconv", 0, 8)], groups=2),
+        UnitSpec(8, [_out("gconv", 0, 8)], [_in("fc", 0, 32, expand=4)], groups=2),
+        UnitSpec(5, [_out("fc", 0, 5)], [], fixed=True, reason="model output"),
+    ]
+
+
+def build_units(unit_type=SequentialMutableChannelUnit, **init_args):
+    return [unit_type.from_spec(spec, **init_args) for spec in small_net_specs()]
+
+
+def prepared_small_net(unit_type=SequentialMutableChannelUnit, **init_args):
+    model = SmallNet().eval()
+    units = [u for u in build_units(unit_type, **init_args) if u.is_mutable]
+    for unit in units:
+        unit.prepare_for_pruning(model)
+    LayerIndexAssembler(units).attach(model)
+    return model, {u.name: u for u in units}
+
+
+# ------------------------------------------------------------------------------------------------------ rounding
+@pytest.mark.parametrize("value, divisor, min_value, min_ratio, expected", [
+    (41.0, 1, 1, 0.0, 41), (41.0, 8, 1, 0.0, 40), (44.0, 8, 1, 0.0, 48), (3.0, 8, 8, 0.0, 8),
+    (3.0, 8, 1, 0.0, 8), (3.0, 1, 1, 0.0, 3), (11.0, 8, 1, 0.9, 16), (11.0, 8, 1, 0.0, 8), (0.4, 1, 1, 0.0, 1),
+])
+def test_make_divisible(value, divisor, min_value, min_ratio, expected):
+    assert make_divisible(value, divisor, min_value, min_ratio) == expected
+
+
+@pytest.mark.parametrize("asked, kw, expected", [
+    (64 * 0.5, dict(), 32), (64 * 0.3, dict(divisor=8), 16), (64 * 0.99, dict(divisor=8), 64),
+    (2.0, dict(min_value=4), 4), (100.0, dict(), 64), (5.0, dict(groups=4), 4), (7.0, dict(groups=4), 8),
+    (1.0, dict(groups=4), 4), (62.0, dict(groups=4), 64),
+])
+def test_kept_channel_count_clamps_and_balances_groups(asked, kw, expected):
+    kept = kept_channel_count(asked, 64, **kw)
+    assert kept == expected
+    assert kept % kw.get("groups", 1) == 0 and 1 <= kept <= 64
+
+
+# -------------------------------------------------------------------------------------------- choices and checks
+def _unit(size=16, unit_type=SequentialMutableChannelUnit, groups=1, **init_args):
+    spec = UnitSpec(size, [_out("a", 0, size)], [_in("b", 0, size)], groups=groups)
+    return unit_type.from_spec(spec, **init_args)
+
+
+def test_unit_name_and_defaults():
+    unit = _unit(16)
+    assert unit.name == "a_(0, 16)_16"
+    assert unit.current_choice == 1.0 and unit.is_mutable
+    assert unit.init_args == {"num_channels": 16, "choice_mode": "ratio", "divisor": 1, "min_value": 1,
+                              "min_ratio": 0.0}
+
+
+def test_ratio_choice_rounds_and_reports_realized_ratio():
+    unit = _unit(64, divisor=8)
+    unit.current_choice = 0.3  # 19.2 channels -> 16
+    assert unit.active_channels == 16 and unit.current_choice == 0.25
+    assert torch.equal(unit.current_index, torch.arange(16))
+    unit.current_choice = unit.current_choice  # the reported value is a fixed point
+    assert unit.active_channels == 16
+
+
+def test_number_mode_choice_and_min_value():
+    unit = _unit(16, choice_mode="number", min_value=4)
+    unit.current_choice = 2
+    assert unit.current_choice == 4 and unit.current_mask.sum() == 4
+    unit.current_choice = 16
+    assert unit.current_choice == 16
+
+
+def test_groups_keep_the_same_count_per_group():
+    unit = _unit(12, groups=3)
+    unit.current_choice = 0.5  # 6 channels -> 2 per group of 4
+    assert unit.current_index.tolist() == [0, 1, 4, 5, 8, 9]
+    unit.current_choice = 0.1  # 1.2 -> at least one per group
+    assert unit.current_index.tolist() == [0, 4, 8]
+
+
+def test_mask_and_index_agree():
+    unit = _unit(10)
+    unit.current_choice = 0.7
+    mask = unit.current_mask
+    assert mask.dtype == torch.bool and mask.shape == (10,)
+    assert torch.equal(torch.nonzero(mask).flatten(), unit.current_index)
+    assert unit.current_index.dtype == torch.int64
+
+
+@pytest.mark.parametrize("mode, bad", [
+    ("ratio", float("nan")), ("ratio", 0.0), ("ratio", 1.5), ("ratio", -0.2), ("ratio", "0.5"), ("ratio", None),
+    ("ratio", True), ("ratio", torch.tensor(0.5)), ("ratio", float("inf")), ("number", 0), ("number", 17),
+    ("number", 2.5), ("number", "4"), ("number", False), ("number", -3),
+])
+def test_bad_choice_raises_naming_the_unit_and_changes_nothing(mode, bad):
+    unit = _unit(16, choice_mode=mode)
+    unit.current_choice = 0.5 if mode == "ratio" else 8
+    before_index, before_version = unit.current_index.clone(), unit.version
+    with pytest.raises(ChannelSelectionError, match=r"a_\(0, 16\)_16"):
+        unit.current_choice = bad
+    assert torch.equal(unit.current_index, before_index) and unit.version == before_version
+
+
+@pytest.mark.parametrize("init_args, message", [
+    (dict(choice_mode="percent"), "choice_mode"), (dict(divisor=0), "divisor"), (dict(min_value=0), "min_value"),
+    (dict(min_ratio=1.5), "min_ratio"), (dict(divisor=2.5), "divisor"), (dict(bogus=1), "bogus"),
+    (dict(num_channels=15), "num_channels"),
+])
+def test_bad_init_args_raise_config_error(init_args, message):
+    with pytest.raises(ConfigError, match=message):
+        _unit(16, **init_args)
+
+
+def test_bad_groups_raise_config_error():
+    with pytest.raises(ConfigError, match="groups"):
+        _unit(10, groups=3)
+
+
+def test_fixed_unit_only_accepts_full_width():
+    spec = UnitSpec(4, [_out("a", 0, 4)], [_in("b", 0, 4)], fixed=True, reason="model output")
+    unit = SequentialMutableChannelUnit.from_spec(spec)
+    assert not unit.is_mutable
+    unit.current_choice = 1.0
+    with pytest.raises(ChannelSelectionError, match="model output"):
+        unit.current_choice = 0.5
+
+
+def test_sample_choice_is_valid_and_reproducible():
+    unit = _unit(32, divisor=4)
+    torch.manual_seed(1)
+    samples = [unit.sample_choice() for _ in range(20)]
+    torch.manual_seed(1)
+    assert samples == [unit.sample_choice() for _ in range(20)]
+    for choice in samples:
+        assert unit.choice_to_count(choice) % 4 == 0
+        assert unit.choice_to_count(choice) == round(choice * 32)
+    assert len(set(samples)) > 1
+
+
+def test_one_shot_samples_from_candidates():
+    unit = _unit(16, OneShotMutableChannelUnit, candidate_choices=[0.25, 0.5, 1.0])
+    assert unit.current_choice == 1.0 and unit.min_choice == 0.25 and unit.max_choice == 1.0
+    assert {unit.sample_choice() for _ in range(50)} == {0.25, 0.5, 1.0}
+    unit.current_choice = 0.75  # any valid choice may still be set
+    assert unit.current_index.tolist() == list(range(12))
+    with pytest.raises(ConfigError, match="candidate_choices"):
+        _unit(16, OneShotMutableChannelUnit, candidate_choices=[0.5, 2.0])
+    with pytest.raises(ConfigError, match="candidate_choices"):
+        _unit(16, OneShotMutableChannelUnit, candidate_choices=[])
+
+
+def test_slimmable_rejects_widths_outside_its_list():
+    unit = _unit(16, SlimmableChannelUnit, candidate_choices=[4, 8, 16])
+    assert unit.choice_mode == "number" and unit.current_choice == 16
+    unit.current_choice = 8
+    assert unit.current_index.tolist() == list(range(8))
+    with pytest.raises(ChannelSelectionError, match="candidate"):
+        unit.current_choice = 6
+    assert unit.current_choice == 8
+    assert unit.sample_choice() in (4, 8, 16)
+    assert unit.init_args["candidate_choices"] == [4, 8, 16]
+
+
+def test_registry_and_unknown_type():
+    assert set(UNITS) >= {"SequentialMutableChannelUnit", "L1MutableChannelUnit", "L2MutableChannelUnit",
+                          "BNScaleMutableChannelUnit", "TaylorMutableChannelUnit", "OneShotMutableChannelUnit",
+                          "SlimmableChannelUnit"}
+    with pytest.raises(ConfigError, match="L1MutableChannelUnit"):  # the message lists the known types
+        units_pkg.unit_class("L3MutableChannelUnit")
+
+
+def test_config_template_layout_is_json_and_mmrazor_like():
+    unit = build_units()[5]  # gconv -> fc with expand 4
+    unit.current_choice = 0.5
+    config = unit.config_template(with_init_args=True, with_channels=True)
+    json.dumps(config)
+    assert config["choice"] == 0.5
+    assert config["init_args"]["num_channels"] == 8
+    assert config["channels"]["output_related"] == [
+        {"name": "gconv", "start": 0, "end": 8, "is_output_channel": True}]
+    assert config["channels"]["input_related"] == [
+        {"name": "fc", "start": 0, "end": 32, "is_output_channel": False, "expand": 4}]
+    assert set(unit.config_template()) == {"choice"}
+
+
+# ----------------------------------------------------------------------------------------- importance selection
+def _conv_pair(out_channels=8):
+    """producer conv (4 -> C) feeding consumer conv (C -> 3): one unit of C channels."""
+    model = nn.Sequential(nn.Conv2d(4, out_channels, 1), nn.Conv2d(out_channels, 3, 1)).eval()
+    spec = UnitSpec(out_channels, [_out("0", 0, out_channels)], [_in("1", 0, out_channels)])
+    return model, spec
+
+
+def _prepared(unit_type, model, spec, **init_args):
+    unit = unit_type.from_spec(spec, **init_args)
+    unit.prepare_for_pruning(model)
+    return unit
+
+
+@pytest.mark.parametrize("unit_type", [L1MutableChannelUnit, L2MutableChannelUnit])
+def test_magnitude_units_keep_the_largest_rows(unit_type):
+    model, spec = _conv_pair()
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.01)
+        model[0].weight[3] += 1.0
+        model[0].weight[5] -= 2.0
+    unit = _prepared(unit_type, model, spec, choice_mode="number")
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [3, 5]
+    # Recomputed when the choice is set again after the weights changed.
+    with torch.no_grad():
+        model[0].weight[1] += 10.0
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [1, 5]
+
+
+def test_l1_and_l2_differ_on_peaked_rows():
+    model, spec = _conv_pair(2)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[4.0, 0, 0, 0], [1.5, 1.5, 1.5, 1.5]]).view(2, 4, 1, 1))
+    l1 = _prepared(L1MutableChannelUnit, model, spec, choice_mode="number")
+    l1.current_choice = 1
+    l2 = _prepared(L2MutableChannelUnit, model, spec, choice_mode="number")
+    l2.current_choice = 1
+    assert l1.current_index.tolist() == [1]  # mean |w|: 1.0 vs 1.5
+    assert l2.current_index.tolist() == [0]  # rms: 2.0 vs 1.5
+
+
+def test_l1_normalizes_each_coupled_layer():
+    """A large-scale layer mildly preferring channel 0 must not outvote a small one strongly preferring 5."""
+    model = nn.ModuleDict({"big": nn.Conv2d(2, 6, 1), "small": nn.Conv2d(2, 6, 1), "next": nn.Conv2d(6, 2, 1)})
+    with torch.no_grad():
+        model["big"].weight.fill_(100.0)
+        model["big"].weight[0] = 103.0
+        model["small"].weight.fill_(0.01)
+        model["small"].weight[5] = 0.1
+    spec = UnitSpec(6, [_out("big", 0, 6), _out("small", 0, 6)], [_in("next", 0, 6)])
+    unit = _prepared(L1MutableChannelUnit, model, spec, choice_mode="number")
+    unit.current_choice = 1
+    assert unit.current_index.tolist() == [5]
+
+
+def test_importance_selection_is_balanced_per_group():
+    model, _ = _conv_pair(8)
+    spec = UnitSpec(8, [_out("0", 0, 8)], [_in("1", 0, 8)], groups=2)
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.01)
+        model[0].weight[[1, 2, 3]] += 1.0  # all three in group 0
+    unit = _prepared(L1MutableChannelUnit, model, spec, choice_mode="number")
+    unit.current_choice = 4
+    index = unit.current_index.tolist()
+    assert len([i for i in index if i < 4]) == 2 and len([i for i in index if i >= 4]) == 2
+    assert set(index[:2]) <= {1, 2, 3}
+
+
+def test_bn_scale_keeps_largest_gamma():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)).eval()
+    spec = UnitSpec(8, [_out("0", 0, 8), _out("1", 0, 8)], [_in("1", 0, 8), _in("2", 0, 8)])
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].weight[0] = 9.0  # the conv prefers channel 0; gamma must decide instead
+        model[1].weight.copy_(torch.tensor([0.1, 0.2, -0.1, 3.0, 0.3, -5.0, 0.2, 0.1]))
+    unit = _prepared(BNScaleMutableChannelUnit, model, spec, choice_mode="number")
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [3, 5]
+
+
+def test_bn_scale_without_norm_falls_back_to_l1():
+    model, spec = _conv_pair()
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.01)
+        model[0].weight[[2, 6]] += 1.0
+    unit = _prepared(BNScaleMutableChannelUnit, model, spec, choice_mode="number")
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [2, 6]
+
+
+def test_taylor_accumulates_abs_of_summed_grad_times_weight():
+    model, spec = _conv_pair()
+    unit = _prepared(TaylorMutableChannelUnit, model, spec, choice_mode="number")
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [0, 1]  # nothing accumulated yet: first channels
+    conv = model[0]
+    with torch.no_grad():
+        conv.weight.fill_(0.1)
+        conv.weight[3] = -1.0          # sum(grad * w) over the row is -4: large once the absolute value is taken
+        conv.weight[5, :2] = 2.0
+        conv.weight[5, 2:] = -1.0      # +2: the row's terms partly cancel before the absolute value
+        conv.weight[6, :2] = 3.0
+        conv.weight[6, 2:] = -3.0      # 0: cancels exactly, although |w| is the largest
+        conv.bias.zero_()
+    conv.weight.grad = torch.ones_like(conv.weight)
+    conv.bias.grad = torch.zeros_like(conv.bias)
+    unit.update_importance()
+    unit.update_importance()
+    assert unit.num_updates == 2
+    torch.testing.assert_close(unit.channel_importance()[[3, 5, 6]], torch.tensor([8.0, 4.0, 0.0]))
+    unit.current_choice = 2
+    assert unit.current_index.tolist() == [3, 5]
+    unit.reset_importance()
+    assert unit.num_updates == 0 and unit.channel_importance() is None
+
+
+def test_taylor_from_a_real_backward_pass():
+    model, spec = _conv_pair()
+    unit = _prepared(TaylorMutableChannelUnit, model, spec, choice_mode="number")
+    model.train()
+    conv, expected = model[0], torch.zeros(8)
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(2, 4, 5, 5)).pow(2).sum().backward()
+        unit.update_importance()
+        with torch.no_grad():  # per channel: |sum over its weight row and bias of grad * param|
+            step = (conv.weight.grad * conv.weight).flatten(1).sum(1) + conv.bias.grad * conv.bias
+            expected += step.abs()
+    assert unit.num_updates == 3
+    torch.testing.assert_close(unit.channel_importance(), expected)
+    unit.current_choice = 3
+    assert torch.equal(unit.current_index, expected.topk(3).indices.sort().values)
+
+
+# --------------------------------------------------------------------------------------- model and assembler
+def test_prepare_converts_each_module_once(ops):
+    model = SmallNet()
+    units = [u for u in build_units() if u.is_mutable]
+    units[0].prepare_for_pruning(model)
+    conv1 = model.conv1
+    assert isinstance(conv1, ops.DynamicChannelMixin)
+    for unit in units[1:]:
+        unit.prepare_for_pruning(model)
+    assert model.conv1 is conv1  # shared with later units, not converted again
+    dynamic = [n for n, m in model.named_modules() if isinstance(m, ops.DynamicChannelMixin)]
+    assert sorted(dynamic) == sorted(["conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "conv3", "dw", "bn_dw",
+                                      "conv4", "gconv", "fc"])
+
+
+def test_prepare_rejects_missing_or_unconvertible_modules_without_touching_the_model(ops):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.Conv2d(4, 2, 1))
+    missing = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4)], [_in("7", 0, 4)]))
+    with pytest.raises(ConfigError, match="'7'"):
+        missing.prepare_for_pruning(model)
+    odd = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4), _out("1", 0, 4)], [_in("2", 0, 4)]))
+    with pytest.raises(ConfigError, match="PReLU"):
+        odd.prepare_for_pruning(model)
+    assert not any(isinstance(m, ops.DynamicChannelMixin) for m in model.modules())
+
+
+def test_assembler_builds_concat_and_expanded_indices():
+    model, units = prepared_small_net()
+    names = list(units)
+    unit_b, unit_c, unit_e = units[names[1]], units[names[2]], units[names[4]]
+    assert model.conv4.in_index is None and model.fc.in_index is None  # all kept -> None
+    unit_b.current_choice = 0.5   # 3 of 6
+    unit_c.current_choice = 0.5   # 2 of 4
+    assert model.conv4.in_index.tolist() == [0, 1, 2, 6, 7]
+    assert model.dw.out_index.tolist() == [0, 1, 2, 6, 7]
+    assert model.bn_dw.out_index.tolist() == [0, 1, 2, 6, 7]
+    unit_e.current_choice = 0.25  # 2 of 8, one per group: channels 0 and 4
+    assert unit_e.current_index.tolist() == [0, 4]
+    assert model.fc.in_index.tolist() == [0, 1, 2, 3, 16, 17, 18, 19]
+    assert model.gconv.out_index.tolist() == [0, 4]
+    unit_b.current_choice = 1.0
+    assert model.conv4.in_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_assembler_reapplies_only_layers_of_changed_units():
+    model, units = prepared_small_net()
+    counter = {}
+    for name in ("conv2", "conv3", "conv4", "fc", "gconv"):
+        module = getattr(model, name)
+        for method in ("set_out_index", "set_in_index"):
+            original = getattr(module, method)
+
+            def counting(index, _original=original, _name=name):
+                counter[_name] = counter.get(_name, 0) + 1
+                return _original(index)
+            setattr(module, method, counting)
+    unit_e = units[list(units)[4]]
+    unit_e.current_choice = 0.5
+    assert set(counter) == {"gconv", "fc"}
+
+
+def test_assembler_rejects_overlapping_ranges():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1))
+    first = SequentialMutableChannelUnit.from_spec(UnitSpec(5, [_out("0", 0, 5)], [_in("1", 0, 5)]))
+    second = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 4, 8)], [_in("1", 4, 8)]))
+    for unit in (first, second):
+        unit.prepare_for_pruning(model)
+    with pytest.raises(ConfigError, match="overlaps"):
+        LayerIndexAssembler([first, second]).attach(model)
+
+
+@pytest.mark.parametrize("unit_type", [SequentialMutableChannelUnit, L1MutableChannelUnit,
+                                       BNScaleMutableChannelUnit])
+def test_exported_small_net_equals_dynamic(unit_type, ops):
+    model, units = prepared_small_net(unit_type)
+    x = torch.randn(2, 3, 8, 8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        for unit in units.values():
+            unit.current_choice = unit.sample_choice()
+        with torch.no_grad():
+            dynamic_out = model(x)
+            exported = export_model(_deepcopy(model), ops).eval()
+            assert not any(isinstance(m, ops.DynamicChannelMixin) for m in exported.modules())
+            torch.testing.assert_close(exported(x), dynamic_out, rtol=1e-5, atol=1e-5)
+    kept = units[list(units)[1]].active_channels  # unit B: conv2's output width
+    assert exported.conv2.out_channels == kept
+
+
+def test_pruned_small_net_has_fewer_params_at_half_width(ops):
+    model, units = prepared_small_net(L1MutableChannelUnit)
+    full = sum(p.numel() for p in export_model(_deepcopy(model), ops).parameters())
+    for unit in units.values():
+        unit.current_choice = 0.5
+    pruned = export_model(_deepcopy(model), ops)
+    assert sum(p.numel() for p in pruned.parameters()) < 0.6 * full
+    assert pruned(torch.randn(1, 3, 8, 8)).shape == (1, 5)
+
+
+def _deepcopy(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_is_mutable_needs_both_sides():
+    only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [_in("conv0", 0, 3)]))
+    assert not only_in.is_mutable and only_in.name == "conv0_(0, 3)_3"
+    assert math.isclose(only_in.current_choice, 1.0)
