@@ -41,6 +41,18 @@ class LayerIndexAssembler:
 
     def attach(self, model: nn.Module) -> "LayerIndexAssembler":
         """Resolve the units' modules in ``model``, register with the units and apply every selection."""
+        self.check(model)
+        for unit in self.units:
+            unit._assembler = self
+        self._dirty = dict.fromkeys(self._ranges)
+        self.flush()
+        return self
+
+    def check(self, model: nn.Module) -> None:
+        """Resolve the modules and check the ranges (no overlaps, within each layer); ConfigError otherwise.
+
+        Works on plain layers too, so a caller can validate before converting anything.
+        """
         self._modules, self._ranges, self._sides_of_unit, self._sizes = {}, {}, {}, {}
         for unit in self.units:
             for ref in unit.related_refs:
@@ -52,11 +64,6 @@ class LayerIndexAssembler:
         for key, ranges in self._ranges.items():
             ranges.sort(key=lambda r: r.start)
             self._check_ranges(key, ranges)
-        for unit in self.units:
-            unit._assembler = self
-        self._dirty = dict.fromkeys(self._ranges)
-        self.flush()
-        return self
 
     def _add_range(self, key: SideKey, new: _Range, unit) -> None:
         ranges = self._ranges.setdefault(key, [])

@@ -104,6 +104,13 @@ class MutableChannelUnit:
 
     def choice_to_count(self, choice) -> int:
         """Validate ``choice`` for this unit and return the channel count it keeps; nothing is changed."""
+        count = self.width_to_count(choice)
+        if self.fixed and count != self.num_channels:
+            self._fail(f"the unit is fixed ({self.reason or 'not prunable'}); only the full width is allowed")
+        return count
+
+    def width_to_count(self, choice) -> int:
+        """As :meth:`choice_to_count`, ignoring whether the unit is fixed."""
         if self.choice_mode == "ratio":
             if not _is_real(choice):
                 self._fail(f"choice must be a ratio (float) in (0, 1], got {type(choice).__name__} {choice!r}")
@@ -117,10 +124,7 @@ class MutableChannelUnit:
             if not 1 <= choice <= self.num_channels:
                 self._fail(f"channel count must be in [1, {self.num_channels}], got {choice!r}")
             asked = int(choice)
-        count = self._round(asked)
-        if self.fixed and count != self.num_channels:
-            self._fail(f"the unit is fixed ({self.reason or 'not prunable'}); only the full width is allowed")
-        return count
+        return self._round(asked)
 
     def _round(self, asked: float) -> int:
         return kept_channel_count(asked, self.num_channels, self.divisor, self.min_value, self.min_ratio,
@@ -136,6 +140,12 @@ class MutableChannelUnit:
         return max(1, min(self.num_channels, math.floor(ratio * self.num_channels + 0.5)))
 
     # --------------------------------------------------------------------------------------------------- choices
+    def fix(self, reason: str) -> None:
+        """Stop pruning this unit: back to the full width, and only that from now on."""
+        self.fixed, self.reason = True, reason
+        if self._count != self.num_channels:
+            self.apply_count(self.num_channels)
+
     @property
     def is_mutable(self) -> bool:
         """Prunable: not fixed and both produced and consumed by known layers."""
@@ -148,14 +158,14 @@ class MutableChannelUnit:
 
     @current_choice.setter
     def current_choice(self, choice) -> None:
-        self._set_count(self.choice_to_count(choice))
+        self.apply_count(self.choice_to_count(choice))
 
     @property
     def active_channels(self) -> int:
         return self._count
 
-    def _set_count(self, count: int) -> None:
-        """Apply an already validated count: select the channels and tell the layers."""
+    def apply_count(self, count: int) -> None:
+        """Trusted: keep ``count`` channels (a value from :meth:`choice_to_count`); select them, tell the layers."""
         self._count = count
         self._index = None if count == self.num_channels else self._select(count)
         self.version += 1
@@ -224,7 +234,7 @@ class MutableChannelUnit:
         if self._assembler is None:
             from .assembler import LayerIndexAssembler
             LayerIndexAssembler([self]).attach(model)
-        self._set_count(self._count)  # importance units re-rank now that they can see the weights
+        self.apply_count(self._count)  # importance units re-rank now that they can see the weights
 
     def bind(self, model: nn.Module) -> None:
         """Resolve the unit's module names to the model's (dynamic) modules and check the ranges fit."""
@@ -258,6 +268,8 @@ class MutableChannelUnit:
         if with_channels:
             config["channels"] = {"input_related": [ref_to_dict(r) for r in self.input_related],
                                   "output_related": [ref_to_dict(r) for r in self.output_related]}
+            if self.groups != 1:  # not in mmrazor's layout; needed to rebuild a grouped unit from its channels
+                config["channels"]["groups"] = self.groups
         return config
 
     def __repr__(self) -> str:

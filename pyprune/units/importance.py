@@ -41,4 +41,4 @@ class ImportanceMutableChannelUnit(MutableChannelUnit):
 
     def refresh(self) -> None:
         """Re-rank at the current width (the weights changed since the choice was set)."""
-        self._set_count(self._count)
+        self.apply_count(self._count)

@@ -24,29 +24,30 @@ class OneShotMutableChannelUnit(SequentialMutableChannelUnit):
         if candidate_choices is None:
             candidate_choices = [self.choice_from_ratio(r) for r in DEFAULT_CANDIDATE_RATIOS]
         self.candidate_choices = self._check_candidates(candidate_choices)
-        self._set_count(self.choice_to_count(max(self.candidate_choices)))
+        if not self.fixed:
+            self.apply_count(self.choice_to_count(self.candidate_choices[-1]))
 
     def _check_candidates(self, candidates) -> list:
         if isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__iter__") or len(candidates) == 0:
             raise ConfigError(f"unit {self.name}: candidate_choices must be a non-empty list, got {candidates!r}")
         try:
             for choice in candidates:
-                self.choice_to_count(choice)
+                self.width_to_count(choice)
         except ChannelSelectionError as error:
             raise ConfigError(f"bad candidate_choices: {error}") from None
         return sorted(dict.fromkeys(candidates))
 
     def sample_choice(self):
         pick = int(torch.randint(len(self.candidate_choices), ()))
-        return self.count_to_choice(self.choice_to_count(self.candidate_choices[pick]))
+        return self.count_to_choice(self.width_to_count(self.candidate_choices[pick]))
 
     @property
     def max_choice(self):
-        return self.count_to_choice(self.choice_to_count(self.candidate_choices[-1]))
+        return self.count_to_choice(self.width_to_count(self.candidate_choices[-1]))
 
     @property
     def min_choice(self):
-        return self.count_to_choice(self.choice_to_count(self.candidate_choices[0]))
+        return self.count_to_choice(self.width_to_count(self.candidate_choices[0]))
 
     @property
     def init_args(self) -> Dict[str, Any]:

@@ -16,12 +16,13 @@ class SlimmableChannelUnit(OneShotMutableChannelUnit):
                  min_ratio: float = 0.0, candidate_choices: Sequence = None, **kwargs):
         super().__init__(num_channels, choice_mode, divisor, min_value, min_ratio,
                          candidate_choices=candidate_choices, **kwargs)
-        self._allowed_counts = {self.choice_to_count(c) for c in self.candidate_choices}
+        self._allowed_counts = {self.width_to_count(c) for c in self.candidate_choices}
 
-    def choice_to_count(self, choice) -> int:
-        count = super().choice_to_count(choice)
+    def width_to_count(self, choice) -> int:
+        count = super().width_to_count(choice)
         allowed = getattr(self, "_allowed_counts", None)  # None while the candidates themselves are checked
-        if allowed is not None and count not in allowed:
+        full_width_of_fixed = self.fixed and count == self.num_channels
+        if allowed is not None and count not in allowed and not full_width_of_fixed:
             self._fail(f"choice {choice!r} ({count} channels) is not one of the candidate choices "
                        f"{self.candidate_choices}")
         return count

@@ -1,0 +1,315 @@
+"""ChannelMutator: owns a model's channel units, their choices and the pruning structure config (mmrazor API)."""
+import copy
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ChannelSelectionError, ConfigError
+from ..units import LayerIndexAssembler, MutableChannelUnit
+from ..units.base import ref_to_dict, unit_name_from_refs
+from ..units import modules as unit_modules
+from ..units.modules import get_module, replace_modules
+from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, normalize_parse_cfg, normalize_unit_cfg,
+                    specs_from_channels)
+from .summary import PruningSummary, make_summary
+
+
+class ChannelMutator:
+    """Finds the coupled channel groups of a model, makes them units, and sets / samples / saves their widths.
+
+    Args:
+        channel_unit_cfg: a unit type name (``'L1MutableChannelUnit'``) or ``dict(type=..., default_args=dict(...),
+            units={unit name: {'init_args': {...}, 'choice': ...}})``. ``default_args`` go to every unit; a unit's
+            own ``init_args`` and ``choice`` are applied after parsing.
+        parse_cfg: ``dict(type='ChannelAnalyzer', demo_input=(1, 3, 224, 224), tracer_type='FxTracer' |
+            'TorchFunctionTracer' | 'auto')`` traces the model; ``dict(type='Config')`` builds the units from the
+            ``channels`` listed in ``channel_unit_cfg['units']`` instead (a saved structure, no tracing).
+        fixed: module names (or prefixes, e.g. ``'layer4'``) whose layers keep their exact shape: every unit that
+            touches one of them is fixed.
+        strict: raise instead of fixing with a warning when a unit's layer cannot be made dynamic (and tell the
+            tracer to raise on ops it does not understand).
+    """
+
+    def __init__(self, channel_unit_cfg="SequentialMutableChannelUnit", parse_cfg: Optional[dict] = None,
+                 fixed: Sequence[str] = (), strict: bool = False):
+        unit_cfg = normalize_unit_cfg(channel_unit_cfg)
+        self.unit_class = unit_cfg["class"]
+        self.unit_default_args: Dict[str, Any] = unit_cfg["default_args"]
+        self.units_cfg: Dict[str, Dict[str, Any]] = unit_cfg["units"]
+        self.parse_cfg = normalize_parse_cfg(parse_cfg)
+        if isinstance(fixed, str) or not all(isinstance(name, str) for name in fixed):
+            raise ConfigError(f"fixed must be a list of module names, got {fixed!r}")
+        self.fixed: Tuple[str, ...] = tuple(fixed)
+        self.strict = bool(strict)
+        self.units: List[MutableChannelUnit] = []
+        self._by_name: Dict[str, MutableChannelUnit] = {}
+        self._assembler: Optional[LayerIndexAssembler] = None
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "ChannelMutator":
+        """Build from a dict as :meth:`config_template` writes it (``{'type': 'ChannelMutator', ...}``)."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"a mutator config must be a dict, got {type(config).__name__}")
+        config = dict(config)
+        kind = config.pop("type", "ChannelMutator")
+        if kind != "ChannelMutator":
+            raise ConfigError(f"mutator config type {kind!r} is not 'ChannelMutator'")
+        unknown = set(config) - {"channel_unit_cfg", "parse_cfg", "fixed", "strict"}
+        if unknown:
+            raise ConfigError(f"mutator config: unknown keys {sorted(unknown)}")
+        return cls(**config)
+
+    # ------------------------------------------------------------------------------------------------- preparing
+    def prepare_from_supernet(self, model: nn.Module) -> None:
+        """Trace ``model``, build the units, turn their layers into DynamicOps (in place), apply config choices.
+
+        Everything is validated before the model is touched: a bad config (unknown unit names, wrong channel counts,
+        bad choices) or a missing ``fixed`` module raises ConfigError / ChannelSelectionError, model unchanged.
+        """
+        if self.units:
+            raise ConfigError("this ChannelMutator is already prepared; create a new one for another model")
+        self._check_fixed_names(model)
+        units = self._build_units(self._parse(model))
+        self._apply_fixed(units)
+        mutable = [u for u in units if u.is_mutable]
+        plan = self._plan_conversion(model, mutable)
+        mutable = [u for u in units if u.is_mutable]  # some may have been fixed while planning
+        counts = self._config_counts(units)
+        assembler = LayerIndexAssembler(mutable)
+        assembler.check(model)
+        # Validated: from here on the model changes.
+        replace_modules(model, plan)
+        for name, module in model.named_modules():
+            if isinstance(module, unit_modules.ops_package().DynamicChannelMixin):
+                module.pyprune_name = name
+        for unit in mutable:
+            unit.bind(model)
+            unit.apply_count(counts.get(unit.name, unit.active_channels))
+        assembler.attach(model)
+        self.units, self._by_name, self._assembler = units, {u.name: u for u in units}, assembler
+
+    def _check_fixed_names(self, model: nn.Module) -> None:
+        names = {name for name, _ in model.named_modules()}
+        missing = [f for f in self.fixed if f not in names]
+        if missing:
+            raise ConfigError(f"fixed: the model has no modules named {missing}")
+
+    def _parse(self, model: nn.Module) -> List[Tuple[Optional[str], Any]]:
+        """(config name or None, UnitSpec) per unit, from the config's channels or by tracing."""
+        if self.parse_cfg["type"] == "Config":
+            return specs_from_channels(self.units_cfg)
+        from ..tracing import trace_channel_units
+        buffers = {name: b.clone() for name, b in model.named_buffers()}  # a traced forward may update BN stats
+        try:
+            specs = trace_channel_units(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
+                                        strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
+        finally:
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    if name in buffers and buffer.shape == buffers[name].shape:
+                        buffer.copy_(buffers[name])
+        return [(None, spec) for spec in specs]
+
+    def _build_units(self, named_specs) -> List[MutableChannelUnit]:
+        units, problems, seen = [], [], set()
+        for config_name, spec in named_specs:
+            name = config_name or getattr(spec, "name", None) or unit_name_from_refs(
+                spec.output_related, spec.input_related, spec.num_channels)
+            if name in seen:  # two units starting at the same range: keep names unique and stable
+                name = f"{name}#{sum(1 for n in seen if n.split('#')[0] == name)}"
+            seen.add(name)
+            unit_cfg = self.units_cfg.get(name, {})
+            args = {**self.unit_default_args, **(unit_cfg.get("init_args") or {}), "name": name}
+            try:
+                units.append(self.unit_class.from_spec(spec, **args))
+            except ConfigError as error:
+                problems.append(str(error))
+                continue
+            problems += self._channel_mismatch(units[-1], unit_cfg)
+        unknown = sorted(set(self.units_cfg) - seen)
+        if unknown:
+            problems.append(f"units in the config but not in the model: {unknown}")
+        if problems:
+            raise ConfigError("the config does not match the model:\n  " + "\n  ".join(problems))
+        return units
+
+    @staticmethod
+    def _channel_mismatch(unit: MutableChannelUnit, unit_cfg: Mapping) -> List[str]:
+        channels = unit_cfg.get("channels")
+        if not channels:
+            return []
+        problems = []
+        for side in ("output_related", "input_related"):
+            ours = sorted(tuple(sorted(ref_to_dict(r).items())) for r in getattr(unit, side))
+            theirs = sorted(tuple(sorted(dict(r).items())) for r in channels.get(side, []))
+            if ours != theirs:
+                problems.append(f"unit {unit.name}: {side} channels differ from the model's")
+        return problems
+
+    def _apply_fixed(self, units: Sequence[MutableChannelUnit]) -> None:
+        for unit in units:
+            for ref in unit.related_refs:
+                hit = next((f for f in self.fixed if ref.name == f or ref.name.startswith(f + ".")), None)
+                if hit is not None and not unit.fixed:
+                    unit.fix(f"fixed by the user ({hit!r})")
+
+    def _plan_conversion(self, model: nn.Module, mutable: Sequence[MutableChannelUnit]) -> Dict[str, nn.Module]:
+        """DynamicOps for the mutable units' layers; a unit with a layer that has none is fixed (strict: error)."""
+        ops = unit_modules.ops_package()
+        plan: Dict[str, Optional[nn.Module]] = {}
+        for unit in mutable:
+            for name in unit.module_names():
+                if name not in plan:
+                    module = get_module(model, name, f"unit {unit.name}")
+                    plan[name] = module if isinstance(module, ops.DynamicChannelMixin) else ops.to_dynamic(module)
+            missing = [n for n in unit.module_names() if plan[n] is None]
+            if missing:
+                kinds = ", ".join(f"{n!r} ({type(model.get_submodule(n)).__name__})" for n in missing)
+                message = f"unit {unit.name}: layers {kinds} have no DynamicOp"
+                if self.strict:
+                    raise ConfigError(f"{message}; exclude them with fixed=[...]")
+                warnings.warn(f"{message}; the unit is not pruned", stacklevel=3)
+                unit.fix("a layer has no DynamicOp")
+        needed = {n for u in mutable if u.is_mutable for n in u.module_names()}
+        return {n: plan[n] for n in needed if plan[n] is not model.get_submodule(n)}  # skip already-dynamic ones
+
+    def _config_counts(self, units: Sequence[MutableChannelUnit]) -> Dict[str, int]:
+        """Validate the config's choices (all of them) before anything is applied."""
+        counts = {}
+        for unit in units:
+            unit_cfg = self.units_cfg.get(unit.name, {})
+            if "choice" in unit_cfg:
+                counts[unit.name] = self._count_for(unit, unit_cfg["choice"])
+        return counts
+
+    # --------------------------------------------------------------------------------------------------- choices
+    @property
+    def mutable_units(self) -> List[MutableChannelUnit]:
+        return [u for u in self.units if u.is_mutable]
+
+    def _require_prepared(self) -> None:
+        if self._assembler is None:
+            raise ConfigError("the ChannelMutator is not prepared; call prepare_from_supernet(model) first")
+
+    @staticmethod
+    def _count_for(unit: MutableChannelUnit, choice) -> int:
+        count = unit.choice_to_count(choice)
+        if not unit.is_mutable and count != unit.num_channels:
+            raise ChannelSelectionError(f"unit {unit.name}: not prunable ({unit.reason or 'fixed'}); only the "
+                                        f"full width is allowed, got {choice!r}")
+        return count
+
+    def set_choices(self, choices: Mapping[str, Any]) -> None:
+        """Set the width of the named units; all entries are validated first, so a bad one changes nothing."""
+        self._require_prepared()
+        if not isinstance(choices, Mapping):
+            raise ConfigError(f"set_choices takes a dict {{unit name: choice}}, got {type(choices).__name__}")
+        unknown = [name for name in choices if name not in self._by_name]
+        if unknown:
+            raise ConfigError(f"set_choices: unknown unit names {unknown}")
+        counts = {name: self._count_for(self._by_name[name], choice) for name, choice in choices.items()}
+        with self._assembler.deferred():
+            for name, count in counts.items():
+                unit = self._by_name[name]
+                if unit.is_mutable:
+                    unit.apply_count(count)
+
+    @property
+    def current_choices(self) -> Dict[str, Any]:
+        return {u.name: u.current_choice for u in self.mutable_units}
+
+    @property
+    def choice_template(self) -> Dict[str, Any]:
+        """``{unit name: choice}`` for every mutable unit: the structure :meth:`set_choices` takes."""
+        return self.current_choices
+
+    def sample_choices(self) -> Dict[str, Any]:
+        """A random choice for every mutable unit (not applied)."""
+        return {u.name: u.sample_choice() for u in self.mutable_units}
+
+    def set_global_ratio(self, ratio: float) -> None:
+        """Keep about ``ratio`` of the channels of every mutable unit."""
+        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) \
+                or not 0.0 < ratio <= 1.0:
+            raise ChannelSelectionError(f"set_global_ratio: ratio must be in (0, 1], got {ratio!r}")
+        self.set_choices({u.name: u.choice_from_ratio(float(ratio)) for u in self.mutable_units})
+
+    def update_importance(self) -> None:
+        """Call after ``loss.backward()``: units that learn importance from gradients (Taylor) accumulate it."""
+        for unit in self.mutable_units:
+            if hasattr(unit, "update_importance"):
+                unit.update_importance()
+
+    def reset_importance(self) -> None:
+        for unit in self.mutable_units:
+            if hasattr(unit, "reset_importance"):
+                unit.reset_importance()
+
+    # ---------------------------------------------------------------------------------------------------- config
+    def config_template(self, only_mutable_units: bool = False, with_unit_init_args: bool = False,
+                        with_channels: bool = False) -> Dict[str, Any]:
+        """The pruning structure as a JSON-serialisable dict that :meth:`from_config` reads back (mmrazor layout)."""
+        units = self.mutable_units if only_mutable_units else self.units
+        config: Dict[str, Any] = {
+            "type": "ChannelMutator",
+            "channel_unit_cfg": {
+                "type": self.unit_class.__name__,
+                "default_args": copy.deepcopy(self.unit_default_args),
+                "units": {u.name: u.config_template(with_unit_init_args, with_channels) for u in units},
+            },
+            "parse_cfg": jsonable_parse_cfg(self.parse_cfg),
+        }
+        if self.fixed:
+            config["fixed"] = list(self.fixed)
+        if self.strict:
+            config["strict"] = True
+        return config
+
+    # ---------------------------------------------------------------------------------------------------- export
+    def export(self, model: nn.Module) -> nn.Module:
+        """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept."""
+        return export_static(copy.deepcopy(model))
+
+    def summary(self, model: nn.Module, example_input) -> PruningSummary:
+        """Params and FLOPs of the full model and of the current subnet (``print()`` it for a table).
+
+        ``example_input``: a tensor, a tuple of tensors, or a shape.
+        """
+        if isinstance(example_input, torch.Tensor):
+            inputs = (example_input,)
+        elif isinstance(example_input, Sequence) and example_input and all(isinstance(d, int) for d in example_input):
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            inputs = (torch.randn(tuple(example_input), device=device),)
+        else:
+            inputs = tuple(example_input)
+        full = copy.deepcopy(model)
+        for module in full.modules():
+            if isinstance(module, unit_modules.ops_package().DynamicChannelMixin):
+                module.set_out_index(None)
+                module.set_in_index(None)
+        return make_summary(export_static(full), self.export(model), inputs)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.unit_class.__name__}, {len(self.mutable_units)} mutable of "
+                f"{len(self.units)} units)")
+
+
+def export_static(model: nn.Module) -> nn.Module:
+    """Replace (in place) every DynamicOp in ``model`` by ``op.export()``; returns ``model``."""
+    mixin = unit_modules.ops_package().DynamicChannelMixin
+    replacements = {}
+    for name, module in model.named_modules():
+        if isinstance(module, mixin):
+            static = module.export()
+            static.train(module.training)
+            replacements[name] = static
+    replace_modules(model, replacements)
+    left = [name for name, m in model.named_modules() if isinstance(m, mixin)]
+    if left:
+        raise ConfigError(f"export left DynamicOps in the model: {left}")
+    return model
