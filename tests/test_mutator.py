@@ -30,21 +30,30 @@ def _tracing_landed() -> bool:
 requires_tracing = pytest.mark.skipif(not _tracing_landed(), reason="pyprune.tracing not landed yet")
 
 
-def _stand_in_trace(model, example_inputs, *, fixed=(), strict=False, tracer="auto"):
-    if not isinstance(model, tu.SmallNet):
-        raise NotImplementedError("the stand-in tracer only knows SmallNet")
-    assert tracer in ("fx", "torch_function", "auto") and example_inputs.shape[1] == 3
-    return tu.small_net_specs()
+def _hand_written_trace(real_trace):
+    """SmallNet -> its hand-written specs (so these tests pin unit names); other models -> the real tracer."""
+    def trace(model, example_inputs, *, fixed=(), strict=False, tracer="auto"):
+        if isinstance(model, tu.SmallNet):
+            assert tracer in ("fx", "torch_function", "auto") and example_inputs.shape[1] == 3
+            return tu.small_net_specs()
+        if real_trace is None:
+            raise NotImplementedError("pyprune.tracing has not landed; the stand-in only knows SmallNet")
+        return real_trace(model, example_inputs, fixed=fixed, strict=strict, tracer=tracer)
+    return trace
 
 
 @pytest.fixture(autouse=True)
 def stand_ins(monkeypatch):
-    """Real ops / tracing where they have landed; the local stand-ins otherwise (SmallNet only)."""
+    """Real ops where they have landed, the local stand-in otherwise; SmallNet always gets its hand-written specs."""
     if not tu._ops_landed():
         monkeypatch.setattr(unit_modules, "ops_package", lambda: tu._StandInOps)
-    if not _tracing_landed():
+    if _tracing_landed():
+        tracing = importlib.import_module("pyprune.tracing")
+        monkeypatch.setattr(tracing, "trace_channel_units", _hand_written_trace(tracing.trace_channel_units))
+    else:
         fake = types.ModuleType("pyprune.tracing")
-        fake.ChannelRef, fake.UnitSpec, fake.trace_channel_units = tu.ChannelRef, tu.UnitSpec, _stand_in_trace
+        fake.ChannelRef, fake.UnitSpec = tu.ChannelRef, tu.UnitSpec
+        fake.trace_channel_units = _hand_written_trace(None)
         monkeypatch.setitem(sys.modules, "pyprune.tracing", fake)
 
 
@@ -359,3 +368,18 @@ def test_torchvision_half_width_export_equals_dynamic(name):
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference, rtol=1e-5, atol=1e-5)
     json.dumps(mutator.config_template(with_unit_init_args=True, with_channels=True))
+
+
+def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning(monkeypatch):
+    specs = tu.small_net_specs()
+    specs[4].groups = 1                                 # conv4 -> gconv: the unit adopts gconv's groups
+    specs[2].input_related.append(tu._in("gconv", 0, 6))  # nonsense range on a grouped conv: cannot be balanced
+    monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units", lambda *a, **k: specs)
+    model = tu.SmallNet()
+    with pytest.warns(UserWarning, match=r"conv2_\(0, 6\)_6.*not pruned"):
+        mutator = make_mutator()
+        mutator.prepare_from_supernet(model)
+    assert "conv2_(0, 6)_6" not in mutator.current_choices
+    assert mutator._by_name["conv4_(0, 8)_8"].groups == 2
+    with pytest.raises(ConfigError, match="balanced per group"):
+        make_mutator(strict=True).prepare_from_supernet(tu.SmallNet())

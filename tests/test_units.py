@@ -646,3 +646,17 @@ def test_is_mutable_needs_both_sides():
     only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [_in("conv0", 0, 3)]))
     assert not only_in.is_mutable and only_in.name == "conv0_(0, 3)_3"
     assert math.isclose(only_in.current_choice, 1.0)
+
+
+def test_unit_adopts_the_group_constraint_of_a_grouped_conv():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2), nn.Conv2d(8, 8, 1, groups=8))
+    unit = L1MutableChannelUnit.from_spec(UnitSpec(8, [_out("0", 0, 8), _out("2", 0, 8)],
+                                                   [_in("1", 0, 8), _in("2", 0, 8)]))  # groups not given
+    unit.prepare_for_pruning(model)
+    assert unit.groups == 2  # from the grouped conv "1"; the depthwise "2" adds no constraint
+    unit.current_choice = 0.25
+    index = unit.current_index.tolist()
+    assert len(index) == 2 and index[0] < 4 <= index[1]
+    partial = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4)], [_in("1", 0, 4)]))
+    with pytest.raises(ConfigError, match="balanced per group"):
+        partial.prepare_for_pruning(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2)))

@@ -163,6 +163,14 @@ class ChannelMutator:
         ops = unit_modules.ops_package()
         plan: Dict[str, Optional[nn.Module]] = {}
         for unit in mutable:
+            try:
+                unit.check_layers(model)
+            except ConfigError as error:
+                if self.strict:
+                    raise
+                warnings.warn(f"{error}; the unit is not pruned", stacklevel=3)
+                unit.fix(str(error))
+                continue
             for name in unit.module_names():
                 if name not in plan:
                     module = get_module(model, name, f"unit {unit.name}")
@@ -175,7 +183,7 @@ class ChannelMutator:
                     raise ConfigError(f"{message}; exclude them with fixed=[...]")
                 warnings.warn(f"{message}; the unit is not pruned", stacklevel=3)
                 unit.fix("a layer has no DynamicOp")
-        needed = {n for u in mutable if u.is_mutable for n in u.module_names()}
+        needed = {n for u in mutable if u.is_mutable for n in u.module_names() if n in plan}
         return {n: plan[n] for n in needed if plan[n] is not model.get_submodule(n)}  # skip already-dynamic ones
 
     def _config_counts(self, units: Sequence[MutableChannelUnit]) -> Dict[str, int]:

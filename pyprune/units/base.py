@@ -237,14 +237,34 @@ class MutableChannelUnit:
         self.apply_count(self._count)  # importance units re-rank now that they can see the weights
 
     def bind(self, model: nn.Module) -> None:
-        """Resolve the unit's module names to the model's (dynamic) modules and check the ranges fit."""
-        self._modules = {name: get_module(model, name, f"unit {self.name}") for name in self.module_names()}
+        """Resolve the unit's module names to the model's (dynamic) modules, after :meth:`check_layers`."""
+        self._modules = self.check_layers(model)
+
+    def check_layers(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """The unit's modules in ``model``; checks that each range is ``num_channels * expand`` wide and adopts
+        the group constraint of grouped convs it covers (their compact rows must stay balanced per group).
+
+        Raises ConfigError naming the unit; works on plain layers, so it can run before any conversion.
+        """
+        modules = {name: get_module(model, name, f"unit {self.name}") for name in self.module_names()}
+        groups = self.groups
         for ref in self.related_refs:
+            expand = getattr(ref, "expand", 1)
             width = ref.end - ref.start
-            if width != self.num_channels * getattr(ref, "expand", 1):
+            if width != self.num_channels * expand:
                 raise ConfigError(f"unit {self.name}: range [{ref.start}, {ref.end}) of {ref.name!r} is {width} "
-                                  f"channels, expected num_channels * expand = "
-                                  f"{self.num_channels} * {getattr(ref, 'expand', 1)}")
+                                  f"channels, expected num_channels * expand = {self.num_channels} * {expand}")
+            layer_groups = _conv_group_constraint(modules[ref.name])
+            if layer_groups == 1:
+                continue
+            side = modules[ref.name].out_channels if ref.is_output_channel else modules[ref.name].in_channels
+            groups = groups * layer_groups // math.gcd(groups, layer_groups)
+            if (ref.start, ref.end) != (0, side) or expand != 1 or self.num_channels % groups:
+                raise ConfigError(f"unit {self.name}: covers channels [{ref.start}, {ref.end}) of grouped conv "
+                                  f"{ref.name!r} (groups={layer_groups}) in a way that cannot stay balanced "
+                                  f"per group")
+        self.groups = groups
+        return modules
 
     def module(self, name: str) -> nn.Module:
         return self._modules[name]
@@ -275,6 +295,15 @@ class MutableChannelUnit:
     def __repr__(self) -> str:
         state = "fixed" if self.fixed else f"{self._count}/{self.num_channels}"
         return f"{type(self).__name__}({self.name}, {state})"
+
+
+def _conv_group_constraint(module: nn.Module) -> int:
+    """Groups a selection on a conv must respect: its ``groups``, except 1 for plain and depthwise convs."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+        return 1
+    if module.groups == module.in_channels == module.out_channels:
+        return 1  # depthwise: any selection works, groups follows it
+    return module.groups
 
 
 def prefix_index(num_channels: int, count: int, groups: int, device) -> Tensor:
