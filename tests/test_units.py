@@ -660,3 +660,15 @@ def test_unit_adopts_the_group_constraint_of_a_grouped_conv():
     partial = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4)], [_in("1", 0, 4)]))
     with pytest.raises(ConfigError, match="balanced per group"):
         partial.prepare_for_pruning(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2)))
+
+
+def test_prefix_unit_with_an_unchanged_count_touches_no_layer():
+    model, units = prepared_small_net()
+    unit = units["conv0_(0, 8)_8"]
+    unit.current_choice = 0.5
+    version = unit.version
+    calls = model.conv2.calls if hasattr(model.conv2, "calls") else None
+    unit.current_choice = 0.5
+    assert unit.version == version
+    if calls is not None:
+        assert model.conv2.calls == calls

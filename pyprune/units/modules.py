@@ -69,6 +69,7 @@ def plan_dynamic_conversion(model: nn.Module, names: Iterable[str], where: str =
         if dynamic is None:
             raise ConfigError(f"{where}: module {name!r} ({type(module).__name__}) has no DynamicOp; exclude it "
                               f"from pruning with fixed=[{name!r}]")
+        dynamic.pyprune_name = name  # error messages name the layer by its path
         plan[name] = dynamic
     return plan
 

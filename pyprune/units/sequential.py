@@ -9,5 +9,10 @@ from .registry import register_unit
 class SequentialMutableChannelUnit(MutableChannelUnit):
     """Keeps a prefix: the first ``K / groups`` channels of every group (mmrazor's sequential unit)."""
 
+    def apply_count(self, count: int) -> None:
+        """A prefix depends on the count alone: the same count again changes nothing (no layer is touched)."""
+        if count != self.active_channels:
+            super().apply_count(count)
+
     def _select(self, count: int) -> Tensor:
         return prefix_index(self.num_channels, count, self.groups, self.device)
