@@ -317,7 +317,8 @@ def export_static(model: nn.Module) -> nn.Module:
             static.train(module.training)
             replacements[name] = static
     replace_modules(model, replacements)
-    left = [name for name, m in model.named_modules() if isinstance(m, mixin)]
+    left = [name for name, m in model.named_modules()
+            if isinstance(m, mixin) or type(m).__module__.startswith("pyprune.ops")]
     if left:
         raise ConfigError(f"export left DynamicOps in the model: {left}")
     return model
