@@ -1,0 +1,92 @@
+"""Saving a pruned model as (plain weights, structure JSON) and loading it back into a freshly built model.
+
+The structure is the mutator's config in mmrazor's layout with every unit's channels and choice, so it rebuilds the
+units of a fresh, unpruned model without tracing (``parse_cfg=dict(type='Config')``). Exporting that model at those
+choices gives a plain model of the pruned shapes, into which the saved weights load with
+``torch.load(weights_only=True)``.
+"""
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+STRUCTURE_FORMAT = "pyprune-pruned-structure/1"
+WEIGHTS_FILE, STRUCTURE_FILE = "pruned_model.pt", "structure.json"
+PathLike = Union[str, os.PathLike]
+
+
+def structure_dict(mutator, model_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``{'format', 'model': model_info, 'mutator': config with unit init args, channels and choices}``."""
+    return {"format": STRUCTURE_FORMAT, "model": dict(model_info or {}),
+            "mutator": mutator.config_template(only_mutable_units=False, with_unit_init_args=True,
+                                               with_channels=True)}
+
+
+def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Optional[Dict[str, Any]] = None,
+                exported: Optional[nn.Module] = None) -> Dict[str, str]:
+    """Write ``pruned_model.pt`` (state_dict of the exported plain model) and ``structure.json`` into ``directory``.
+
+    ``model`` is the (dynamic) model the mutator prepared; ``exported`` its export if already made. ``model_info``
+    (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so :func:`load_pruned_run` can rebuild the model.
+    Returns ``{'weights': path, 'structure': path}``.
+    """
+    exported = mutator.export(model) if exported is None else exported
+    paths = {"weights": os.path.join(directory, WEIGHTS_FILE), "structure": os.path.join(directory, STRUCTURE_FILE)}
+    state = {k: v.detach().cpu().clone() for k, v in exported.state_dict().items()}
+    torch.save(state, paths["weights"])
+    with open(paths["structure"], "w") as handle:
+        json.dump(structure_dict(mutator, model_info), handle, indent=1)
+    return paths
+
+
+def _read_structure(structure: Union[PathLike, Mapping]) -> Dict[str, Any]:
+    if isinstance(structure, Mapping):
+        return dict(structure)
+    try:
+        with open(structure) as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the pruned structure {str(structure)!r}: {error}") from None
+
+
+def load_pruned(model: nn.Module, structure: Union[PathLike, Mapping],
+                weights: Union[PathLike, Mapping, None] = None, map_location="cpu") -> nn.Module:
+    """Rebuild a pruned model from a freshly built, unpruned ``model`` (consumed: its layers are replaced).
+
+    ``structure``: the dict or path :func:`save_pruned` wrote (a bare mutator config works too). ``weights``: a
+    state_dict or the path of one (loaded with ``weights_only=True``); ``None`` leaves the fresh initialization.
+    Returns a plain ``nn.Module`` of the pruned shapes (no DynamicOps). Shapes that do not match -> ConfigError.
+    """
+    from ..mutators import ChannelMutator, export_static
+    structure = _read_structure(structure)
+    config = dict(structure.get("mutator", structure))
+    config["parse_cfg"] = {"type": "Config"}
+    mutator = ChannelMutator.from_config(config)
+    mutator.prepare_from_supernet(model)
+    pruned = export_static(model)
+    if weights is not None:
+        state = weights if isinstance(weights, Mapping) else torch.load(weights, map_location=map_location,
+                                                                          weights_only=True)
+        try:
+            pruned.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()
+            raise ConfigError("the pruned weights do not fit the structure: "
+                              + " ".join(line.strip() for line in first[:3])) from None
+    return pruned
+
+
+def load_pruned_run(directory: PathLike, map_location="cpu") -> nn.Module:
+    """Load the pruned model a ``pyprune prune`` run wrote to ``directory`` (model built by its stored name)."""
+    from ..training.models import build_model
+    structure = _read_structure(os.path.join(directory, STRUCTURE_FILE))
+    info = structure.get("model") or {}
+    if "name" not in info or "num_classes" not in info:
+        raise ConfigError(f"{directory}/{STRUCTURE_FILE} does not name the model it was made from")
+    model = build_model(info["name"], int(info["num_classes"]))
+    return load_pruned(model, structure, os.path.join(directory, WEIGHTS_FILE), map_location).eval()
