@@ -1,0 +1,204 @@
+"""``pyprune`` command line: ``pyprune prune`` (the main job) and ``pyprune bench`` (benchmarks).
+
+``pyprune prune`` with no options trains pyprune's small ResNet on its built-in synthetic shapes dataset, prunes
+it to half its channels in four steps, finetunes, exports, reloads and verifies: a few minutes on 2 CPU cores.
+Run it under ``torchrun --nproc_per_node N -m pyprune prune ...`` for DistributedDataParallel training.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import traceback
+from typing import List, Optional, Sequence
+
+UNIT_TYPES = {"l1": "L1MutableChannelUnit", "l2": "L2MutableChannelUnit", "taylor": "TaylorMutableChannelUnit",
+              "bn_scale": "BNScaleMutableChannelUnit", "sequential": "SequentialMutableChannelUnit"}
+DEFAULTS = dict(epochs=4, finetune_epochs=3, prune_times=4, train_samples=5000, val_samples=1000, batch_size=64)
+QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samples=256, val_samples=64,
+             batch_size=32, image_size=16)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Bad arguments -> one line on stderr (``pyprune prune: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the kept ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _unit_type(text: str) -> str:
+    if text in UNIT_TYPES:
+        return UNIT_TYPES[text]
+    if text in UNIT_TYPES.values():
+        return text
+    raise argparse.ArgumentTypeError(f"unknown unit type {text!r}; choose from {', '.join(UNIT_TYPES)}")
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training.models import DEFAULT_MODEL
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"'{DEFAULT_MODEL}' (built in) or a torchvision classification model name, e.g. "
+                             "resnet18 (random init, never downloads weights)")
+    parser.add_argument("--data", default=None,
+                        help="ImageFolder root (with train/ and val/, or one folder per class, split 90/10); "
+                             "default: pyprune's synthetic shapes dataset")
+    parser.add_argument("--target-ratio", type=_ratio, default=0.5,
+                        help="fraction of the channels every prunable unit keeps at the end (0, 1]")
+    parser.add_argument("--prune-times", type=_int_at_least(1), default=None, help="pruning steps (default 4)")
+    parser.add_argument("--step-freq", type=_int_at_least(1), default=None,
+                        help="training iterations between pruning steps (default: one epoch)")
+    parser.add_argument("--unit-type", type=_unit_type, default="L1MutableChannelUnit",
+                        help=f"channel importance: {', '.join(UNIT_TYPES)} (default l1)")
+    parser.add_argument("--epochs", type=_int_at_least(0), default=None, help="training epochs before pruning")
+    parser.add_argument("--finetune-epochs", type=_int_at_least(0), default=None,
+                        help="finetuning epochs after the last pruning step")
+    parser.add_argument("--lr", type=_positive_float, default=0.1, help="pretraining learning rate (SGD)")
+    parser.add_argument("--weight-decay", type=_positive_float, default=5e-4)
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=None, help="per-rank batch size")
+    parser.add_argument("--image-size", type=_int_at_least(8), default=None,
+                        help="input resolution (default 32 on synthetic data, 224 with --data)")
+    parser.add_argument("--train-samples", type=_int_at_least(1), default=None,
+                        help="synthetic train images (default 5000)")
+    parser.add_argument("--val-samples", type=_int_at_least(1), default=None,
+                        help="synthetic val images (default 1000)")
+    parser.add_argument("--workers", type=_int_at_least(0), default=0, help="data loader worker processes")
+    parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N")
+    parser.add_argument("--output-dir", default="pyprune_output", help="where the results go (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue a stopped run (default: OUTPUT_DIR/checkpoint.pt)")
+    parser.add_argument("--max-iterations", type=_int_at_least(1), default=None,
+                        help="stop after this many iterations (checkpoint written; continue with --resume)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke run (16x16 images, 256 samples, few steps): seconds, for tests")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="pyprune", description="Structured channel pruning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="{prune,bench}", parser_class=_ArgumentParser)
+    prune = commands.add_parser("prune", help="train -> iterative pruning -> finetune -> export -> verify",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prune_arguments(prune)
+    commands.add_parser("bench", help="benchmarks (pyprune bench --help)", add_help=False)
+    return parser
+
+
+def resolve_arguments(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """Fill defaults that depend on other options (``--quick``, ``--data``); check names, paths, the output dir.
+
+    Raises ``ValueError`` with a one-line message for bad input; creates nothing but the output directory.
+    """
+    from .training.models import classification_model_names
+    presets = dict(DEFAULTS, **(QUICK if args.quick else {}))
+    for key, value in presets.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.image_size is None:
+        args.image_size = 224 if args.data else 32
+    args.argv = list(argv)
+    if args.model not in classification_model_names():
+        raise ValueError(f"unknown model {args.model!r}: use 'small_resnet' or a torchvision classification model "
+                         f"name (e.g. resnet18, mobilenet_v3_small)")
+    if args.data is not None:
+        if not os.path.isdir(args.data):
+            raise ValueError(f"--data {args.data}: no such directory")
+        args.data = os.path.abspath(args.data)
+    _check_output_dir(args.output_dir)
+    if args.resume == "auto":
+        args.resume = os.path.join(args.output_dir, "checkpoint.pt")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume: no checkpoint at {args.resume}")
+    return args
+
+
+def _check_output_dir(path: str) -> None:
+    """Create ``path`` if needed and prove it is writable (a probe file is written and removed)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir {path}: not writable ({error.strerror or error})") from None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}" if not isinstance(error, ValueError) \
+        else (text[0] if text else type(error).__name__)
+
+
+def prune_main(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(["prune", *argv])
+    try:
+        resolve_arguments(args, ["prune", *argv])
+    except ValueError as error:
+        print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    from .training.job import run_prune_job
+    try:
+        run_prune_job(args)
+    except KeyboardInterrupt:
+        print("pyprune prune: interrupted (continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the command line reports any failure as one line
+        if os.environ.get("PYPRUNE_DEBUG"):
+            traceback.print_exc()
+        print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``pyprune`` console script and of ``python -m pyprune``."""
+    argv: List[str] = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from .bench import main as bench_main  # imported lazily: the benchmarks pull in more
+        return bench_main(argv[1:])
+    if argv and argv[0] == "prune":
+        return prune_main(argv[1:])
+    parser = build_parser()
+    parser.print_help(sys.stderr if argv else sys.stdout)
+    if argv:
+        print(f"pyprune: error: unknown command {argv[0]!r}; use 'prune' or 'bench'", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The main job behind ``pyprune prune``: train -> iterative pruning -> finetune -> export -> reload and verify.
+
+Phases run on one stream of training iterations ``g`` (epoch ``g // N``, batch ``g % N``; ``N`` batches per epoch):
+pretraining ``[0, E*N)``, pruning ``[E*N, E*N + T*f)`` (``T`` steps of ``f`` iterations, an ItePruneAlgorithm
+step at the end of each interval's first iteration), finetuning ``F*N`` more. Everything a resumed run needs is in
+``checkpoint.pt`` (weights, optimizer, algorithm, position, metrics, RNG), written at epoch ends and pruning steps.
+Only rank 0 writes files; the final files are written to a staging folder and moved in at the end, and
+``summary.json``, written last, marks a complete run.
+"""
+import hashlib
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..algorithms import ItePruneAlgorithm, load_pruned_run, save_pruned
+from ..algorithms.io import STRUCTURE_FILE, WEIGHTS_FILE
+from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
+from ..mutators import ChannelMutator, count_flops, count_params
+from .distributed import DistributedContext, all_ranks_agree, setup_distributed, teardown_distributed
+from .loop import cosine_lr, evaluate, set_lr, train_iteration
+from .models import build_model
+from .report import plot_metrics, table_header, table_row, write_csv, write_json
+
+CHECKPOINT_FILE, SUMMARY_FILE = "checkpoint.pt", "summary.json"
+METRICS_CSV, METRICS_JSON, PLOT_FILE = "metrics.csv", "metrics.json", "pruning_curve.png"
+# Options whose values must be the same when a run is resumed.
+RESUME_KEYS = ("model", "data", "target_ratio", "prune_times", "step_freq", "unit_type", "epochs",
+               "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
+               "val_samples")
+PRUNE_LR_FRACTION = 0.1  # pruning and finetuning run at a tenth of the pretraining learning rate
+
+
+class Run:
+    """One ``pyprune prune`` run on one rank (all ranks build the same objects; rank 0 also writes)."""
+
+    def __init__(self, args, context: DistributedContext):
+        self.args, self.context, self.device = args, context, context.device
+        self.start_time = time.perf_counter()
+        self.out = Path(args.output_dir)
+        torch.manual_seed(args.seed)
+        self.train_set, self.val_set, self.num_classes = build_datasets(
+            args.data, args.image_size, args.seed, args.train_samples, args.val_samples)
+        self.loader = make_train_loader(self.train_set, args.batch_size, args.seed, context.rank,
+                                        context.world_size, args.workers)
+        self.batches = batches_per_epoch(self.loader)
+        self.step_freq = args.step_freq or self.batches
+        self.input_shape = (1, 3, args.image_size, args.image_size)
+
+        self.model = build_model(args.model, self.num_classes).to(self.device)
+        self.mutator = ChannelMutator(channel_unit_cfg=dict(type=args.unit_type, default_args=dict(
+            choice_mode="ratio")), parse_cfg=dict(type="ChannelAnalyzer", demo_input=self.input_shape))
+        self.mutator.prepare_from_supernet(self.model)
+        self.wrapped: nn.Module = self.model
+        if context.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, args.target_ratio,
+                                           step_freq=self.step_freq, prune_times=args.prune_times)
+        self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                         weight_decay=args.weight_decay)
+        self.pre_end = args.epochs * self.batches
+        self.prune_end = self.pre_end + args.prune_times * self.step_freq
+        self.total = self.prune_end + args.finetune_epochs * self.batches
+        self.example = torch.zeros(self.input_shape, device=self.device)
+        full = build_model(args.model, self.num_classes).to(self.device)
+        self.full_params, self.full_flops = count_params(full), count_flops(full, (self.example,))
+        self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
+        self.elapsed_before = 0.0                             # wall time of earlier (resumed) sessions
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def main(self) -> bool:
+        return self.context.is_main
+
+    def wall(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def print(self, text: str) -> None:
+        if self.main:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+
+    def accuracy(self, model: Optional[nn.Module] = None) -> float:
+        return evaluate(model or self.model, self.val_set, max(self.args.batch_size, 256), self.device,
+                        self.context.rank, self.context.world_size)
+
+    def size(self) -> Dict[str, Any]:
+        exported = self.mutator.export(self.model)
+        params, flops = count_params(exported), count_flops(exported, (self.example,))
+        return {"params": params, "params_kept": params / self.full_params, "flops": flops,
+                "flops_kept": flops / self.full_flops}
+
+    def lr_at(self, g: int) -> float:
+        lr = self.args.lr
+        if g < self.pre_end:
+            return cosine_lr(lr, g, self.pre_end)
+        if g < self.prune_end:
+            return lr * PRUNE_LR_FRACTION
+        return cosine_lr(lr * PRUNE_LR_FRACTION, g - self.prune_end, self.total - self.prune_end)
+
+    def phase(self, g: int) -> str:
+        return "pretrain" if g < self.pre_end else "prune" if g < self.prune_end else "finetune"
+
+    def add_row(self, row: Dict[str, Any]) -> None:
+        row.setdefault("acc_pruned", None)
+        row["wall_s"] = round(self.wall(), 2)
+        self.rows.append(row)
+        if len(self.rows) == 1:
+            self.print(table_header())
+        self.print(table_row(row))
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def resume_signature(self) -> Dict[str, Any]:
+        signature = {key: getattr(self.args, key) for key in RESUME_KEYS}
+        signature["world_size"] = self.context.world_size
+        return signature
+
+    def save_checkpoint(self) -> None:
+        if not self.main:
+            return
+        state = {"signature": self.resume_signature(), "position": self.position, "rows": self.rows,
+                 "pending": self.pending, "wall_s": self.wall(), "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
+                 "rng": torch.get_rng_state()}
+        path = self.out / CHECKPOINT_FILE
+        partial = path.with_name(path.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        differing = [f"{key} (checkpoint {state['signature'].get(key)!r}, now {value!r})"
+                     for key, value in self.resume_signature().items() if state["signature"].get(key) != value]
+        if differing:
+            raise ValueError(f"--resume {path}: made with other options: {'; '.join(differing)}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.position, self.rows, self.pending = int(state["position"]), list(state["rows"]), state["pending"]
+        self.elapsed_before = float(state["wall_s"])
+        torch.set_rng_state(state["rng"].cpu())
+        self.print(f"resumed from {path} at iteration {self.position} of {self.total}")
+
+    # ---------------------------------------------------------------------------------------------- training
+    def batch_stream(self, g: int):
+        """Batches from global iteration ``g`` on; epoch ``e``'s order depends only on (seed, e)."""
+        epoch, offset = divmod(g, self.batches)
+        sampler = self.loader.sampler
+        while True:
+            sampler.set_position(epoch, offset * self.args.batch_size)
+            yield from self.loader
+            epoch, offset = epoch + 1, 0
+
+    def boundary(self, g: int) -> bool:
+        """Bookkeeping when ``g`` iterations are done; returns whether a metrics row was added."""
+        if g == self.pre_end and not any(r["phase"] == "pretrained" for r in self.rows):
+            self.add_row({"step": 0, "phase": "pretrained", "iteration": g, "kept_ratio": 1.0, **self.size(),
+                          "accuracy": self.accuracy()})
+            return True
+        if self.pending is not None and g > self.pre_end and (g - self.pre_end) % self.step_freq == 0:
+            row, self.pending = self.pending, None
+            self.add_row({**row, "accuracy": self.accuracy()})
+            return True
+        if g == self.total and self.args.finetune_epochs and not any(r["phase"] == "finetuned" for r in self.rows):
+            self.add_row({"step": self.args.prune_times, "phase": "finetuned", "iteration": g,
+                          "kept_ratio": self.args.target_ratio, **self.size(), "accuracy": self.accuracy()})
+            return True
+        return False
+
+    def train(self) -> bool:
+        """Run from ``self.position`` to the end; returns False when stopped early by ``--max-iterations``."""
+        start = self.position
+        stop_at = self.total if not self.args.max_iterations else min(self.total, start + self.args.max_iterations)
+        self.boundary(start)
+        stream = self.batch_stream(start)
+        bar = tqdm(total=self.total, initial=start, desc=self.phase(start), unit="it", dynamic_ncols=True,
+                   disable=not self.main or self.args.no_progress, mininterval=1.0, file=sys.stderr)
+        for g in range(start, stop_at):
+            images, labels = next(stream)
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            set_lr(self.optimizer, self.lr_at(g))
+            pruning = self.pre_end <= g < self.prune_end
+            loss = train_iteration(self.wrapped, images, labels, self.optimizer,
+                                   self.algorithm if pruning else None)
+            if pruning and self.algorithm.step():
+                step = self.algorithm.steps_done
+                self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
+                                "kept_ratio": 1 + (self.args.target_ratio - 1) * step / self.args.prune_times,
+                                **self.size(), "acc_pruned": self.accuracy()}
+            self.position = g + 1
+            bar.update(1)
+            if bar.n % 10 == 0 or g + 1 == stop_at:
+                bar.set_description(self.phase(g))
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr_at(g):.4f}", refresh=False)
+            added = self.boundary(g + 1)
+            if added or (g + 1) % self.batches == 0 or g + 1 == stop_at:
+                self.save_checkpoint()
+        bar.close()
+        return self.position == self.total
+
+    # ---------------------------------------------------------------------------------------------- finishing
+    def finish(self) -> Dict[str, Any]:
+        """Export, check all ranks agree, write the outputs (rank 0), reload them and compare."""
+        self.model.eval()
+        exported = self.mutator.export(self.model).eval()
+        agree = all_ranks_agree(self.digest(exported), self.context)
+        if not agree:
+            raise RuntimeError("the ranks ended with different pruned models")
+        exported_accuracy = self.accuracy(exported)
+        summary: Dict[str, Any] = {}
+        if self.main:
+            summary = self.write_outputs(exported, exported_accuracy)
+        if self.context.distributed:
+            torch.distributed.barrier()
+        return summary
+
+    def digest(self, exported: nn.Module) -> str:
+        hasher = hashlib.sha256(repr(sorted(self.mutator.current_choices.items())).encode())
+        for name, tensor in exported.state_dict().items():
+            buffer = io.BytesIO()
+            torch.save(tensor.detach().cpu(), buffer)
+            hasher.update(name.encode() + buffer.getvalue())
+        return hasher.hexdigest()
+
+    def write_outputs(self, exported: nn.Module, exported_accuracy: float) -> Dict[str, Any]:
+        staging = self.out / f".staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            model_info = {"name": self.args.model, "num_classes": self.num_classes,
+                          "input_shape": list(self.input_shape), "unit_type": self.args.unit_type}
+            save_pruned(staging, self.model, self.mutator, model_info, exported)
+            write_csv(self.rows, str(staging / METRICS_CSV))
+            write_json(self.rows, str(staging / METRICS_JSON))
+            plot_metrics(self.rows, str(staging / PLOT_FILE),
+                         f"{self.args.model}, {self.args.unit_type}, kept ratio {self.args.target_ratio}")
+            difference = self.verify_reload(staging)
+            names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE)
+            for name in names:
+                os.replace(staging / name, self.out / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        first, last = self.rows[0], self.rows[-1]
+        summary = {
+            "command": " ".join(["pyprune"] + list(self.args.argv)), "model": self.args.model,
+            "unit_type": self.args.unit_type, "target_ratio": self.args.target_ratio,
+            "world_size": self.context.world_size, "device": str(self.device),
+            "accuracy_pretrained": first["accuracy"], "accuracy_final": last["accuracy"],
+            "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
+            "flops_before": self.full_flops, "flops_after": last["flops"], "params_kept": last["params_kept"],
+            "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
+            "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
+        }
+        partial = self.out / (SUMMARY_FILE + ".partial")
+        write_json(summary, str(partial))
+        os.replace(partial, self.out / SUMMARY_FILE)  # last: its presence marks a complete run
+        return summary
+
+    @torch.no_grad()
+    def verify_reload(self, directory: Path) -> float:
+        """Reload the written files into a fresh model and compare its logits with the pruned dynamic model's."""
+        reloaded = load_pruned_run(directory, map_location=self.device).to(self.device)
+        images = torch.stack([self.val_set[i][0] for i in range(min(16, len(self.val_set)))]).to(self.device)
+        expected, got = self.model.eval()(images), reloaded(images)
+        difference = float((expected - got).abs().max())
+        tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+        if not difference <= tolerance:
+            raise RuntimeError(f"the reloaded pruned model differs from the trained one by {difference:.3g} "
+                               f"(tolerance {tolerance:.3g})")
+        return difference
+
+
+def run_prune_job(args) -> Dict[str, Any]:
+    """Run the job described by parsed ``pyprune prune`` arguments; returns the summary (rank 0) or ``{}``."""
+    context = setup_distributed(args.device)
+    try:
+        run = Run(args, context)
+        if run.main:
+            (run.out / SUMMARY_FILE).unlink(missing_ok=True)  # this directory is no longer a complete run
+        if args.resume:
+            run.load_checkpoint(args.resume)
+        run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
+                  f"{args.unit_type}, kept ratio {args.target_ratio} in {args.prune_times} steps of "
+                  f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
+                  f"{context.world_size}, device {context.device}")
+        if not run.train():
+            run.print(f"stopped after iteration {run.position} of {run.total}; continue with --resume "
+                      f"{run.out / CHECKPOINT_FILE}")
+            return {"stopped_at": run.position}
+        summary = run.finish()
+        if run.main:
+            run.print(f"accuracy {summary['accuracy_pretrained']:.1%} -> {summary['accuracy_final']:.1%} "
+                      f"(exported {summary['accuracy_exported']:.1%}); params {summary['params_kept']:.1%} and "
+                      f"FLOPs {summary['flops_kept']:.1%} of the original; {summary['wall_s']:.0f} s; "
+                      f"outputs in {run.out}")
+        return summary
+    finally:
+        teardown_distributed()
