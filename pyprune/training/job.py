@@ -282,9 +282,9 @@ def run_prune_job(args) -> Dict[str, Any]:
     """Run the job described by parsed ``pyprune prune`` arguments; returns the summary (rank 0) or ``{}``."""
     context = setup_distributed(args.device)
     try:
+        if context.is_main:  # from here on this directory is no longer a complete run
+            (Path(args.output_dir) / SUMMARY_FILE).unlink(missing_ok=True)
         run = Run(args, context)
-        if run.main:
-            (run.out / SUMMARY_FILE).unlink(missing_ok=True)  # this directory is no longer a complete run
         if args.resume:
             run.load_checkpoint(args.resume)
         run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
