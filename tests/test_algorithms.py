@@ -219,11 +219,29 @@ def test_resumed_run_ends_like_an_uninterrupted_one(unit_type):
         torch.testing.assert_close(tensor, reference[1][name], rtol=0, atol=0, msg=name)
 
 
+def test_state_dict_restores_the_supernet_on_an_already_pruned_model():
+    _, mutator, algorithm = make(step_freq=1, prune_times=4)
+    algorithm.step()
+    algorithm.step()
+    state = algorithm.state_dict()
+    model, mutator = tu.SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+    mutator.prepare_from_supernet(model)
+    mutator.set_global_ratio(0.75)        # built on a model that is already at step 2's width
+    resumed = ItePruneAlgorithm(model, mutator, 0.5, step_freq=1, prune_times=4)
+    resumed.load_state_dict(state)
+    assert resumed.supernet[CONV0] == 1.0 and resumed.choices_at(3)[CONV0] == pytest.approx(0.625)
+    resumed.step()
+    assert counts(mutator)[CONV0] == 5
+
+
 def test_load_state_dict_rejects_other_schedules_and_units():
     _, _, algorithm = make(step_freq=3, prune_times=4)
     state = algorithm.state_dict()
     _, _, other = make(step_freq=2, prune_times=4)
     with pytest.raises(ConfigError, match="step_freq"):
+        other.load_state_dict(state)
+    _, _, other = make(step_freq=3, prune_times=4, target_pruning_ratio=0.25)
+    with pytest.raises(ConfigError, match="target"):
         other.load_state_dict(state)
     del state["selections"][CONV0]
     with pytest.raises(ConfigError, match="missing"):

@@ -126,17 +126,21 @@ class ItePruneAlgorithm(BaseAlgorithm):
     def state_dict(self) -> Dict[str, Any]:
         state = super().state_dict()
         state.update(counter=self.counter, steps_done=self.steps_done, step_freq=self.step_freq,
-                     prune_times=self.prune_times, by_epoch=self.by_epoch, linear_schedule=self.linear_schedule)
+                     prune_times=self.prune_times, by_epoch=self.by_epoch, linear_schedule=self.linear_schedule,
+                     supernet=dict(self.supernet), target=dict(self.target))
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a checkpoint of an algorithm built with the same schedule (else ConfigError, nothing changed)."""
-        for key in ("step_freq", "prune_times", "by_epoch", "linear_schedule"):
+        """Restore a checkpoint of an algorithm built with the same schedule and target (else ConfigError, nothing
+        changed). The supernet choices come from the checkpoint, so the algorithm may be built on a model that is
+        already pruned."""
+        for key in ("step_freq", "prune_times", "by_epoch", "linear_schedule", "target"):
             if key in state and state[key] != getattr(self, key):
                 raise ConfigError(f"ItePruneAlgorithm.load_state_dict: the checkpoint has {key}={state[key]!r}, "
                                   f"this algorithm {getattr(self, key)!r}")
         super().load_state_dict(state)
         self.counter, self.steps_done = int(state["counter"]), int(state["steps_done"])
+        self.supernet = dict(state.get("supernet", self.supernet))
 
 
 def _check_ratio(value, what: str) -> None:
