@@ -1,7 +1,124 @@
-"""Channel gather / scatter kernels: the compiled extension when built, a pure-torch fallback otherwise.
+"""Channel gather / scatter kernels behind one small API, on one of two backends.
 
-This package is the only Python that touches ``pyprune._C``. (Placeholder: fallback only until the extension lands.)
+* ``"ext"``: the compiled ops ``torch.ops.pyprune.*`` (csrc/, C++ and CUDA; see ``_ext_backend``);
+* ``"torch"``: a pure-torch fallback with the same semantics (``_torch_backend``).
+
+At import the extension is used when it loads; otherwise we warn once and fall back to "torch". The environment
+variable ``PYPRUNE_BACKEND=ext|torch`` forces one (``ext`` without a built extension raises ``ImportError``).
+This package is the only Python that touches ``pyprune._C``. Shapes: see docs/ARCHITECTURE.md.
 """
-from ._torch_backend import gather_channels, scatter_channels, update_running_stats_
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional, Sequence
 
-__all__ = ["gather_channels", "scatter_channels", "update_running_stats_"]
+from torch import Tensor
+
+from . import _torch_backend
+
+__all__ = ["gather_channels", "scatter_channels", "update_running_stats_", "backend", "set_backend", "use_backend",
+           "extension_available", "BACKENDS"]
+
+BACKENDS = ("ext", "torch")
+_ENV_VAR = "PYPRUNE_BACKEND"
+_BUILD_HINT = ("build it from the repository root with `pip install --no-build-isolation -e .` "
+               "(or `bash scripts/setup.sh`)")
+
+_extension = None            # the loaded _ext_backend module, once imported
+_extension_error: Optional[BaseException] = None
+_extension_tried = False
+_active = _torch_backend     # module whose functions the public API forwards to
+_active_name = "torch"
+
+
+def _load_extension():
+    """Import the compiled backend once; ``None`` (and the reason in ``_extension_error``) when it is missing."""
+    global _extension, _extension_error, _extension_tried
+    if not _extension_tried:
+        _extension_tried = True
+        try:
+            from . import _ext_backend
+            _extension = _ext_backend
+        except ImportError as error:  # not built, or built against another torch
+            _extension_error = error
+    return _extension
+
+
+def extension_available() -> bool:
+    """Whether the compiled extension ``pyprune._C`` imports in this process."""
+    return _load_extension() is not None
+
+
+def backend() -> str:
+    """Name of the active backend: ``"ext"`` or ``"torch"``."""
+    return _active_name
+
+
+def set_backend(name: str) -> None:
+    """Switch every later kernel call to backend ``name`` (``"ext"`` or ``"torch"``)."""
+    global _active, _active_name
+    if name == "torch":
+        module = _torch_backend
+    elif name == "ext":
+        module = _load_extension()
+        if module is None:
+            raise RuntimeError(f"pyprune kernel backend 'ext' requested, but the compiled extension pyprune._C "
+                               f"could not be imported ({_extension_error}); {_BUILD_HINT}")
+    else:
+        raise ValueError(f"unknown pyprune kernel backend {name!r}; expected one of {BACKENDS}")
+    _active, _active_name = module, name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: run the block on backend ``name``, then restore the previous one."""
+    previous = _active_name
+    set_backend(name)
+    try:
+        yield name
+    finally:
+        set_backend(previous)
+
+
+def gather_channels(tensor: Tensor, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> Tensor:
+    """New contiguous ``tensor[out_index][:, in_index]``, differentiable w.r.t. ``tensor``.
+
+    tensor: ``[C_out, C_in, *rest]`` (rank >= 1). out_index: int64 ``[K_out]`` or None (all). in_index: int64
+    ``[K_in]``, or ``[G, K_in]`` per-group local indices (compact row r uses ``in_index[r // (K_out // G)]``), or
+    None. Returns ``[K_out, K_in, *rest]`` (``[K_out]`` for 1-D). Index values are trusted (not range-checked on GPU).
+    """
+    return _active.gather_channels(tensor, out_index, in_index)
+
+
+def scatter_channels(grad: Tensor, out_index: Optional[Tensor], in_index: Optional[Tensor],
+                     full_shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`gather_channels`: zeros of ``full_shape`` with ``grad`` ``[K_out, K_in, *rest]`` at the
+    selected places (one pass, no accumulation, no host sync)."""
+    return _active.scatter_channels(grad, out_index, in_index, full_shape)
+
+
+def update_running_stats_(running_mean: Tensor, running_var: Tensor, index: Tensor, compact_mean: Tensor,
+                          compact_var: Tensor) -> None:
+    """In place: ``running_mean[index] = compact_mean``; ``running_var[index] = compact_var`` (all 1-D, ``index``
+    int64 ``[K]``); other entries are untouched."""
+    _active.update_running_stats_(running_mean, running_var, index, compact_mean, compact_var)
+
+
+def _select_initial_backend() -> None:
+    requested = os.environ.get(_ENV_VAR, "").strip().lower()
+    if requested not in ("", "auto") + BACKENDS:
+        raise ValueError(f"{_ENV_VAR}={requested!r}: expected one of {BACKENDS} (or unset)")
+    if requested == "torch":
+        set_backend("torch")  # the extension is only loaded if someone asks for it later
+    elif _load_extension() is not None:
+        set_backend("ext")
+    elif requested == "ext":
+        raise ImportError(f"{_ENV_VAR}=ext but the compiled extension pyprune._C could not be imported "
+                          f"({_extension_error}); {_BUILD_HINT}")
+    else:
+        warnings.warn(f"pyprune: the compiled channel kernels (pyprune._C) are not available ({_extension_error}); "
+                      f"using the slower pure-torch fallback. To use them, {_BUILD_HINT}. Set {_ENV_VAR}=torch "
+                      f"to choose the fallback explicitly and silence this warning.", UserWarning, stacklevel=2)
+
+
+_select_initial_backend()

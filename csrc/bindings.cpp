@@ -1,0 +1,46 @@
+// Registers the pyprune channel ops with the PyTorch dispatcher: schemas, CPU kernels and (when built with
+// PYPRUNE_WITH_CUDA) CUDA kernels. Fake (meta) kernels and autograd formulas are registered from Python in
+// pyprune/kernels/_ext_backend.py, which is why the library points the dispatcher at that module.
+//
+// Built two ways: as the Python extension pyprune._C (setup.py defines PYPRUNE_PYTHON_EXTENSION so that this file
+// also provides the module init), and as the plain shared library pyprune_ops (CMakeLists.txt) for C++ users.
+#include "pyprune/ops.h"
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyprune, m) {
+  m.set_python_module("pyprune.kernels._ext_backend");  // where the fake kernels are registered
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def("channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx) -> Tensor", tags);
+  m.def("channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape) -> Tensor", tags);
+  m.def("update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor idx, Tensor mean, "
+        "Tensor var) -> ()",
+        tags);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
+  m.impl("channel_gather", &pyprune::channel_gather_cpu);
+  m.impl("channel_scatter", &pyprune::channel_scatter_cpu);
+  m.impl("update_running_stats_", &pyprune::update_running_stats_cpu);
+}
+
+#ifdef PYPRUNE_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
+  m.impl("channel_gather", &pyprune::channel_gather_cuda);
+  m.impl("channel_scatter", &pyprune::channel_scatter_cuda);
+  m.impl("update_running_stats_", &pyprune::update_running_stats_cuda);
+}
+#endif
+
+#ifdef PYPRUNE_PYTHON_EXTENSION
+#include <Python.h>
+
+// `import pyprune._C` only has to load this library: the static registrations above do the work.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "pyprune._C",
+                               "pyprune channel kernels; use them through torch.ops.pyprune or pyprune.kernels.", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}
+#endif

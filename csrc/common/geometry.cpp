@@ -1,0 +1,122 @@
+// Argument checks shared by every kernel of the pyprune channel ops (see include/pyprune/geometry.h).
+#include "pyprune/geometry.h"
+
+#include <c10/util/Exception.h>
+
+namespace pyprune {
+namespace {
+
+void check_index_tensor(const at::Tensor& index, const at::Tensor& data, const char* op, const char* name,
+                        int64_t min_dim, int64_t max_dim) {
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": ", name, " must be an int64 tensor, got ",
+              index.scalar_type());
+  TORCH_CHECK(index.device() == data.device(), op, ": ", name, " is on ", index.device(),
+              " but the data tensor is on ", data.device());
+  TORCH_CHECK(index.dim() >= min_dim && index.dim() <= max_dim, op, ": ", name, " must have ",
+              min_dim == max_dim ? std::to_string(min_dim) : std::to_string(min_dim) + " or " + std::to_string(max_dim),
+              " dimension(s), got shape ", index.sizes());
+}
+
+void check_data_tensor(const at::Tensor& data, const char* op, const char* name) {
+  TORCH_CHECK(data.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got ",
+              data.layout());
+  TORCH_CHECK(!data.is_quantized(), op, ": ", name, " must not be quantized");
+  TORCH_CHECK(data.dim() >= 1, op, ": ", name, " must have rank >= 1, got a scalar");
+}
+
+// Fills the geometry of `full_shape` gathered by (out_idx, in_idx); shared by gather and scatter.
+ChannelGeometry make_geometry(c10::IntArrayRef full_shape, const at::Tensor& data,
+                              const std::optional<at::Tensor>& out_idx, const std::optional<at::Tensor>& in_idx,
+                              const char* op) {
+  ChannelGeometry geo;
+  geo.full_shape = full_shape.vec();
+  geo.full_rows = full_shape[0];
+  geo.full_cols = full_shape.size() >= 2 ? full_shape[1] : 1;
+  for (size_t d = 2; d < full_shape.size(); ++d) {
+    geo.inner *= full_shape[d];
+  }
+  geo.has_out = out_idx.has_value() && out_idx->defined();
+  geo.has_in = in_idx.has_value() && in_idx->defined();
+  if (geo.has_out) {
+    check_index_tensor(*out_idx, data, op, "out_idx", 1, 1);
+  }
+  geo.rows = geo.has_out ? out_idx->size(0) : geo.full_rows;
+  geo.cols = geo.full_cols;
+  if (geo.has_in) {
+    TORCH_CHECK(full_shape.size() >= 2, op, ": in_idx needs a tensor of rank >= 2 (dim 1 = input channels), got "
+                "shape ", full_shape);
+    check_index_tensor(*in_idx, data, op, "in_idx", 1, 2);
+    geo.cols = in_idx->size(-1);
+    if (in_idx->dim() == 2) {
+      geo.groups = in_idx->size(0);
+      TORCH_CHECK(geo.groups >= 1 && geo.rows % geo.groups == 0, op, ": a grouped in_idx of shape ",
+                  in_idx->sizes(), " needs the ", geo.rows, " selected output channels to split evenly into ",
+                  geo.groups, " groups");
+    }
+  }
+  geo.rows_per_group = std::max<int64_t>(1, geo.rows / geo.groups);
+  geo.compact_shape = geo.full_shape;
+  geo.compact_shape[0] = geo.rows;
+  if (full_shape.size() >= 2) {
+    geo.compact_shape[1] = geo.cols;
+  }
+  return geo;
+}
+
+}  // namespace
+
+ChannelGeometry check_gather_args(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                                  const std::optional<at::Tensor>& in_idx, const char* op) {
+  check_data_tensor(weight, op, "w");
+  return make_geometry(weight.sizes(), weight, out_idx, in_idx, op);
+}
+
+ChannelGeometry check_scatter_args(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
+  const char* op = "channel_scatter";
+  check_data_tensor(grad, op, "grad");
+  TORCH_CHECK(!full_shape.empty(), op, ": full_shape must have at least one dimension");
+  for (int64_t size : full_shape) {
+    TORCH_CHECK(size >= 0, op, ": full_shape ", full_shape, " has a negative size");
+  }
+  ChannelGeometry geo = make_geometry(full_shape, grad, out_idx, in_idx, op);
+  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(geo.compact_shape), op, ": grad has shape ", grad.sizes(),
+              " but gathering from full_shape ", full_shape, " with these indices gives ",
+              c10::IntArrayRef(geo.compact_shape));
+  return geo;
+}
+
+void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& idx,
+                              const at::Tensor& mean, const at::Tensor& var) {
+  const char* op = "update_running_stats_";
+  TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1, op, ": running_mean and running_var must be 1-D, "
+              "got shapes ", running_mean.sizes(), " and ", running_var.sizes());
+  TORCH_CHECK(running_mean.size(0) == running_var.size(0), op, ": running_mean has ", running_mean.size(0),
+              " channels but running_var has ", running_var.size(0));
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(), op, ": running_mean is ",
+              running_mean.scalar_type(), " but running_var is ", running_var.scalar_type());
+  TORCH_CHECK(at::isFloatingType(running_mean.scalar_type()), op, ": running stats must be floating point, got ",
+              running_mean.scalar_type());
+  check_index_tensor(idx, running_mean, op, "idx", 1, 1);
+  const int64_t count = idx.size(0);
+  for (const at::Tensor* stat : {&mean, &var}) {
+    const char* name = stat == &mean ? "mean" : "var";
+    TORCH_CHECK(stat->device() == running_mean.device(), op, ": ", name, " is on ", stat->device(),
+                " but running_mean is on ", running_mean.device());
+    TORCH_CHECK(stat->dim() == 1 && stat->size(0) == count, op, ": ", name, " must have shape [", count,
+                "] (one value per index), got ", stat->sizes());
+    TORCH_CHECK(at::isFloatingType(stat->scalar_type()), op, ": ", name, " must be floating point, got ",
+                stat->scalar_type());
+  }
+  TORCH_CHECK(running_var.device() == running_mean.device(), op, ": running_var is on ", running_var.device(),
+              " but running_mean is on ", running_mean.device());
+}
+
+void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, const char* op, const char* name) {
+  for (int64_t k = 0; k < count; ++k) {
+    TORCH_CHECK(index[k] >= 0 && index[k] < limit, op, ": ", name, "[", k, "] = ", index[k],
+                " is out of range for a dimension of size ", limit);
+  }
+}
+
+}  // namespace pyprune

@@ -1,0 +1,145 @@
+// CPU kernels of pyprune::channel_gather and pyprune::channel_scatter (its backward).
+//
+// Both walk rows in parallel (at::parallel_for) and move whole contiguous blocks (see geometry.h): one block per
+// row when in_idx is absent, else one kh*kw block per selected (row, column) pair.
+#include "pyprune/geometry.h"
+#include "pyprune/ops.h"
+#include "pyprune/raw_types.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pyprune {
+namespace {
+
+constexpr int64_t kGrainElements = 32768;  // at::internal::GRAIN_SIZE: below this, threading costs more than it saves
+
+int64_t rows_per_task(int64_t elements_per_row) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
+}
+
+// Contiguous int64 view of an optional index (nullptr when absent). `holder` keeps a copy alive if one was needed.
+const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
+  if (!present) {
+    return nullptr;
+  }
+  holder = index->contiguous();
+  return holder.const_data_ptr<int64_t>();
+}
+
+template <typename T>
+void gather_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t* out, const int64_t* in) {
+  const int64_t block = geo.block_elems();
+  const int64_t src_row_elems = geo.full_blocks_per_row() * block;
+  const int64_t dst_row_elems = geo.compact_blocks_per_row() * block;
+  at::parallel_for(0, geo.rows, rows_per_task(dst_row_elems), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* src_row = src + (out ? out[r] : r) * src_row_elems;
+      T* dst_row = dst + r * dst_row_elems;
+      if (in == nullptr) {
+        std::copy_n(src_row, dst_row_elems, dst_row);
+        continue;
+      }
+      const int64_t* cols = in + (r / geo.rows_per_group) * geo.cols;
+      if (block == 1) {  // Linear: single elements, a plain indexed load is much cheaper than a copy call
+        for (int64_t k = 0; k < geo.cols; ++k) {
+          dst_row[k] = src_row[cols[k]];
+        }
+      } else {
+        for (int64_t k = 0; k < geo.cols; ++k) {
+          std::copy_n(src_row + cols[k] * block, block, dst_row + k * block);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t* inverse_out,
+                  const int64_t* inverse_in) {
+  const int64_t block = geo.block_elems();
+  const int64_t full_row_elems = geo.full_blocks_per_row() * block;
+  const int64_t compact_row_elems = geo.compact_blocks_per_row() * block;
+  at::parallel_for(0, geo.full_rows, rows_per_task(full_row_elems), [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      T* dst_row = dst + o * full_row_elems;
+      const int64_t r = inverse_out ? inverse_out[o] : o;
+      if (r < 0) {
+        std::fill_n(dst_row, full_row_elems, T{});
+        continue;
+      }
+      const T* src_row = src + r * compact_row_elems;
+      if (inverse_in == nullptr) {
+        std::copy_n(src_row, full_row_elems, dst_row);
+        continue;
+      }
+      const int64_t* compact_col = inverse_in + (r / geo.rows_per_group) * geo.full_cols;
+      for (int64_t i = 0; i < geo.full_cols; ++i) {
+        const int64_t c = compact_col[i];
+        if (c < 0) {
+          std::fill_n(dst_row + i * block, block, T{});
+        } else {
+          std::copy_n(src_row + c * block, block, dst_row + i * block);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                              const std::optional<at::Tensor>& in_idx) {
+  const ChannelGeometry geo = check_gather_args(weight, out_idx, in_idx);
+  at::Tensor out_holder, in_holder;
+  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
+  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_gather", "out_idx");
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_gather", "in_idx");
+
+  const at::Tensor src = weight.contiguous();
+  at::Tensor result = at::empty(geo.compact_shape, weight.options().memory_format(at::MemoryFormat::Contiguous));
+  dispatch_by_size(weight.element_size(), "channel_gather", [&](auto tag) {
+    using T = decltype(tag);
+    gather_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
+                   out, in);
+  });
+  return result;
+}
+
+at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
+  const ChannelGeometry geo = check_scatter_args(grad, out_idx, in_idx, full_shape);
+  at::Tensor out_holder, in_holder;
+  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
+  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
+
+  // Inverse maps, full channel -> compact position or -1; small (channel counts), built serially.
+  std::vector<int64_t> inverse_out, inverse_in;
+  if (out) {
+    check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_scatter", "out_idx");
+    inverse_out.assign(geo.full_rows, -1);
+    for (int64_t r = 0; r < geo.rows; ++r) inverse_out[out[r]] = r;
+  }
+  if (in) {
+    check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_scatter", "in_idx");
+    inverse_in.assign(geo.groups * geo.full_cols, -1);
+    for (int64_t g = 0; g < geo.groups; ++g) {
+      for (int64_t k = 0; k < geo.cols; ++k) inverse_in[g * geo.full_cols + in[g * geo.cols + k]] = k;
+    }
+  }
+
+  const at::Tensor src = grad.contiguous();
+  at::Tensor result = at::empty(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
+    using T = decltype(tag);
+    scatter_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
+                    out ? inverse_out.data() : nullptr, in ? inverse_in.data() : nullptr);
+  });
+  return result;
+}
+
+}  // namespace pyprune

@@ -1,0 +1,55 @@
+#pragma once
+// Shape bookkeeping and argument checks shared by the CPU and CUDA channel kernels.
+//
+// A "full" tensor has shape [C_out, C_in, *rest] (rank >= 1; rank 1 means C_in = 1 and no rest). Its "compact"
+// counterpart is [K_out, K_in, *rest] with K_out = out_idx.numel() (C_out when out_idx is absent) and
+// K_in = in_idx.size(-1) (C_in when in_idx is absent). A 2-D in_idx [G, K_in] holds per-group local column indices:
+// compact row r reads the columns in_idx[r / (K_out / G)].
+//
+// Kernels copy contiguous "blocks": with an in_idx a block is one (row, column) pair of `inner` = prod(rest)
+// elements; without one the whole row (C_in * inner elements) is a single block in both tensors.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <optional>
+#include <vector>
+
+namespace pyprune {
+
+struct ChannelGeometry {
+  int64_t full_rows = 0;       // C_out
+  int64_t full_cols = 1;       // C_in (1 for rank-1 tensors)
+  int64_t inner = 1;           // prod(rest)
+  int64_t rows = 0;            // K_out
+  int64_t cols = 1;            // K_in
+  int64_t groups = 1;          // in_idx.size(0) for a 2-D in_idx, else 1
+  int64_t rows_per_group = 1;  // K_out / groups (>= 1 so kernels may divide by it)
+  bool has_out = false;
+  bool has_in = false;
+  std::vector<int64_t> full_shape;
+  std::vector<int64_t> compact_shape;
+
+  // Elements per contiguous block (see above), blocks per compact row, blocks per full row.
+  int64_t block_elems() const { return has_in ? inner : full_cols * inner; }
+  int64_t compact_blocks_per_row() const { return has_in ? cols : 1; }
+  int64_t full_blocks_per_row() const { return has_in ? full_cols : 1; }
+};
+
+// Checks gather arguments (ranks, index dtype int64 and device) and returns the geometry. `op` names the caller
+// in error messages. Index values are NOT checked here: on CUDA that would need a host-device sync.
+ChannelGeometry check_gather_args(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                                  const std::optional<at::Tensor>& in_idx, const char* op = "channel_gather");
+
+// Same for scatter: `grad` must have the compact shape that gathering from `full_shape` would produce.
+ChannelGeometry check_scatter_args(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+
+// Checks the in-place running-stats update: two 1-D buffers of one floating dtype, an int64 [K] index, and [K]
+// compact statistics, all on one device.
+void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& idx,
+                              const at::Tensor& mean, const at::Tensor& var);
+
+// Host-side range check of index values; only for CPU tensors (free there, a sync on a GPU).
+void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, const char* op, const char* name);
+
+}  // namespace pyprune
