@@ -672,3 +672,31 @@ def test_prefix_unit_with_an_unchanged_count_touches_no_layer():
     assert unit.version == version
     if calls is not None:
         assert model.conv2.calls == calls
+
+
+@pytest.mark.parametrize("unit_type", [SequentialMutableChannelUnit, L1MutableChannelUnit])
+def test_apply_index_restores_an_exact_selection(unit_type):
+    model, units = prepared_small_net(unit_type)
+    unit = units["conv4_(0, 8)_8"]  # groups=2
+    unit.apply_index(torch.tensor([1, 3, 4, 6]))
+    assert unit.current_index.tolist() == [1, 3, 4, 6] and unit.current_choice == 0.5
+    assert model.gconv.in_index.tolist() == [1, 3, 4, 6]
+    unit.current_choice = 0.5  # choosing again goes back to the unit's own rule
+    if unit_type is SequentialMutableChannelUnit:
+        assert unit.current_index.tolist() == [0, 1, 4, 5]
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.int64), torch.arange(9), torch.zeros(2, 2)):
+        with pytest.raises(ChannelSelectionError, match=r"conv4_\(0, 8\)_8"):
+            unit.apply_index(bad)
+
+
+def test_taylor_importance_state_round_trip():
+    model, spec = _conv_pair()
+    unit = _prepared(TaylorMutableChannelUnit, model, spec)
+    model(torch.randn(2, 4, 3, 3)).sum().backward()
+    unit.update_importance()
+    state = unit.importance_state_dict()
+    other = _prepared(TaylorMutableChannelUnit, *_conv_pair())
+    other.load_importance_state_dict(state)
+    assert other.num_updates == 1 and torch.equal(other.channel_importance(), unit.channel_importance())
+    with pytest.raises(ConfigError, match="shape"):
+        other.load_importance_state_dict({"importance": torch.zeros(3), "num_updates": 1})

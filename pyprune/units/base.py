@@ -61,6 +61,7 @@ class MutableChannelUnit:
         self.reason = reason
         self._count = self.num_channels     # Python int: how many channels are kept (no device sync needed)
         self._index: Optional[Tensor] = None  # None = all channels
+        self._custom_index = False          # True after apply_index: not what _select would pick
         self.version = 0                    # bumped whenever the selection changes
         self._modules: Dict[str, nn.Module] = {}
         self._assembler = None
@@ -166,8 +167,20 @@ class MutableChannelUnit:
 
     def apply_count(self, count: int) -> None:
         """Trusted: keep ``count`` channels (a value from :meth:`choice_to_count`); select them, tell the layers."""
-        self._count = count
-        self._index = None if count == self.num_channels else self._select(count)
+        self._store(count, None if count == self.num_channels else self._select(count), custom=False)
+
+    def apply_index(self, index: Tensor) -> None:
+        """Trusted: keep exactly ``index`` (sorted, unique int64 ``[K]`` with ``K / groups`` channels per group),
+        e.g. to restore a saved or broadcast selection. Only the length is checked (values would need a sync).
+        """
+        count = int(index.numel())
+        if index.dim() != 1 or not 1 <= count <= self.num_channels or count % self.groups:
+            self._fail(f"apply_index needs a 1-D index of 1..{self.num_channels} channels, a multiple of "
+                       f"groups={self.groups}; got shape {tuple(index.shape)}")
+        self._store(count, None if count == self.num_channels else index.to(torch.int64), custom=True)
+
+    def _store(self, count: int, index: Optional[Tensor], custom: bool) -> None:
+        self._count, self._index, self._custom_index = count, index, custom
         self.version += 1
         if self._assembler is not None:
             self._assembler.unit_changed(self)

@@ -11,7 +11,7 @@ class SequentialMutableChannelUnit(MutableChannelUnit):
 
     def apply_count(self, count: int) -> None:
         """A prefix depends on the count alone: the same count again changes nothing (no layer is touched)."""
-        if count != self.active_channels:
+        if count != self.active_channels or self._custom_index:
             super().apply_count(count)
 
     def _select(self, count: int) -> Tensor:

@@ -1,9 +1,10 @@
 """TaylorMutableChannelUnit: keeps the channels whose removal would change the loss most (first-order Taylor)."""
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from .importance import ImportanceMutableChannelUnit, per_unit_channel
 from .registry import register_unit
 
@@ -46,3 +47,16 @@ class TaylorMutableChannelUnit(ImportanceMutableChannelUnit):
 
     def channel_importance(self) -> Optional[Tensor]:
         return self._importance
+
+    def importance_state_dict(self) -> Dict[str, Any]:
+        """``{'importance': float [num_channels] on the CPU or None, 'num_updates': int}`` for checkpoints."""
+        importance = None if self._importance is None else self._importance.detach().cpu().clone()
+        return {"importance": importance, "num_updates": self.num_updates}
+
+    def load_importance_state_dict(self, state: Dict[str, Any]) -> None:
+        importance = state.get("importance")
+        if importance is not None and tuple(importance.shape) != (self.num_channels,):
+            raise ConfigError(f"unit {self.name}: saved importance has shape {tuple(importance.shape)}, expected "
+                              f"({self.num_channels},)")
+        self._importance = None if importance is None else importance.to(self.device, torch.float32)
+        self.num_updates = int(state.get("num_updates", 0))
