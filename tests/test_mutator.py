@@ -383,3 +383,25 @@ def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning(monkeypatch):
     assert mutator._by_name["conv4_(0, 8)_8"].groups == 2
     with pytest.raises(ConfigError, match="balanced per group"):
         make_mutator(strict=True).prepare_from_supernet(tu.SmallNet())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not tu._ops_landed(), reason="needs a CUDA GPU and pyprune.ops")
+@pytest.mark.parametrize("unit_type", ["SequentialMutableChannelUnit", "L1MutableChannelUnit",
+                                       "BNScaleMutableChannelUnit"])
+def test_switching_choices_on_cuda_never_syncs(unit_type):
+    model, mutator = prepared(unit_type)
+    model.cuda()
+    subnets = [mutator.sample_choices() for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for choices in subnets:
+            mutator.set_choices(choices)
+        mutator.set_global_ratio(0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(u.current_index.is_cuda for u in mutator.mutable_units)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(mutator.export(model)(x), model(x), rtol=1e-4, atol=1e-4)
