@@ -131,6 +131,25 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
     assert "target_ratio" in capsys.readouterr().err
 
 
+@needs_pipeline
+def test_image_folder_data(tmp_path, capsys):
+    from torchvision.utils import save_image
+    from pyprune.data import SyntheticShapes
+    for split, count, seed in (("train", 48, 1), ("val", 12, 2)):
+        shapes = SyntheticShapes(count, 16, seed=seed)
+        for i in range(count):
+            image, label = shapes[i]
+            folder = tmp_path / "images" / split / shapes.classes[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(image * 0.3 + 0.24, folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert cli.main(["prune", "--quick", "--data", str(tmp_path / "images"), "--batch-size", "8", "--no-progress",
+                     "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    structure = json.loads((out / "structure.json").read_text())
+    assert structure["model"]["num_classes"] == 10 and structure["model"]["input_shape"] == [1, 3, 16, 16]
+    assert json.loads((out / "summary.json").read_text())["params_after"] < 78042
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def _one_error_line(capsys) -> str:
     captured = capsys.readouterr()
