@@ -57,7 +57,7 @@ def _extension():
                    "csrc/batchnorm/running_stats_cpu.cpp"]
     cuda_sources = ["csrc/gather/channel_gather_cuda.cu", "csrc/batchnorm/running_stats_cuda.cu"]
     macros = [("PYPRUNE_PYTHON_EXTENSION", None)]
-    cxx_flags = ["-O3", "-fvisibility=hidden"]  # cpp_extension picks the C++ standard torch needs
+    cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]  # cpp_extension picks the C++ standard torch needs
     common = dict(name="pyprune._C", include_dirs=[str(ROOT / "csrc" / "include")])
     if _with_cuda():
         print(f"pyprune: building CPU + CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME}, "

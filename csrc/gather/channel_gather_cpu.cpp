@@ -21,6 +21,14 @@ int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
 }
 
+// Copies one kh*kw block. Blocks are short (1..49 elements), where an inlined loop beats a memmove call.
+template <typename T>
+inline void copy_block(const T* src, T* dst, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) {
+    dst[e] = src[e];
+  }
+}
+
 // Contiguous int64 view of an optional index (nullptr when absent). `holder` keeps a copy alive if one was needed.
 const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
   if (!present) {
@@ -50,16 +58,17 @@ void gather_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t
         }
       } else {
         for (int64_t k = 0; k < geo.cols; ++k) {
-          std::copy_n(src_row + cols[k] * block, block, dst_row + k * block);
+          copy_block(src_row + cols[k] * block, dst_row + k * block, block);
         }
       }
     }
   });
 }
 
+// Each full row is zero-filled and then receives its compact blocks while it is still in cache, so the output is
+// streamed once. Rows come from the inverse row map (full row -> compact row or -1); columns use the forward index.
 template <typename T>
-void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t* inverse_out,
-                  const int64_t* inverse_in) {
+void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t* inverse_out, const int64_t* in) {
   const int64_t block = geo.block_elems();
   const int64_t full_row_elems = geo.full_blocks_per_row() * block;
   const int64_t compact_row_elems = geo.compact_blocks_per_row() * block;
@@ -72,17 +81,19 @@ void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_
         continue;
       }
       const T* src_row = src + r * compact_row_elems;
-      if (inverse_in == nullptr) {
+      if (in == nullptr) {
         std::copy_n(src_row, full_row_elems, dst_row);
         continue;
       }
-      const int64_t* compact_col = inverse_in + (r / geo.rows_per_group) * geo.full_cols;
-      for (int64_t i = 0; i < geo.full_cols; ++i) {
-        const int64_t c = compact_col[i];
-        if (c < 0) {
-          std::fill_n(dst_row + i * block, block, T{});
-        } else {
-          std::copy_n(src_row + c * block, block, dst_row + i * block);
+      std::fill_n(dst_row, full_row_elems, T{});
+      const int64_t* cols = in + (r / geo.rows_per_group) * geo.cols;
+      if (block == 1) {
+        for (int64_t k = 0; k < geo.cols; ++k) {
+          dst_row[cols[k]] = src_row[k];
+        }
+      } else {
+        for (int64_t k = 0; k < geo.cols; ++k) {
+          copy_block(src_row + k * block, dst_row + cols[k] * block, block);
         }
       }
     }
@@ -117,27 +128,21 @@ at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::T
   const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
   const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
 
-  // Inverse maps, full channel -> compact position or -1; small (channel counts), built serially.
-  std::vector<int64_t> inverse_out, inverse_in;
+  // Inverse row map, full row -> compact row or -1 (small: one entry per channel), built serially.
+  std::vector<int64_t> inverse_out;
   if (out) {
     check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_scatter", "out_idx");
     inverse_out.assign(geo.full_rows, -1);
     for (int64_t r = 0; r < geo.rows; ++r) inverse_out[out[r]] = r;
   }
-  if (in) {
-    check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_scatter", "in_idx");
-    inverse_in.assign(geo.groups * geo.full_cols, -1);
-    for (int64_t g = 0; g < geo.groups; ++g) {
-      for (int64_t k = 0; k < geo.cols; ++k) inverse_in[g * geo.full_cols + in[g * geo.cols + k]] = k;
-    }
-  }
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_scatter", "in_idx");
 
   const at::Tensor src = grad.contiguous();
   at::Tensor result = at::empty(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
     using T = decltype(tag);
     scatter_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
-                    out ? inverse_out.data() : nullptr, in ? inverse_in.data() : nullptr);
+                    out ? inverse_out.data() : nullptr, in);
   });
   return result;
 }
