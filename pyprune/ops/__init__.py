@@ -1,0 +1,14 @@
+"""DynamicOps: torch layers that compute with a selected subset of their channels, and export to plain layers.
+
+See docs/ARCHITECTURE.md ("pyprune.ops") for the contract and ``base.DynamicChannelMixin`` for the shared state.
+"""
+from .base import DynamicChannelMixin
+from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
+from .conv import DynamicConv2d
+from .groupnorm import DynamicGroupNorm
+from .layernorm import DynamicLayerNorm
+from .linear import DynamicLinear
+from .registry import DYNAMIC_OPS, to_dynamic
+
+__all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
+           "DynamicLayerNorm", "DynamicGroupNorm", "DYNAMIC_OPS", "to_dynamic"]

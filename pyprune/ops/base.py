@@ -1,0 +1,341 @@
+"""DynamicChannelMixin: the channel selection state every DynamicOp carries, and what it shares.
+
+A DynamicOp is a subclass of the torch layer it replaces (``DynamicConv2d(DynamicChannelMixin, nn.Conv2d)``) that
+holds the same full-size parameters and computes with only the selected ("active") channels:
+
+* ``out_index`` / ``in_index``: sorted, unique int64 ``[K]`` on the layer's device, or ``None`` = every channel;
+* ``active_out_channels`` / ``active_in_channels``: ``K`` as a Python int (read without a device sync);
+* a version number, bumped on every change (keys the eval-mode compact-weight cache).
+
+The input of ``forward`` already has only the active input channels (as in mmrazor): a conv pruned to 3 of 8 input
+channels takes ``x`` ``[N, 3, H, W]``. Selections come in through two doors: the validated public
+``set_out_channels`` / ``set_in_channels`` (ratio, count, mask or indices; may sync) and the trusted
+``set_out_index`` / ``set_in_index`` units use (no validation, no sync).
+"""
+import copy
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..errors import ChannelSelectionError, ConfigError
+from .selection import check_index, choice_to_index
+
+__all__ = ["DynamicChannelMixin"]
+
+_EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for get_extra_state() in a state_dict
+
+
+class DynamicChannelMixin:
+    """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
+
+    Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
+    per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them) and
+    implement ``_full_channels``, ``_channel_dims`` and ``_static_module``; grouped layers override
+    ``_groups_of`` and single-selection layers (norms, depthwise conv) return True from ``_one_selection``.
+    """
+
+    _torch_type: type = nn.Module
+    _channel_tensors: Tuple[str, ...] = ("weight", "bias")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_selection()
+
+    @classmethod
+    def convert_from(cls, module: nn.Module) -> "DynamicChannelMixin":
+        """A ``cls`` sharing ``module``'s Parameter / buffer objects, hooks and settings; every channel active.
+
+        ``module`` is left untouched (the new op has its own registries, so swapping it into a model does not
+        change the old module).
+        """
+        if not isinstance(module, cls._torch_type):
+            raise ConfigError(f"{cls.__name__}.convert_from expects an {cls._torch_type.__name__}, got "
+                              f"{type(module).__name__}")
+        cls._check_convertible(module)
+        op = cls.__new__(cls)
+        for key, value in module.__dict__.items():
+            object.__setattr__(op, key, copy.copy(value) if isinstance(value, dict) else value)
+        op._init_selection()
+        return op
+
+    @classmethod
+    def _check_convertible(cls, module: nn.Module) -> None:
+        """Raise ConfigError when ``module`` has a configuration this op cannot run (e.g. LayerNorm over 2 dims)."""
+
+    @classmethod
+    def can_convert(cls, module: nn.Module) -> bool:
+        try:
+            cls._check_convertible(module)
+        except ConfigError:
+            return False
+        return True
+
+    def _init_selection(self) -> None:
+        full_out, full_in = self._full_channels()
+        self._out_index: Optional[Tensor] = None
+        self._in_index: Optional[Tensor] = None
+        self._active_out, self._active_in = full_out, full_in
+        self._selection_version = 0
+        self._eval_cache = None
+        self._after_selection_change()
+
+    # ------------------------------------------------------------------------------------------- what subclasses say
+    def _full_channels(self) -> Tuple[int, int]:
+        """(output channels, input channels) of the full layer."""
+        raise NotImplementedError
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        """(dim of ``x`` that holds the input channels, a word for the error message)."""
+        raise NotImplementedError
+
+    def _static_module(self) -> nn.Module:
+        """The plain ``_torch_type`` layer with the active channel counts, built on the meta device."""
+        raise NotImplementedError
+
+    def _one_selection(self) -> bool:
+        """True when in and out channels are one and the same selection (norms, depthwise conv)."""
+        return False
+
+    def _groups_of(self, is_output: bool) -> int:
+        """Number of equal channel blocks a selection of that side must keep balanced (1 = no constraint)."""
+        return 1
+
+    def _kernel_indices(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(out index, in index) as ``gather_channels`` takes them for the weight."""
+        return self._out_index, self._in_index
+
+    def _after_selection_change(self) -> None:
+        """Derive whatever the op computes from the selection (e.g. a grouped conv's per-group in index)."""
+
+    # ----------------------------------------------------------------------------------------------- selection state
+    @property
+    def pyprune_name(self) -> str:
+        """The layer's name in error messages: its module path when the mutator set it, else the class name."""
+        return self.__dict__.get("_pyprune_name") or type(self).__name__
+
+    @pyprune_name.setter
+    def pyprune_name(self, name: str) -> None:
+        self.__dict__["_pyprune_name"] = name
+
+    @property
+    def out_index(self) -> Optional[Tensor]:
+        return self._out_index
+
+    @property
+    def in_index(self) -> Optional[Tensor]:
+        """Global input channel index (a grouped conv keeps its per-group local form to itself)."""
+        return self._out_index if self._one_selection() else self._in_index
+
+    @property
+    def active_out_channels(self) -> int:
+        return self._active_out
+
+    @property
+    def active_in_channels(self) -> int:
+        return self._active_out if self._one_selection() else self._active_in
+
+    @property
+    def selection_version(self) -> int:
+        return self._selection_version
+
+    def set_out_index(self, index: Optional[Tensor]) -> None:
+        """Trusted: select output channels by a sorted, unique int64 global ``index`` on the layer's device, or
+        ``None`` for all. Not validated and never synchronises (units guarantee the index is sound)."""
+        full_out = self._full_channels()[0]
+        if index is not None and index.shape[0] == full_out:
+            index = None  # a sorted unique in-range index of full length can only be arange: skip the gathers
+        self._check_group_count(index, True)
+        self._out_index = index
+        self._active_out = full_out if index is None else index.shape[0]
+        self._selection_changed()
+
+    def set_in_index(self, index: Optional[Tensor]) -> None:
+        """Trusted: as :meth:`set_out_index`, for the input channels (the same selection on single-selection ops)."""
+        if self._one_selection():
+            self.set_out_index(index)
+            return
+        full_in = self._full_channels()[1]
+        if index is not None and index.shape[0] == full_in:
+            index = None
+        self._check_group_count(index, False)
+        self._in_index = index
+        self._active_in = full_in if index is None else index.shape[0]
+        self._selection_changed()
+
+    def set_out_channels(self, choice) -> None:
+        """Validated: keep the output channels ``choice`` names (ratio float in (0, 1], count int, bool mask
+        ``[C_out]`` or indices). Bad input raises ChannelSelectionError naming the layer; nothing changes."""
+        self.set_out_index(self._choice_to_index(choice, True))
+
+    def set_in_channels(self, choice) -> None:
+        """Validated: as :meth:`set_out_channels`, for the input channels."""
+        self.set_in_index(self._choice_to_index(choice, False))
+
+    def _choice_to_index(self, choice, is_output: bool) -> Optional[Tensor]:
+        num_channels = self._full_channels()[0 if is_output or self._one_selection() else 1]
+        return choice_to_index(choice, num_channels, self._groups_of(is_output), self._device(),
+                               self._where(is_output))
+
+    def _check_group_count(self, index: Optional[Tensor], is_output: bool) -> None:
+        """The static half of the balance rule (a shape check, no sync); units guarantee the rest."""
+        groups = self._groups_of(is_output)
+        if index is not None and index.shape[0] % groups:
+            raise ChannelSelectionError(f"{self._where(is_output)}: {index.shape[0]} channels cannot be split "
+                                        f"evenly over the layer's {groups} groups")
+
+    def _selection_changed(self) -> None:
+        self._selection_version += 1
+        self._eval_cache = None
+        self._after_selection_change()
+
+    def _where(self, is_output: bool) -> str:
+        side = "" if self._one_selection() else (" output channels" if is_output else " input channels")
+        return f"{self.pyprune_name} ({type(self).__name__}){side}"
+
+    def _device(self) -> Optional[torch.device]:
+        """Where indices must live: the device of the layer's tensors (None when it holds none)."""
+        for tensor in self._parameters.values():
+            if tensor is not None:
+                return tensor.device
+        for tensor in self._buffers.values():
+            if tensor is not None:
+                return tensor.device
+        return None
+
+    # -------------------------------------------------------------------------------------------------- forward help
+    def _check_input(self, x: Tensor) -> None:
+        """Static shape check (no sync): the input must carry exactly the active input channels."""
+        dim, word = self._channel_dims(x)
+        if x.shape[dim] != self.active_in_channels:
+            raise ChannelSelectionError(
+                f"{self.pyprune_name} ({type(self).__name__}): input has {x.shape[dim]} {word} (dim {dim}), but the "
+                f"layer's active input channels are {self.active_in_channels} of {self._full_channels()[1]}")
+
+    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
+        """Fresh compact copies of ``_channel_tensors`` (the full tensors themselves when nothing is pruned)."""
+        out_index, in_index = self._kernel_indices()
+        compact = []
+        for name in self._channel_tensors:
+            tensor = getattr(self, name)
+            if tensor is None or (out_index is None and in_index is None):
+                compact.append(tensor)
+            else:
+                compact.append(kernels.gather_channels(tensor, out_index, in_index if tensor.dim() > 1 else None))
+        return tuple(compact)
+
+    def _compact_tensors(self) -> Tuple[Optional[Tensor], ...]:
+        """``_gather_compact()``, served from a cache in eval mode when no gradient is needed.
+
+        The cache key is (selection version, each source tensor's identity and ``_version``, device, dtype), so an
+        in-place update (optimizer step, ``load_state_dict``, ``copy_`` under no_grad) or a new selection
+        invalidates it. Writes through ``tensor.data`` bypass autograd's version counter: call
+        :meth:`clear_cache` after those. Training and ``torch.compile`` always gather (the compiled graph owns it).
+        """
+        if self.training or torch.compiler.is_compiling():
+            return self._gather_compact()
+        sources = tuple(getattr(self, name) for name in self._channel_tensors)
+        live = [t for t in sources if t is not None]
+        if not live or (torch.is_grad_enabled() and any(t.requires_grad for t in live)):
+            return self._gather_compact()
+        try:
+            versions = tuple(t._version for t in live)
+        except RuntimeError:  # inference tensors have no version counter: never cache them
+            return self._gather_compact()
+        key = (self._selection_version, versions, live[0].device, live[0].dtype)
+        cache = self._eval_cache
+        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], sources)):
+            return cache[2]
+        compact = self._gather_compact()
+        self._eval_cache = (key, sources, compact)
+        return compact
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode compact-weight cache (needed only after writing weights through ``.data``)."""
+        self._eval_cache = None
+
+    def _apply(self, fn, *args, **kwargs):
+        """Keep the indices on the layer's device through ``.to()`` / ``.cuda()`` / ``.half()`` ..."""
+        result = super()._apply(fn, *args, **kwargs)
+        self._out_index = self._moved(self._out_index, fn)
+        self._in_index = self._moved(self._in_index, fn)
+        self._eval_cache = None
+        self._after_selection_change()
+        return result
+
+    def _moved(self, index: Optional[Tensor], fn) -> Optional[Tensor]:
+        if index is None:
+            return None
+        device = self._device()
+        if device is None:
+            moved = fn(index)
+            device = moved.device if isinstance(moved, Tensor) else index.device
+        return index if index.device == device else index.to(device)
+
+    # ------------------------------------------------------------------------------------------------------- export
+    def export(self) -> nn.Module:
+        """The plain torch layer (exact type ``_torch_type``) with compact copies of every parameter and buffer
+        and the active channel counts; in the same train / eval mode. The DynamicOp is left unchanged."""
+        with torch.no_grad():
+            state = dict(zip(self._channel_tensors, self._gather_compact()))
+            for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
+                if tensor is None:
+                    continue
+                if name not in state:
+                    state[name] = tensor
+                if state[name] is tensor:  # unpruned or channel-free (num_batches_tracked): copy it all the same
+                    state[name] = tensor.detach().clone()
+        static = self._static_module()
+        static.load_state_dict(state, assign=True)
+        for name, parameter in self._parameters.items():
+            if parameter is not None:
+                getattr(static, name).requires_grad_(parameter.requires_grad)
+        return static.train(self.training)
+
+    def _bias_kwargs(self) -> Dict[str, bool]:
+        """``bias=False`` for a norm with an affine weight but no bias (the keyword only exists in newer torch)."""
+        return {"bias": False} if self.weight is not None and self.bias is None else {}
+
+    def to_static_op(self) -> nn.Module:
+        """Alias of :meth:`export` (mmrazor's name)."""
+        return self.export()
+
+    # ------------------------------------------------------------------------------------------------- state_dict
+    def get_extra_state(self) -> Dict[str, Optional[Tensor]]:
+        """The selection, stored in ``state_dict`` as plain tensors (loads with ``torch.load(weights_only=True)``)."""
+        return {"out_index": self._out_index, "in_index": None if self._one_selection() else self._in_index}
+
+    def set_extra_state(self, state) -> None:
+        """Restore a selection saved by :meth:`get_extra_state` (validated; moved to the layer's device)."""
+        if not isinstance(state, dict) or set(state) != {"out_index", "in_index"}:
+            raise ChannelSelectionError(f"{self.pyprune_name} ({type(self).__name__}): the state_dict's channel "
+                                        f"selection is malformed: {state!r}")
+        indices = {}
+        for key, is_output in (("out_index", True), ("in_index", False)):
+            index = state[key]
+            if index is not None:
+                if not isinstance(index, Tensor):
+                    raise ChannelSelectionError(f"{self._where(is_output)}: saved {key} is not a tensor")
+                side = 0 if is_output or self._one_selection() else 1
+                index = check_index(index.to(self._device() or index.device), self._full_channels()[side],
+                                    self._groups_of(is_output), self._where(is_output))
+            indices[key] = index
+        self.set_out_index(indices["out_index"])
+        if not self._one_selection():
+            self.set_in_index(indices["in_index"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A state_dict without a selection (e.g. from the plain layer) loads too and keeps the current one."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + _EXTRA_STATE_KEY
+        if key not in state_dict and key in missing_keys:
+            missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        active = f"active_out={self.active_out_channels}"
+        if not self._one_selection():
+            active = f"active_in={self.active_in_channels}, {active}"
+        return f"{super().extra_repr()}, {active}"

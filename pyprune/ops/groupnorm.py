@@ -1,0 +1,42 @@
+"""DynamicGroupNorm: nn.GroupNorm over the active channels, keeping ``num_groups``."""
+from typing import Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import DynamicChannelMixin
+
+__all__ = ["DynamicGroupNorm"]
+
+
+class DynamicGroupNorm(DynamicChannelMixin, nn.GroupNorm):
+    """``nn.GroupNorm`` over the active channels: x ``[N, K, *]``, ``num_groups`` unchanged.
+
+    A selection must keep the same number of channels in each of the ``num_groups`` groups, so that every
+    active channel is normalised with the same companions as in the full layer (a ratio / count keeps the first
+    ``K / num_groups`` channels of each group). One selection (in == out).
+    """
+
+    _torch_type = nn.GroupNorm
+    _channel_tensors = ("weight", "bias")
+
+    def _full_channels(self) -> Tuple[int, int]:
+        return self.num_channels, self.num_channels
+
+    def _one_selection(self) -> bool:
+        return True
+
+    def _groups_of(self, is_output: bool) -> int:
+        return self.num_groups
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        return 1, "channels"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        weight, bias = self._compact_tensors()
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+    def _static_module(self) -> nn.GroupNorm:
+        return nn.GroupNorm(self.num_groups, self.active_out_channels, self.eps, self.affine, device="meta",
+                            **self._bias_kwargs())

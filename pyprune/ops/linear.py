@@ -1,0 +1,31 @@
+"""DynamicLinear: nn.Linear over the active input / output features."""
+from typing import Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import DynamicChannelMixin
+
+__all__ = ["DynamicLinear"]
+
+
+class DynamicLinear(DynamicChannelMixin, nn.Linear):
+    """``nn.Linear`` computing only the selected features: x ``[*, K_in]`` -> ``[*, K_out]`` with the compact
+    weight ``[K_out, K_in]`` and bias ``[K_out]`` gathered from the full ones."""
+
+    _torch_type = nn.Linear
+    _channel_tensors = ("weight", "bias")
+
+    def _full_channels(self) -> Tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        return x.dim() - 1, "features"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        weight, bias = self._compact_tensors()
+        return F.linear(x, weight, bias)
+
+    def _static_module(self) -> nn.Linear:
+        return nn.Linear(self.active_in_channels, self.active_out_channels, self.bias is not None, device="meta")
