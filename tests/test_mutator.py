@@ -1,8 +1,7 @@
 """ChannelMutator: preparing, choices, configs, export and summary.
 
-On :class:`SmallNet` (from test_units) with its hand-written UnitSpecs standing in for the tracer until
-``pyprune.tracing`` lands (and the local DynamicOp stand-in until ``pyprune.ops`` lands); on torchvision models
-through the real tracer once it is there.
+On :class:`SmallNet` (from test_units) with its hand-written UnitSpecs in place of the tracer (so unit names are
+pinned), and on torchvision models through the real tracer.
 """
 import copy
 import importlib
@@ -44,9 +43,7 @@ def _hand_written_trace(real_trace):
 
 @pytest.fixture(autouse=True)
 def stand_ins(monkeypatch):
-    """Real ops where they have landed, the local stand-in otherwise; SmallNet always gets its hand-written specs."""
-    if not tu._ops_landed():
-        monkeypatch.setattr(unit_modules, "ops_package", lambda: tu._StandInOps)
+    """SmallNet always gets its hand-written specs; other models the real tracer (once it has landed)."""
     if _tracing_landed():
         tracing = importlib.import_module("pyprune.tracing")
         monkeypatch.setattr(tracing, "trace_channel_units", _hand_written_trace(tracing.trace_channel_units))
@@ -386,7 +383,7 @@ def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or not tu._ops_landed(), reason="needs a CUDA GPU and pyprune.ops")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("unit_type", ["SequentialMutableChannelUnit", "L1MutableChannelUnit",
                                        "BNScaleMutableChannelUnit"])
 def test_switching_choices_on_cuda_never_syncs(unit_type):

@@ -1,9 +1,7 @@
 """MutableChannelUnits and LayerIndexAssembler on a small hand-described conv net.
 
 The net has conv-bn-relu, a residual add, a concat, a depthwise conv, a grouped conv and flatten -> linear; its
-UnitSpecs are written by hand here so these tests do not depend on the tracer. ``pyprune.ops`` is used when it has
-landed; until then a minimal local stand-in with the same trusted interface (``set_out_index`` / ``set_in_index`` /
-``export``) takes its place.
+UnitSpecs are written by hand here so these tests do not depend on the tracer (the real ``pyprune.ops`` runs them).
 """
 import importlib
 import json
@@ -55,116 +53,10 @@ class _UnitSpec:
 ChannelRef, UnitSpec = _tracing_dataclasses() or (_ChannelRef, _UnitSpec)
 
 
-# ----------------------------------------------------------------------------- DynamicOps (real or local stand-in)
-def _ops_landed() -> bool:
-    try:
-        return hasattr(importlib.import_module("pyprune.ops"), "to_dynamic")
-    except ImportError:
-        return False
-
-
-class _StandInMixin:
-    """Just enough of the DynamicOp contract: global sorted indices, compact forward, export."""
-    out_index = None
-    in_index = None
-    pyprune_name = ""
-
-    def set_out_index(self, index):
-        self.out_index = index
-        self.calls = getattr(self, "calls", 0) + 1
-
-    def set_in_index(self, index):
-        self.in_index = index
-        self.calls = getattr(self, "calls", 0) + 1
-
-
-def _take(tensor, index, dim=0):
-    return tensor if index is None or tensor is None else tensor.index_select(dim, index)
-
-
-class _StandInConv2d(_StandInMixin, nn.Conv2d):
-    def _compact(self):
-        depthwise = self.groups == self.in_channels == self.out_channels and self.groups > 1
-        out_index = self.out_index if self.out_index is not None else (self.in_index if depthwise else None)
-        weight, groups = _take(self.weight, out_index), self.groups
-        if depthwise:
-            groups = weight.shape[0]
-        elif self.in_index is not None and groups == 1:
-            weight = weight.index_select(1, self.in_index)
-        elif self.in_index is not None:
-            per_group = self.in_channels // groups
-            local = self.in_index.view(groups, -1) - torch.arange(groups).unsqueeze(1) * per_group
-            rows = weight.shape[0] // groups
-            weight = torch.cat([weight[g * rows:(g + 1) * rows].index_select(1, local[g]) for g in range(groups)])
-        return weight, _take(self.bias, out_index), groups
-
-    def forward(self, x):
-        weight, bias, groups = self._compact()
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
-
-    def export(self):
-        weight, bias, groups = self._compact()
-        conv = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], self.kernel_size, self.stride, self.padding,
-                         self.dilation, groups, bias is not None)
-        conv.weight.data.copy_(weight)
-        if bias is not None:
-            conv.bias.data.copy_(bias)
-        return conv
-
-
-class _StandInLinear(_StandInMixin, nn.Linear):
-    def _compact(self):
-        return _take(_take(self.weight, self.out_index), self.in_index, 1), _take(self.bias, self.out_index)
-
-    def forward(self, x):
-        return F.linear(x, *self._compact())
-
-    def export(self):
-        weight, bias = self._compact()
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
-        linear.weight.data.copy_(weight)
-        if bias is not None:
-            linear.bias.data.copy_(bias)
-        return linear
-
-
-class _StandInBatchNorm2d(_StandInMixin, nn.BatchNorm2d):
-    def forward(self, x):
-        index = self.out_index
-        return F.batch_norm(x, _take(self.running_mean, index), _take(self.running_var, index),
-                            _take(self.weight, index), _take(self.bias, index), False, 0.0, self.eps)
-
-    def export(self):
-        index = self.out_index
-        bn = nn.BatchNorm2d(self.num_features if index is None else len(index), self.eps, self.momentum)
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(bn, name).data.copy_(_take(getattr(self, name), index))
-        return bn.eval()
-
-
-class _StandInOps:
-    DynamicChannelMixin = _StandInMixin
-    _TYPES = {nn.Conv2d: _StandInConv2d, nn.Linear: _StandInLinear, nn.BatchNorm2d: _StandInBatchNorm2d}
-
-    @classmethod
-    def to_dynamic(cls, module):
-        dynamic_type = cls._TYPES.get(type(module))
-        if dynamic_type is None:
-            return None
-        dynamic = dynamic_type.__new__(dynamic_type)
-        dynamic.__dict__ = dict(module.__dict__)  # shares parameters, buffers and hooks, as convert_from does
-        dynamic._parameters = dict(module._parameters)
-        dynamic._buffers = dict(module._buffers)
-        return dynamic
-
-
-@pytest.fixture(autouse=True)
-def ops(monkeypatch):
-    """The real ``pyprune.ops`` once it has landed, the local stand-in until then."""
-    if _ops_landed():
-        return importlib.import_module("pyprune.ops")
-    monkeypatch.setattr(unit_modules, "ops_package", lambda: _StandInOps)
-    return _StandInOps
+# ----------------------------------------------------------------------------------------------------- DynamicOps
+@pytest.fixture
+def ops():
+    return importlib.import_module("pyprune.ops")
 
 
 def export_model(model: nn.Module, ops) -> nn.Module:
@@ -666,12 +558,11 @@ def test_prefix_unit_with_an_unchanged_count_touches_no_layer():
     model, units = prepared_small_net()
     unit = units["conv0_(0, 8)_8"]
     unit.current_choice = 0.5
-    version = unit.version
-    calls = model.conv2.calls if hasattr(model.conv2, "calls") else None
+    version, layer_version = unit.version, model.conv2.selection_version
     unit.current_choice = 0.5
-    assert unit.version == version
-    if calls is not None:
-        assert model.conv2.calls == calls
+    assert unit.version == version and model.conv2.selection_version == layer_version
+    unit.current_choice = 0.25
+    assert model.conv2.selection_version > layer_version
 
 
 @pytest.mark.parametrize("unit_type", [SequentialMutableChannelUnit, L1MutableChannelUnit])
