@@ -148,6 +148,14 @@ def test_update_running_stats_touches_only_indexed_entries(backend, compact_dtyp
     assert torch.equal(running_mean[idx], mean.float()) and torch.equal(running_var[idx], var.float())
 
 
+def test_update_running_stats_bumps_version_counters(backend):
+    """Like aten in-place ops: caches keyed by tensor._version (DynamicOps in eval mode) must see the change."""
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    versions = running_mean._version, running_var._version
+    kernels.update_running_stats_(running_mean, running_var, index([2]), torch.ones(1), torch.ones(1))
+    assert running_mean._version > versions[0] and running_var._version > versions[1]
+
+
 # ------------------------------------------------------------------------------------------------- torch.compile
 def test_compile_fullgraph_has_no_graph_break(backend):
     from torch._dynamo.testing import CompileCounterWithBackend

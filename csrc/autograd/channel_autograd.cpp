@@ -1,4 +1,5 @@
-// Autograd kernels of pyprune::channel_gather and pyprune::channel_scatter (the Autograd dispatch key).
+// Autograd-layer kernels of the pyprune ops: autograd for channel_gather / channel_scatter (Autograd key), and the
+// version-counter bump of the in-place update_running_stats_ (ADInplaceOrView key).
 //
 // Each is the other's backward: d/dw gather(w) = scatter(grad) and d/dgrad scatter(grad) = gather(grad). Both
 // backwards call back into the dispatcher, so the graph they record is differentiable again (double backward).
@@ -6,6 +7,7 @@
 // call's path, grad or not; these ops run in every layer forward (see docs/ARCHITECTURE.md for the numbers).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace pyprune {
@@ -83,10 +85,30 @@ at::Tensor channel_scatter_autograd(const at::Tensor& grad, const OptionalTensor
   return ChannelScatter::apply(grad, out_idx, in_idx, full_shape);
 }
 
+// In-place ops must bump the version counters of what they mutate, as aten's in-place ops do: autograd uses them to
+// catch stale saved tensors, and caches keyed by tensor._version (DynamicOps in eval mode) rely on them.
+void update_running_stats_bump_versions(c10::DispatchKeySet keys, at::Tensor& running_mean, at::Tensor& running_var,
+                                        const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& var) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyprune::update_running_stats_", "")
+                             .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&)>();
+  {
+    const at::AutoDispatchBelowADInplaceOrView below_inplace_or_view;
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, running_mean, running_var, idx, mean, var);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+}
+
 }  // namespace
 }  // namespace pyprune
 
 TORCH_LIBRARY_IMPL(pyprune, Autograd, m) {
   m.impl("channel_gather", &pyprune::channel_gather_autograd);
   m.impl("channel_scatter", &pyprune::channel_scatter_autograd);
+}
+
+TORCH_LIBRARY_IMPL(pyprune, ADInplaceOrView, m) {
+  m.impl("update_running_stats_", &pyprune::update_running_stats_bump_versions);
 }
