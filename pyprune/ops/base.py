@@ -51,8 +51,8 @@ class DynamicChannelMixin:
         change the old module).
         """
         if not isinstance(module, cls._torch_type):
-            raise ConfigError(f"{cls.__name__}.convert_from expects an {cls._torch_type.__name__}, got "
-                              f"{type(module).__name__}")
+            raise ConfigError(f"{cls.__name__}.convert_from: expected an nn.{cls._torch_type.__name__} (or a "
+                              f"subclass), got {type(module).__name__}")
         cls._check_convertible(module)
         op = cls.__new__(cls)
         for key, value in module.__dict__.items():
@@ -278,7 +278,7 @@ class DynamicChannelMixin:
         """The plain torch layer (exact type ``_torch_type``) with compact copies of every parameter and buffer
         and the active channel counts; in the same train / eval mode. The DynamicOp is left unchanged."""
         with torch.no_grad():
-            state = dict(zip(self._channel_tensors, self._gather_compact()))
+            state = {name: t for name, t in zip(self._channel_tensors, self._gather_compact()) if t is not None}
             for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
                 if tensor is None:
                     continue
