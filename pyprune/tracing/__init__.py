@@ -1,0 +1,47 @@
+"""Parse a model into coupled channel groups (UnitSpecs): torch.fx first, a recorded real forward as fallback."""
+from typing import Iterable, List, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .capture import capture, fx_capture, forward_capture, is_prunable_layer
+from .propagate import ChannelPropagation
+from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
+
+TRACERS = ("auto", "fx", "torch_function")
+
+__all__ = ["trace_channel_units", "ChannelRef", "UnitSpec", "PruningTraceWarning", "is_prunable_layer", "TRACERS"]
+
+
+def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence[Tensor]], *,
+                        fixed: Iterable[str] = (), strict: bool = False, tracer: str = "auto") -> List[UnitSpec]:
+    """Find the groups of coupled channels of ``model``.
+
+    Args:
+        model: any ``nn.Module``; it is not modified (its buffers may see one forward pass).
+        example_inputs: a tensor (e.g. ``[1, 3, H, W]``) or a tuple of the model's positional inputs.
+        fixed: module names whose input and output channels must not be pruned (submodules included).
+        strict: raise :class:`~pyprune.errors.UntraceableOpError` on an op that cannot be mapped instead of
+            fixing the groups it touches with a :class:`PruningTraceWarning`.
+        tracer: "fx", "torch_function" (record a real forward) or "auto" (fx, falling back to the recording).
+
+    Returns:
+        one :class:`UnitSpec` per channel group that touches a prunable layer, in graph order; groups that must
+        keep all their channels (model input / output, unmappable ops, ``fixed``) have ``fixed=True`` and a reason.
+    """
+    if tracer not in TRACERS:
+        raise ConfigError(f"unknown tracer {tracer!r}; known: {list(TRACERS)}")
+    fixed = list(fixed)
+    known = {name for name, _ in model.named_modules()}
+    missing = [name for name in fixed if name not in known]
+    if missing:
+        raise ConfigError(f"fixed: the model has no modules named {missing}")
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    graph, note = capture(model, inputs, tracer)
+    if note:
+        warn_untraceable(note)
+    propagation = ChannelPropagation(model, strict=strict)
+    propagation.run(graph)
+    propagation.fix_modules(graph, fixed)
+    return propagation.table.specs()

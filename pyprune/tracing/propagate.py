@@ -1,0 +1,457 @@
+"""Walk a captured graph and work out which channels are coupled.
+
+Every tensor value gets a :class:`ChannelSpace` (or None: no prunable channels, e.g. a constant or the output of an
+op we cannot map). Conv / Linear outputs start a new group; norms, activations, pooling and other shape-keeping ops
+pass the space on; elementwise ops merge the groups they combine; cat / split / getitem / reshape / permute move,
+slice or expand segments. Whatever we cannot map fixes the groups it touches, so no pruned shape can go wrong.
+"""
+import math
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import UntraceableOpError
+from .capture import is_prunable_layer
+from .channel_space import ChannelSpace, GroupTable, Segment, merge_adjacent, slice_space
+from .spec import ChannelRef, warn_untraceable
+
+ELEMENTWISE = {"add", "iadd", "add_", "sub", "isub", "sub_", "rsub", "mul", "imul", "mul_", "truediv", "itruediv",
+               "div", "div_", "maximum", "minimum", "where"}
+CONCAT = {"cat", "concat", "concatenate"}
+RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "Flatten", "Unflatten", "view_as",
+           "reshape_as"}
+PERMUTE = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t"}
+SPLIT = {"chunk", "split", "tensor_split", "split_with_sizes"}
+REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"}
+NO_TENSOR = {"size", "dim", "numel", "getattr"}
+
+
+def _name(node: torch.fx.Node, model: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(model.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
+    if node.target is operator.getitem:
+        return "getitem"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _shapes(node) -> Any:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):  # fx's TensorMetadata is itself a NamedTuple: test for it first
+        return meta.shape
+    if isinstance(meta, (tuple, list)):
+        return tuple(m.shape if m is not None and hasattr(m, "shape") else None for m in meta)
+    return None
+
+
+def _flat_nodes(value) -> List[torch.fx.Node]:
+    out = []
+    torch.fx.node.map_arg(value, lambda n: out.append(n) or n)
+    return out
+
+
+class ChannelPropagation:
+    """Assigns channel spaces to graph nodes and records coupled groups in a :class:`GroupTable`."""
+
+    def __init__(self, model: nn.Module, strict: bool = False):
+        self.model, self.strict = model, strict
+        self.table = GroupTable()
+        self.spaces: Dict[torch.fx.Node, Any] = {}
+        self.notes: List[str] = []
+
+    # ---- driving -------------------------------------------------------------------------------------------
+    def run(self, graph: torch.fx.Graph) -> GroupTable:
+        for node in graph.nodes:
+            self.spaces[node] = self._visit(node)
+        return self.table
+
+    def _visit(self, node: torch.fx.Node):
+        if node.op == "placeholder":
+            shape = _shapes(node)
+            if not isinstance(shape, torch.Size) or len(shape) < 2:
+                return None
+            return self._new_space(shape[1], 1, len(shape), "model input")
+        if node.op == "get_attr":
+            return None
+        if node.op == "output":
+            for space in self._spaces_in(node.args):
+                self._fix_space(space, "model output")
+            return None
+        name = _name(node, self.model)
+        if node.op == "call_module":
+            module = self.model.get_submodule(node.target)
+            if is_prunable_layer(module):
+                return self._layer(node, module)
+            if any(True for _ in module.parameters(recurse=True)) or any(True for _ in module.buffers()):
+                return self._unknown(node, name)
+        if name == "getitem":
+            return self._getitem(node)
+        if isinstance(node.target, type) and issubclass(node.target, tuple):  # a NamedTuple of outputs
+            return tuple(self.spaces.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args)
+        if name in NO_TENSOR or _shapes(node) is None:
+            return self._no_tensor(node, name)
+        if name in ELEMENTWISE:
+            return self._elementwise(node, name)
+        if name in CONCAT:
+            return self._concat(node, name)
+        if name in RESHAPE:
+            return self._reshape(node, name)
+        if name in PERMUTE:
+            return self._permute(node, name)
+        if name in SPLIT:
+            return self._split(node, name)
+        if name in REDUCE:
+            return self._reduce(node, name)
+        return self._generic(node, name)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _new_space(self, size: int, dim: int, ndim: int, fixed_reason: str = "") -> ChannelSpace:
+        gid = self.table.new(size, fixed_reason)
+        return ChannelSpace(dim, ndim, (Segment(gid, 0, size),))
+
+    def _space(self, node) -> Optional[ChannelSpace]:
+        value = self.spaces.get(node) if isinstance(node, torch.fx.Node) else None
+        return value if isinstance(value, ChannelSpace) else None
+
+    def _spaces_in(self, args) -> List[ChannelSpace]:
+        out = []
+        for n in _flat_nodes(args):
+            value = self.spaces.get(n)
+            if isinstance(value, ChannelSpace):
+                out.append(value)
+            elif isinstance(value, (tuple, list)):
+                out += [v for v in value if isinstance(v, ChannelSpace)]
+        return out
+
+    def _fix_space(self, space: Optional[ChannelSpace], reason: str) -> None:
+        if space is not None:
+            for seg in space.segments:
+                self.table.fix(seg.gid, reason)
+
+    def _whole(self, seg: Segment) -> bool:
+        return seg.start == 0 and seg.end == self.table.size[self.table.find(seg.gid)]
+
+    def _where(self, node) -> str:
+        path = node.meta.get("module_path", "")
+        return f"op '{_name(node, self.model)}' (node {node.name}) in module '{path or '<top>'}'"
+
+    def _unknown(self, node, name: str, why: str = "") -> None:
+        spaces = self._spaces_in((node.args, node.kwargs))
+        if not spaces:
+            return None
+        path = node.meta.get("module_path", "") or (node.target if node.op == "call_module" else "")
+        message = (f"pyprune cannot map {self._where(node)} to channels{': ' + why if why else ''}; "
+                   f"the channel groups it touches are not pruned")
+        if self.strict:
+            raise UntraceableOpError(f"{message}. Exclude the module with fixed=['{path or node.name}'] "
+                                     f"or trace without strict=True")
+        if message not in self.notes:
+            self.notes.append(message)
+            warn_untraceable(message)
+        for space in spaces:
+            self._fix_space(space, f"{name} at {path or node.name}")
+        return None
+
+    def _fix_channel_sized_constants(self, node, out_ndim: int, tracked: Sequence[ChannelSpace]) -> None:
+        """An untracked operand with a channel-sized dim (a parameter such as layer_scale) pins the groups."""
+        for arg in _flat_nodes((node.args, node.kwargs)):
+            if self._space(arg) is not None or not isinstance(_shapes(arg), torch.Size):
+                continue
+            shape = _shapes(arg)
+            for space in tracked:
+                idx = space.dim + out_ndim - space.ndim - (out_ndim - len(shape))
+                if 0 <= idx < len(shape) and shape[idx] > 1:
+                    self._fix_space(space, f"channel-sized tensor {arg.name} used by {self._where(node)}")
+
+    def _merge_spaces(self, spaces: Sequence[ChannelSpace], why: str) -> None:
+        first = spaces[0]
+        for other in spaces[1:]:
+            if len(other.segments) == len(first.segments) and all(
+                    a.width == b.width and a.expand == b.expand and self._whole(a) and self._whole(b)
+                    for a, b in zip(first.segments, other.segments)):
+                for a, b in zip(first.segments, other.segments):
+                    self.table.union(a.gid, b.gid, why)
+            elif [(self.table.find(s.gid), s.start, s.end, s.expand) for s in other.segments] != \
+                    [(self.table.find(s.gid), s.start, s.end, s.expand) for s in first.segments]:
+                self._fix_space(first, why)
+                self._fix_space(other, why)
+
+    # ---- layers --------------------------------------------------------------------------------------------
+    def _layer_inputs(self, node, space: Optional[ChannelSpace], want_dim: int, is_output: bool):
+        """Add refs of the layer's channel ranges to the groups of ``space``; partial segments pin their group."""
+        if space is None:
+            return
+        if space.dim != want_dim:
+            self._fix_space(space, f"{node.target} reads channels on dim {space.dim}, expected {want_dim}")
+            return
+        offset = 0
+        for seg in space.segments:
+            if self._whole(seg):
+                self.table.add_ref(seg.gid, ChannelRef(node.target, offset, offset + seg.width, is_output,
+                                                       seg.expand))
+            else:
+                self.table.fix(seg.gid, f"only part of the group reaches {node.target}")
+            offset += seg.width
+
+    def _layer(self, node, module: nn.Module):
+        space = self._space(node.args[0]) if node.args else None
+        shape = _shapes(node)
+        ndim = len(shape)
+        if isinstance(module, nn.Conv2d):
+            return self._conv(node, module, space, ndim)
+        if isinstance(module, nn.Linear):
+            self._layer_inputs(node, space, ndim - 1 if space is None else space.ndim - 1, False)
+            return self._output_group(node, module.out_features, ndim - 1, ndim)
+        if isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                return self._unknown(node, "LayerNorm", "normalized over more than one dim")
+            self._layer_inputs(node, space, ndim - 1, True)
+            return space if space is not None and space.dim == ndim - 1 else None
+        if isinstance(module, nn.GroupNorm) and space is not None:
+            if len(space.segments) != 1 or not self._whole(space.segments[0]):
+                self._fix_space(space, f"GroupNorm {node.target} spans several channel groups")
+            else:
+                self.table.constrain_groups(space.segments[0].gid, module.num_groups)
+        self._layer_inputs(node, space, 1, True)  # batch / group norm: channels on dim 1
+        return space if space is not None and space.dim == 1 else None
+
+    def _conv(self, node, conv: nn.Conv2d, space: Optional[ChannelSpace], ndim: int):
+        depthwise = conv.groups == conv.in_channels == conv.out_channels
+        if depthwise:  # channel i in -> channel i out: one group passes through
+            self._layer_inputs(node, space, 1, False)
+            self._layer_inputs(node, space, 1, True)
+            return space if space is not None and space.dim == 1 else None
+        if conv.groups > 1:
+            if space is not None and (len(space.segments) != 1 or not self._whole(space.segments[0])
+                                      or conv.groups == conv.in_channels):
+                self._fix_space(space, f"grouped conv {node.target} input spans several groups")
+            elif space is not None:
+                self.table.constrain_groups(space.segments[0].gid, conv.groups)
+            self._layer_inputs(node, space, 1, False)
+            out = self._output_group(node, conv.out_channels, 1, ndim)
+            self.table.constrain_groups(out.segments[0].gid, conv.groups)
+            if conv.groups == conv.in_channels:  # depthwise with a channel multiplier: keep it whole
+                self._fix_space(out, f"depthwise conv {node.target} with a channel multiplier")
+            return out
+        self._layer_inputs(node, space, 1, False)
+        return self._output_group(node, conv.out_channels, 1, ndim)
+
+    def _output_group(self, node, size: int, dim: int, ndim: int) -> ChannelSpace:
+        out = self._new_space(size, dim, ndim)
+        self.table.add_ref(out.segments[0].gid, ChannelRef(node.target, 0, size, True))
+        return out
+
+    # ---- functions -----------------------------------------------------------------------------------------
+    def _no_tensor(self, node, name: str):
+        shape = _shapes(node)
+        if shape is not None and self._spaces_in((node.args, node.kwargs)):
+            return self._unknown(node, name)
+        return None
+
+    def _elementwise(self, node, name: str):
+        out_shape = _shapes(node)
+        if not isinstance(out_shape, torch.Size):
+            return self._unknown(node, name)
+        ndim = len(out_shape)
+        tracked = [s for s in (self._space(a) for a in _flat_nodes((node.args, node.kwargs))) if s is not None]
+        if not tracked:
+            return None
+        self._fix_channel_sized_constants(node, ndim, tracked)
+        dims = {s.dim + ndim - s.ndim for s in tracked}
+        if len(dims) != 1:
+            return self._unknown(node, name, "operands carry channels on different dims")
+        dim = dims.pop()
+        full = [s for s in tracked if s.width == out_shape[dim]]
+        for s in tracked:
+            if s.width != out_shape[dim]:  # a 1-channel map broadcast over the channels (spatial attention)
+                self._fix_space(s, f"broadcast by {self._where(node)}")
+        if not full:
+            return None
+        self._merge_spaces(full, f"{self._where(node)} couples channels of different sizes")
+        return full[0].with_dim(dim, ndim)
+
+    def _dim_arg(self, node, index: int, default=None):
+        if len(node.args) > index:
+            return node.args[index]
+        return node.kwargs.get("dim", node.kwargs.get("axis", default))
+
+    def _concat(self, node, name: str):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        out_shape = _shapes(node)
+        ndim = len(out_shape)
+        dim = self._dim_arg(node, 1, 0)
+        if not isinstance(dim, int):
+            return self._unknown(node, name)
+        dim %= ndim
+        tracked = [self._space(t) for t in tensors]
+        if not any(tracked):
+            return None
+        if all(s is None or s.dim != dim for s in tracked):  # cat along another dim: channels must agree
+            return self._elementwise(node, name) if all(tracked) else self._cat_other_dim(node, tracked, dim)
+        segments = []
+        for t, space in zip(tensors, tracked):
+            if space is None:  # an untracked piece (e.g. a constant) joins as a fixed group of its own
+                space = self._new_space(_shapes(t)[dim], dim, ndim, f"constant concatenated at {node.name}")
+            elif space.dim != dim:
+                return self._unknown(node, name, "pieces carry channels on different dims")
+            segments += space.segments
+        return ChannelSpace(dim, ndim, merge_adjacent(segments))
+
+    def _cat_other_dim(self, node, tracked, dim):
+        present = [s for s in tracked if s is not None]
+        ndim = len(_shapes(node))
+        self._fix_channel_sized_constants(node, ndim, present)
+        self._merge_spaces(present, f"{self._where(node)} concatenates different channel groups")
+        return present[0].with_dim(present[0].dim, ndim)
+
+    def _permute(self, node, name: str):
+        space = self._space(node.args[0])
+        if space is None:
+            return None
+        probe_shape = [1] * space.ndim
+        probe_shape[space.dim] = 2
+        probe = torch.zeros(probe_shape)
+        extra = tuple(a for a in node.args[1:])
+        try:  # replay the op on a probe whose only non-1 dim is the channel dim, and see where it lands
+            moved = getattr(probe, name)(*extra, **node.kwargs)
+        except Exception:
+            return self._unknown(node, name)
+        new_dim = list(moved.shape).index(2)
+        return space.with_dim(new_dim, moved.dim())
+
+    def _reshape(self, node, name: str):
+        space = self._space(node.args[0])
+        if space is None:
+            return None
+        in_shape, out_shape = _shapes(node.args[0]), _shapes(node)
+        c = space.dim
+        before = math.prod(in_shape[:c])
+        prefix = 1
+        for k, size in enumerate(out_shape):
+            if prefix == before:
+                if size == in_shape[c]:
+                    return space.with_dim(k, len(out_shape))
+                trailing = 1
+                for j in range(c + 1, len(in_shape)):
+                    trailing *= in_shape[j]
+                    if size == in_shape[c] * trailing:
+                        return space.expanded(trailing).with_dim(k, len(out_shape))
+            elif prefix > before:
+                break
+            prefix *= size
+        return self._unknown(node, name, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the channel dim")
+
+    def _split(self, node, name: str):
+        space = self._space(node.args[0])
+        shapes = _shapes(node)
+        if space is None:
+            return None
+        if not isinstance(shapes, tuple):
+            return self._unknown(node, name)
+        dim = self._dim_arg(node, 2, 0) if name != "chunk" else self._dim_arg(node, 2, 0)
+        if not isinstance(dim, int):
+            return self._unknown(node, name)
+        dim %= space.ndim
+        if dim != space.dim:
+            return tuple(space for _ in shapes)
+        pieces, offset = [], 0
+        for shape in shapes:
+            segments = slice_space(space, offset, offset + shape[dim])
+            if segments is None:
+                return self._unknown(node, name, "split inside a flattened channel")
+            pieces.append(ChannelSpace(dim, space.ndim, segments))
+            offset += shape[dim]
+        return tuple(pieces)
+
+    def _getitem(self, node):
+        source, index = node.args
+        value = self.spaces.get(source)
+        if isinstance(value, (tuple, list)):
+            return value[index] if isinstance(index, int) else None
+        space = self._space(source)
+        if space is None:
+            return None
+        items = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, torch.fx.Node) or not isinstance(i, (int, slice, type(None), type(Ellipsis)))
+               for i in items) or any(isinstance(getattr(i, a, None), torch.fx.Node) for i in items
+                                      if isinstance(i, slice) for a in ("start", "stop", "step")):
+            return self._unknown(node, "getitem", "indexing with tensors")
+        consumed = sum(1 for i in items if isinstance(i, (int, slice)))
+        expanded = []
+        for i in items:
+            expanded += [slice(None)] * (space.ndim - consumed) if i is Ellipsis else [i]
+        in_dim = out_dim = 0
+        for i in expanded:
+            if i is None:
+                out_dim += 1
+                continue
+            if in_dim == space.dim:
+                if isinstance(i, int):
+                    return self._unknown(node, "getitem", "selects single channels")
+                lo, hi, step = i.indices(space.width)
+                if step != 1:
+                    return self._unknown(node, "getitem", "strided channel slice")
+                if (lo, hi) == (0, space.width):
+                    return space.with_dim(out_dim, len(_shapes(node)))
+                segments = slice_space(space, lo, hi)
+                if segments is None:
+                    return self._unknown(node, "getitem", "slice inside a flattened channel")
+                return ChannelSpace(out_dim, len(_shapes(node)), segments)
+            in_dim += 1
+            out_dim += 0 if isinstance(i, int) else 1
+        return space.with_dim(out_dim + space.dim - in_dim, len(_shapes(node)))
+
+    def _reduce(self, node, name: str):
+        space = self._space(node.args[0])
+        if space is None:
+            return None
+        dims = self._dim_arg(node, 1)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if dims is None:
+            return None
+        dims = [d % space.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if space.dim in dims:  # reduced over channels: nothing channel-shaped is left
+            return None
+        shift = 0 if keepdim else sum(1 for d in dims if d < space.dim)
+        return space.with_dim(space.dim - shift, len(_shapes(node)))
+
+    def _generic(self, node, name: str):
+        """Ops we have no rule for: pass channels through when the op keeps the channel dim in place."""
+        out_shape = _shapes(node)
+        tracked = [s for s in (self._space(a) for a in _flat_nodes((node.args, node.kwargs))) if s is not None]
+        if not tracked:
+            return None
+        if not isinstance(out_shape, torch.Size):
+            return self._unknown(node, name)
+        if len(tracked) > 1:
+            shapes = {tuple(_shapes(a)) for a in _flat_nodes((node.args, node.kwargs)) if self._space(a)}
+            if shapes == {tuple(out_shape)}:
+                return self._elementwise(node, name)
+            return self._unknown(node, name)
+        space = tracked[0]
+        if len(out_shape) == space.ndim and out_shape[space.dim] == space.width:
+            self._fix_channel_sized_constants(node, len(out_shape), tracked)
+            return space
+        return self._unknown(node, name)
+
+    # ---- user-fixed modules --------------------------------------------------------------------------------
+    def fix_modules(self, graph: torch.fx.Graph, names: Iterable[str]) -> None:
+        """Pin the groups entering and leaving every node created by (or calling) the named modules."""
+        names = list(names)
+        if not names:
+            return
+        for node in graph.nodes:
+            paths = [node.meta.get("module_path", "")]
+            if node.op == "call_module":
+                paths.append(node.target)
+            hit = next((n for n in names for p in paths if p == n or p.startswith(n + ".")), None)
+            if hit is None:
+                continue
+            for space in self._spaces_in((node.args, node.kwargs)) + self._spaces_in(node):
+                self._fix_space(space, f"module '{hit}' is fixed by the user")
