@@ -235,19 +235,27 @@ class DynamicChannelMixin:
         """
         if self.training or torch.compiler.is_compiling():
             return self._gather_compact()
-        sources = tuple(getattr(self, name) for name in self._channel_tensors)
-        live = [t for t in sources if t is not None]
-        if not live or (torch.is_grad_enabled() and any(t.requires_grad for t in live)):
-            return self._gather_compact()
+        params, buffers = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow
+        sources = [params[name] if name in params else buffers.get(name) for name in self._channel_tensors]
+        key = [self._selection_version]
+        needs_grad = torch.is_grad_enabled()
         try:
-            versions = tuple(t._version for t in live)
+            for tensor in sources:
+                if tensor is not None:
+                    if needs_grad and tensor.requires_grad:
+                        return self._gather_compact()  # a cached compact tensor would carry a stale graph
+                    key += (id(tensor), tensor._version)
         except RuntimeError:  # inference tensors have no version counter: never cache them
             return self._gather_compact()
-        key = (self._selection_version, versions, live[0].device, live[0].dtype)
+        if len(key) == 1:
+            return self._gather_compact()  # nothing to gather (e.g. LayerNorm without affine)
+        first = next(tensor for tensor in sources if tensor is not None)
+        key += (first.device, first.dtype)
         cache = self._eval_cache
-        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], sources)):
+        if cache is not None and cache[0] == key:
             return cache[2]
         compact = self._gather_compact()
+        # the sources are held with the key so that their ids cannot be reused by other tensors meanwhile
         self._eval_cache = (key, sources, compact)
         return compact
 
