@@ -1,0 +1,172 @@
+"""Tracer unit tests on small hand-made models: each coupling rule, fixed groups, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyprune.errors import ConfigError, UntraceableOpError
+from pyprune.tracing import PruningTraceWarning, trace_channel_units
+
+
+def prunable(specs):
+    return [s for s in specs if not s.fixed]
+
+
+def refs(spec):
+    return {(r.name, r.start, r.end, r.is_output_channel, r.expand) for r in spec.output_related + spec.input_related}
+
+
+def unit_of(specs, name, is_output=True):
+    return next(s for s in specs if any(r.name == name and r.is_output_channel == is_output
+                                        for r in s.output_related + s.input_related))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + self.a(x)
+        x = F.adaptive_avg_pool2d(self.b(x), 4)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "torch_function"])
+def test_residual_add_couples_and_flatten_expands(tracer):
+    specs = trace_channel_units(Residual(), torch.randn(1, 3, 8, 8), tracer=tracer)
+    stream = unit_of(specs, "stem")
+    assert refs(stream) >= {("stem", 0, 8, True, 1), ("bn", 0, 8, True, 1), ("a", 0, 8, True, 1),
+                            ("a", 0, 8, False, 1), ("b", 0, 8, False, 1)}
+    assert not stream.fixed
+    head = unit_of(specs, "b")
+    assert ("fc", 0, 64, False, 16) in refs(head) and head.num_channels == 4
+    assert unit_of(specs, "fc").fixed and "model output" in unit_of(specs, "fc").reason
+    assert unit_of(specs, "stem", is_output=False).fixed  # the model's input channels
+
+
+class ConcatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Conv2d(3, 6, 1)
+        self.q = nn.Conv2d(3, 10, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.grouped = nn.Conv2d(16, 8, 1, groups=4)
+        self.r = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.dw(self.bn(torch.cat([self.p(x), self.q(x)], dim=1)))
+        left, right = torch.chunk(self.grouped(y), 2, dim=1)
+        return self.r(left).mean((2, 3)) + right.mean((2, 3))[:, :2]
+
+
+def test_concat_depthwise_grouped_and_chunk():
+    specs = trace_channel_units(ConcatSplit(), torch.randn(1, 3, 8, 8))
+    p, q = unit_of(specs, "p"), unit_of(specs, "q")
+    assert ("bn", 0, 6, True, 1) in refs(p) and ("bn", 6, 16, True, 1) in refs(q)
+    assert ("dw", 0, 6, False, 1) in refs(p) and ("dw", 6, 16, True, 1) in refs(q)
+    assert ("grouped", 6, 16, False, 1) in refs(q)
+    out = unit_of(specs, "grouped")
+    assert out.groups == 4 and out.fixed  # its halves go different ways (chunk), so it stays whole
+    assert "only part of the group" in out.reason
+
+
+class WithScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.scale = nn.Parameter(torch.ones(8, 1, 1))
+        self.other = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x) * self.scale) + 0 * self.other(x)[:, :2]
+
+
+def test_channel_sized_parameter_fixes_group():
+    specs = trace_channel_units(WithScale(), torch.randn(1, 3, 4, 4))
+    conv = unit_of(specs, "conv")
+    assert conv.fixed and "channel-sized tensor" in conv.reason
+    assert unit_of(specs, "other").fixed  # sliced to 2 channels: partial
+
+
+class Shuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(3, 6, 1)
+        self.d = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(y) + self.d(F.relu(self.c(x)))
+
+
+def test_channel_shuffle_is_fixed_with_warning_and_strict_raises():
+    model, x = Shuffle(), torch.randn(1, 3, 4, 4)
+    with pytest.warns(PruningTraceWarning, match="splits the channel dim"):
+        specs = trace_channel_units(model, x)
+    assert unit_of(specs, "a").fixed
+    assert not unit_of(specs, "c").fixed  # the untouched branch stays prunable
+    with pytest.raises(UntraceableOpError, match=r"view.*fixed=\["):
+        trace_channel_units(model, x, strict=True)
+
+
+def test_user_fixed_modules_and_unknown_name():
+    model, x = Residual(), torch.randn(1, 3, 8, 8)
+    specs = trace_channel_units(model, x, fixed=["b"])
+    assert unit_of(specs, "b").fixed and "fixed by the user" in unit_of(specs, "b").reason
+    assert unit_of(specs, "b", is_output=False).fixed  # b's input group too
+    with pytest.raises(ConfigError, match="no modules named"):
+        trace_channel_units(model, x, fixed=["nope"])
+    with pytest.raises(ConfigError, match="unknown tracer"):
+        trace_channel_units(model, x, tracer="magic")
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > -1e9:  # data-dependent control flow: fx cannot trace this
+            y = F.relu(y)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_auto_falls_back_to_recorded_forward():
+    model, x = DataDependent(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(Exception):
+        trace_channel_units(model, x, tracer="fx")
+    with pytest.warns(PruningTraceWarning, match="recorded a real forward"):
+        specs = trace_channel_units(model, x, tracer="auto")
+    unit = unit_of(specs, "conv")
+    assert not unit.fixed and ("fc", 0, 8, False, 1) in refs(unit)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121", "convnext_tiny"])
+def test_fx_and_recorded_forward_agree(name):
+    torchvision = pytest.importorskip("torchvision")
+    model, x = torchvision.models.get_model(name, weights=None), torch.randn(1, 3, 64, 64)
+    by_fx = [(s.num_channels, refs(s), s.fixed) for s in trace_channel_units(model, x, tracer="fx")]
+    recorded = [(s.num_channels, refs(s), s.fixed) for s in
+                trace_channel_units(model, x, tracer="torch_function")]
+    assert sorted(map(repr, by_fx)) == sorted(map(repr, recorded))
+
+
+def test_resnet50_units():
+    torchvision = pytest.importorskip("torchvision")
+    specs = trace_channel_units(torchvision.models.resnet50(weights=None), torch.randn(1, 3, 64, 64))
+    # 16 bottlenecks x 2 inner units, 4 residual streams (one per stage) and the stem output: all prunable
+    assert len(prunable(specs)) == 16 * 2 + 4 + 1
