@@ -517,11 +517,12 @@ def test_plain_state_dict_loads_into_dynamic_op_and_keeps_selection():
 def test_bad_saved_selection_is_rejected_and_changes_nothing():
     op = ops.to_dynamic(nn.Linear(4, 4))
     op.pyprune_name = "head"
-    state = op.state_dict()
+    weight = op.weight.detach().clone()
+    state = {k: (torch.zeros_like(v) if k == "weight" else v) for k, v in op.state_dict().items()}
     state["_extra_state"] = {"out_index": torch.tensor([0, 9]), "in_index": None}
     with pytest.raises(ChannelSelectionError, match=r"head .*output channels: channel index 9 is out of range"):
         op.load_state_dict(state)
-    assert op.out_index is None and op.selection_version == 0
+    assert op.out_index is None and op.selection_version == 0 and torch.equal(op.weight, weight)
     state["_extra_state"] = {"selection": [1]}
     with pytest.raises(ChannelSelectionError, match="head .*malformed"):
         op.load_state_dict(state)

@@ -143,26 +143,28 @@ class DynamicChannelMixin:
     def set_out_index(self, index: Optional[Tensor]) -> None:
         """Trusted: select output channels by a sorted, unique int64 global ``index`` on the layer's device, or
         ``None`` for all. Not validated and never synchronises (units guarantee the index is sound)."""
-        full_out = self._full_channels()[0]
-        if index is not None and index.shape[0] == full_out:
-            index = None  # a sorted unique in-range index of full length can only be arange: skip the gathers
-        self._check_group_count(index, True)
-        self._out_index = index
-        self._active_out = full_out if index is None else index.shape[0]
-        self._selection_changed()
+        self._set_index(index, True)
 
     def set_in_index(self, index: Optional[Tensor]) -> None:
         """Trusted: as :meth:`set_out_index`, for the input channels (the same selection on single-selection ops)."""
-        if self._one_selection():
-            self.set_out_index(index)
-            return
-        full_in = self._full_channels()[1]
-        if index is not None and index.shape[0] == full_in:
-            index = None
-        self._check_group_count(index, False)
-        self._in_index = index
-        self._active_in = full_in if index is None else index.shape[0]
+        self._set_index(index, False)
+
+    def _set_index(self, index: Optional[Tensor], is_output: bool) -> None:
+        is_output = is_output or self._one_selection()
+        full = self._full_count(is_output)
+        if index is not None and index.shape[0] == full:
+            index = None  # a sorted unique in-range index of full length can only be arange: skip the gathers
+        self._check_group_count(index, is_output)
+        count = full if index is None else index.shape[0]
+        if is_output:
+            self._out_index, self._active_out = index, count
+        else:
+            self._in_index, self._active_in = index, count
         self._selection_changed()
+
+    def _full_count(self, is_output: bool) -> int:
+        """Full channel count of a side (single-selection ops have only the output side)."""
+        return self._full_channels()[0 if is_output or self._one_selection() else 1]
 
     def set_out_channels(self, choice) -> None:
         """Validated: keep the output channels ``choice`` names (ratio float in (0, 1], count int, bool mask
@@ -174,8 +176,7 @@ class DynamicChannelMixin:
         self.set_in_index(self._choice_to_index(choice, False))
 
     def _choice_to_index(self, choice, is_output: bool) -> Optional[Tensor]:
-        num_channels = self._full_channels()[0 if is_output or self._one_selection() else 1]
-        return choice_to_index(choice, num_channels, self._groups_of(is_output), self._device(),
+        return choice_to_index(choice, self._full_count(is_output), self._groups_of(is_output), self._device(),
                                self._where(is_output))
 
     def _check_group_count(self, index: Optional[Tensor], is_output: bool) -> None:
@@ -316,6 +317,12 @@ class DynamicChannelMixin:
 
     def set_extra_state(self, state) -> None:
         """Restore a selection saved by :meth:`get_extra_state` (validated; moved to the layer's device)."""
+        indices = self._validated_selection(state)
+        self.set_out_index(indices["out_index"])
+        if not self._one_selection():
+            self.set_in_index(indices["in_index"])
+
+    def _validated_selection(self, state) -> Dict[str, Optional[Tensor]]:
         if not isinstance(state, dict) or set(state) != {"out_index", "in_index"}:
             raise ChannelSelectionError(f"{self.pyprune_name} ({type(self).__name__}): the state_dict's channel "
                                         f"selection is malformed: {state!r}")
@@ -325,20 +332,20 @@ class DynamicChannelMixin:
             if index is not None:
                 if not isinstance(index, Tensor):
                     raise ChannelSelectionError(f"{self._where(is_output)}: saved {key} is not a tensor")
-                side = 0 if is_output or self._one_selection() else 1
-                index = check_index(index.to(self._device() or index.device), self._full_channels()[side],
+                index = check_index(index.to(self._device() or index.device), self._full_count(is_output),
                                     self._groups_of(is_output), self._where(is_output))
             indices[key] = index
-        self.set_out_index(indices["out_index"])
-        if not self._one_selection():
-            self.set_in_index(indices["in_index"])
+        return indices
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """A state_dict without a selection (e.g. from the plain layer) loads too and keeps the current one."""
+        """Validate the saved selection before any tensor is copied, so a bad one leaves the layer unchanged.
+        A state_dict without a selection (e.g. the plain layer's) loads too and keeps the current one."""
+        key = prefix + _EXTRA_STATE_KEY
+        if key in state_dict:
+            self._validated_selection(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        key = prefix + _EXTRA_STATE_KEY
         if key not in state_dict and key in missing_keys:
             missing_keys.remove(key)
 
