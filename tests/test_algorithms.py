@@ -1,14 +1,10 @@
 """BaseAlgorithm / ItePruneAlgorithm: schedule values, hooks, target validation, checkpoints and resume, save/load.
 
-On :class:`SmallNet` (tests/test_units.py) with its hand-written UnitSpecs standing in for the tracer and, until
-``pyprune.ops`` lands, the local DynamicOp stand-in (both as in test_mutator.py).
+On :class:`SmallNet` (tests/test_units.py: residual add, concat, depthwise and grouped convs, flatten -> linear)
+through the real tracer and DynamicOps.
 """
-import importlib
 import io
 import json
-import math
-import sys
-import types
 
 import pytest
 import torch
@@ -19,35 +15,9 @@ from pyprune.algorithms import BaseAlgorithm, ItePruneAlgorithm, load_pruned, sa
 from pyprune.algorithms.unit_state import restore_selection
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import ChannelMutator
-from pyprune.units import modules as unit_modules
 
-CONV0 = "conv0_(0, 8)_8"       # 8 channels, groups 1 (residual pair conv0 / conv1)
+RESIDUAL = "conv1_(0, 8)_8"    # conv0 / bn0 / conv1 / bn1 (residual add): 8 channels, groups 1
 GCONV = "gconv_(0, 8)_8"       # 8 channels, groups 2 (counts are even)
-
-
-def _tracing_landed() -> bool:
-    try:
-        return hasattr(importlib.import_module("pyprune.tracing"), "trace_channel_units")
-    except ImportError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def stand_ins(monkeypatch):
-    """SmallNet always gets its hand-written specs; the local DynamicOp stand-in until pyprune.ops lands."""
-    if not tu._ops_landed():
-        monkeypatch.setattr(unit_modules, "ops_package", lambda: tu._StandInOps)
-
-    def trace(model, example_inputs, *, fixed=(), strict=False, tracer="auto"):
-        assert isinstance(model, tu.SmallNet)
-        return tu.small_net_specs()
-
-    if _tracing_landed():
-        monkeypatch.setattr(importlib.import_module("pyprune.tracing"), "trace_channel_units", trace)
-    else:
-        fake = types.ModuleType("pyprune.tracing")
-        fake.ChannelRef, fake.UnitSpec, fake.trace_channel_units = tu.ChannelRef, tu.UnitSpec, trace
-        monkeypatch.setitem(sys.modules, "pyprune.tracing", fake)
 
 
 def make(unit_type="SequentialMutableChannelUnit", choice_mode="ratio", seed=0, **algorithm_args):
@@ -75,13 +45,13 @@ def test_linear_schedule_by_iteration_prunes_at_mmrazor_counters():
     history = []
     for iteration in range(15):
         if algorithm.step():
-            history.append((iteration, counts(mutator)[CONV0], counts(mutator)[GCONV], algorithm.done))
+            history.append((iteration, counts(mutator)[RESIDUAL], counts(mutator)[GCONV], algorithm.done))
     # prune when counter % 3 == 0 and counter // 3 < 4; step t keeps 1 - 0.5 * t / 4 of the channels
     assert history == [(0, 7, 8, False), (3, 6, 6, False), (6, 5, 6, False), (9, 4, 4, True)]
     assert algorithm.counter == 15 and algorithm.steps_done == 4
-    assert algorithm.choices_at(1)[CONV0] == pytest.approx(0.875)
-    assert algorithm.choices_at(3)[CONV0] == pytest.approx(0.625)
-    assert mutator.current_choices[CONV0] == pytest.approx(0.5)
+    assert algorithm.choices_at(1)[RESIDUAL] == pytest.approx(0.875)
+    assert algorithm.choices_at(3)[RESIDUAL] == pytest.approx(0.625)
+    assert mutator.current_choices[RESIDUAL] == pytest.approx(0.5)
 
 
 def test_constant_schedule_sets_the_target_at_every_step():
@@ -89,31 +59,31 @@ def test_constant_schedule_sets_the_target_at_every_step():
     assert all(algorithm.choices_at(t) == algorithm.target for t in (1, 2, 3))
     pruned_at = [i for i in range(8) if algorithm.step()]
     assert pruned_at == [0, 2, 4] and algorithm.done
-    assert counts(mutator)[CONV0] == 4
+    assert counts(mutator)[RESIDUAL] == 4
 
 
 def test_by_epoch_counts_epochs_only():
     _, mutator, algorithm = make(by_epoch=True, step_freq=2, prune_times=2)
     for _ in range(5):
         assert not algorithm.step()
-    assert counts(mutator)[CONV0] == 8 and algorithm.counter == 0
+    assert counts(mutator)[RESIDUAL] == 8 and algorithm.counter == 0
     pruned_at = [epoch for epoch in range(5) if algorithm.epoch_end()]
     assert pruned_at == [0, 2] and algorithm.done
-    assert counts(mutator)[CONV0] == 4
+    assert counts(mutator)[RESIDUAL] == 4
 
 
 def test_number_mode_and_per_unit_counts():
-    _, mutator, algorithm = make(choice_mode="number", target_pruning_ratio={CONV0: 2, GCONV: 0.5}, step_freq=1,
+    _, mutator, algorithm = make(choice_mode="number", target_pruning_ratio={RESIDUAL: 2, GCONV: 0.5}, step_freq=1,
                                  prune_times=3)
     seen = []
     for _ in range(3):
         algorithm.step()
-        seen.append((mutator.current_choices[CONV0], mutator.current_choices[GCONV]))
+        seen.append((mutator.current_choices[RESIDUAL], mutator.current_choices[GCONV]))
     assert [c for c, _ in seen] == [6, 4, 2]            # 8 -> 2 channels in thirds, as ints
     assert [algorithm.choices_at(t)[GCONV] for t in (1, 2, 3)] == [7, 5, 4]   # 8 -> 4: 6.67, 5.33, 4 rounded
     assert [g for _, g in seen] == [8, 6, 4]            # groups=2: the unit keeps an even count
     assert counts(mutator)[GCONV] == 4 and all(isinstance(c, int) for c, _ in seen)
-    others = [u for u in mutator.mutable_units if u.name not in (CONV0, GCONV)]
+    others = [u for u in mutator.mutable_units if u.name not in (RESIDUAL, GCONV)]
     assert others and all(u.active_channels == u.num_channels for u in others)
 
 
@@ -124,9 +94,9 @@ def test_number_mode_and_per_unit_counts():
     (True, ChannelSelectionError, "True"),
     ({"no_such_unit": 0.5}, ConfigError, "no_such_unit"),
     ({"fc_(0, 5)_5": 0.5}, ConfigError, "model output"),
-    ({CONV0: 0.0}, ChannelSelectionError, "conv0"),
-    ({CONV0: 9}, ChannelSelectionError, r"conv0.*\[1, 8\]"),
-    ({CONV0: float("inf")}, ChannelSelectionError, "conv0"),
+    ({RESIDUAL: 0.0}, ChannelSelectionError, "conv1"),
+    ({RESIDUAL: 9}, ChannelSelectionError, r"conv1.*\[1, 8\]"),
+    ({RESIDUAL: float("inf")}, ChannelSelectionError, "conv1"),
 ])
 def test_bad_targets_raise_and_leave_the_model_at_full_width(target, error, message):
     torch.manual_seed(0)
@@ -146,19 +116,21 @@ def test_bad_schedule_arguments(kwargs):
 # -------------------------------------------------------------------------------------------- importance units
 def test_l1_units_rerank_at_every_step():
     model, mutator, algorithm = make("L1MutableChannelUnit", linear_schedule=False, step_freq=1, prune_times=2)
+    unit = next(u for u in mutator.mutable_units if u.name == RESIDUAL)
     algorithm.step()
-    kept = mutator.mutable_units[0].current_index.tolist()
-    assert mutator.mutable_units[0].name == CONV0 and len(kept) == 4
+    kept = unit.current_index.tolist()
+    assert len(kept) == 4
     dropped = sorted(set(range(8)) - set(kept))[0]
     with torch.no_grad():  # training made a dropped channel the most important one
         model.conv0.weight[dropped] *= 100
         model.conv1.weight[dropped] *= 100
     algorithm.step()
-    assert dropped in mutator.mutable_units[0].current_index.tolist()
+    assert dropped in unit.current_index.tolist()
 
 
 def _train(model, algorithm, optimizer, iterations, seed):
     generator = torch.Generator().manual_seed(seed)
+    model.train()
     for _ in range(iterations):
         images = torch.randn(4, 3, 8, 8, generator=generator)
         labels = torch.randint(0, 5, (4,), generator=generator)
@@ -229,9 +201,9 @@ def test_state_dict_restores_the_supernet_on_an_already_pruned_model():
     mutator.set_global_ratio(0.75)        # built on a model that is already at step 2's width
     resumed = ItePruneAlgorithm(model, mutator, 0.5, step_freq=1, prune_times=4)
     resumed.load_state_dict(state)
-    assert resumed.supernet[CONV0] == 1.0 and resumed.choices_at(3)[CONV0] == pytest.approx(0.625)
+    assert resumed.supernet[RESIDUAL] == 1.0 and resumed.choices_at(3)[RESIDUAL] == pytest.approx(0.625)
     resumed.step()
-    assert counts(mutator)[CONV0] == 5
+    assert counts(mutator)[RESIDUAL] == 5
 
 
 def test_load_state_dict_rejects_other_schedules_and_units():
@@ -243,7 +215,7 @@ def test_load_state_dict_rejects_other_schedules_and_units():
     _, _, other = make(step_freq=3, prune_times=4, target_pruning_ratio=0.25)
     with pytest.raises(ConfigError, match="target"):
         other.load_state_dict(state)
-    del state["selections"][CONV0]
+    del state["selections"][RESIDUAL]
     with pytest.raises(ConfigError, match="missing"):
         algorithm.load_state_dict(state)
 
@@ -270,8 +242,8 @@ def test_save_and_load_pruned_into_a_fresh_model(tmp_path):
     paths = save_pruned(tmp_path, model, mutator, {"name": "SmallNet", "num_classes": 5})
     structure = json.loads(open(paths["structure"]).read())
     assert structure["model"] == {"name": "SmallNet", "num_classes": 5}
-    assert structure["mutator"]["channel_unit_cfg"]["units"][CONV0]["choice"] == pytest.approx(0.5)
-    assert "channels" in structure["mutator"]["channel_unit_cfg"]["units"][CONV0]
+    assert structure["mutator"]["channel_unit_cfg"]["units"][RESIDUAL]["choice"] == pytest.approx(0.5)
+    assert "channels" in structure["mutator"]["channel_unit_cfg"]["units"][RESIDUAL]
 
     reloaded = load_pruned(tu.SmallNet(), paths["structure"], paths["weights"]).eval()
     x = torch.randn(3, 3, 8, 8)

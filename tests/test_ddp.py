@@ -1,19 +1,16 @@
 """Distributed pruning: two gloo processes on the loopback interface agree on every channel and every weight.
 
-``test_ddp_ranks_prune_identically`` trains SmallNet (tests/test_units.py, hand-written specs, DynamicOp stand-in
-until pyprune.ops lands) under DistributedDataParallel with Taylor units on *different* data per rank;
+``test_ddp_ranks_prune_identically`` trains SmallNet (tests/test_units.py) under DistributedDataParallel with Taylor units on *different* data per rank;
 ``test_ranks_follow_rank0_selection`` makes the ranks' L1 rankings differ on purpose (no DDP) and checks that the
 algorithm's broadcast leaves rank 1 with rank 0's channels. ``test_torchrun_main_job`` runs ``pyprune prune --quick``
-under torchrun (needs the real ops and tracer).
+under torchrun.
 """
-import importlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import types
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import test_units as tu
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
+RESIDUAL = "conv1_(0, 8)_8"  # conv0 / bn0 / conv1 / bn1 around the residual add
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,20 +32,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _install_stand_ins() -> None:
-    """In a spawned worker: SmallNet's hand-written specs; the DynamicOp stand-in until pyprune.ops lands."""
-    from pyprune.units import modules as unit_modules
-    if not tu._ops_landed():
-        unit_modules.ops_package = lambda: tu._StandInOps
-    try:
-        tracing = importlib.import_module("pyprune.tracing")
-    except ImportError:
-        tracing = types.ModuleType("pyprune.tracing")
-        tracing.ChannelRef, tracing.UnitSpec = tu.ChannelRef, tu.UnitSpec
-        sys.modules["pyprune.tracing"] = tracing
-    tracing.trace_channel_units = lambda model, example_inputs, **kwargs: tu.small_net_specs()
 
 
 def _prepared(unit_type):
@@ -60,8 +44,8 @@ def _prepared(unit_type):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    _install_stand_ins()
     from pyprune.algorithms import ItePruneAlgorithm
+    from pyprune.training.distributed import broadcast_buffers
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
@@ -72,6 +56,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         algorithm = ItePruneAlgorithm(ddp, mutator, 0.5, step_freq=2, prune_times=3)
         assert algorithm.model is model
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        ddp.train()  # BatchNorm statistics are updated, from each rank's own batches
         generator = torch.Generator().manual_seed(100 + rank)
         for _ in range(7):
             images = torch.randn(4, 3, 8, 8, generator=generator)
@@ -83,7 +68,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             optimizer.step()
             algorithm.step()
         assert algorithm.done
-        ddp_result = {"choices": mutator.current_choices,
+        local_stats = model.bn0.running_mean.clone()
+        broadcast_buffers(model)  # DDP syncs buffers before each forward: after the last one they differ
+        ddp_result = {"local_bn0_mean": local_stats,"choices": mutator.current_choices,
                       "indices": {u.name: u.current_index.tolist() for u in mutator.mutable_units},
                       "exported": {k: v.clone() for k, v in algorithm.export().state_dict().items()}}
 
@@ -93,10 +80,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             with torch.no_grad():
                 model.conv0.weight.mul_(torch.linspace(3.0, 0.1, 8).view(8, 1, 1, 1))
         algorithm = ItePruneAlgorithm(model, mutator, 0.5, step_freq=1, prune_times=1)
-        conv0 = mutator.mutable_units[0]
-        local = conv0.channel_importance().topk(conv0.num_channels // 2).indices.sort().values.tolist()
+        residual = next(u for u in mutator.mutable_units if u.name == RESIDUAL)
+        local = residual.channel_importance().topk(residual.num_channels // 2).indices.sort().values.tolist()
         algorithm.step()
-        follow_result = {"local_ranking": {conv0.name: local},
+        follow_result = {"local_ranking": {RESIDUAL: local},
                          "indices": {u.name: u.current_index.tolist() for u in mutator.mutable_units}}
         torch.save({"ddp": ddp_result, "follow": follow_result}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -122,6 +109,7 @@ def results(tmp_path_factory):
 
 def test_ddp_ranks_prune_identically(results):
     rank0, rank1 = results[0]["ddp"], results[1]["ddp"]
+    assert not torch.equal(rank0["local_bn0_mean"], rank1["local_bn0_mean"]), "BN statistics must be training"
     assert rank0["choices"] == rank1["choices"]
     assert rank0["indices"] == rank1["indices"]
     assert any(len(index) < 8 for index in rank0["indices"].values())
@@ -132,21 +120,11 @@ def test_ddp_ranks_prune_identically(results):
 
 def test_ranks_follow_rank0_selection(results):
     rank0, rank1 = results[0]["follow"], results[1]["follow"]
-    conv0 = "conv0_(0, 8)_8"
-    assert rank1["local_ranking"][conv0] != rank0["local_ranking"][conv0], "the ranks must disagree locally"
+    assert rank1["local_ranking"][RESIDUAL] != rank0["local_ranking"][RESIDUAL], "the ranks must disagree locally"
     assert rank0["indices"] == rank1["indices"]
-    assert rank1["indices"][conv0] == rank0["local_ranking"][conv0]
+    assert rank1["indices"][RESIDUAL] == rank0["local_ranking"][RESIDUAL]
 
 
-def _real_pipeline_landed() -> bool:
-    try:
-        return hasattr(importlib.import_module("pyprune.ops"), "to_dynamic") and hasattr(
-            importlib.import_module("pyprune.tracing"), "trace_channel_units")
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(not _real_pipeline_landed(), reason="needs pyprune.ops and pyprune.tracing")
 def test_torchrun_main_job(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")

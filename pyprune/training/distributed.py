@@ -59,3 +59,16 @@ def all_ranks_agree(value: str, context: DistributedContext) -> bool:
     values = [None] * context.world_size
     dist.all_gather_object(values, value)
     return all(v == values[0] for v in values)
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP does this at the start of each training forward, so after the last one every rank holds statistics of its
+    own last batch; call this before evaluating or exporting to make all ranks hold the same model.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src)

@@ -24,7 +24,8 @@ from ..algorithms import ItePruneAlgorithm, load_pruned_run, save_pruned
 from ..algorithms.io import STRUCTURE_FILE, WEIGHTS_FILE
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
-from .distributed import DistributedContext, all_ranks_agree, setup_distributed, teardown_distributed
+from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, setup_distributed,
+                          teardown_distributed)
 from .loop import cosine_lr, evaluate, set_lr, train_iteration
 from .models import build_model
 from .report import plot_metrics, table_header, table_row, write_csv, write_json
@@ -89,6 +90,7 @@ class Run:
             sys.stdout.flush()
 
     def accuracy(self, model: Optional[nn.Module] = None) -> float:
+        broadcast_buffers(self.model)  # every rank scores the same model (rank 0's BN statistics)
         return evaluate(model or self.model, self.val_set, max(self.args.batch_size, 256), self.device,
                         self.context.rank, self.context.world_size)
 
@@ -209,6 +211,7 @@ class Run:
     # ---------------------------------------------------------------------------------------------- finishing
     def finish(self) -> Dict[str, Any]:
         """Export, check all ranks agree, write the outputs (rank 0), reload them and compare."""
+        broadcast_buffers(self.model)
         self.model.eval()
         exported = self.mutator.export(self.model).eval()
         agree = all_ranks_agree(self.digest(exported), self.context)
