@@ -190,7 +190,9 @@ def test_config_from_channels_needs_no_tracer(monkeypatch):
     mutator.set_global_ratio(0.5)
     config = mutator.config_template(with_unit_init_args=True, with_channels=True)
     config["parse_cfg"] = {"type": "Config"}
-    monkeypatch.setitem(sys.modules["pyprune.tracing"].__dict__, "trace_channel_units",
+    # setattr, like the autouse fixture: monkeypatch undoes all setattrs before all setitems, so a setitem here
+    # would put the fixture's stand-in back for every later test module
+    monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units",
                         lambda *a, **k: pytest.fail("must not trace"))
     loaded = ChannelMutator.from_config(config)
     new_model = tu.SmallNet().eval()

@@ -170,3 +170,98 @@ def test_resnet50_units():
     specs = trace_channel_units(torchvision.models.resnet50(weights=None), torch.randn(1, 3, 64, 64))
     # 16 bottlenecks x 2 inner units, 4 residual streams (one per stage) and the stem output: all prunable
     assert len(prunable(specs)) == 16 * 2 + 4 + 1
+
+
+class HeadsFromAnotherWidth(nn.Module):
+    """MaxViT-style attention: heads merged back with the *input's* width ``x.shape[-1]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.qkv = nn.Linear(8, 24)
+        self.merge = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.proj(x)
+        b, n, d = x.shape
+        q, k, v = torch.chunk(self.qkv(x), 3, dim=-1)
+        q, k, v = (t.reshape(b, n, 2, 4).transpose(1, 2) for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        x = x + self.merge(out.transpose(1, 2).reshape(b, n, d))
+        return self.head(x.mean(1))
+
+
+def test_channel_count_sizing_another_tensor_fixes_both_groups():
+    specs = trace_channel_units(HeadsFromAnotherWidth(), torch.randn(2, 5, 3), tracer="fx")
+    stream = unit_of(specs, "proj")
+    assert stream.fixed and "sizes the output of op 'reshape'" in stream.reason
+    assert unit_of(specs, "qkv").fixed
+
+
+class SameWidthView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c = y.size(0), y.size(1)
+        return self.fc(y.view(n, c, -1).mean(-1))
+
+
+def test_channel_count_sizing_its_own_view_stays_prunable():
+    specs = trace_channel_units(SameWidthView(), torch.randn(1, 3, 4, 4), tracer="fx")
+    assert not unit_of(specs, "conv").fixed
+
+
+class TrainOnlyBranch(nn.Module):
+    """An auxiliary head that runs only in training mode, behind data-dependent code fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.aux = nn.Conv2d(8, 2, 1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > -1e9:
+            y = F.relu(y)
+        out = self.fc(y.mean((2, 3)))
+        return (out, self.aux(y).mean((2, 3))) if self.training else out
+
+
+def test_recorded_forward_sees_train_only_branches():
+    model = TrainOnlyBranch().eval()
+    with pytest.warns(PruningTraceWarning, match="recorded a real forward"):
+        specs = trace_channel_units(model, torch.randn(2, 3, 4, 4))
+    assert ("aux", 0, 8, False, 1) in refs(unit_of(specs, "conv"))
+    assert not model.training
+
+
+class TrainFailsOnOneSample(TrainOnlyBranch):
+    """Batch norm over pooled features: a single-sample batch cannot run in train mode, so only eval is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        out = self.fc(self.bn(y.mean((2, 3))))
+        return (out, self.aux(y).mean((2, 3))) if self.training else out
+
+
+def test_eval_recording_reports_unreached_layers():
+    with pytest.warns(PruningTraceWarning, match=r"never ran the layers \['aux'\]"):
+        specs = trace_channel_units(TrainFailsOnOneSample(), torch.randn(1, 3, 2, 2), tracer="torch_function")
+    assert all("aux" not in {r.name for r in s.output_related + s.input_related} for s in specs)
+
+
+def test_tracing_leaves_buffers_unchanged():
+    model = TrainFailsOnOneSample()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    trace_channel_units(model, torch.randn(4, 3, 2, 2), tracer="torch_function")
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())

@@ -1,4 +1,4 @@
-"""``pyprune bench {ops,models}``: argument parsing, progress bars and writing the outputs."""
+"""``pyprune bench {ops,models,sweep}``: argument parsing, progress bars and writing the outputs."""
 import argparse
 import sys
 from pathlib import Path
@@ -8,6 +8,7 @@ import torch
 
 from . import models as model_bench
 from . import ops as op_bench
+from . import sweep as sweep_bench
 from .report import (format_header, format_table, plot_time_vs_ratio, run_header, write_csv, write_json)
 
 
@@ -60,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ratios that run under torch.compile (default: 1.0 0.5 on CUDA, 0.5 on CPU; empty = all)")
     m.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     m.add_argument("--switch-subnets", type=int, default=None, help="random subnets in the switch workload")
+    s = sub.add_parser("sweep", help="coverage: every torchvision classifier parsed, pruned, exported, compared")
+    s.add_argument("--models", nargs="+", default=None, help="default: all torchvision classification models")
+    s.add_argument("--ratio", type=float, default=0.5, help="kept ratio of every unit (default 0.5)")
+    s.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV / JSON")
+    s.add_argument("--note", default="", help="free text stored in the header")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``pyprune bench``; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.what == "sweep":
+        return _run_sweep(args)
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,6 +150,25 @@ def _run_models(args, device: torch.device) -> Dict[str, Path]:
     print(format_table(targets, model_bench.TARGET_COLUMNS))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+def _run_sweep(args) -> int:
+    """One row per model; exit status 1 when any model failed."""
+    if not 0.0 < args.ratio <= 1.0:
+        raise SystemExit(f"pyprune bench sweep: --ratio must be in (0, 1], got {args.ratio}")
+    names = args.models or sweep_bench.torchvision_models()
+    header = run_header(torch.device("cpu"), benchmark="sweep", ratio=args.ratio, note=args.note)
+    rows = [sweep_bench.sweep_model(name, args.ratio) for name in _progress_iter(names, "sweep")]
+    write_csv(args.out / "sweep.csv", rows, sweep_bench.SWEEP_COLUMNS)
+    write_json(args.out / "sweep.json", header, rows)
+    failed = [row for row in rows if row["status"] != "ok"]
+    print(format_header(header))
+    print()
+    print(format_table(rows, sweep_bench.SWEEP_COLUMNS))
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} models ok; wrote {args.out / 'sweep.csv'}")
+    for row in failed:
+        print(f"\n{row['model']}:\n{row['traceback']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -104,15 +104,8 @@ class ChannelMutator:
         if self.parse_cfg["type"] == "Config":
             return specs_from_channels(self.units_cfg)
         from ..tracing import trace_channel_units
-        buffers = {name: b.clone() for name, b in model.named_buffers()}  # a traced forward may update BN stats
-        try:
-            specs = trace_channel_units(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
-                                        strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
-        finally:
-            with torch.no_grad():
-                for name, buffer in model.named_buffers():
-                    if name in buffers and buffer.shape == buffers[name].shape:
-                        buffer.copy_(buffers[name])
+        specs = trace_channel_units(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
+                                    strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
         return [(None, spec) for spec in specs]
 
     def _build_units(self, named_specs) -> List[MutableChannelUnit]:

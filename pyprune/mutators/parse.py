@@ -105,7 +105,11 @@ def _spec_types():
 
 
 def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
-    """UnitSpecs from configs that list each unit's channels (``parse_cfg=dict(type='Config')``): no tracing."""
+    """UnitSpecs from configs that list each unit's channels (``parse_cfg=dict(type='Config')``): no tracing.
+
+    ``channels`` may also hold ``groups`` (equal blocks a selection keeps) and ``fixed`` (why the unit is never
+    pruned), which pyprune writes and mmrazor's layout lacks.
+    """
     ChannelRef, UnitSpec = _spec_types()
     specs = []
     for name, cfg in units_cfg.items():
@@ -123,7 +127,8 @@ def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
         first = refs[0]
         num_channels = (cfg.get("init_args") or {}).get("num_channels",
                                                          (first.end - first.start) // getattr(first, "expand", 1))
+        fixed = channels.get("fixed", "")
         spec = UnitSpec(num_channels=num_channels, output_related=output_related, input_related=input_related,
-                        groups=int(channels.get("groups", 1)))
+                        groups=int(channels.get("groups", 1)), fixed=bool(fixed), reason=str(fixed or ""))
         specs.append((name, spec))
     return specs

@@ -19,7 +19,7 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
     """Find the groups of coupled channels of ``model``.
 
     Args:
-        model: any ``nn.Module``; it is not modified (its buffers may see one forward pass).
+        model: any ``nn.Module``; it is not modified (buffers a traced forward updates are restored).
         example_inputs: a tensor (e.g. ``[1, 3, H, W]``) or a tuple of the model's positional inputs.
         fixed: module names whose input and output channels must not be pruned (submodules included).
         strict: raise :class:`~pyprune.errors.UntraceableOpError` on an op that cannot be mapped instead of
@@ -38,7 +38,13 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
     if missing:
         raise ConfigError(f"fixed: the model has no modules named {missing}")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    graph, note = capture(model, inputs, tracer)
+    saved = {name: b.clone() for name, b in model.named_buffers()}  # a recorded train-mode forward updates BN stats
+    try:
+        graph, note = capture(model, inputs, tracer)
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
     if note:
         warn_untraceable(note)
     propagation = ChannelPropagation(model, strict=strict)

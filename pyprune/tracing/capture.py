@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
+from .spec import warn_untraceable
+
 # Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward.
 PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
@@ -139,7 +141,31 @@ class _TensorShape:
 
 
 def forward_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.Graph:
-    """Record a real forward (eval mode, no grad) as an fx graph; works where symbolic tracing cannot."""
+    """Record a real forward (no grad) as an fx graph; works where symbolic tracing cannot.
+
+    Recorded in train mode, so train-only branches (auxiliary heads) are seen; when a train-mode forward cannot run
+    on the example (batch norm on a batch of one), in eval mode. Prunable layers the recorded forward never reached
+    are reported with a warning: their channels are not analysed.
+    """
+    was_training = model.training
+    try:
+        try:
+            graph = _record(model, inputs, training=True)
+        except Exception:
+            graph = _record(model, inputs, training=False)
+    finally:
+        model.train(was_training)
+    reached = {node.target for node in graph.nodes if node.op == "call_module"}
+    missed = [name for name, m in model.named_modules() if is_prunable_layer(m) and name not in reached]
+    if missed:
+        warn_untraceable(f"the recorded forward never ran the layers {missed[:8]}{' ...' if len(missed) > 8 else ''}"
+                         f" (branches the example input does not take); their channels are not analysed, so a "
+                         f"group feeding them may be pruned under them: mark them fixed=[...] or give a demo input "
+                         f"that reaches them")
+    return graph
+
+
+def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> torch.fx.Graph:
     graph = torch.fx.Graph()
     producers: Dict[int, torch.fx.Node] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -167,13 +193,11 @@ def forward_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.Gr
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
-    was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         with torch.no_grad(), recorder:
             out = model(*inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     graph.output(recorder.node_for(out))

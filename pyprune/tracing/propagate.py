@@ -7,6 +7,7 @@ slice or expand segments. Whatever we cannot map fixes the groups it touches, so
 """
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -27,6 +28,17 @@ PERMUTE = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"
 SPLIT = {"chunk", "split", "tensor_split", "split_with_sizes"}
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"}
 NO_TENSOR = {"size", "dim", "numel", "getattr"}
+
+
+@dataclass(frozen=True)
+class ChannelSize:
+    """A Python int read from a channel dim (``x.size(1)``, ``x.shape[-1]``) or computed from such ints.
+
+    ``spaces`` are the channel spaces it depends on; ``exact`` is False once arithmetic has touched it. A pruned
+    model reads the *active* width there, so a tensor shaped by it must carry that same space (``_check_sizes``).
+    """
+    spaces: tuple
+    exact: bool = True
 
 
 def _name(node: torch.fx.Node, model: nn.Module) -> str:
@@ -69,6 +81,7 @@ class ChannelPropagation:
     def run(self, graph: torch.fx.Graph) -> GroupTable:
         for node in graph.nodes:
             self.spaces[node] = self._visit(node)
+            self._check_sizes(node)
         return self.table
 
     def _visit(self, node: torch.fx.Node):
@@ -92,6 +105,10 @@ class ChannelPropagation:
                 return self._unknown(node, name)
         if name == "getitem":
             return self._getitem(node)
+        if _shapes(node) is None and node.op != "call_module":
+            size = self._size_value(node, name)
+            if size is not None:
+                return size
         if isinstance(node.target, type) and issubclass(node.target, tuple):  # a NamedTuple of outputs
             return tuple(self.spaces.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args)
         if name in NO_TENSOR or _shapes(node) is None:
@@ -177,10 +194,58 @@ class ChannelPropagation:
                     for a, b in zip(first.segments, other.segments)):
                 for a, b in zip(first.segments, other.segments):
                     self.table.union(a.gid, b.gid, why)
-            elif [(self.table.find(s.gid), s.start, s.end, s.expand) for s in other.segments] != \
-                    [(self.table.find(s.gid), s.start, s.end, s.expand) for s in first.segments]:
+            elif not self._same_channels(first, other):
                 self._fix_space(first, why)
                 self._fix_space(other, why)
+
+    # ---- sizes read from channel dims ----------------------------------------------------------------------
+    def _size_value(self, node, name: str):
+        """``x.shape`` / ``x.size()`` (a tuple with a ChannelSize at the channel dim), ``x.size(c)``, and ints
+        computed from ChannelSizes; None for anything else."""
+        if name in ("size", "getattr") and node.args and self._space(node.args[0]) is not None:
+            space = self._space(node.args[0])
+            if name == "getattr" and node.args[1:] != ("shape",):
+                return None
+            dim = self._dim_arg(node, 1) if name == "size" else None
+            if dim is None:
+                return tuple(ChannelSize((space,)) if d == space.dim else None for d in range(space.ndim))
+            return ChannelSize((space,)) if isinstance(dim, int) and dim % space.ndim == space.dim else None
+        sizes = self._sizes_in((node.args, node.kwargs))
+        if not sizes:
+            return None
+        return ChannelSize(tuple(dict.fromkeys(space for size in sizes for space in size.spaces)), exact=False)
+
+    def _sizes_in(self, args) -> List[ChannelSize]:
+        out = []
+        for n in _flat_nodes(args):
+            value = self.spaces.get(n)
+            out += [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, ChannelSize)]
+        return out
+
+    def _check_sizes(self, node) -> None:
+        """A tensor op shaped by a channel width must produce exactly that channel space; otherwise the width of a
+        pruned group would size another tensor (e.g. ``out.reshape(B, N, x.shape[-1])`` after attention heads), so
+        both are pinned."""
+        if node.op not in ("call_function", "call_method", "call_module") or _shapes(node) is None:
+            return
+        sizes = self._sizes_in((node.args, node.kwargs))
+        if not sizes:
+            return
+        result = self.spaces.get(node)
+        for size in sizes:
+            if isinstance(result, ChannelSpace) and size.exact and self._same_channels(size.spaces[0], result):
+                continue
+            reason = f"its channel count sizes the output of {self._where(node)}"
+            for space in size.spaces:
+                self._fix_space(space, reason)
+            for space in (result if isinstance(result, tuple) else (result,)):
+                self._fix_space(space if isinstance(space, ChannelSpace) else None, reason)
+
+    def _same_channels(self, a: ChannelSpace, b: ChannelSpace) -> bool:
+        """Whether ``a`` and ``b`` hold the same channels in the same order (groups compared by their roots)."""
+        def layout(space):
+            return [(self.table.find(s.gid), s.start, s.end, s.expand) for s in space.segments]
+        return layout(a) == layout(b)
 
     # ---- layers --------------------------------------------------------------------------------------------
     def _layer_inputs(self, node, space: Optional[ChannelSpace], want_dim: int, is_output: bool):
@@ -373,7 +438,7 @@ class ChannelPropagation:
         source, index = node.args
         value = self.spaces.get(source)
         if isinstance(value, (tuple, list)):
-            return value[index] if isinstance(index, int) else None
+            return value[index] if isinstance(index, (int, slice)) else None
         space = self._space(source)
         if space is None:
             return None

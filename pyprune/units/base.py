@@ -301,8 +301,11 @@ class MutableChannelUnit:
         if with_channels:
             config["channels"] = {"input_related": [ref_to_dict(r) for r in self.input_related],
                                   "output_related": [ref_to_dict(r) for r in self.output_related]}
-            if self.groups != 1:  # not in mmrazor's layout; needed to rebuild a grouped unit from its channels
+            # Not in mmrazor's layout; needed to rebuild the unit from its channels alone (parse_cfg type 'Config').
+            if self.groups != 1:
                 config["channels"]["groups"] = self.groups
+            if self.fixed:
+                config["channels"]["fixed"] = self.reason or "fixed"
         return config
 
     def __repr__(self) -> str:
