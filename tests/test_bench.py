@@ -174,21 +174,7 @@ def test_gather_bench_quick_covers_every_case_and_method():
 
 
 # ------------------------------------------------------------------------------- against pyprune's DynamicOps
-def _landed(module_name, attribute):
-    import importlib
-    try:
-        return hasattr(importlib.import_module(module_name), attribute)
-    except ImportError:
-        return False
 
-
-# pyprune.ops / pyprune.mutators are written concurrently; these tests switch on as soon as they exist.
-requires_ops = pytest.mark.skipif(not _landed("pyprune.ops", "to_dynamic"), reason="pyprune.ops not landed yet")
-requires_mutator = pytest.mark.skipif(not _landed("pyprune.mutators", "ChannelMutator"),
-                                      reason="pyprune.mutators.ChannelMutator not landed yet")
-
-
-@requires_mutator
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 def test_reference_model_runs_the_same_subnet_as_the_dynamic_model(ratio):
     from pyprune.bench import models as model_bench
@@ -210,7 +196,6 @@ def test_reference_model_runs_the_same_subnet_as_the_dynamic_model(ratio):
     torch.testing.assert_close(ref_bn.running_var, dyn_bn.running_var)
 
 
-@requires_mutator
 def test_reference_model_follows_unit_prefix_switches():
     from pyprune.bench import models as model_bench
     model = model_bench.TinyNet().eval()
@@ -225,7 +210,6 @@ def test_reference_model_follows_unit_prefix_switches():
             torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@requires_ops
 def test_reference_from_op_matches_dynamic_conv():
     from pyprune.ops import to_dynamic
     op = to_dynamic(nn.Conv2d(8, 12, 3, padding=1))
@@ -247,7 +231,6 @@ def _assert_positive_finite(value, where):
     assert math.isfinite(number) and number > 0, f"{where}: time {value!r} is not positive and finite"
 
 
-@requires_ops
 def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
     from pyprune.bench import main
     assert main(["ops", "--quick", "--out", str(tmp_path)]) == 0
@@ -266,7 +249,6 @@ def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
     assert "channel gather" in capsys.readouterr().out
 
 
-@requires_mutator
 def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
     from pyprune.bench import main
     from pyprune.bench import models as model_bench

@@ -3,7 +3,6 @@
 The subprocess runs need the real ``pyprune.ops`` and ``pyprune.tracing``; the argument checks run in process.
 """
 import csv
-import importlib
 import json
 import os
 import subprocess
@@ -19,16 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 FINAL_FILES = {"pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png",
                "summary.json"}
 
-
-def _real_pipeline_landed() -> bool:
-    try:
-        return hasattr(importlib.import_module("pyprune.ops"), "to_dynamic") and hasattr(
-            importlib.import_module("pyprune.tracing"), "trace_channel_units")
-    except ImportError:
-        return False
-
-
-needs_pipeline = pytest.mark.skipif(not _real_pipeline_landed(), reason="needs pyprune.ops and pyprune.tracing")
 
 
 def run_cli(*args, cwd, timeout=240):
@@ -58,7 +47,6 @@ def quick_run(tmp_path_factory):
     return out, result
 
 
-@needs_pipeline
 def test_quick_run_writes_every_output(quick_run):
     out, result = quick_run
     assert {p.name for p in out.iterdir()} == FINAL_FILES | {"checkpoint.pt"}
@@ -82,7 +70,6 @@ def test_quick_run_writes_every_output(quick_run):
     assert len(table) == len(rows)
 
 
-@needs_pipeline
 def test_exported_model_reloads_into_a_fresh_model_and_matches(quick_run):
     from pyprune.algorithms import load_pruned_run
     from pyprune.data import synthetic_splits
@@ -101,7 +88,6 @@ def test_exported_model_reloads_into_a_fresh_model_and_matches(quick_run):
     assert evaluate(model, val, 64, torch.device("cpu")) == pytest.approx(summary["accuracy_exported"])
 
 
-@needs_pipeline
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(quick_run, tmp_path):
     reference, _ = quick_run
     out = tmp_path / "out"
@@ -121,7 +107,6 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(quick_run, tmp_pat
     assert rows == expected
 
 
-@needs_pipeline
 def test_resume_with_other_options_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["prune", "--quick", "--no-progress", "--max-iterations", "2", "--output-dir", str(out)]) == 0
@@ -131,7 +116,6 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
     assert "target_ratio" in capsys.readouterr().err
 
 
-@needs_pipeline
 def test_image_folder_data(tmp_path, capsys):
     from torchvision.utils import save_image
     from pyprune.data import SyntheticShapes

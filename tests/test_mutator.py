@@ -7,26 +7,15 @@ import copy
 import importlib
 import json
 import sys
-import types
 
 import pytest
 import torch
-from torch import nn
+
 
 import test_units as tu
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import ChannelMutator
 from pyprune.units import modules as unit_modules
-
-
-def _tracing_landed() -> bool:
-    try:
-        return hasattr(importlib.import_module("pyprune.tracing"), "trace_channel_units")
-    except ImportError:
-        return False
-
-
-requires_tracing = pytest.mark.skipif(not _tracing_landed(), reason="pyprune.tracing not landed yet")
 
 
 def _hand_written_trace(real_trace):
@@ -35,23 +24,15 @@ def _hand_written_trace(real_trace):
         if isinstance(model, tu.SmallNet):
             assert tracer in ("fx", "torch_function", "auto") and example_inputs.shape[1] == 3
             return tu.small_net_specs()
-        if real_trace is None:
-            raise NotImplementedError("pyprune.tracing has not landed; the stand-in only knows SmallNet")
         return real_trace(model, example_inputs, fixed=fixed, strict=strict, tracer=tracer)
     return trace
 
 
 @pytest.fixture(autouse=True)
 def stand_ins(monkeypatch):
-    """SmallNet always gets its hand-written specs; other models the real tracer (once it has landed)."""
-    if _tracing_landed():
-        tracing = importlib.import_module("pyprune.tracing")
-        monkeypatch.setattr(tracing, "trace_channel_units", _hand_written_trace(tracing.trace_channel_units))
-    else:
-        fake = types.ModuleType("pyprune.tracing")
-        fake.ChannelRef, fake.UnitSpec = tu.ChannelRef, tu.UnitSpec
-        fake.trace_channel_units = _hand_written_trace(None)
-        monkeypatch.setitem(sys.modules, "pyprune.tracing", fake)
+    """SmallNet always gets its hand-written specs; other models the real tracer."""
+    tracing = importlib.import_module("pyprune.tracing")
+    monkeypatch.setattr(tracing, "trace_channel_units", _hand_written_trace(tracing.trace_channel_units))
 
 
 def _dynamic_types():
@@ -346,7 +327,6 @@ def test_summary_counts_params_and_flops():
 
 
 # ------------------------------------------------------------------------------------- real tracer, real models
-@requires_tracing
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_torchvision_half_width_export_equals_dynamic(name):
     torchvision = pytest.importorskip("torchvision")

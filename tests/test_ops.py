@@ -7,7 +7,7 @@ Kernel-backed tests run under both kernel backends through the ``backend`` fixtu
 import copy
 import io
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch

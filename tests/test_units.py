@@ -6,8 +6,6 @@ UnitSpecs are written by hand here so these tests do not depend on the tracer (t
 import importlib
 import json
 import math
-from dataclasses import dataclass
-from typing import List
 
 import pytest
 import torch
@@ -16,41 +14,11 @@ from torch import nn
 
 import pyprune.units as units_pkg
 from pyprune.errors import ChannelSelectionError, ConfigError
+from pyprune.tracing import ChannelRef, UnitSpec
 from pyprune.units import (UNITS, BNScaleMutableChannelUnit, L1MutableChannelUnit, L2MutableChannelUnit,
                            LayerIndexAssembler, OneShotMutableChannelUnit, SequentialMutableChannelUnit,
                            SlimmableChannelUnit, TaylorMutableChannelUnit, kept_channel_count, make_divisible)
 from pyprune.units import modules as unit_modules
-
-
-# ------------------------------------------------------------------------------------ specs (tracer's dataclasses)
-def _tracing_dataclasses():
-    try:
-        tracing = importlib.import_module("pyprune.tracing")
-        return tracing.ChannelRef, tracing.UnitSpec
-    except (ImportError, AttributeError):
-        return None
-
-
-@dataclass
-class _ChannelRef:
-    name: str
-    start: int
-    end: int
-    is_output_channel: bool
-    expand: int = 1
-
-
-@dataclass
-class _UnitSpec:
-    num_channels: int
-    output_related: List
-    input_related: List
-    groups: int = 1
-    fixed: bool = False
-    reason: str = ""
-
-
-ChannelRef, UnitSpec = _tracing_dataclasses() or (_ChannelRef, _UnitSpec)
 
 
 # ----------------------------------------------------------------------------------------------------- DynamicOps

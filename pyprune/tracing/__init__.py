@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .capture import capture, fx_capture, forward_capture, is_prunable_layer
+from .capture import capture, is_prunable_layer
 from .propagate import ChannelPropagation
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
 

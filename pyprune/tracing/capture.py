@@ -4,7 +4,7 @@ Two ways, one result: symbolic tracing with torch.fx (fast, sees every branch of
 fx cannot trace (data-dependent control flow), a recording of a real forward pass through a ``TorchFunctionMode``.
 Both keep the layers we have DynamicOps for as opaque ``call_module`` nodes.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx

@@ -1,7 +1,6 @@
 """L1MutableChannelUnit: keeps the channels whose output weights have the largest L1 magnitude."""
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .importance import ImportanceMutableChannelUnit, normalized, per_unit_channel
