@@ -38,6 +38,9 @@ CASES = {
     "grouped": ((8, 3, 3, 3), [0, 2, 5, 7], [[0, 2], [1, 2]]),
     "depthwise": ((6, 1, 3, 3), [0, 2, 5], [[0], [0], [0]]),
     "conv3d": ((4, 3, 2, 2, 2), [1, 3], [0, 2]),
+    "conv5x5": ((6, 4, 5, 5), [0, 3, 5], [1, 2]),          # the CPU kernel's fixed-size block paths: 1, 9, 25, 49
+    "conv7x7": ((4, 3, 7, 7), [1, 2], [0, 2]),
+    "conv3d_long_block": ((3, 2, 4, 4, 5), [0, 2], [1]),   # 80-element blocks: the library-copy path
 }
 
 

@@ -21,11 +21,59 @@ int64_t rows_per_task(int64_t elements_per_row) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_row));
 }
 
-// Copies one kh*kw block. Blocks are short (1..49 elements), where an inlined loop beats a memmove call.
+constexpr int64_t kShortRun = 64;  // below this many elements an inlined loop beats a memmove / memset call
+
+// Copies `count` contiguous elements. kh*kw blocks (1..49 elements) and the one-element rows of 1-D tensors (bias,
+// norm statistics) are short, where a library call per block would cost more than the copy.
 template <typename T>
-inline void copy_block(const T* src, T* dst, int64_t count) {
+inline void copy_run(const T* src, T* dst, int64_t count) {
+  if (count >= kShortRun) {
+    std::copy_n(src, count, dst);
+    return;
+  }
   for (int64_t e = 0; e < count; ++e) {
     dst[e] = src[e];
+  }
+}
+
+template <typename T>
+inline void zero_run(T* dst, int64_t count) {
+  if (count >= kShortRun) {
+    std::fill_n(dst, count, T{});
+    return;
+  }
+  for (int64_t e = 0; e < count; ++e) {
+    dst[e] = T{};
+  }
+}
+
+// Moves `count` blocks between a dense run of blocks and blocks at `cols[k] * block`: gather reads the indexed
+// blocks (kToDense), scatter writes them. The common conv block sizes are compile-time constants, so each block
+// is a few vector moves instead of a scalar loop (the kernel's inner loop in every training step).
+template <typename T, bool kToDense, int64_t kBlock>
+inline void move_blocks_fixed(const T* src, T* dst, const int64_t* cols, int64_t count) {
+  for (int64_t k = 0; k < count; ++k) {
+    const T* from = src + (kToDense ? cols[k] : k) * kBlock;
+    T* to = dst + (kToDense ? k : cols[k]) * kBlock;
+    for (int64_t e = 0; e < kBlock; ++e) {
+      to[e] = from[e];
+    }
+  }
+}
+
+template <typename T, bool kToDense>
+inline void move_blocks(const T* src, T* dst, const int64_t* cols, int64_t count, int64_t block) {
+  switch (block) {
+    case 1: return move_blocks_fixed<T, kToDense, 1>(src, dst, cols, count);
+    case 9: return move_blocks_fixed<T, kToDense, 9>(src, dst, cols, count);      // 3x3
+    case 25: return move_blocks_fixed<T, kToDense, 25>(src, dst, cols, count);    // 5x5
+    case 49: return move_blocks_fixed<T, kToDense, 49>(src, dst, cols, count);    // 7x7
+    default:
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t from = (kToDense ? cols[k] : k) * block;
+        const int64_t to = (kToDense ? k : cols[k]) * block;
+        copy_run(src + from, dst + to, block);
+      }
   }
 }
 
@@ -48,19 +96,10 @@ void gather_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t
       const T* src_row = src + (out ? out[r] : r) * src_row_elems;
       T* dst_row = dst + r * dst_row_elems;
       if (in == nullptr) {
-        std::copy_n(src_row, dst_row_elems, dst_row);
+        copy_run(src_row, dst_row, dst_row_elems);
         continue;
       }
-      const int64_t* cols = in + (r / geo.rows_per_group) * geo.cols;
-      if (block == 1) {  // Linear: single elements, a plain indexed load is much cheaper than a copy call
-        for (int64_t k = 0; k < geo.cols; ++k) {
-          dst_row[k] = src_row[cols[k]];
-        }
-      } else {
-        for (int64_t k = 0; k < geo.cols; ++k) {
-          copy_block(src_row + cols[k] * block, dst_row + k * block, block);
-        }
-      }
+      move_blocks<T, true>(src_row, dst_row, in + (r / geo.rows_per_group) * geo.cols, geo.cols, block);
     }
   });
 }
@@ -77,25 +116,16 @@ void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_
       T* dst_row = dst + o * full_row_elems;
       const int64_t r = inverse_out ? inverse_out[o] : o;
       if (r < 0) {
-        std::fill_n(dst_row, full_row_elems, T{});
+        zero_run(dst_row, full_row_elems);
         continue;
       }
       const T* src_row = src + r * compact_row_elems;
       if (in == nullptr) {
-        std::copy_n(src_row, full_row_elems, dst_row);
+        copy_run(src_row, dst_row, full_row_elems);
         continue;
       }
-      std::fill_n(dst_row, full_row_elems, T{});
-      const int64_t* cols = in + (r / geo.rows_per_group) * geo.cols;
-      if (block == 1) {
-        for (int64_t k = 0; k < geo.cols; ++k) {
-          dst_row[cols[k]] = src_row[k];
-        }
-      } else {
-        for (int64_t k = 0; k < geo.cols; ++k) {
-          copy_block(src_row + k * block, dst_row + cols[k] * block, block);
-        }
-      }
+      zero_run(dst_row, full_row_elems);
+      move_blocks<T, false>(src_row, dst_row, in + (r / geo.rows_per_group) * geo.cols, geo.cols, block);
     }
   });
 }
