@@ -265,3 +265,27 @@ def test_tracing_leaves_buffers_unchanged():
     before = {n: b.clone() for n, b in model.named_buffers()}
     trace_channel_units(model, torch.randn(4, 3, 2, 2), tracer="torch_function")
     assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+
+
+class LiteralWidthReshape(nn.Module):
+    """ViT-style: the patch embedding is reshaped with its width written as a number (``self.hidden_dim``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.other = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        tokens = self.embed(x).reshape(n, 8, -1).permute(0, 2, 1)
+        other = self.other(x)
+        other = other.reshape(n, other.shape[1], -1).permute(0, 2, 1)
+        return self.fc(tokens.mean(1) + 0 * other.mean(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "torch_function"])
+def test_reshape_to_a_literal_channel_count_fixes_the_group(tracer):
+    with pytest.warns(PruningTraceWarning, match="fixes the channel count to 8"):
+        specs = trace_channel_units(LiteralWidthReshape(), torch.randn(2, 3, 4, 4), tracer=tracer)
+    assert unit_of(specs, "embed").fixed

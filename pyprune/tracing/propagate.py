@@ -62,6 +62,18 @@ def _shapes(node) -> Any:
     return None
 
 
+def _target_shape(node: torch.fx.Node, name: str) -> Optional[list]:
+    """The explicit target shape of a view / reshape (ints, -1 or size nodes); None for ops that take none."""
+    if name not in ("view", "reshape"):
+        return None
+    sizes = node.args[1:]  # x.view(n, c, -1), torch.reshape(x, (n, c, -1)), Tensor.view(x, n, c, -1) (recorded)
+    if not sizes:
+        sizes = (node.kwargs.get("shape", node.kwargs.get("size")),)
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+        sizes = sizes[0]
+    return list(sizes) if all(s is not None for s in sizes) else None
+
+
 def _flat_nodes(value) -> List[torch.fx.Node]:
     out = []
     torch.fx.node.map_arg(value, lambda n: out.append(n) or n)
@@ -401,16 +413,25 @@ class ChannelPropagation:
         for k, size in enumerate(out_shape):
             if prefix == before:
                 if size == in_shape[c]:
-                    return space.with_dim(k, len(out_shape))
+                    return self._reshaped(node, name, space.with_dim(k, len(out_shape)))
                 trailing = 1
                 for j in range(c + 1, len(in_shape)):
                     trailing *= in_shape[j]
                     if size == in_shape[c] * trailing:
-                        return space.expanded(trailing).with_dim(k, len(out_shape))
+                        return self._reshaped(node, name, space.expanded(trailing).with_dim(k, len(out_shape)))
             elif prefix > before:
                 break
             prefix *= size
         return self._unknown(node, name, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the channel dim")
+
+    def _reshaped(self, node, name: str, space: ChannelSpace):
+        """``space`` unless the target shape spells the channel width as a number (``x.reshape(n, 768, -1)``, as
+        ViT does with ``self.hidden_dim``): a pruned model would still ask for the full width there."""
+        target = _target_shape(node, name)
+        if target is not None and len(target) == space.ndim and isinstance(target[space.dim], int) \
+                and target[space.dim] != -1:
+            return self._unknown(node, name, f"the target shape fixes the channel count to {target[space.dim]}")
+        return space
 
     def _split(self, node, name: str):
         space = self._space(node.args[0])
