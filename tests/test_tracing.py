@@ -89,11 +89,50 @@ class WithScale(nn.Module):
         return self.head(self.conv(x) * self.scale) + 0 * self.other(x)[:, :2]
 
 
-def test_channel_sized_parameter_fixes_group():
+def test_channel_sized_parameter_joins_the_group():
     specs = trace_channel_units(WithScale(), torch.randn(1, 3, 4, 4))
     conv = unit_of(specs, "conv")
-    assert conv.fixed and "channel-sized tensor" in conv.reason
+    assert not conv.fixed
+    assert [(r.name, r.start, r.end, r.param_dim) for r in conv.output_related if r.param_dim is not None] == \
+        [("scale", 0, 8, 0)]
     assert unit_of(specs, "other").fixed  # sliced to 2 channels: partial
+
+
+class ScaleReadTwice(WithScale):
+    def forward(self, x):
+        return self.head(self.conv(x) * self.scale) + self.scale.sum()
+
+
+class TokensWithClassToken(nn.Module):
+    """ViT-style: a class token concatenated along the sequence, a position embedding added, channels last."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 5, 8))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embedding
+        return self.head(self.norm(tokens)[:, 0])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "torch_function"])
+def test_class_token_and_position_embedding_join_the_stream(tracer):
+    specs = trace_channel_units(TokensWithClassToken(), torch.randn(2, 3, 4, 4), tracer=tracer)
+    stream = unit_of(specs, "embed")
+    assert not stream.fixed
+    assert {(r.name, r.param_dim) for r in stream.output_related if r.param_dim is not None} == \
+        {("class_token", 2), ("pos_embedding", 2)}
+
+
+def test_channel_tensor_with_another_use_fixes_the_group():
+    specs = trace_channel_units(ScaleReadTwice(), torch.randn(1, 3, 4, 4))
+    conv = unit_of(specs, "conv")
+    assert conv.fixed and "also used in a way pyprune cannot slice" in conv.reason
 
 
 class Shuffle(nn.Module):

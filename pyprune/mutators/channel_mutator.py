@@ -13,7 +13,7 @@ from ..errors import ChannelSelectionError, ConfigError
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.base import ref_to_dict, unit_name_from_refs
 from ..units import modules as unit_modules
-from ..units.modules import get_module, replace_modules
+from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, normalize_parse_cfg, normalize_unit_cfg,
                     specs_from_channels)
 from .summary import PruningSummary, make_summary
@@ -151,10 +151,10 @@ class ChannelMutator:
                 if hit is not None and not unit.fixed:
                     unit.fix(f"fixed by the user ({hit!r})")
 
-    def _plan_conversion(self, model: nn.Module, mutable: Sequence[MutableChannelUnit]) -> Dict[str, nn.Module]:
+    def _plan_conversion(self, model: nn.Module, mutable: Sequence[MutableChannelUnit]) -> Dict[str, object]:
         """DynamicOps for the mutable units' layers; a unit with a layer that has none is fixed (strict: error)."""
-        ops = unit_modules.ops_package()
-        plan: Dict[str, Optional[nn.Module]] = {}
+        plan: Dict[str, object] = {}
+        dynamic_already = set()
         for unit in mutable:
             try:
                 unit.check_layers(model)
@@ -164,10 +164,12 @@ class ChannelMutator:
                 warnings.warn(f"{error}; the unit is not pruned", stacklevel=3)
                 unit.fix(str(error))
                 continue
-            for name in unit.module_names():
-                if name not in plan:
-                    module = get_module(model, name, f"unit {unit.name}")
-                    plan[name] = module if isinstance(module, ops.DynamicChannelMixin) else ops.to_dynamic(module)
+            for ref in unit.related_refs:
+                if ref.name not in plan:
+                    layer = get_layer(model, ref, f"unit {unit.name}")
+                    if is_dynamic(layer):
+                        dynamic_already.add(ref.name)
+                    plan[ref.name] = to_dynamic_layer(layer)
             missing = [n for n in unit.module_names() if plan[n] is None]
             if missing:
                 kinds = ", ".join(f"{n!r} ({type(model.get_submodule(n)).__name__})" for n in missing)
@@ -177,7 +179,7 @@ class ChannelMutator:
                 warnings.warn(f"{message}; the unit is not pruned", stacklevel=3)
                 unit.fix("a layer has no DynamicOp")
         needed = {n for u in mutable if u.is_mutable for n in u.module_names() if n in plan}
-        return {n: plan[n] for n in needed if plan[n] is not model.get_submodule(n)}  # skip already-dynamic ones
+        return {n: plan[n] for n in needed if n not in dynamic_already}
 
     def _config_counts(self, units: Sequence[MutableChannelUnit]) -> Dict[str, int]:
         """Validate the config's choices (all of them) before anything is applied."""
@@ -289,10 +291,11 @@ class ChannelMutator:
         else:
             inputs = tuple(example_input)
         full = copy.deepcopy(model)
-        for module in full.modules():
-            if isinstance(module, unit_modules.ops_package().DynamicChannelMixin):
-                module.set_out_index(None)
-                module.set_in_index(None)
+        ops = unit_modules.ops_package()
+        for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
+                list(ops.channel_parameters(full)):
+            layer.set_out_index(None)
+            layer.set_in_index(None)
         return make_summary(export_static(full), self.export(model), inputs)
 
     def __repr__(self) -> str:
@@ -310,6 +313,7 @@ def export_static(model: nn.Module) -> nn.Module:
             static.train(module.training)
             replacements[name] = static
     replace_modules(model, replacements)
+    unit_modules.ops_package().export_channel_parameters(model)
     left = [name for name, m in model.named_modules()
             if isinstance(m, mixin) or type(m).__module__.startswith("pyprune.ops")]
     if left:

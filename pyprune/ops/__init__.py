@@ -8,7 +8,9 @@ from .conv import DynamicConv2d
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm
 from .linear import DynamicLinear
+from .parameter import ChannelParameter, channel_parameter, channel_parameters, export_channel_parameters
 from .registry import DYNAMIC_OPS, to_dynamic
 
 __all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
-           "DynamicLayerNorm", "DynamicGroupNorm", "DYNAMIC_OPS", "to_dynamic"]
+           "DynamicLayerNorm", "DynamicGroupNorm", "DYNAMIC_OPS", "to_dynamic", "ChannelParameter",
+           "channel_parameter", "channel_parameters", "export_channel_parameters"]

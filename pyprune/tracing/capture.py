@@ -12,16 +12,18 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
+from ..ops.layernorm import is_channels_first_layer_norm
 from .spec import warn_untraceable
 
-# Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward.
+# Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward (or, for
+# LayerNorm, normalise channels first like ConvNeXt's LayerNorm2d).
 PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 
 
 def is_prunable_layer(module: nn.Module) -> bool:
     for base in PRUNABLE_LAYERS:
         if isinstance(module, base):
-            return type(module).forward is base.forward
+            return type(module).forward is base.forward or is_channels_first_layer_norm(module)
     return False
 
 
@@ -51,6 +53,8 @@ class _PathTracer(torch.fx.Tracer):
 def fx_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.GraphModule:
     """Trace symbolically in train mode (so train-only branches such as aux heads are in the graph), then run the
     graph once in eval mode to record shapes (eval keeps batch-norm happy with a batch of one)."""
+    for module in model.modules():  # decide now: while fx traces, parameters read as proxies and probes fail
+        is_prunable_layer(module)
     was_training = model.training
     model.train()
     try:
@@ -67,17 +71,20 @@ def fx_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.GraphMo
 class _Recorder(TorchFunctionMode):
     """Records torch calls made outside prunable layers as fx nodes, mapping tensors to the nodes that made them."""
 
-    def __init__(self, graph: torch.fx.Graph, producers: Dict[int, torch.fx.Node], path_of: Callable[[], str]):
+    def __init__(self, graph: torch.fx.Graph, producers: Dict[int, torch.fx.Node], path_of: Callable[[], str],
+                 tensor_names: Dict[int, str]):
         super().__init__()
         self.graph, self.producers, self.path_of = graph, producers, path_of
+        self.tensor_names = tensor_names  # id -> path of the model's parameters and buffers
         self.inside_layer = 0
         self._keep = []  # keep outputs alive so their ids stay unique while recording
 
     def node_for(self, value):
         if isinstance(value, Tensor):
             node = self.producers.get(id(value))
-            if node is None:  # a parameter, buffer or constant: an opaque value of known shape
-                node = self.graph.create_node("get_attr", f"_const_{len(self.producers)}")
+            if node is None:  # a parameter, buffer (named by its path, as fx does) or constant
+                target = self.tensor_names.get(id(value), f"_const_{len(self.producers)}")
+                node = self.graph.create_node("get_attr", target)
                 _set_meta(node, value, self.path_of())
                 self.producers[id(value)] = node
                 self._keep.append(value)
@@ -170,7 +177,8 @@ def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> tor
     producers: Dict[int, torch.fx.Node] = {}
     names = {m: n for n, m in model.named_modules()}
     stack = [""]
-    recorder = _Recorder(graph, producers, lambda: stack[-1])
+    tensor_names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    recorder = _Recorder(graph, producers, lambda: stack[-1], tensor_names)
     for i, x in enumerate(inputs):
         node = graph.placeholder(f"input_{i}")
         _set_meta(node, x, "")

@@ -126,7 +126,7 @@ class GroupTable:
         for gid in range(len(self._parent)):
             if self.find(gid) != gid or not self._refs[gid]:
                 continue
-            refs = list(dict.fromkeys((r.name, r.start, r.end, r.is_output_channel, r.expand)
+            refs = list(dict.fromkeys((r.name, r.start, r.end, r.is_output_channel, r.expand, r.param_dim)
                                       for r in self._refs[gid]))
             refs = [ChannelRef(*r) for r in refs]
             reasons = list(dict.fromkeys(self._reasons.get(gid, [])))

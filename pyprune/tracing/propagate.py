@@ -15,12 +15,13 @@ import torch.fx
 from torch import nn
 
 from ..errors import UntraceableOpError
+from ..ops.layernorm import is_channels_first_layer_norm
 from .capture import is_prunable_layer
 from .channel_space import ChannelSpace, GroupTable, Segment, merge_adjacent, slice_space
 from .spec import ChannelRef, warn_untraceable
 
-ELEMENTWISE = {"add", "iadd", "add_", "sub", "isub", "sub_", "rsub", "mul", "imul", "mul_", "truediv", "itruediv",
-               "div", "div_", "maximum", "minimum", "where"}
+ELEMENTWISE = {"add", "iadd", "add_", "radd", "sub", "isub", "sub_", "rsub", "mul", "imul", "mul_", "rmul",
+               "truediv", "itruediv", "rtruediv", "div", "div_", "maximum", "minimum", "where"}
 CONCAT = {"cat", "concat", "concatenate"}
 RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "Flatten", "Unflatten", "view_as",
            "reshape_as"}
@@ -28,6 +29,8 @@ PERMUTE = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"
 SPLIT = {"chunk", "split", "tensor_split", "split_with_sizes"}
 REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"}
 NO_TENSOR = {"size", "dim", "numel", "getattr"}
+TENSOR_PASS = {"expand", "expand_as", "to", "type", "type_as", "contiguous", "clone", "float", "half", "bfloat16",
+               "detach"}  # between a channel tensor and its use: keep every dim where it is
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ def _name(node: torch.fx.Node, model: nn.Module) -> str:
         return node.target
     if node.target is operator.getitem:
         return "getitem"
-    return getattr(node.target, "__name__", str(node.target))
+    name = getattr(node.target, "__name__", str(node.target))
+    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ...: the same ops as fx's getitem / add
+    return name[2:-2] if name.startswith("__") and name.endswith("__") and len(name) > 4 else name
 
 
 def _shapes(node) -> Any:
@@ -74,6 +79,28 @@ def _target_shape(node: torch.fx.Node, name: str) -> Optional[list]:
     return list(sizes) if all(s is not None for s in sizes) else None
 
 
+def _is_model_tensor(model: nn.Module, path) -> bool:
+    """Whether ``path`` names a parameter or buffer of ``model``."""
+    for getter in (model.get_parameter, model.get_buffer):
+        try:
+            getter(path)
+            return True
+        except (AttributeError, TypeError):
+            pass
+    return False
+
+
+def _tensor_pass_users(node: torch.fx.Node, model: nn.Module) -> List[torch.fx.Node]:
+    """The first users of ``node`` past any chain of :data:`TENSOR_PASS` ops."""
+    out = []
+    for user in node.users:
+        if _name(user, model) in TENSOR_PASS and user.args and user.args[0] is node:
+            out += _tensor_pass_users(user, model)
+        else:
+            out.append(user)
+    return out
+
+
 def _flat_nodes(value) -> List[torch.fx.Node]:
     out = []
     torch.fx.node.map_arg(value, lambda n: out.append(n) or n)
@@ -88,12 +115,14 @@ class ChannelPropagation:
         self.table = GroupTable()
         self.spaces: Dict[torch.fx.Node, Any] = {}
         self.notes: List[str] = []
+        self.bound_tensors: Dict[str, list] = {}  # channel tensor path -> [(using node, space)]
 
     # ---- driving -------------------------------------------------------------------------------------------
     def run(self, graph: torch.fx.Graph) -> GroupTable:
         for node in graph.nodes:
             self.spaces[node] = self._visit(node)
             self._check_sizes(node)
+        self._check_bound_tensors(graph)
         return self.table
 
     def _visit(self, node: torch.fx.Node):
@@ -187,16 +216,64 @@ class ChannelPropagation:
             self._fix_space(space, f"{name} at {path or node.name}")
         return None
 
-    def _fix_channel_sized_constants(self, node, out_ndim: int, tracked: Sequence[ChannelSpace]) -> None:
-        """An untracked operand with a channel-sized dim (a parameter such as layer_scale) pins the groups."""
+    def _fix_channel_sized_constants(self, node, out_ndim: int, tracked: Sequence[ChannelSpace],
+                                     bindable: bool = False) -> None:
+        """An untracked operand with a channel-sized dim pins the groups, unless (``bindable``: elementwise ops and
+        concatenation along another dim) it is a parameter or buffer of the model, read directly or through
+        ``expand`` / ``to`` / ...: then the tensor joins the groups as a channel tensor (ConvNeXt's layer_scale)."""
         for arg in _flat_nodes((node.args, node.kwargs)):
             if self._space(arg) is not None or not isinstance(_shapes(arg), torch.Size):
                 continue
             shape = _shapes(arg)
             for space in tracked:
                 idx = space.dim + out_ndim - space.ndim - (out_ndim - len(shape))
-                if 0 <= idx < len(shape) and shape[idx] > 1:
+                if not (0 <= idx < len(shape) and shape[idx] > 1):
+                    continue
+                source = self._channel_tensor_source(arg, idx) if bindable else None
+                if source is None:
                     self._fix_space(space, f"channel-sized tensor {arg.name} used by {self._where(node)}")
+                else:
+                    self._bind_channel_tensor(node, space, *source)
+
+    def _channel_tensor_source(self, node, dim: int):
+        """(path, dim) of the parameter / buffer whose dim ``dim`` becomes ``node``'s dim ``dim``, or None."""
+        ndim = len(_shapes(node))
+        while node.op != "get_attr":
+            source = node.args[0] if node.args else None
+            if _name(node, self.model) not in TENSOR_PASS or not isinstance(source, torch.fx.Node) or \
+                    not isinstance(_shapes(source), torch.Size):
+                return None
+            dim -= ndim - len(_shapes(source))  # expand may add leading dims
+            ndim = len(_shapes(source))
+            if dim < 0 or _shapes(source)[dim] != _shapes(node)[dim + len(_shapes(node)) - ndim]:
+                return None  # a size-1 dim broadcast to the channel width
+            node = source
+        if not _is_model_tensor(self.model, node.target):
+            return None  # e.g. a constant the recorded forward could not name
+        return node.target, dim
+
+    def _bind_channel_tensor(self, node, space: ChannelSpace, path: str, dim: int) -> None:
+        offset = 0
+        for seg in space.segments:
+            if self._whole(seg):
+                self.table.add_ref(seg.gid, ChannelRef(path, offset, offset + seg.width, True, seg.expand,
+                                                       param_dim=dim))
+            else:
+                self.table.fix(seg.gid, f"only part of the group reaches channel tensor {path}")
+            offset += seg.width
+        self.bound_tensors.setdefault(path, []).append((node, space))
+
+    def _check_bound_tensors(self, graph: torch.fx.Graph) -> None:
+        """A channel tensor is sliced for every reader: each use must be one that bound it, and all to the same
+        channels; otherwise the groups it joined are pinned."""
+        for path, uses in self.bound_tensors.items():
+            users = {user for reader in graph.nodes if reader.op == "get_attr" and reader.target == path
+                     for user in _tensor_pass_users(reader, self.model)}
+            consistent = all(self._same_channels(uses[0][1], space) for _, space in uses)
+            if users <= {use for use, _ in uses} and consistent:
+                continue
+            for _, space in uses:
+                self._fix_space(space, f"channel tensor {path} is also used in a way pyprune cannot slice")
 
     def _merge_spaces(self, spaces: Sequence[ChannelSpace], why: str) -> None:
         first = spaces[0]
@@ -288,8 +365,9 @@ class ChannelPropagation:
         if isinstance(module, nn.LayerNorm):
             if len(module.normalized_shape) != 1:
                 return self._unknown(node, "LayerNorm", "normalized over more than one dim")
-            self._layer_inputs(node, space, ndim - 1, True)
-            return space if space is not None and space.dim == ndim - 1 else None
+            dim = 1 if is_channels_first_layer_norm(module) else ndim - 1
+            self._layer_inputs(node, space, dim, True)
+            return space if space is not None and space.dim == dim else None
         if isinstance(module, nn.GroupNorm) and space is not None:
             if len(space.segments) != 1 or not self._whole(space.segments[0]):
                 self._fix_space(space, f"GroupNorm {node.target} spans several channel groups")
@@ -339,7 +417,7 @@ class ChannelPropagation:
         tracked = [s for s in (self._space(a) for a in _flat_nodes((node.args, node.kwargs))) if s is not None]
         if not tracked:
             return None
-        self._fix_channel_sized_constants(node, ndim, tracked)
+        self._fix_channel_sized_constants(node, ndim, tracked, bindable=True)
         dims = {s.dim + ndim - s.ndim for s in tracked}
         if len(dims) != 1:
             return self._unknown(node, name, "operands carry channels on different dims")
@@ -383,7 +461,7 @@ class ChannelPropagation:
     def _cat_other_dim(self, node, tracked, dim):
         present = [s for s in tracked if s is not None]
         ndim = len(_shapes(node))
-        self._fix_channel_sized_constants(node, ndim, present)
+        self._fix_channel_sized_constants(node, ndim, present, bindable=True)
         self._merge_spaces(present, f"{self._where(node)} concatenates different channel groups")
         return present[0].with_dim(present[0].dim, ndim)
 

@@ -1,7 +1,7 @@
 """What the tracer produces: coupled channel groups described by the module ranges they touch (mmrazor layout)."""
 import warnings
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 class PruningTraceWarning(UserWarning):
@@ -14,12 +14,15 @@ class ChannelRef:
 
     Unit channel ``c`` covers module channels ``start + c*expand ... start + c*expand + expand - 1`` (``expand > 1``
     where a feature map is flattened into a Linear: each channel becomes its ``H*W`` spatial positions).
+    ``param_dim`` is set when ``name`` is a channel-sized parameter or buffer that the model's code uses directly
+    (ConvNeXt's ``layer_scale``): the tensor's dim that holds the channels (see ``pyprune.ops.ChannelParameter``).
     """
     name: str
     start: int
     end: int
     is_output_channel: bool
     expand: int = 1
+    param_dim: Optional[int] = None
 
 
 @dataclass

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .modules import get_module, is_norm, module_channel_count
+from .modules import get_layer, has_one_selection, module_channel_count
 
-# (module name, is_output); norms use "out" for both sides since they have one channel dim.
+# (module name, is_output); norms and channel tensors use "out" for both sides since they have one channel dim.
 SideKey = Tuple[str, bool]
 
 
@@ -57,9 +57,9 @@ class LayerIndexAssembler:
         for unit in self.units:
             for ref in unit.related_refs:
                 if ref.name not in self._modules:
-                    self._modules[ref.name] = get_module(model, ref.name, f"unit {unit.name}")
+                    self._modules[ref.name] = get_layer(model, ref, f"unit {unit.name}")
                 module = self._modules[ref.name]
-                key = (ref.name, True if is_norm(module) else bool(ref.is_output_channel))
+                key = (ref.name, True if has_one_selection(module) else bool(ref.is_output_channel))
                 self._add_range(key, _Range(ref.start, ref.end, getattr(ref, "expand", 1), unit), unit)
         for key, ranges in self._ranges.items():
             ranges.sort(key=lambda r: r.start)
@@ -109,7 +109,7 @@ class LayerIndexAssembler:
             name, is_output = key
             index = self.layer_index(key)
             module = self._modules[name]
-            if is_output or is_norm(module):
+            if is_output or has_one_selection(module):
                 module.set_out_index(index)
             else:
                 module.set_in_index(index)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ChannelSelectionError, ConfigError
-from .modules import get_module, module_device, plan_dynamic_conversion, replace_modules
+from .modules import get_layer, module_device, plan_dynamic_conversion, replace_modules
 from .rounding import kept_channel_count
 
 CHOICE_MODES = ("ratio", "number")
@@ -28,6 +28,8 @@ def ref_to_dict(ref) -> Dict[str, Any]:
            "is_output_channel": bool(ref.is_output_channel)}
     if getattr(ref, "expand", 1) != 1:
         out["expand"] = int(ref.expand)
+    if getattr(ref, "param_dim", None) is not None:
+        out["param_dim"] = int(ref.param_dim)
     return out
 
 
@@ -242,7 +244,7 @@ class MutableChannelUnit:
 
         Validates everything first: a missing or unconvertible module raises ConfigError, the model unchanged.
         """
-        replace_modules(model, plan_dynamic_conversion(model, self.module_names(), f"unit {self.name}"))
+        replace_modules(model, plan_dynamic_conversion(model, self.related_refs, f"unit {self.name}"))
         self.bind(model)
         if self._assembler is None:
             from .assembler import LayerIndexAssembler
@@ -259,7 +261,10 @@ class MutableChannelUnit:
 
         Raises ConfigError naming the unit; works on plain layers, so it can run before any conversion.
         """
-        modules = {name: get_module(model, name, f"unit {self.name}") for name in self.module_names()}
+        modules = {}
+        for ref in self.related_refs:
+            if ref.name not in modules:
+                modules[ref.name] = get_layer(model, ref, f"unit {self.name}")
         groups = self.groups
         for ref in self.related_refs:
             expand = getattr(ref, "expand", 1)

@@ -13,8 +13,10 @@ def ops_package():
     return ops
 
 
-def is_dynamic(module: nn.Module) -> bool:
-    return isinstance(module, ops_package().DynamicChannelMixin)
+def is_dynamic(layer) -> bool:
+    """A DynamicOp, or a channel-sized tensor that already serves its kept channels."""
+    ops = ops_package()
+    return isinstance(layer, ops.DynamicChannelMixin) or (isinstance(layer, ops.ChannelParameter) and layer.attached)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -22,8 +24,13 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
 
 
-def module_channel_count(module: nn.Module, is_output: bool, where: str = "") -> int:
-    """Full number of output (``is_output``) or input channels of a conv / linear / norm layer."""
+def has_one_selection(layer) -> bool:
+    """Norms and channel-sized tensors: one channel dim, so in and out selections are the same thing."""
+    return is_norm(layer) or isinstance(layer, ops_package().ChannelParameter)
+
+
+def module_channel_count(module, is_output: bool, where: str = "") -> int:
+    """Full number of output (``is_output``) or input channels of a conv / linear / norm layer or channel tensor."""
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels if is_output else module.in_channels
     if isinstance(module, nn.Linear):
@@ -34,12 +41,16 @@ def module_channel_count(module: nn.Module, is_output: bool, where: str = "") ->
         return module.num_channels
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
+    if isinstance(module, ops_package().ChannelParameter):
+        return module.num_channels
     raise ConfigError(f"{where or type(module).__name__}: {type(module).__name__} has no channel dimension "
                       f"pyprune knows how to prune")
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """Device of the module's first parameter or buffer (cpu when it has none)."""
+def module_device(module) -> torch.device:
+    """Device of the module's first parameter or buffer (cpu when it has none), or of a channel tensor."""
+    if isinstance(module, ops_package().ChannelParameter):
+        return module.tensor.device
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -54,23 +65,39 @@ def get_module(model: nn.Module, name: str, where: str = "") -> nn.Module:
         raise ConfigError(f"{where}: the model has no module named {name!r}") from None
 
 
-def plan_dynamic_conversion(model: nn.Module, names: Iterable[str], where: str = "") -> Dict[str, nn.Module]:
-    """DynamicOps for the named modules that are not dynamic yet, without touching ``model``.
+def get_layer(model: nn.Module, ref, where: str = ""):
+    """What a unit's ref names: a module, or for a channel-sized tensor (``ref.param_dim`` set) its
+    :class:`~pyprune.ops.ChannelParameter` (the attached one once the model is prepared)."""
+    if getattr(ref, "param_dim", None) is None:
+        return get_module(model, ref.name, where)
+    try:
+        return ops_package().channel_parameter(model, ref.name, ref.param_dim)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
-    A module that has no DynamicOp raises ConfigError (naming it and ``where``) before anything is replaced.
-    """
+
+def to_dynamic_layer(layer):
+    """The DynamicOp for a module (itself if it already is one; None when there is none), or the channel tensor
+    itself (it is made to serve its kept channels by :func:`replace_modules`)."""
     ops = ops_package()
-    plan: Dict[str, nn.Module] = {}
-    for name in dict.fromkeys(names):
-        module = get_module(model, name, where)
-        if isinstance(module, ops.DynamicChannelMixin):
+    return layer if isinstance(layer, ops.ChannelParameter) else ops.to_dynamic(layer)
+
+
+def plan_dynamic_conversion(model: nn.Module, refs: Iterable, where: str = "") -> Dict[str, object]:
+    """DynamicOps (or channel tensors) for the layers ``refs`` name that are not dynamic yet, without touching
+    ``model``. A module that has no DynamicOp raises ConfigError (naming it and ``where``) before anything changes.
+    """
+    plan: Dict[str, object] = {}
+    for ref in refs:
+        layer = get_layer(model, ref, where)
+        if ref.name in plan or is_dynamic(layer):
             continue
-        dynamic = ops.to_dynamic(module)
+        dynamic = to_dynamic_layer(layer)
         if dynamic is None:
-            raise ConfigError(f"{where}: module {name!r} ({type(module).__name__}) has no DynamicOp; exclude it "
-                              f"from pruning with fixed=[{name!r}]")
-        dynamic.pyprune_name = name  # error messages name the layer by its path
-        plan[name] = dynamic
+            raise ConfigError(f"{where}: module {ref.name!r} ({type(layer).__name__}) has no DynamicOp; exclude it "
+                              f"from pruning with fixed=[{ref.name!r}]")
+        dynamic.pyprune_name = ref.name  # error messages name the layer by its path
+        plan[ref.name] = dynamic
     return plan
 
 
@@ -84,12 +111,16 @@ def _parents_of(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
     return parents
 
 
-def replace_modules(model: nn.Module, replacements: Dict[str, nn.Module]) -> None:
-    """Swap each named module for its replacement everywhere the same object is registered in ``model``."""
+def replace_modules(model: nn.Module, replacements: Dict[str, object]) -> None:
+    """Swap each named module for its replacement everywhere the same object is registered in ``model``;
+    channel tensors (:class:`~pyprune.ops.ChannelParameter`) are attached to their owners instead."""
     if not replacements:
         return
     parents = _parents_of(model)
     for name, new in replacements.items():
+        if isinstance(new, ops_package().ChannelParameter):
+            new.attach()  # a tensor, not a module: its owner starts serving the kept channels
+            continue
         old = model.get_submodule(name)
         for parent, attribute in parents.get(id(old), []):
             setattr(parent, attribute, new)

@@ -1,0 +1,202 @@
+"""ChannelParameter: a channel-sized parameter or buffer that a module's own code uses, served at the active channels.
+
+Some models multiply or add a bare tensor of the channel width into a stream: ConvNeXt's ``layer_scale``
+``[C, 1, 1]``, ViT-style ``class_token`` ``[1, 1, D]`` / ``pos_embedding`` ``[1, S, D]``, CaiT's ``gamma``. No layer
+owns those channels, so no DynamicOp can serve them. Instead the owning module's class is swapped for a subclass
+(as ``torch.nn.utils.parametrize`` does) whose attribute lookup returns ``tensor.index_select(dim, index)`` for the
+attached names, so ``self.layer_scale * x`` in the model's unchanged code sees ``[K, 1, 1]``. The full tensor stays
+registered under its name (``parameters()``, optimizers and ``state_dict`` keys are unchanged; gradients flow back
+into the kept channels), and the selections are stored in the owner's ``state_dict`` extra state.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ChannelSelectionError, ConfigError
+from .selection import check_index
+
+__all__ = ["ChannelParameter", "channel_parameter", "channel_parameters", "export_channel_parameters",
+           "resolve_tensor"]
+
+_SLOTS = "_pyprune_channel_parameters"  # owner.__dict__ key: {attribute: ChannelParameter}
+_EXTRA_STATE_KEY = "_extra_state"
+
+
+def resolve_tensor(model: nn.Module, path: str) -> Tuple[nn.Module, str, Tensor]:
+    """(owner module, attribute, tensor) of the parameter or buffer at ``path`` (e.g. ``features.1.0.layer_scale``);
+    ConfigError when there is none."""
+    owner_path, _, attribute = path.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path) if owner_path else model
+    except AttributeError:
+        owner = None
+    tensor = None
+    if owner is not None:
+        tensor = owner._parameters.get(attribute, owner._buffers.get(attribute))
+    if tensor is None:
+        raise ConfigError(f"the model has no parameter or buffer named {path!r}")
+    return owner, attribute, tensor
+
+
+class ChannelParameter:
+    """The channels ``index`` of dim ``dim`` of the tensor ``path``; behaves like a single-selection DynamicOp for
+    the units (``set_out_index`` / ``set_in_index``, ``out_index``, ``active_out_channels``).
+
+    Built detached (nothing in the model changes); :meth:`attach` makes the owner serve the compact tensor and
+    :meth:`export` writes the compact tensor into the owner for good.
+    """
+
+    def __init__(self, model: nn.Module, path: str, dim: int):
+        self.owner, self.attribute, tensor = resolve_tensor(model, path)
+        if not -tensor.dim() <= dim < tensor.dim():
+            raise ConfigError(f"{path}: dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
+        self.pyprune_name, self.dim = path, dim % tensor.dim()
+        self.num_channels = tensor.shape[self.dim]
+        self._index: Optional[Tensor] = None
+
+    @property
+    def tensor(self) -> Tensor:
+        """The full tensor, as registered in the owner."""
+        owner = self.owner
+        return owner._parameters.get(self.attribute, owner._buffers.get(self.attribute))
+
+    # ---------------------------------------------------------------------------------------- selection (trusted)
+    def set_out_index(self, index: Optional[Tensor]) -> None:
+        """Trusted: sorted unique int64 channel index on the tensor's device, or None for every channel."""
+        self._index = None if index is None or index.shape[0] == self.num_channels else index
+
+    set_in_index = set_out_index  # one channel dim: both sides are the same selection
+
+    @property
+    def out_index(self) -> Optional[Tensor]:
+        return self._index
+
+    in_index = out_index
+
+    @property
+    def active_out_channels(self) -> int:
+        return self.num_channels if self._index is None else self._index.shape[0]
+
+    active_in_channels = active_out_channels
+
+    def compact(self, tensor: Tensor) -> Tensor:
+        """``tensor`` at the kept channels of dim ``dim`` (differentiable); ``tensor`` itself when all are kept."""
+        return tensor if self._index is None else tensor.index_select(self.dim, self._index)
+
+    # ------------------------------------------------------------------------------------------------ attaching
+    @property
+    def attached(self) -> bool:
+        return self.owner.__dict__.get(_SLOTS, {}).get(self.attribute) is self
+
+    def attach(self) -> "ChannelParameter":
+        """Make the owner serve the compact tensor under its attribute name (idempotent)."""
+        slots = self.owner.__dict__.setdefault(_SLOTS, {})
+        slots[self.attribute] = self
+        self.owner.__class__ = _serving_class(type(self.owner))
+        return self
+
+    def export(self) -> None:
+        """Replace the owner's full tensor by a compact copy and detach (the owner's class is restored when it
+        serves nothing else)."""
+        tensor = self.tensor
+        with torch.no_grad():
+            compact = self.compact(tensor).detach().clone()
+        if isinstance(tensor, nn.Parameter):
+            self.owner._parameters[self.attribute] = nn.Parameter(compact, requires_grad=tensor.requires_grad)
+        else:
+            self.owner._buffers[self.attribute] = compact
+        slots = self.owner.__dict__.get(_SLOTS, {})
+        slots.pop(self.attribute, None)
+        if not slots:
+            self.owner.__dict__.pop(_SLOTS, None)
+            self.owner.__class__ = type(self.owner).__bases__[1]
+
+    def __repr__(self) -> str:
+        return f"ChannelParameter({self.pyprune_name}, dim={self.dim}, {self.active_out_channels}/{self.num_channels})"
+
+
+class _ServesChannelParameters:
+    """Mixed in front of an owner's class: attached tensors are read at their kept channels."""
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        slot = self.__dict__.get(_SLOTS, {}).get(name)
+        return value if slot is None else slot.compact(value)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()`` / ``.cuda()``: the kept-channel indices follow their tensors."""
+        result = super()._apply(fn, *args, **kwargs)
+        for slot in self.__dict__.get(_SLOTS, {}).values():
+            if slot.out_index is not None:
+                slot.set_out_index(slot.out_index.to(slot.tensor.device))
+        return result
+
+    def get_extra_state(self) -> Dict[str, Optional[Tensor]]:
+        """The kept channels of every attached tensor (plain tensors: loads with ``weights_only=True``)."""
+        return {f"{attribute}_index": slot.out_index for attribute, slot in self.__dict__[_SLOTS].items()}
+
+    def set_extra_state(self, state) -> None:
+        for slot, index in _validated(self, state).items():
+            slot.set_out_index(index)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + _EXTRA_STATE_KEY
+        if key in state_dict:
+            _validated(self, state_dict[key])  # before any tensor is copied
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key not in state_dict and key in missing_keys:  # a plain model's state_dict keeps the selection
+            missing_keys.remove(key)
+
+
+def _validated(owner: nn.Module, state) -> Dict[ChannelParameter, Optional[Tensor]]:
+    slots = owner.__dict__.get(_SLOTS, {})
+    expected = {f"{attribute}_index" for attribute in slots}
+    if not isinstance(state, dict) or set(state) != expected:
+        raise ChannelSelectionError(f"{type(owner).__name__}: the state_dict's channel parameter selection is "
+                                    f"malformed: expected keys {sorted(expected)}, got {state!r}")
+    out = {}
+    for attribute, slot in slots.items():
+        index = state[f"{attribute}_index"]
+        if index is not None:
+            if not isinstance(index, Tensor):
+                raise ChannelSelectionError(f"{slot.pyprune_name}: saved index is not a tensor")
+            index = check_index(index.to(slot.tensor.device), slot.num_channels, 1, slot.pyprune_name)
+        out[slot] = index
+    return out
+
+
+_SERVING_CLASSES: Dict[type, type] = {}
+
+
+def _serving_class(cls: type) -> type:
+    """``cls`` with :class:`_ServesChannelParameters` in front (one class per owner type, made once)."""
+    if issubclass(cls, _ServesChannelParameters):
+        return cls
+    if getattr(cls, "get_extra_state", None) is not nn.Module.get_extra_state:
+        raise ConfigError(f"{cls.__name__} keeps extra state of its own; its channel-sized tensors cannot be pruned")
+    if cls not in _SERVING_CLASSES:
+        _SERVING_CLASSES[cls] = type(cls.__name__, (_ServesChannelParameters, cls),
+                                     {"__module__": __name__, "__qualname__": f"ChannelParameters[{cls.__qualname__}]"})
+    return _SERVING_CLASSES[cls]
+
+
+def channel_parameter(model: nn.Module, path: str, dim: int) -> ChannelParameter:
+    """The attached ChannelParameter of ``path`` if there is one, else a new detached one (nothing changes)."""
+    owner, attribute, _ = resolve_tensor(model, path)
+    attached = owner.__dict__.get(_SLOTS, {}).get(attribute)
+    return attached if attached is not None else ChannelParameter(model, path, dim)
+
+
+def channel_parameters(model: nn.Module):
+    """Every attached :class:`ChannelParameter` in ``model``."""
+    for module in model.modules():
+        yield from list(module.__dict__.get(_SLOTS, {}).values())
+
+
+def export_channel_parameters(model: nn.Module) -> None:
+    """Write every attached channel parameter of ``model`` compact, in place (see :meth:`ChannelParameter.export`)."""
+    for slot in list(channel_parameters(model)):
+        slot.export()

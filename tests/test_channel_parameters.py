@@ -1,0 +1,120 @@
+"""Channel-sized tensors the model's own code uses (ConvNeXt's layer_scale, ViT-style class token / position
+embedding): pruned with the stream they scale, served at the kept channels, exported compact."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from pyprune.errors import ChannelSelectionError
+from pyprune.mutators import ChannelMutator
+from pyprune.ops import ChannelParameter, channel_parameters
+
+
+class TokenNet(nn.Module):
+    """Patch embedding -> [class token; tokens] + position embedding -> LayerNorm -> scaled MLP residual -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, stride=2)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 5, 8))
+        self.norm = nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.layer_scale = nn.Parameter(torch.rand(8) + 0.5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embedding
+        tokens = tokens + self.layer_scale * self.mlp(self.norm(tokens))
+        return self.head(tokens[:, 0])
+
+
+def prepared(seed=0, ratio=0.5):
+    torch.manual_seed(seed)
+    model = TokenNet()
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(2, 3, 4, 4)))
+    mutator.prepare_from_supernet(model)
+    mutator.set_global_ratio(ratio)
+    return model, mutator
+
+
+def stream_unit(mutator):
+    return next(u for u in mutator.mutable_units if u.name.startswith("embed_"))
+
+
+def test_stream_with_channel_tensors_is_pruned_and_exports_compact():
+    model, mutator = prepared()
+    slots = {slot.pyprune_name: slot for slot in channel_parameters(model)}
+    assert set(slots) == {"class_token", "pos_embedding", "layer_scale"}
+    assert all(slot.active_out_channels == 4 for slot in slots.values())
+    assert model.class_token.shape == (1, 1, 4) and model._parameters["class_token"].shape == (1, 1, 8)
+    x = torch.randn(2, 3, 4, 4)
+    model.eval()
+    with torch.no_grad():
+        dynamic = model(x)
+    exported = mutator.export(model).eval()
+    assert type(exported) is TokenNet and not list(channel_parameters(exported))
+    assert exported.class_token.shape == (1, 1, 4) and exported.layer_scale.shape == (4,)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), dynamic, rtol=1e-5, atol=1e-6)
+    kept = stream_unit(mutator).current_index
+    torch.testing.assert_close(exported.pos_embedding, model._parameters["pos_embedding"][..., kept])
+
+
+def test_gradients_reach_only_the_kept_channels_of_the_full_tensors():
+    model, mutator = prepared()
+    model.train()
+    F.cross_entropy(model(torch.randn(4, 3, 4, 4)), torch.tensor([0, 1, 2, 0])).backward()
+    kept = stream_unit(mutator).current_mask
+    grad = model._parameters["layer_scale"].grad
+    assert grad.shape == (8,) and torch.all(grad[~kept] == 0) and torch.any(grad[kept] != 0)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in TokenNet().named_parameters()]
+
+
+def test_state_dict_round_trip_restores_the_channel_tensor_selection():
+    model, _ = prepared(ratio=0.5)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    other, _ = prepared(seed=1, ratio=1.0)
+    other.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert other.class_token.shape == (1, 1, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(torch.ones(1, 3, 4, 4)), model.eval()(torch.ones(1, 3, 4, 4)))
+
+
+def test_bad_saved_selection_raises_and_changes_nothing():
+    model, _ = prepared()
+    state = model.state_dict()
+    state["_extra_state"] = {"class_token_index": torch.tensor([0, 0, 1, 2])}
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ChannelSelectionError):
+        model.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+    assert model.class_token.shape == (1, 1, 4)
+
+
+def test_moving_the_model_moves_the_kept_indices():
+    model, _ = prepared()
+    model.to(torch.float64)
+    slot = next(s for s in channel_parameters(model) if s.pyprune_name == "layer_scale")
+    assert isinstance(slot, ChannelParameter) and slot.out_index.dtype == torch.int64
+    assert model(torch.randn(1, 3, 4, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
+def test_convnext_streams_are_pruned_through_layer_scale_and_layernorm2d():
+    model = torchvision.models.convnext_tiny(weights=None, num_classes=10).eval()
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 64, 64)))
+    mutator.prepare_from_supernet(model)
+    assert len(mutator.mutable_units) == len(mutator.units) - 2  # all but the model's input and logits
+    mutator.set_global_ratio(0.5)
+    exported = mutator.export(model).eval()
+    assert type(exported.features[0][1]).__name__ == "LayerNorm2d"
+    assert exported.features[0][1].normalized_shape == (48,)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-4)
