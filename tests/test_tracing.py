@@ -328,3 +328,19 @@ def test_reshape_to_a_literal_channel_count_fixes_the_group(tracer):
     with pytest.warns(PruningTraceWarning, match="fixes the channel count to 8"):
         specs = trace_channel_units(LiteralWidthReshape(), torch.randn(2, 3, 4, 4), tracer=tracer)
     assert unit_of(specs, "embed").fixed
+
+
+class FunctionalNormWithoutAffine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(F.layer_norm(self.proj(x), (8,)))
+
+
+def test_unknown_op_given_the_channel_count_fixes_the_group():
+    with pytest.warns(PruningTraceWarning, match="equals the channel count 8"):
+        specs = trace_channel_units(FunctionalNormWithoutAffine(), torch.randn(2, 3))
+    assert unit_of(specs, "proj").fixed

@@ -79,6 +79,13 @@ def _target_shape(node: torch.fx.Node, name: str) -> Optional[list]:
     return list(sizes) if all(s is not None for s in sizes) else None
 
 
+def _mentions(node: torch.fx.Node, width: int) -> bool:
+    """Whether a plain int argument of ``node`` (nested in tuples / lists too) equals ``width`` (> 1)."""
+    found = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs), lambda v: found.append(type(v) is int and v == width) or v)
+    return width > 1 and any(found)
+
+
 def _is_model_tensor(model: nn.Module, path) -> bool:
     """Whether ``path`` names a parameter or buffer of ``model``."""
     for getter in (model.get_parameter, model.get_buffer):
@@ -599,6 +606,11 @@ class ChannelPropagation:
                 return self._elementwise(node, name)
             return self._unknown(node, name)
         space = tracked[0]
+        if name == "layer_norm" and _mentions(node, space.width):  # F.layer_norm(x, (C,)): C stays C when pruned
+            return self._unknown(node, name, f"an argument equals the channel count {space.width}")
+        if name == "group_norm" and isinstance(self._dim_arg(node, 1), int) and space.dim == 1 and \
+                len(space.segments) == 1 and self._whole(space.segments[0]):
+            self.table.constrain_groups(space.segments[0].gid, self._dim_arg(node, 1))  # F.group_norm(x, G)
         if len(out_shape) == space.ndim and out_shape[space.dim] == space.width:
             self._fix_channel_sized_constants(node, len(out_shape), tracked)
             return space
