@@ -6,6 +6,7 @@ from torch import nn
 
 from pyprune.errors import ConfigError, UntraceableOpError
 from pyprune.tracing import PruningTraceWarning, trace_channel_units
+from test_channel_parameters import TokenNet
 
 
 def prunable(specs):
@@ -103,30 +104,13 @@ class ScaleReadTwice(WithScale):
         return self.head(self.conv(x) * self.scale) + self.scale.sum()
 
 
-class TokensWithClassToken(nn.Module):
-    """ViT-style: a class token concatenated along the sequence, a position embedding added, channels last."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Conv2d(3, 8, 2, stride=2)
-        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
-        self.pos_embedding = nn.Parameter(torch.randn(1, 5, 8))
-        self.norm = nn.LayerNorm(8)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, x):
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embedding
-        return self.head(self.norm(tokens)[:, 0])
-
-
 @pytest.mark.parametrize("tracer", ["fx", "torch_function"])
 def test_class_token_and_position_embedding_join_the_stream(tracer):
-    specs = trace_channel_units(TokensWithClassToken(), torch.randn(2, 3, 4, 4), tracer=tracer)
+    specs = trace_channel_units(TokenNet(), torch.randn(2, 3, 4, 4), tracer=tracer)  # ViT-style tokens
     stream = unit_of(specs, "embed")
     assert not stream.fixed
     assert {(r.name, r.param_dim) for r in stream.output_related if r.param_dim is not None} == \
-        {("class_token", 2), ("pos_embedding", 2)}
+        {("class_token", 2), ("pos_embedding", 2), ("layer_scale", 0)}
 
 
 def test_channel_tensor_with_another_use_fixes_the_group():

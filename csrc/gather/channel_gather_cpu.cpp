@@ -86,9 +86,34 @@ const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, 
   return holder.const_data_ptr<int64_t>();
 }
 
+// One element per row (bias, norm statistics): a plain indexed copy, threaded only when it is large.
+template <typename T>
+void gather_elements(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ out,
+                     int64_t count) {
+  at::parallel_for(0, count, kGrainElements, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      dst[r] = src[out[r]];
+    }
+  });
+}
+
+// Inverse of gather_elements: zero the full vector, then place each compact value.
+template <typename T>
+void scatter_elements(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ out, int64_t count,
+                      int64_t full_count) {
+  zero_run(dst, full_count);
+  for (int64_t r = 0; r < count; ++r) {
+    dst[out[r]] = src[r];
+  }
+}
+
 template <typename T>
 void gather_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_t* out, const int64_t* in) {
   const int64_t block = geo.block_elems();
+  if (in == nullptr && out != nullptr && block == 1) {
+    gather_elements(src, dst, out, geo.rows);
+    return;
+  }
   const int64_t src_row_elems = geo.full_blocks_per_row() * block;
   const int64_t dst_row_elems = geo.compact_blocks_per_row() * block;
   at::parallel_for(0, geo.rows, rows_per_task(dst_row_elems), [&](int64_t begin, int64_t end) {
@@ -158,17 +183,26 @@ at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::T
   const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
   const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
 
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_scatter", "out_idx");
+  const at::Tensor src = grad.contiguous();
+  at::Tensor result = at::empty(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out != nullptr && in == nullptr && geo.block_elems() == 1) {
+    dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
+      using T = decltype(tag);
+      scatter_elements(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()),
+                       out, geo.rows, geo.full_rows);
+    });
+    return result;
+  }
+
   // Inverse row map, full row -> compact row or -1 (small: one entry per channel), built serially.
   std::vector<int64_t> inverse_out;
   if (out) {
-    check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_scatter", "out_idx");
     inverse_out.assign(geo.full_rows, -1);
     for (int64_t r = 0; r < geo.rows; ++r) inverse_out[out[r]] = r;
   }
   if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_scatter", "in_idx");
 
-  const at::Tensor src = grad.contiguous();
-  at::Tensor result = at::empty(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
   dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
     using T = decltype(tag);
     scatter_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
