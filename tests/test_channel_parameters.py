@@ -118,3 +118,12 @@ def test_convnext_streams_are_pruned_through_layer_scale_and_layernorm2d():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    model, _ = prepared()
+    model.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))

@@ -666,3 +666,41 @@ def test_cuda_forward_matches_reference_without_sync(backend, case_name):
         torch.cuda.set_sync_debug_mode(0)
     for training in (True, False):
         torch.testing.assert_close(outputs[training], expected[training], **TOL)
+
+
+# ------------------------------------------------------------------------------------ channels-first LayerNorm
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """torchvision's LayerNorm2d, written out: normalise dim 1 of [N, C, H, W]."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class NotALayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_channels_first_layer_norm_subclass_is_recognised_by_behaviour():
+    assert ops.is_channels_first_layer_norm(ChannelsFirstLayerNorm(6))
+    assert not ops.is_channels_first_layer_norm(nn.LayerNorm(6))  # the plain one is channels-last
+    assert not ops.is_channels_first_layer_norm(NotALayerNorm(6))
+    assert ops.to_dynamic(NotALayerNorm(6)) is None
+
+
+def test_channels_first_layer_norm_matches_slicing_and_exports_to_its_own_type():
+    torch.manual_seed(0)
+    norm = ChannelsFirstLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    op = ops.to_dynamic(norm)
+    kept = torch.tensor([0, 2, 3, 5])
+    op.set_out_channels(kept)
+    x = torch.randn(2, 4, 3, 3)
+    reference = F.layer_norm(x.permute(0, 2, 3, 1), (4,), norm.weight[kept], norm.bias[kept],
+                             norm.eps).permute(0, 3, 1, 2)
+    torch.testing.assert_close(op(x), reference)
+    exported = op.export()
+    assert type(exported) is ChannelsFirstLayerNorm and exported.normalized_shape == (4,)
+    torch.testing.assert_close(exported(x), reference)
