@@ -275,3 +275,46 @@ def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
     assert (tmp_path / "models.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "# torch: " + torch.__version__ in out and "targets" in out
+
+
+class _ChannelsFirstNorm(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class TinyTransformer(nn.Module):
+    """conv stem -> channels-first LayerNorm -> tokens -> attention and MLP residual blocks -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.stem_norm = _ChannelsFirstNorm(8)
+        self.norm1, self.attention = nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.stem_norm(self.stem(x)).flatten(2).transpose(1, 2)
+        y = self.norm1(tokens)
+        tokens = tokens + self.attention(y, y, y, need_weights=False)[0]
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.head(tokens.mean(1))
+
+
+def test_reference_attention_and_channels_first_norm_run_the_same_subnet():
+    from pyprune.bench import models as model_bench
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    mutator = model_bench.prepare(model, image_size=8)
+    mutator.set_global_ratio(0.5)
+    assert model.attention.active_out_channels == 4 and model.stem_norm.active_out_channels == 4
+    reference = ref.build_reference_model(model, mutator)
+    kinds = {type(m).__name__ for _, m in ref.reference_layers(reference.model)}
+    assert {"ReferenceMultiheadAttention", "ReferenceLayerNorm"} <= kinds
+    x = torch.randn(2, 3, 8, 8)
+    for train in (False, True):
+        model.train(train), reference.model.train(train)
+        with torch.no_grad():
+            torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)

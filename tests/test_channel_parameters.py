@@ -127,3 +127,40 @@ def test_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
+def test_vit_stream_is_pruned_through_attention_class_token_and_hidden_dim():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_32(weights=None, image_size=64, num_classes=10).eval()
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 64, 64)))
+    mutator.prepare_from_supernet(model)
+    stream = next(u for u in mutator.mutable_units if u.name.startswith("conv_proj_"))
+    assert stream.num_channels == 768 and stream.groups == 12  # balanced over the attention heads
+    mutator.set_choices({stream.name: 0.5})
+    assert model.hidden_dim == 384 and model.class_token.shape == (1, 1, 384)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        dynamic = model(x)
+    exported = mutator.export(model).eval()
+    assert exported.hidden_dim == 384 and exported.encoder.layers[0].self_attention.embed_dim == 384
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), dynamic, rtol=1e-4, atol=1e-4)
+    mutator.set_choices({stream.name: 1.0})
+    assert model.hidden_dim == 768
+
+
+@pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
+def test_vit_state_dict_restores_hidden_dim():
+    def prepared_vit(ratio):
+        model = torchvision.models.vit_b_32(weights=None, image_size=64, num_classes=10).eval()
+        mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 64, 64)))
+        mutator.prepare_from_supernet(model)
+        mutator.set_global_ratio(ratio)
+        return model
+    pruned, fresh = prepared_vit(0.5), prepared_vit(1.0)
+    fresh.load_state_dict(pruned.state_dict())
+    assert fresh.hidden_dim == 384
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), pruned(x))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..ops.attention import attention_forward
 
 
 class MaskChannel:
@@ -242,7 +243,32 @@ class ReferenceLayerNorm(nn.LayerNorm, _ReferenceNorm):
         mask = self.out_container.current_mask.to(x.device)
         weight = self.weight[mask] if self.weight is not None else None
         bias = self.bias[mask] if self.bias is not None else None
+        if getattr(self, "channels_first", False):  # converted from a channels-first DynamicLayerNorm (LayerNorm2d)
+            return F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, self.eps).movedim(-1, 1)
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+
+class ReferenceMultiheadAttention(nn.MultiheadAttention, _ReferenceNorm):
+    """Attention over the masked embedding channels: every call concatenates the q / k / v row masks and slices
+    ``in_proj_weight[rows][:, mask]`` and ``out_proj.weight[mask][:, mask]`` (one mask, like a norm's)."""
+
+    @classmethod
+    def convert_from(cls, attention: nn.MultiheadAttention) -> "ReferenceMultiheadAttention":
+        layer = _adopt(attention, cls)
+        layer._init_norm_container(attention.embed_dim)
+        return layer
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, **options):
+        mask = self.out_container.current_mask.to(query.device)
+        rows = torch.cat([mask, mask, mask])
+
+        def sliced(tensor, *masks):
+            return None if tensor is None else tensor[masks[0]] if len(masks) == 1 else tensor[masks[0]][:, masks[1]]
+        tensors = (sliced(self.in_proj_weight, rows, mask), sliced(self.in_proj_bias, rows),
+                   sliced(self.out_proj.weight, mask, mask), sliced(self.out_proj.bias, mask),
+                   None if self.bias_k is None else self.bias_k[..., mask],
+                   None if self.bias_v is None else self.bias_v[..., mask])
+        return attention_forward(self, tensors, query, key, value, **options)
 
 
 class ReferenceGroupNorm(nn.GroupNorm, _ReferenceNorm):
@@ -269,6 +295,7 @@ _REFERENCE_TYPES = (
     (nn.BatchNorm2d, ReferenceBatchNorm2d),
     (nn.LayerNorm, ReferenceLayerNorm),
     (nn.GroupNorm, ReferenceGroupNorm),
+    (nn.MultiheadAttention, ReferenceMultiheadAttention),
 )
 
 REFERENCE_LAYERS = tuple(ref for _, ref in _REFERENCE_TYPES)

@@ -2,15 +2,16 @@
 
 See docs/ARCHITECTURE.md ("pyprune.ops") for the contract and ``base.DynamicChannelMixin`` for the shared state.
 """
+from .attention import DynamicMultiheadAttention
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
 from .conv import DynamicConv2d
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
-from .parameter import ChannelParameter, channel_parameter, channel_parameters, export_channel_parameters
+from .parameter import ChannelCount, ChannelParameter, channel_parameter, channel_parameters, export_channel_parameters
 from .registry import DYNAMIC_OPS, to_dynamic
 
 __all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
-           "DynamicLayerNorm", "DynamicGroupNorm", "DYNAMIC_OPS", "to_dynamic", "is_channels_first_layer_norm", "ChannelParameter",
+           "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount",
            "channel_parameter", "channel_parameters", "export_channel_parameters"]

@@ -13,7 +13,7 @@ channels takes ``x`` ``[N, 3, H, W]``. Selections come in through two doors: the
 ``set_out_index`` / ``set_in_index`` units use (no validation, no sync).
 """
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -236,8 +236,7 @@ class DynamicChannelMixin:
         """
         if self.training or torch.compiler.is_compiling():
             return self._gather_compact()
-        params, buffers = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow
-        sources = [params[name] if name in params else buffers.get(name) for name in self._channel_tensors]
+        sources = self._source_tensors()
         key = [self._selection_version]
         needs_grad = torch.is_grad_enabled()
         try:
@@ -259,6 +258,11 @@ class DynamicChannelMixin:
         # the sources are held with the key so that their ids cannot be reused by other tensors meanwhile
         self._eval_cache = (key, sources, compact)
         return compact
+
+    def _source_tensors(self) -> List[Optional[Tensor]]:
+        """The full tensors ``_gather_compact`` reads, in ``_channel_tensors`` order (keys the eval cache)."""
+        params, buffers = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow
+        return [params[name] if name in params else buffers.get(name) for name in self._channel_tensors]
 
     def clear_cache(self) -> None:
         """Drop the eval-mode compact-weight cache (needed only after writing weights through ``.data``)."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..errors import ChannelSelectionError, ConfigError
 from .selection import check_index
 
-__all__ = ["ChannelParameter", "channel_parameter", "channel_parameters", "export_channel_parameters",
+__all__ = ["ChannelParameter", "ChannelCount", "channel_parameter", "channel_parameters", "export_channel_parameters",
            "resolve_tensor"]
 
 _SLOTS = "_pyprune_channel_parameters"  # owner.__dict__ key: {attribute: ChannelParameter}
@@ -60,6 +60,11 @@ class ChannelParameter:
         """The full tensor, as registered in the owner."""
         owner = self.owner
         return owner._parameters.get(self.attribute, owner._buffers.get(self.attribute))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the kept-channel index lives."""
+        return self.tensor.device
 
     # ---------------------------------------------------------------------------------------- selection (trusted)
     def set_out_index(self, index: Optional[Tensor]) -> None:
@@ -106,6 +111,9 @@ class ChannelParameter:
             self.owner._parameters[self.attribute] = nn.Parameter(compact, requires_grad=tensor.requires_grad)
         else:
             self.owner._buffers[self.attribute] = compact
+        self._detach()
+
+    def _detach(self) -> None:
         slots = self.owner.__dict__.get(_SLOTS, {})
         slots.pop(self.attribute, None)
         if not slots:
@@ -114,6 +122,43 @@ class ChannelParameter:
 
     def __repr__(self) -> str:
         return f"ChannelParameter({self.pyprune_name}, dim={self.dim}, {self.active_out_channels}/{self.num_channels})"
+
+
+class ChannelCount(ChannelParameter):
+    """A module's int attribute that its code uses as the channel width of a shape, e.g. ViT's ``hidden_dim`` in
+    ``x.reshape(n, self.hidden_dim, -1)``: kept equal to the active channel count (and so exported at it)."""
+
+    def __init__(self, model: nn.Module, path: str):
+        owner_path, _, attribute = path.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError:
+            owner = None
+        if owner is None or type(owner.__dict__.get(attribute)) is not int:
+            raise ConfigError(f"the model has no module, parameter, buffer or int attribute named {path!r}")
+        self.owner, self.attribute, self.pyprune_name, self.dim = owner, attribute, path, None
+        self.num_channels = owner.__dict__[attribute]
+        self._index: Optional[Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return next((t.device for t in self.owner.parameters()), torch.device("cpu"))
+
+    def set_out_index(self, index: Optional[Tensor]) -> None:
+        super().set_out_index(index)
+        self.owner.__dict__[self.attribute] = self.active_out_channels
+
+    set_in_index = set_out_index
+
+    def compact(self, value):
+        return value
+
+    def export(self) -> None:
+        """The attribute already holds the active count, which the exported module needs: just detach."""
+        self._detach()
+
+    def __repr__(self) -> str:
+        return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels})"
 
 
 class _ServesChannelParameters:
@@ -129,7 +174,7 @@ class _ServesChannelParameters:
         result = super()._apply(fn, *args, **kwargs)
         for slot in self.__dict__.get(_SLOTS, {}).values():
             if slot.out_index is not None:
-                slot.set_out_index(slot.out_index.to(slot.tensor.device))
+                slot.set_out_index(slot.out_index.to(slot.device))
         return result
 
     def get_extra_state(self) -> Dict[str, Optional[Tensor]]:
@@ -163,7 +208,7 @@ def _validated(owner: nn.Module, state) -> Dict[ChannelParameter, Optional[Tenso
         if index is not None:
             if not isinstance(index, Tensor):
                 raise ChannelSelectionError(f"{slot.pyprune_name}: saved index is not a tensor")
-            index = check_index(index.to(slot.tensor.device), slot.num_channels, 1, slot.pyprune_name)
+            index = check_index(index.to(slot.device), slot.num_channels, 1, slot.pyprune_name)
         out[slot] = index
     return out
 
@@ -183,11 +228,12 @@ def _serving_class(cls: type) -> type:
     return _SERVING_CLASSES[cls]
 
 
-def channel_parameter(model: nn.Module, path: str, dim: int) -> ChannelParameter:
-    """The attached ChannelParameter of ``path`` if there is one, else a new detached one (nothing changes)."""
-    owner, attribute, _ = resolve_tensor(model, path)
-    attached = owner.__dict__.get(_SLOTS, {}).get(attribute)
-    return attached if attached is not None else ChannelParameter(model, path, dim)
+def channel_parameter(model: nn.Module, path: str, dim: Optional[int]) -> ChannelParameter:
+    """The attached ChannelParameter (``dim`` given) or ChannelCount (``dim`` None) of ``path`` if there is one, else
+    a new detached one (nothing changes)."""
+    fresh = ChannelParameter(model, path, dim) if dim is not None else ChannelCount(model, path)
+    attached = fresh.owner.__dict__.get(_SLOTS, {}).get(fresh.attribute)
+    return attached if attached is not None else fresh
 
 
 def channel_parameters(model: nn.Module):

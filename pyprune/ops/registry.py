@@ -4,6 +4,7 @@ from typing import Dict, Optional, Type
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .attention import DynamicMultiheadAttention
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
 from .conv import DynamicConv2d
@@ -21,6 +22,7 @@ DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
     nn.BatchNorm2d: DynamicBatchNorm2d,
     nn.LayerNorm: DynamicLayerNorm,
     nn.GroupNorm: DynamicGroupNorm,
+    nn.MultiheadAttention: DynamicMultiheadAttention,
 }
 
 

@@ -17,7 +17,8 @@ from .spec import warn_untraceable
 
 # Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward (or, for
 # LayerNorm, normalise channels first like ConvNeXt's LayerNorm2d).
-PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
+                   nn.MultiheadAttention)
 
 
 def is_prunable_layer(module: nn.Module) -> bool:

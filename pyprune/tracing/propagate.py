@@ -361,6 +361,8 @@ class ChannelPropagation:
             offset += seg.width
 
     def _layer(self, node, module: nn.Module):
+        if isinstance(module, nn.MultiheadAttention):
+            return self._attention(node, module)
         space = self._space(node.args[0]) if node.args else None
         shape = _shapes(node)
         ndim = len(shape)
@@ -382,6 +384,24 @@ class ChannelPropagation:
                 self.table.constrain_groups(space.segments[0].gid, module.num_groups)
         self._layer_inputs(node, space, 1, True)  # batch / group norm: channels on dim 1
         return space if space is not None and space.dim == 1 else None
+
+    def _attention(self, node, attention: nn.MultiheadAttention):
+        """query / key / value and the output share one embedding space (nn.MultiheadAttention ties the q / k / v
+        widths to it), kept balanced over the heads; returns (output space, None) like the module's tuple."""
+        names = ("query", "key", "value")
+        inputs = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in enumerate(names)]
+        spaces = [self._space(x) for x in inputs]
+        if not attention._qkv_same_embed_dim or any(s is None for s in spaces):
+            return self._unknown(node, "MultiheadAttention", "separate key / value widths or untracked inputs")
+        last = [s.dim == s.ndim - 1 and len(s.segments) == 1 and self._whole(s.segments[0]) for s in spaces]
+        if not all(last):
+            for space in spaces:
+                self._fix_space(space, f"attention {node.target} reads channels that are not one whole group")
+            return None
+        self._merge_spaces(spaces, f"{self._where(node)} takes query / key / value of different widths")
+        self.table.constrain_groups(spaces[0].segments[0].gid, attention.num_heads)
+        self._layer_inputs(node, spaces[0], spaces[0].ndim - 1, True)
+        return (spaces[0], None)
 
     def _conv(self, node, conv: nn.Conv2d, space: Optional[ChannelSpace], ndim: int):
         depthwise = conv.groups == conv.in_channels == conv.out_channels
@@ -515,8 +535,23 @@ class ChannelPropagation:
         target = _target_shape(node, name)
         if target is not None and len(target) == space.ndim and isinstance(target[space.dim], int) \
                 and target[space.dim] != -1:
-            return self._unknown(node, name, f"the target shape fixes the channel count to {target[space.dim]}")
+            attribute = self._count_attribute(node, target[space.dim])
+            if attribute is None or len(space.segments) != 1 or not self._whole(space.segments[0]) or \
+                    space.segments[0].expand != 1:
+                return self._unknown(node, name, f"the target shape fixes the channel count to {target[space.dim]}")
+            # the number is an int attribute of the module whose code reshapes: it becomes the active count
+            self.table.add_ref(space.segments[0].gid, ChannelRef(attribute, 0, target[space.dim], True))
         return space
+
+    def _count_attribute(self, node, value: int) -> Optional[str]:
+        """Path of the one public int attribute equal to ``value`` of the module whose code made ``node``."""
+        path = node.meta.get("module_path", "")
+        try:
+            owner = self.model.get_submodule(path) if path else self.model
+        except AttributeError:
+            return None
+        names = [a for a, v in vars(owner).items() if type(v) is int and v == value and not a.startswith("_")]
+        return (f"{path}.{names[0]}" if path else names[0]) if len(names) == 1 else None
 
     def _split(self, node, name: str):
         space = self._space(node.args[0])

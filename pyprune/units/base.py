@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ChannelSelectionError, ConfigError
-from .modules import get_layer, module_device, plan_dynamic_conversion, replace_modules
+from .modules import get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules
 from .rounding import kept_channel_count
 
 CHOICE_MODES = ("ratio", "number")
@@ -272,15 +272,15 @@ class MutableChannelUnit:
             if width != self.num_channels * expand:
                 raise ConfigError(f"unit {self.name}: range [{ref.start}, {ref.end}) of {ref.name!r} is {width} "
                                   f"channels, expected num_channels * expand = {self.num_channels} * {expand}")
-            layer_groups = _conv_group_constraint(modules[ref.name])
+            layer_groups = _group_constraint(modules[ref.name])
             if layer_groups == 1:
                 continue
-            side = modules[ref.name].out_channels if ref.is_output_channel else modules[ref.name].in_channels
+            side = module_channel_count(modules[ref.name], ref.is_output_channel, ref.name)
             groups = groups * layer_groups // math.gcd(groups, layer_groups)
             if (ref.start, ref.end) != (0, side) or expand != 1 or self.num_channels % groups:
-                raise ConfigError(f"unit {self.name}: covers channels [{ref.start}, {ref.end}) of grouped conv "
-                                  f"{ref.name!r} (groups={layer_groups}) in a way that cannot stay balanced "
-                                  f"per group")
+                raise ConfigError(f"unit {self.name}: covers channels [{ref.start}, {ref.end}) of grouped layer "
+                                  f"{ref.name!r} (groups / heads={layer_groups}) in a way that cannot stay "
+                                  f"balanced per group")
         self.groups = groups
         return modules
 
@@ -318,8 +318,11 @@ class MutableChannelUnit:
         return f"{type(self).__name__}({self.name}, {state})"
 
 
-def _conv_group_constraint(module: nn.Module) -> int:
-    """Groups a selection on a conv must respect: its ``groups``, except 1 for plain and depthwise convs."""
+def _group_constraint(module: nn.Module) -> int:
+    """Equal blocks a selection on a layer must respect: a grouped conv's ``groups`` (1 for plain and depthwise
+    convs), attention's ``num_heads``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module.num_heads
     if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
         return 1
     if module.groups == module.in_channels == module.out_channels:

@@ -25,8 +25,8 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def has_one_selection(layer) -> bool:
-    """Norms and channel-sized tensors: one channel dim, so in and out selections are the same thing."""
-    return is_norm(layer) or isinstance(layer, ops_package().ChannelParameter)
+    """Norms, attention (one embedding width) and channel-sized tensors: in and out selections are one thing."""
+    return is_norm(layer) or isinstance(layer, (nn.MultiheadAttention, ops_package().ChannelParameter))
 
 
 def module_channel_count(module, is_output: bool, where: str = "") -> int:
@@ -41,6 +41,8 @@ def module_channel_count(module, is_output: bool, where: str = "") -> int:
         return module.num_channels
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
     if isinstance(module, ops_package().ChannelParameter):
         return module.num_channels
     raise ConfigError(f"{where or type(module).__name__}: {type(module).__name__} has no channel dimension "
@@ -50,7 +52,7 @@ def module_channel_count(module, is_output: bool, where: str = "") -> int:
 def module_device(module) -> torch.device:
     """Device of the module's first parameter or buffer (cpu when it has none), or of a channel tensor."""
     if isinstance(module, ops_package().ChannelParameter):
-        return module.tensor.device
+        return module.device
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
@@ -66,12 +68,16 @@ def get_module(model: nn.Module, name: str, where: str = "") -> nn.Module:
 
 
 def get_layer(model: nn.Module, ref, where: str = ""):
-    """What a unit's ref names: a module, or for a channel-sized tensor (``ref.param_dim`` set) its
-    :class:`~pyprune.ops.ChannelParameter` (the attached one once the model is prepared)."""
-    if getattr(ref, "param_dim", None) is None:
-        return get_module(model, ref.name, where)
+    """What a unit's ref names: a module; for a channel-sized tensor (``ref.param_dim`` set) its
+    :class:`~pyprune.ops.ChannelParameter`, for an int attribute its :class:`~pyprune.ops.ChannelCount` (the
+    attached ones once the model is prepared)."""
+    dim = getattr(ref, "param_dim", None)
     try:
-        return ops_package().channel_parameter(model, ref.name, ref.param_dim)
+        return get_module(model, ref.name, where)
+    except ConfigError:
+        pass  # a channel tensor, or an int attribute holding a channel count (ViT's hidden_dim)
+    try:
+        return ops_package().channel_parameter(model, ref.name, dim)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
 

@@ -1,0 +1,101 @@
+"""DynamicMultiheadAttention: nn.MultiheadAttention over the active embedding channels."""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import kernels
+from ..errors import ConfigError
+from .base import DynamicChannelMixin
+
+__all__ = ["DynamicMultiheadAttention", "attention_forward"]
+
+
+def attention_forward(module: nn.MultiheadAttention, tensors, query: Tensor, key: Tensor, value: Tensor,
+                      **options) -> Tuple[Tensor, Optional[Tensor]]:
+    """``module``'s attention computed with ``tensors`` = (in_proj_weight ``[3K, K]``, in_proj_bias, out_proj weight
+    ``[K, K]``, out_proj bias, bias_k, bias_v) at embedding width ``K = query.shape[-1]``; ``options`` as
+    ``nn.MultiheadAttention.forward`` takes them. Returns (output like ``query``, attention weights or None)."""
+    in_w, in_b, out_w, out_b, bias_k, bias_v = tensors
+    batched = query.dim() == 3
+    if module.batch_first and batched:  # the functional form is sequence-first
+        query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+    out, weights = F.multi_head_attention_forward(
+        query, key, value, query.shape[-1], module.num_heads, in_w, in_b, bias_k, bias_v, module.add_zero_attn,
+        module.dropout, out_w, out_b, training=module.training, **options)
+    return (out.transpose(1, 0) if module.batch_first and batched else out), weights
+
+
+class DynamicMultiheadAttention(DynamicChannelMixin, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose embedding width ``E`` is pruned to ``K`` channels: query / key / value
+    ``[*, K]`` in, ``[*, K]`` out, ``num_heads`` kept (``K / num_heads`` per head).
+
+    ``nn.MultiheadAttention`` ties the q / k / v widths to the embedding width, so one selection serves all of them
+    (as Torch-Pruning couples them too): the kept embedding channels ``idx`` select the columns of ``in_proj_weight``,
+    its rows ``idx``, ``E + idx`` and ``2E + idx``, and rows and columns ``idx`` of ``out_proj``. A selection must
+    keep the same count in every head's block of ``E / num_heads`` channels. Exports to ``nn.MultiheadAttention(K,
+    num_heads)``. Only the packed layout (``kdim == vdim == embed_dim``) is supported.
+    """
+
+    _torch_type = nn.MultiheadAttention
+    _channel_tensors = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "bias_k", "bias_v")
+
+    @classmethod
+    def _check_convertible(cls, module: nn.Module) -> None:
+        if not module._qkv_same_embed_dim:
+            raise ConfigError(f"{cls.__name__}: only attention with kdim == vdim == embed_dim can be pruned, got "
+                              f"kdim={module.kdim}, vdim={module.vdim}, embed_dim={module.embed_dim}")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._check_convertible(self)
+
+    def _full_channels(self) -> Tuple[int, int]:
+        return self.embed_dim, self.embed_dim
+
+    def _one_selection(self) -> bool:
+        return True
+
+    def _groups_of(self, is_output: bool) -> int:
+        return self.num_heads
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        return x.dim() - 1, "embedding channels"
+
+    def _after_selection_change(self) -> None:
+        index = self._out_index
+        self._qkv_rows = None if index is None else torch.cat([index, index + self.embed_dim,
+                                                                index + 2 * self.embed_dim])
+
+    def _source_tensors(self):
+        return [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.bias_k,
+                self.bias_v]
+
+    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
+        sources = self._source_tensors()
+        index = self._out_index
+        if index is None:
+            return tuple(sources)
+        in_w, in_b, out_w, out_b, bias_k, bias_v = sources
+        gather = kernels.gather_channels
+
+        def per_channel(bias):  # bias_k / bias_v are [1, 1, E]
+            return None if bias is None else gather(bias.reshape(-1), index).reshape(1, 1, -1)
+        return (gather(in_w, self._qkv_rows, index), None if in_b is None else gather(in_b, self._qkv_rows),
+                gather(out_w, index, index), None if out_b is None else gather(out_b, index),
+                per_channel(bias_k), per_channel(bias_v))
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        for x in (query, key, value):
+            self._check_input(x)
+        return attention_forward(self, self._compact_tensors(), query, key, value, key_padding_mask=key_padding_mask,
+                                 need_weights=need_weights, attn_mask=attn_mask,
+                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
+
+    def _static_module(self) -> nn.MultiheadAttention:
+        return nn.MultiheadAttention(self.active_out_channels, self.num_heads, self.dropout,
+                                     bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
+                                     add_zero_attn=self.add_zero_attn, batch_first=self.batch_first, device="meta")
