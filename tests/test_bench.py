@@ -318,3 +318,18 @@ def test_reference_attention_and_channels_first_norm_run_the_same_subnet():
         model.train(train), reference.model.train(train)
         with torch.no_grad():
             torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_reference_follows_switches_of_units_balanced_over_heads():
+    from pyprune.bench import models as model_bench
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    mutator = model_bench.prepare(model, image_size=8)
+    reference = ref.build_reference_model(model, mutator)
+    reference.model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        mutator.set_choices(mutator.sample_choices())
+        reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
+        with torch.no_grad():
+            torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)

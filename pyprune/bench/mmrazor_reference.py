@@ -33,8 +33,8 @@ from ..ops.attention import attention_forward
 class MaskChannel:
     """One mutable channel group's mask, ``bool [num_channels]`` kept on the host (mmrazor SimpleMutableChannel)."""
 
-    def __init__(self, num_channels: int):
-        self.num_channels = num_channels
+    def __init__(self, num_channels: int, groups: int = 1):
+        self.num_channels, self.groups = num_channels, groups
         self.mask = torch.ones(num_channels).bool()
 
     @property
@@ -42,9 +42,10 @@ class MaskChannel:
         return self.mask
 
     def set_prefix(self, count: int) -> None:
-        """Keep the first ``count`` channels (mmrazor's sequential unit: a fresh zero mask, prefix set True)."""
+        """Keep the first ``count`` channels (mmrazor's sequential unit: a fresh zero mask, prefix set True); with
+        ``groups`` blocks (grouped conv, attention heads) the first ``count / groups`` of each block."""
         mask = torch.zeros(self.num_channels).bool()
-        mask[:count] = True
+        mask.view(self.groups, -1)[:, :count // self.groups] = True
         self.mask = mask
 
     def set_mask(self, mask: Tensor) -> None:
@@ -391,7 +392,7 @@ def build_reference_model(model: nn.Module, mutator=None) -> ReferenceModel:
 def _register_units(layers: Dict[str, nn.Module], mutator) -> Dict[str, MaskChannel]:
     unit_channels = {}
     for unit in mutator.units:
-        channel = MaskChannel(unit.num_channels)
+        channel = MaskChannel(unit.num_channels, unit.groups)
         channel.set_mask(unit.current_mask)
         unit_channels[unit.name] = channel
         for ref in list(unit.output_related) + list(unit.input_related):

@@ -314,12 +314,14 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
 
 
 def _unit_prefix_counts(mutator) -> Dict[str, int]:
-    """Active channel count per unit; sequential units keep a prefix, which is checked here."""
+    """Active channel count per unit; sequential units keep a prefix (of every block, for units with ``groups``),
+    which is checked here."""
+    from ..ops.selection import prefix_index
     counts = {}
     for unit in mutator.units:
-        index = unit.current_index
-        count = int(index.numel())
-        if not torch.equal(index.cpu(), torch.arange(count)):
+        count = unit.active_channels
+        expected = prefix_index(count, unit.num_channels, unit.groups, torch.device("cpu"))
+        if not torch.equal(unit.current_index.cpu(), torch.arange(count) if expected is None else expected):
             raise AssertionError(f"unit {unit.name}: expected a prefix selection from a sequential unit")
         counts[unit.name] = count
     return counts
