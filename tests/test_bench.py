@@ -333,3 +333,21 @@ def test_reference_follows_switches_of_units_balanced_over_heads():
         reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
         with torch.no_grad():
             torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
+def test_reference_switches_channel_tensors_and_width_attributes_with_the_units():
+    import torchvision
+    from pyprune.bench import models as model_bench
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_32(weights=None, image_size=64, num_classes=10).eval()
+    mutator = model_bench.prepare(model, image_size=64)
+    reference = ref.build_reference_model(model, mutator)
+    reference.model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    for ratio in (0.5, 0.25):
+        mutator.set_global_ratio(ratio)
+        reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
+        assert reference.model.hidden_dim == model.hidden_dim == int(768 * ratio)
+        with torch.no_grad():
+            torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-4)

@@ -347,18 +347,27 @@ class ReferenceModel:
     without a mutator; then every layer has its own single mask taken from the DynamicOp).
     """
 
-    def __init__(self, model: nn.Module, unit_channels: Dict[str, MaskChannel]):
+    def __init__(self, model: nn.Module, unit_channels: Dict[str, MaskChannel], slots: List[Tuple[object, object]]):
         self.model = model
         self.unit_channels = unit_channels
+        self.slots = slots  # (ChannelParameter / ChannelCount of the copy, MaskContainer driving it)
 
     def set_unit_prefixes(self, counts: Dict[str, int]) -> None:
         """Switch subnet the way an mmrazor sequential unit does: a fresh host mask per unit, prefix kept."""
         for name, count in counts.items():
             self.unit_channels[name].set_prefix(count)
+        self._sync_slots()
 
     def set_unit_masks(self, masks: Dict[str, Tensor]) -> None:
         for name, mask in masks.items():
             self.unit_channels[name].set_mask(mask)
+        self._sync_slots()
+
+    def _sync_slots(self) -> None:
+        """Channel tensors / width attributes (no mmrazor counterpart) follow their masks: mask -> nonzero index."""
+        for slot, container in self.slots:
+            mask = container.current_mask
+            slot.set_out_index(None if bool(mask.all()) else mask.nonzero().squeeze(1).to(slot.device))
 
 
 def _dynamic_op_types() -> Tuple[type, ...]:
@@ -379,17 +388,22 @@ def build_reference_model(model: nn.Module, mutator=None) -> ReferenceModel:
     dynamic_ops = {name: m for name, m in reference.named_modules() if isinstance(m, dynamic_types)}
     layers = {name: to_reference_layer(op, name) for name, op in dynamic_ops.items()}
 
+    from ..ops import channel_parameters
+    slot_containers = {slot.pyprune_name: (slot, MaskContainer(slot.num_channels))
+                       for slot in channel_parameters(reference)}
     unit_channels: Dict[str, MaskChannel] = {}
     if mutator is not None:
-        unit_channels = _register_units(layers, mutator)
+        unit_channels = _register_units(layers, slot_containers, mutator)
     for name, op in dynamic_ops.items():
         _check_or_fill_masks(name, layers[name], op, from_units=mutator is not None)
     for name, layer in layers.items():
         _set_submodule(reference, name, layer)
-    return ReferenceModel(reference, unit_channels)
+    slots = list(slot_containers.values()) if mutator is not None else []  # without units: the copy's own index
+    return ReferenceModel(reference, unit_channels, slots)
 
 
-def _register_units(layers: Dict[str, nn.Module], mutator) -> Dict[str, MaskChannel]:
+def _register_units(layers: Dict[str, nn.Module], slot_containers: Dict[str, tuple],
+                    mutator) -> Dict[str, MaskChannel]:
     unit_channels = {}
     for unit in mutator.units:
         channel = MaskChannel(unit.num_channels, unit.groups)
@@ -397,12 +411,14 @@ def _register_units(layers: Dict[str, nn.Module], mutator) -> Dict[str, MaskChan
         unit_channels[unit.name] = channel
         for ref in list(unit.output_related) + list(unit.input_related):
             layer = layers.get(ref.name)
-            if layer is None:
+            if layer is not None:
+                container = layer.out_container if ref.is_output_channel else layer.in_container
+            elif ref.name in slot_containers:
+                container = slot_containers[ref.name][1]
+            else:
                 continue  # a pass-through or non-dynamic module: it holds no mask
             expand = getattr(ref, "expand", 1)
-            piece = channel if expand == 1 else ExpandedMaskChannel(channel, expand)
-            container = layer.out_container if ref.is_output_channel else layer.in_container
-            container.register(piece, ref.start, ref.end)
+            container.register(channel if expand == 1 else ExpandedMaskChannel(channel, expand), ref.start, ref.end)
     return unit_channels
 
 
