@@ -1,6 +1,7 @@
 """Distributed pruning: two gloo processes on the loopback interface agree on every channel and every weight.
 
-``test_ddp_ranks_prune_identically`` trains SmallNet (tests/test_units.py) under DistributedDataParallel with Taylor units on *different* data per rank;
+``test_ddp_ranks_prune_identically`` trains SmallNet (tests/test_units.py) under DistributedDataParallel with
+Taylor units on *different* data per rank;
 ``test_ranks_follow_rank0_selection`` makes the ranks' L1 rankings differ on purpose (no DDP) and checks that the
 algorithm's broadcast leaves rank 1 with rank 0's channels. ``test_torchrun_main_job`` runs ``pyprune prune --quick``
 under torchrun.

@@ -13,5 +13,6 @@ from .parameter import ChannelCount, ChannelParameter, channel_parameter, channe
 from .registry import DYNAMIC_OPS, to_dynamic
 
 __all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
-           "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount",
-           "channel_parameter", "channel_parameters", "export_channel_parameters"]
+           "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic",
+           "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
+           "channel_parameters", "export_channel_parameters"]
