@@ -762,3 +762,23 @@ def test_attention_selection_must_balance_heads_and_separate_kv_widths_are_refus
         op.set_out_channels(torch.tensor([0, 1, 2]))  # 3 channels cannot split over 2 heads
     assert op.active_out_channels == 8
     assert ops.to_dynamic(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)) is None
+
+
+@pytest.mark.parametrize("version", ["ShiftedWindowAttention", "ShiftedWindowAttentionV2"])
+def test_swin_window_attention_prunes_its_embedding_and_exports_to_its_own_type(version):
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    attention = getattr(swin, version)(8, [2, 2], [1, 1], 2).eval()
+    op = ops.to_dynamic(attention)
+    assert isinstance(op, getattr(swin, version)) and isinstance(op, ops.DynamicChannelMixin)
+    with pytest.raises(ChannelSelectionError):
+        op.set_out_channels(torch.tensor([0, 1, 2]))  # 3 channels cannot split over 2 heads
+    op.set_out_channels(torch.tensor([0, 2, 4, 7]))
+    x = torch.randn(2, 4, 4, 4)
+    out = op(x)
+    exported = op.export().eval()
+    assert type(exported) is getattr(swin, version) and exported.qkv.weight.shape == (12, 4)
+    torch.testing.assert_close(exported(x), out)
+    op.train()
+    op(x).sum().backward()
+    assert torch.all(attention.qkv.weight.grad[:, [1, 3, 5, 6]] == 0)

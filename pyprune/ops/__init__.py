@@ -2,7 +2,7 @@
 
 See docs/ARCHITECTURE.md ("pyprune.ops") for the contract and ``base.DynamicChannelMixin`` for the shared state.
 """
-from .attention import DynamicMultiheadAttention
+from .attention import ATTENTION_TYPES, DynamicMultiheadAttention, attention_heads, attention_width
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
 from .conv import DynamicConv2d
@@ -15,4 +15,5 @@ from .registry import DYNAMIC_OPS, to_dynamic
 __all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
            "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
-           "channel_parameters", "export_channel_parameters"]
+           "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "attention_heads",
+           "attention_width"]

@@ -9,7 +9,8 @@ from .. import kernels
 from ..errors import ConfigError
 from .base import DynamicChannelMixin
 
-__all__ = ["DynamicMultiheadAttention", "attention_forward"]
+__all__ = ["DynamicMultiheadAttention", "attention_forward", "ATTENTION_TYPES", "WINDOW_ATTENTION_OPS",
+           "attention_heads", "attention_width"]
 
 
 def attention_forward(module: nn.MultiheadAttention, tensors, query: Tensor, key: Tensor, value: Tensor,
@@ -99,3 +100,92 @@ class DynamicMultiheadAttention(DynamicChannelMixin, nn.MultiheadAttention):
         return nn.MultiheadAttention(self.active_out_channels, self.num_heads, self.dropout,
                                      bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
                                      add_zero_attn=self.add_zero_attn, batch_first=self.batch_first, device="meta")
+
+
+# ------------------------------------------------------------------------------------- Swin window attention
+def _window_attention_types() -> Tuple[type, ...]:
+    """torchvision's Swin attention modules (v1, v2), when torchvision is installed."""
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+    except ImportError:
+        return ()
+    return ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+
+class _DynamicWindowAttention(DynamicChannelMixin):
+    """Swin's ``ShiftedWindowAttention`` (v1 / v2) with its embedding width ``C`` pruned to ``K``: x ``[B, H, W, K]``.
+
+    As for ``DynamicMultiheadAttention``, one selection ``idx`` serves the input, the q / k / v widths and the
+    output (rows ``idx | C+idx | 2C+idx`` of ``qkv``, rows and columns ``idx`` of ``proj``), balanced over the heads;
+    the per-head position biases (and v2's ``logit_scale`` / ``cpb_mlp``) are untouched. Exports to the same
+    torchvision class at ``dim=K``.
+    """
+
+    _channel_tensors = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")
+
+    def _full_channels(self) -> Tuple[int, int]:
+        return self.qkv.in_features, self.qkv.in_features
+
+    def _one_selection(self) -> bool:
+        return True
+
+    def _groups_of(self, is_output: bool) -> int:
+        return self.num_heads
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        return x.dim() - 1, "embedding channels"
+
+    def _after_selection_change(self) -> None:
+        index, width = self._out_index, self.qkv.in_features
+        self._qkv_rows = None if index is None else torch.cat([index, index + width, index + 2 * width])
+
+    def _source_tensors(self):
+        return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
+
+    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
+        qkv_w, qkv_b, proj_w, proj_b = self._source_tensors()
+        index = self._out_index
+        if index is None:
+            return qkv_w, qkv_b, proj_w, proj_b
+        gather = kernels.gather_channels
+        return (gather(qkv_w, self._qkv_rows, index), None if qkv_b is None else gather(qkv_b, self._qkv_rows),
+                gather(proj_w, index, index), None if proj_b is None else gather(proj_b, index))
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torchvision.models.swin_transformer import shifted_window_attention
+        self._check_input(x)
+        qkv_w, qkv_b, proj_w, proj_b = self._compact_tensors()
+        return shifted_window_attention(
+            x, qkv_w, proj_w, self.get_relative_position_bias(), self.window_size, self.num_heads,
+            shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
+            qkv_bias=qkv_b, proj_bias=proj_b, logit_scale=getattr(self, "logit_scale", None), training=self.training)
+
+    def export(self) -> nn.Module:
+        """The torchvision class at ``dim=K`` with the compact qkv / proj and everything else copied."""
+        with torch.no_grad():
+            state = {k: v.detach().clone() for k, v in self.state_dict().items() if isinstance(v, Tensor)}
+            state.update({k: v.detach().clone() for k, v in zip(self._channel_tensors, self._gather_compact())
+                          if v is not None})
+        with torch.device("meta"):
+            static = self._torch_type(self.active_out_channels, list(self.window_size), list(self.shift_size),
+                                      self.num_heads, qkv_bias=self.qkv.bias is not None,
+                                      proj_bias=self.proj.bias is not None,
+                                      attention_dropout=self.attention_dropout, dropout=self.dropout)
+        static.load_state_dict(state, assign=True)
+        return static.train(self.training)
+
+
+WINDOW_ATTENTION_OPS = {base: type(f"Dynamic{base.__name__}", (_DynamicWindowAttention, base),
+                                   {"_torch_type": base, "__module__": __name__})
+                        for base in _window_attention_types()}
+ATTENTION_TYPES: Tuple[type, ...] = (nn.MultiheadAttention,) + tuple(WINDOW_ATTENTION_OPS)
+
+
+def attention_heads(module: nn.Module) -> int:
+    """Heads of an attention layer pyprune prunes (the blocks a selection keeps balanced), else 1."""
+    return module.num_heads if isinstance(module, ATTENTION_TYPES) else 1
+
+
+def attention_width(module: nn.Module) -> int:
+    """Embedding width of an attention layer pyprune prunes."""
+    return module.embed_dim if isinstance(module, nn.MultiheadAttention) else module.qkv.in_features

@@ -4,7 +4,7 @@ from typing import Dict, Optional, Type
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .attention import DynamicMultiheadAttention
+from .attention import WINDOW_ATTENTION_OPS, DynamicMultiheadAttention
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
 from .conv import DynamicConv2d
@@ -23,6 +23,7 @@ DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
     nn.LayerNorm: DynamicLayerNorm,
     nn.GroupNorm: DynamicGroupNorm,
     nn.MultiheadAttention: DynamicMultiheadAttention,
+    **WINDOW_ATTENTION_OPS,  # torchvision's Swin attention (v1, v2), when torchvision is installed
 }
 
 

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
+from ..ops.attention import WINDOW_ATTENTION_OPS
 from ..ops.layernorm import is_channels_first_layer_norm
 from .spec import warn_untraceable
 
 # Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward (or, for
-# LayerNorm, normalise channels first like ConvNeXt's LayerNorm2d).
+# LayerNorm, normalise channels first like ConvNeXt's LayerNorm2d). Most derived first (Swin v2 before v1).
 PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
-                   nn.MultiheadAttention)
+                   nn.MultiheadAttention) + tuple(sorted(WINDOW_ATTENTION_OPS, key=lambda t: -len(t.__mro__)))
 
 
 def is_prunable_layer(module: nn.Module) -> bool:
@@ -34,6 +35,20 @@ class _PathTracer(torch.fx.Tracer):
     def __init__(self):
         super().__init__()
         self._path = ""
+
+    def trace(self, root, concrete_args=None):
+        """Trace through functions marked ``torch.fx.wrap`` (e.g. Swin's ``_patch_merging_pad``) as well: their
+        bodies decide how channels move. Functions that cannot be traced make fx fail, and the capture falls back
+        to recording a real forward, which sees inside them anyway."""
+        wrapped = getattr(torch.fx._symbolic_trace, "_wrapped_fns_to_patch", None)
+        saved = dict(wrapped) if isinstance(wrapped, dict) else None
+        if saved is not None:
+            wrapped.clear()
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if saved is not None:
+                wrapped.update(saved)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_prunable_layer(m) or super().is_leaf_module(m, qualname)

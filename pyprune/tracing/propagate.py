@@ -15,6 +15,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import UntraceableOpError
+from ..ops.attention import ATTENTION_TYPES, attention_heads
 from ..ops.layernorm import is_channels_first_layer_norm
 from .capture import is_prunable_layer
 from .channel_space import ChannelSpace, GroupTable, Segment, merge_adjacent, slice_space
@@ -363,6 +364,14 @@ class ChannelPropagation:
     def _layer(self, node, module: nn.Module):
         if isinstance(module, nn.MultiheadAttention):
             return self._attention(node, module)
+        if isinstance(module, ATTENTION_TYPES):  # Swin window attention: x [B, H, W, C] -> same channels
+            space = self._space(node.args[0]) if node.args else None
+            if space is None or space.dim != space.ndim - 1 or len(space.segments) != 1 or \
+                    not self._whole(space.segments[0]):
+                return self._unknown(node, type(module).__name__, "its input is not one whole channel group")
+            self.table.constrain_groups(space.segments[0].gid, attention_heads(module))
+            self._layer_inputs(node, space, space.ndim - 1, True)
+            return space
         space = self._space(node.args[0]) if node.args else None
         shape = _shapes(node)
         ndim = len(shape)

@@ -321,7 +321,8 @@ class MutableChannelUnit:
 def _group_constraint(module: nn.Module) -> int:
     """Equal blocks a selection on a layer must respect: a grouped conv's ``groups`` (1 for plain and depthwise
     convs), attention's ``num_heads``."""
-    if isinstance(module, nn.MultiheadAttention):
+    from ..ops.attention import ATTENTION_TYPES
+    if isinstance(module, ATTENTION_TYPES):
         return module.num_heads
     if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
         return 1

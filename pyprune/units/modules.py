@@ -26,7 +26,8 @@ def is_norm(module: nn.Module) -> bool:
 
 def has_one_selection(layer) -> bool:
     """Norms, attention (one embedding width) and channel-sized tensors: in and out selections are one thing."""
-    return is_norm(layer) or isinstance(layer, (nn.MultiheadAttention, ops_package().ChannelParameter))
+    ops = ops_package()
+    return is_norm(layer) or isinstance(layer, ops.ATTENTION_TYPES + (ops.ChannelParameter,))
 
 
 def module_channel_count(module, is_output: bool, where: str = "") -> int:
@@ -41,8 +42,8 @@ def module_channel_count(module, is_output: bool, where: str = "") -> int:
         return module.num_channels
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
-    if isinstance(module, nn.MultiheadAttention):
-        return module.embed_dim
+    if isinstance(module, ops_package().ATTENTION_TYPES):
+        return ops_package().attention_width(module)
     if isinstance(module, ops_package().ChannelParameter):
         return module.num_channels
     raise ConfigError(f"{where or type(module).__name__}: {type(module).__name__} has no channel dimension "
