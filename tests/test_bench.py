@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyprune.bench import mmrazor_reference as ref
+from pyprune.bench import models as model_bench
 from pyprune.bench import ops as op_bench
 from pyprune.bench.timing import count_syncs, measure
 from pyprune.errors import ConfigError
@@ -177,7 +178,6 @@ def test_gather_bench_quick_covers_every_case_and_method():
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])
 def test_reference_model_runs_the_same_subnet_as_the_dynamic_model(ratio):
-    from pyprune.bench import models as model_bench
     model = model_bench.TinyNet()
     mutator = model_bench.prepare(model, image_size=16)
     mutator.set_global_ratio(ratio)
@@ -196,13 +196,16 @@ def test_reference_model_runs_the_same_subnet_as_the_dynamic_model(ratio):
     torch.testing.assert_close(ref_bn.running_var, dyn_bn.running_var)
 
 
-def test_reference_model_follows_unit_prefix_switches():
-    from pyprune.bench import models as model_bench
-    model = model_bench.TinyNet().eval()
-    mutator = model_bench.prepare(model, image_size=16)
+@pytest.mark.parametrize("make_model, size", [(lambda: model_bench.TinyNet(), 16),
+                                              (lambda: TinyTransformer(), 8)],  # units balanced over 2 heads
+                         ids=["TinyNet", "TinyTransformer"])
+def test_reference_model_follows_unit_prefix_switches(make_model, size):
+    torch.manual_seed(0)
+    model = make_model().eval()
+    mutator = model_bench.prepare(model, image_size=size)
     reference = ref.build_reference_model(model, mutator)
     reference.model.eval()
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, size, size)
     for _ in range(3):
         mutator.set_choices(mutator.sample_choices())
         reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
@@ -251,7 +254,6 @@ def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
 
 def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
     from pyprune.bench import main
-    from pyprune.bench import models as model_bench
     assert main(["models", "--quick", "--out", str(tmp_path)]) == 0
     rows = _read_csv(tmp_path / "models.csv")
     cfg = model_bench.quick_config(torch.device("cpu"))
@@ -304,7 +306,6 @@ class TinyTransformer(nn.Module):
 
 
 def test_reference_attention_and_channels_first_norm_run_the_same_subnet():
-    from pyprune.bench import models as model_bench
     torch.manual_seed(0)
     model = TinyTransformer()
     mutator = model_bench.prepare(model, image_size=8)
@@ -320,25 +321,9 @@ def test_reference_attention_and_channels_first_norm_run_the_same_subnet():
             torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_reference_follows_switches_of_units_balanced_over_heads():
-    from pyprune.bench import models as model_bench
-    torch.manual_seed(0)
-    model = TinyTransformer().eval()
-    mutator = model_bench.prepare(model, image_size=8)
-    reference = ref.build_reference_model(model, mutator)
-    reference.model.eval()
-    x = torch.randn(2, 3, 8, 8)
-    for _ in range(3):
-        mutator.set_choices(mutator.sample_choices())
-        reference.set_unit_prefixes(model_bench._unit_prefix_counts(mutator))
-        with torch.no_grad():
-            torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
 def test_reference_switches_channel_tensors_and_width_attributes_with_the_units():
     import torchvision
-    from pyprune.bench import models as model_bench
     torch.manual_seed(0)
     model = torchvision.models.vit_b_32(weights=None, image_size=64, num_classes=10).eval()
     mutator = model_bench.prepare(model, image_size=64)

@@ -28,7 +28,31 @@ def attention_forward(module: nn.MultiheadAttention, tensors, query: Tensor, key
     return (out.transpose(1, 0) if module.batch_first and batched else out), weights
 
 
-class DynamicMultiheadAttention(DynamicChannelMixin, nn.MultiheadAttention):
+class _EmbeddingSelection(DynamicChannelMixin):
+    """One selection over an attention layer's embedding width ``E`` (channels last), balanced over its heads; the
+    q / k / v projection rows it implies (``idx | E+idx | 2E+idx``) are derived once per selection."""
+
+    def _embedding_width(self) -> int:
+        raise NotImplementedError
+
+    def _full_channels(self) -> Tuple[int, int]:
+        return self._embedding_width(), self._embedding_width()
+
+    def _one_selection(self) -> bool:
+        return True
+
+    def _groups_of(self, is_output: bool) -> int:
+        return self.num_heads
+
+    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
+        return x.dim() - 1, "embedding channels"
+
+    def _after_selection_change(self) -> None:
+        index, width = self._out_index, self._embedding_width()
+        self._qkv_rows = None if index is None else torch.cat([index, index + width, index + 2 * width])
+
+
+class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose embedding width ``E`` is pruned to ``K`` channels: query / key / value
     ``[*, K]`` in, ``[*, K]`` out, ``num_heads`` kept (``K / num_heads`` per head).
 
@@ -52,22 +76,8 @@ class DynamicMultiheadAttention(DynamicChannelMixin, nn.MultiheadAttention):
         super().__init__(*args, **kwargs)
         self._check_convertible(self)
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.embed_dim, self.embed_dim
-
-    def _one_selection(self) -> bool:
-        return True
-
-    def _groups_of(self, is_output: bool) -> int:
-        return self.num_heads
-
-    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
-        return x.dim() - 1, "embedding channels"
-
-    def _after_selection_change(self) -> None:
-        index = self._out_index
-        self._qkv_rows = None if index is None else torch.cat([index, index + self.embed_dim,
-                                                                index + 2 * self.embed_dim])
+    def _embedding_width(self) -> int:
+        return self.embed_dim
 
     def _source_tensors(self):
         return [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.bias_k,
@@ -112,7 +122,7 @@ def _window_attention_types() -> Tuple[type, ...]:
     return ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 
-class _DynamicWindowAttention(DynamicChannelMixin):
+class _DynamicWindowAttention(_EmbeddingSelection):
     """Swin's ``ShiftedWindowAttention`` (v1 / v2) with its embedding width ``C`` pruned to ``K``: x ``[B, H, W, K]``.
 
     As for ``DynamicMultiheadAttention``, one selection ``idx`` serves the input, the q / k / v widths and the
@@ -123,21 +133,8 @@ class _DynamicWindowAttention(DynamicChannelMixin):
 
     _channel_tensors = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.qkv.in_features, self.qkv.in_features
-
-    def _one_selection(self) -> bool:
-        return True
-
-    def _groups_of(self, is_output: bool) -> int:
-        return self.num_heads
-
-    def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
-        return x.dim() - 1, "embedding channels"
-
-    def _after_selection_change(self) -> None:
-        index, width = self._out_index, self.qkv.in_features
-        self._qkv_rows = None if index is None else torch.cat([index, index + width, index + 2 * width])
+    def _embedding_width(self) -> int:
+        return self.qkv.in_features
 
     def _source_tensors(self):
         return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
