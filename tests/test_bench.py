@@ -336,3 +336,16 @@ def test_reference_switches_channel_tensors_and_width_attributes_with_the_units(
         assert reference.model.hidden_dim == model.hidden_dim == int(768 * ratio)
         with torch.no_grad():
             torch.testing.assert_close(reference.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
+def test_sweep_writes_one_row_per_model_and_fails_on_a_broken_one(tmp_path, capsys):
+    from pyprune.bench import main
+    assert main(["sweep", "--models", "resnet18", "no_such_model", "--out", str(tmp_path)]) == 1
+    rows = {row["model"]: row for row in csv.DictReader(open(tmp_path / "sweep.csv"))}
+    assert rows["resnet18"]["status"] == "ok" and float(rows["resnet18"]["params_kept"]) < 0.5
+    assert float(rows["resnet18"]["max_rel_diff"]) <= 1e-4 and int(rows["resnet18"]["mutable"]) > 5
+    assert rows["no_such_model"]["status"].startswith("ValueError")
+    assert "1 of 2 models ok" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ratio"):
+        main(["sweep", "--models", "resnet18", "--ratio", "1.5", "--out", str(tmp_path)])
