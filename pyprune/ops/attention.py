@@ -51,6 +51,17 @@ class _EmbeddingSelection(DynamicChannelMixin):
         index, width = self._out_index, self._embedding_width()
         self._qkv_rows = None if index is None else torch.cat([index, index + width, index + 2 * width])
 
+    def _gather_projections(self, qkv_w: Tensor, qkv_b: Optional[Tensor], out_w: Tensor,
+                            out_b: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        """Compact (qkv weight ``[3K, K]``, qkv bias ``[3K]``, output weight ``[K, K]``, output bias ``[K]``); the
+        full tensors themselves when every channel is kept."""
+        index = self._out_index
+        if index is None:
+            return qkv_w, qkv_b, out_w, out_b
+        gather = kernels.gather_channels
+        return (gather(qkv_w, self._qkv_rows, index), None if qkv_b is None else gather(qkv_b, self._qkv_rows),
+                gather(out_w, index, index), None if out_b is None else gather(out_b, index))
+
 
 class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose embedding width ``E`` is pruned to ``K`` channels: query / key / value
@@ -84,18 +95,14 @@ class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
                 self.bias_v]
 
     def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
-        sources = self._source_tensors()
+        in_w, in_b, out_w, out_b, bias_k, bias_v = self._source_tensors()
         index = self._out_index
-        if index is None:
-            return tuple(sources)
-        in_w, in_b, out_w, out_b, bias_k, bias_v = sources
-        gather = kernels.gather_channels
 
         def per_channel(bias):  # bias_k / bias_v are [1, 1, E]
-            return None if bias is None else gather(bias.reshape(-1), index).reshape(1, 1, -1)
-        return (gather(in_w, self._qkv_rows, index), None if in_b is None else gather(in_b, self._qkv_rows),
-                gather(out_w, index, index), None if out_b is None else gather(out_b, index),
-                per_channel(bias_k), per_channel(bias_v))
+            if bias is None or index is None:
+                return bias
+            return kernels.gather_channels(bias.reshape(-1), index).reshape(1, 1, -1)
+        return self._gather_projections(in_w, in_b, out_w, out_b) + (per_channel(bias_k), per_channel(bias_v))
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -140,13 +147,7 @@ class _DynamicWindowAttention(_EmbeddingSelection):
         return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
 
     def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
-        qkv_w, qkv_b, proj_w, proj_b = self._source_tensors()
-        index = self._out_index
-        if index is None:
-            return qkv_w, qkv_b, proj_w, proj_b
-        gather = kernels.gather_channels
-        return (gather(qkv_w, self._qkv_rows, index), None if qkv_b is None else gather(qkv_b, self._qkv_rows),
-                gather(proj_w, index, index), None if proj_b is None else gather(proj_b, index))
+        return self._gather_projections(*self._source_tensors())
 
     def forward(self, x: Tensor) -> Tensor:
         from torchvision.models.swin_transformer import shifted_window_attention

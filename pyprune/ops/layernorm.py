@@ -27,8 +27,8 @@ def is_channels_first_layer_norm(module: nn.Module) -> bool:
 
 
 def _probe_channels_first(module: nn.LayerNorm) -> bool:
-    tensor = module.weight if module.weight is not None else None
-    options = {"device": tensor.device, "dtype": tensor.dtype} if tensor is not None else {}
+    weight = module.weight
+    options = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
     x = torch.randn(2, module.normalized_shape[0], 3, 2, generator=torch.Generator().manual_seed(0)).to(**options)
     try:
         with torch.no_grad():

@@ -23,17 +23,20 @@ _SLOTS = "_pyprune_channel_parameters"  # owner.__dict__ key: {attribute: Channe
 _EXTRA_STATE_KEY = "_extra_state"
 
 
+def _owner_of(model: nn.Module, path: str) -> Tuple[Optional[nn.Module], str]:
+    """(module holding the attribute at ``path`` or None, attribute name)."""
+    owner_path, _, attribute = path.rpartition(".")
+    try:
+        return (model.get_submodule(owner_path) if owner_path else model), attribute
+    except AttributeError:
+        return None, attribute
+
+
 def resolve_tensor(model: nn.Module, path: str) -> Tuple[nn.Module, str, Tensor]:
     """(owner module, attribute, tensor) of the parameter or buffer at ``path`` (e.g. ``features.1.0.layer_scale``);
     ConfigError when there is none."""
-    owner_path, _, attribute = path.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_path) if owner_path else model
-    except AttributeError:
-        owner = None
-    tensor = None
-    if owner is not None:
-        tensor = owner._parameters.get(attribute, owner._buffers.get(attribute))
+    owner, attribute = _owner_of(model, path)
+    tensor = None if owner is None else owner._parameters.get(attribute, owner._buffers.get(attribute))
     if tensor is None:
         raise ConfigError(f"the model has no parameter or buffer named {path!r}")
     return owner, attribute, tensor
@@ -129,11 +132,7 @@ class ChannelCount(ChannelParameter):
     ``x.reshape(n, self.hidden_dim, -1)``: kept equal to the active channel count (and so exported at it)."""
 
     def __init__(self, model: nn.Module, path: str):
-        owner_path, _, attribute = path.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_path) if owner_path else model
-        except AttributeError:
-            owner = None
+        owner, attribute = _owner_of(model, path)
         if owner is None or type(owner.__dict__.get(attribute)) is not int:
             raise ConfigError(f"the model has no module, parameter, buffer or int attribute named {path!r}")
         self.owner, self.attribute, self.pyprune_name, self.dim = owner, attribute, path, None

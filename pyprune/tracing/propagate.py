@@ -366,8 +366,7 @@ class ChannelPropagation:
             return self._attention(node, module)
         if isinstance(module, ATTENTION_TYPES):  # Swin window attention: x [B, H, W, C] -> same channels
             space = self._space(node.args[0]) if node.args else None
-            if space is None or space.dim != space.ndim - 1 or len(space.segments) != 1 or \
-                    not self._whole(space.segments[0]):
+            if not self._one_group_last(space):
                 return self._unknown(node, type(module).__name__, "its input is not one whole channel group")
             self.table.constrain_groups(space.segments[0].gid, attention_heads(module))
             self._layer_inputs(node, space, space.ndim - 1, True)
@@ -402,8 +401,7 @@ class ChannelPropagation:
         spaces = [self._space(x) for x in inputs]
         if not attention._qkv_same_embed_dim or any(s is None for s in spaces):
             return self._unknown(node, "MultiheadAttention", "separate key / value widths or untracked inputs")
-        last = [s.dim == s.ndim - 1 and len(s.segments) == 1 and self._whole(s.segments[0]) for s in spaces]
-        if not all(last):
+        if not all(self._one_group_last(s) for s in spaces):
             for space in spaces:
                 self._fix_space(space, f"attention {node.target} reads channels that are not one whole group")
             return None
@@ -411,6 +409,11 @@ class ChannelPropagation:
         self.table.constrain_groups(spaces[0].segments[0].gid, attention.num_heads)
         self._layer_inputs(node, spaces[0], spaces[0].ndim - 1, True)
         return (spaces[0], None)
+
+    def _one_group_last(self, space: Optional[ChannelSpace]) -> bool:
+        """Whether ``space`` is one whole channel group on the last dim (what an attention layer can prune)."""
+        return space is not None and space.dim == space.ndim - 1 and len(space.segments) == 1 and \
+            self._whole(space.segments[0])
 
     def _conv(self, node, conv: nn.Conv2d, space: Optional[ChannelSpace], ndim: int):
         depthwise = conv.groups == conv.in_channels == conv.out_channels

@@ -321,9 +321,9 @@ class MutableChannelUnit:
 def _group_constraint(module: nn.Module) -> int:
     """Equal blocks a selection on a layer must respect: a grouped conv's ``groups`` (1 for plain and depthwise
     convs), attention's ``num_heads``."""
-    from ..ops.attention import ATTENTION_TYPES
+    from ..ops.attention import ATTENTION_TYPES, attention_heads
     if isinstance(module, ATTENTION_TYPES):
-        return module.num_heads
+        return attention_heads(module)
     if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
         return 1
     if module.groups == module.in_channels == module.out_channels:
