@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..ops.selection import prefix_index
 from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure
 
@@ -316,7 +317,6 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
 def _unit_prefix_counts(mutator) -> Dict[str, int]:
     """Active channel count per unit; sequential units keep a prefix (of every block, for units with ``groups``),
     which is checked here."""
-    from ..ops.selection import prefix_index
     counts = {}
     for unit in mutator.units:
         count = unit.active_channels

@@ -32,17 +32,25 @@ class _EmbeddingSelection(DynamicChannelMixin):
     """One selection over an attention layer's embedding width ``E`` (channels last), balanced over its heads; the
     q / k / v projection rows it implies (``idx | E+idx | 2E+idx``) are derived once per selection."""
 
-    def _embedding_width(self) -> int:
+    @classmethod
+    def embedding_width(cls, module: nn.Module) -> int:
+        """``E`` of ``module`` (a plain or dynamic attention layer of this class's type)."""
         raise NotImplementedError
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self._embedding_width(), self._embedding_width()
+    @classmethod
+    def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
+        return cls.embedding_width(module), cls.embedding_width(module)
 
-    def _one_selection(self) -> bool:
+    @classmethod
+    def shares_selection(cls, module: nn.Module) -> bool:
         return True
 
-    def _groups_of(self, is_output: bool) -> int:
-        return self.num_heads
+    @classmethod
+    def selection_groups(cls, module: nn.Module) -> int:
+        return module.num_heads
+
+    def _embedding_width(self) -> int:
+        return type(self).embedding_width(self)
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return x.dim() - 1, "embedding channels"
@@ -87,8 +95,9 @@ class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
         super().__init__(*args, **kwargs)
         self._check_convertible(self)
 
-    def _embedding_width(self) -> int:
-        return self.embed_dim
+    @classmethod
+    def embedding_width(cls, module: nn.MultiheadAttention) -> int:
+        return module.embed_dim
 
     def _source_tensors(self):
         return [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.bias_k,
@@ -140,8 +149,9 @@ class _DynamicWindowAttention(_EmbeddingSelection):
 
     _channel_tensors = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")
 
-    def _embedding_width(self) -> int:
-        return self.qkv.in_features
+    @classmethod
+    def embedding_width(cls, module: nn.Module) -> int:
+        return module.qkv.in_features
 
     def _source_tensors(self):
         return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]

@@ -31,9 +31,10 @@ class DynamicChannelMixin:
     """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
-    per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them) and
-    implement ``_full_channels``, ``_channel_dims`` and ``_static_module``; grouped layers override
-    ``_groups_of`` and single-selection layers (norms, depthwise conv) return True from ``_one_selection``.
+    per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them),
+    implement ``_channel_dims`` and ``_static_module``, and answer the layer-kind classmethods
+    (``channel_counts``; ``shares_selection``, ``selection_groups``, ``importance_rows``, ``norm_scale`` where the
+    defaults do not fit).
     """
 
     _torch_type: type = nn.Module
@@ -81,11 +82,39 @@ class DynamicChannelMixin:
         self._eval_cache = None
         self._after_selection_change()
 
-    # ------------------------------------------------------------------------------------------- what subclasses say
-    def _full_channels(self) -> Tuple[int, int]:
-        """(output channels, input channels) of the full layer."""
+    # ------------------------------------------------------------------------------------------------- layer kind
+    # Facts about a layer type, asked of plain torch layers as well (units and the tracer reach them through
+    # ``pyprune.ops.layer_kind``), so they are classmethods taking the module: each DynamicOp class is the one place
+    # that knows its layer type.
+    @classmethod
+    def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
+        """(output channels, input channels) of the full ``module``."""
         raise NotImplementedError
 
+    @classmethod
+    def shares_selection(cls, module: nn.Module) -> bool:
+        """True when ``module``'s in and out channels are one and the same selection (norms, depthwise conv,
+        attention's embedding width)."""
+        return False
+
+    @classmethod
+    def selection_groups(cls, module: nn.Module) -> int:
+        """Equal channel blocks a selection must keep the same count in (a grouped conv's ``groups``, attention
+        heads, GroupNorm groups); 1 = no constraint."""
+        return 1
+
+    @classmethod
+    def importance_rows(cls, module: nn.Module) -> Optional[Tensor]:
+        """The weight as rows ``[out channels, fan_in]`` whose magnitude ranks the output channels (conv /
+        linear, detached), or None when the layer has no such rows."""
+        return None
+
+    @classmethod
+    def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
+        """A norm layer's affine scale ``[C]`` (detached; network slimming ranks channels by ``|gamma|``), or None."""
+        return None
+
+    # ------------------------------------------------------------------------------------------- what subclasses say
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         """(dim of ``x`` that holds the input channels, a word for the error message)."""
         raise NotImplementedError
@@ -94,13 +123,16 @@ class DynamicChannelMixin:
         """The plain ``_torch_type`` layer with the active channel counts, built on the meta device."""
         raise NotImplementedError
 
+    def _full_channels(self) -> Tuple[int, int]:
+        """(output channels, input channels) of the full layer."""
+        return type(self).channel_counts(self)
+
     def _one_selection(self) -> bool:
-        """True when in and out channels are one and the same selection (norms, depthwise conv)."""
-        return False
+        return type(self).shares_selection(self)
 
     def _groups_of(self, is_output: bool) -> int:
         """Number of equal channel blocks a selection of that side must keep balanced (1 = no constraint)."""
-        return 1
+        return type(self).selection_groups(self)
 
     def _kernel_indices(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(out index, in index) as ``gather_channels`` takes them for the weight."""

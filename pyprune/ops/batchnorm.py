@@ -1,5 +1,5 @@
 """DynamicBatchNorm1d / DynamicBatchNorm2d: batch norm over the active channels, running stats updated in place."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,11 +30,17 @@ class _DynamicBatchNorm(DynamicChannelMixin):
 
     _channel_tensors = ("weight", "bias", "running_mean", "running_var")
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.num_features, self.num_features
+    @classmethod
+    def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
+        return module.num_features, module.num_features
 
-    def _one_selection(self) -> bool:
+    @classmethod
+    def shares_selection(cls, module: nn.Module) -> bool:
         return True
+
+    @classmethod
+    def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
+        return None if module.weight is None else module.weight.detach()
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"

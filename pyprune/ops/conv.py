@@ -11,6 +11,11 @@ from .base import DynamicChannelMixin
 __all__ = ["DynamicConv2d"]
 
 
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    """One filter per input channel, no channel multiplier: channel ``i`` in makes channel ``i`` out."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
     """``nn.Conv2d`` computing only the selected channels: x ``[N, K_in, H, W]`` -> ``[N, K_out, H', W']``.
 
@@ -27,21 +32,28 @@ class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
     _torch_type = nn.Conv2d
     _channel_tensors = ("weight", "bias")
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.out_channels, self.in_channels
+    @classmethod
+    def channel_counts(cls, module: nn.Conv2d) -> Tuple[int, int]:
+        return module.out_channels, module.in_channels
+
+    @classmethod
+    def shares_selection(cls, module: nn.Conv2d) -> bool:
+        return _is_depthwise(module)
+
+    @classmethod
+    def selection_groups(cls, module: nn.Conv2d) -> int:
+        return 1 if _is_depthwise(module) else module.groups  # depthwise: any selection works, groups follows it
+
+    @classmethod
+    def importance_rows(cls, module: nn.Conv2d) -> Optional[Tensor]:
+        return module.weight.detach().flatten(1)
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (0 if x.dim() == 3 else 1), "channels"  # nn.Conv2d also takes unbatched [C, H, W]
 
     @property
     def is_depthwise(self) -> bool:
-        return self.groups > 1 and self.groups == self.in_channels == self.out_channels
-
-    def _one_selection(self) -> bool:
-        return self.is_depthwise
-
-    def _groups_of(self, is_output: bool) -> int:
-        return 1 if self.is_depthwise else self.groups
+        return _is_depthwise(self)
 
     @property
     def active_groups(self) -> int:

@@ -1,5 +1,5 @@
 """DynamicGroupNorm: nn.GroupNorm over the active channels, keeping ``num_groups``."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,14 +20,21 @@ class DynamicGroupNorm(DynamicChannelMixin, nn.GroupNorm):
     _torch_type = nn.GroupNorm
     _channel_tensors = ("weight", "bias")
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.num_channels, self.num_channels
+    @classmethod
+    def channel_counts(cls, module: nn.GroupNorm) -> Tuple[int, int]:
+        return module.num_channels, module.num_channels
 
-    def _one_selection(self) -> bool:
+    @classmethod
+    def shares_selection(cls, module: nn.GroupNorm) -> bool:
         return True
 
-    def _groups_of(self, is_output: bool) -> int:
-        return self.num_groups
+    @classmethod
+    def selection_groups(cls, module: nn.GroupNorm) -> int:
+        return module.num_groups
+
+    @classmethod
+    def norm_scale(cls, module: nn.GroupNorm) -> Optional[Tensor]:
+        return None if module.weight is None else module.weight.detach()
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"

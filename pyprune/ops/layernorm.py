@@ -1,6 +1,6 @@
 """DynamicLayerNorm: nn.LayerNorm over the active channels, channels last or (ConvNeXt's LayerNorm2d) first."""
 import weakref
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,11 +73,17 @@ class DynamicLayerNorm(DynamicChannelMixin, nn.LayerNorm):
         self._check_convertible(self)
         self._export_type, self.channels_first = nn.LayerNorm, False
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.normalized_shape[0], self.normalized_shape[0]
+    @classmethod
+    def channel_counts(cls, module: nn.LayerNorm) -> Tuple[int, int]:
+        return module.normalized_shape[-1], module.normalized_shape[-1]
 
-    def _one_selection(self) -> bool:
+    @classmethod
+    def shares_selection(cls, module: nn.LayerNorm) -> bool:
         return True
+
+    @classmethod
+    def norm_scale(cls, module: nn.LayerNorm) -> Optional[Tensor]:
+        return None if module.weight is None else module.weight.detach()
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (1 if self.channels_first else x.dim() - 1), "channels"

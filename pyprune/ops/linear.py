@@ -1,5 +1,5 @@
 """DynamicLinear: nn.Linear over the active input / output features."""
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,8 +16,13 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
     _torch_type = nn.Linear
     _channel_tensors = ("weight", "bias")
 
-    def _full_channels(self) -> Tuple[int, int]:
-        return self.out_features, self.in_features
+    @classmethod
+    def channel_counts(cls, module: nn.Linear) -> Tuple[int, int]:
+        return module.out_features, module.in_features
+
+    @classmethod
+    def importance_rows(cls, module: nn.Linear) -> Optional[Tensor]:
+        return module.weight.detach()
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return x.dim() - 1, "features"

@@ -58,6 +58,27 @@ class ChannelParameter:
         self.num_channels = tensor.shape[self.dim]
         self._index: Optional[Tensor] = None
 
+    # --------------------------------------------------------------------------- layer kind (as the DynamicOps say it)
+    @classmethod
+    def channel_counts(cls, layer: "ChannelParameter") -> Tuple[int, int]:
+        return layer.num_channels, layer.num_channels
+
+    @classmethod
+    def shares_selection(cls, layer: "ChannelParameter") -> bool:
+        return True  # one channel dim
+
+    @classmethod
+    def selection_groups(cls, layer: "ChannelParameter") -> int:
+        return 1
+
+    @classmethod
+    def importance_rows(cls, layer: "ChannelParameter") -> Optional[Tensor]:
+        return None
+
+    @classmethod
+    def norm_scale(cls, layer: "ChannelParameter") -> Optional[Tensor]:
+        return None
+
     @property
     def tensor(self) -> Tensor:
         """The full tensor, as registered in the owner."""

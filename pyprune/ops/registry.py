@@ -1,4 +1,11 @@
-"""Which DynamicOp replaces which torch layer."""
+"""Which DynamicOp replaces which torch layer, and the one lookup every package asks about a layer's kind.
+
+A layer's *kind* is the class that knows the facts about its type: its DynamicOp class for torch layers
+(``channel_counts``, ``shares_selection``, ``selection_groups``, ``importance_rows``, ``norm_scale``; see
+``DynamicChannelMixin``), :class:`ChannelParameter` for channel-sized tensors. Units, the mutator and the tracer ask
+:func:`layer_kind` instead of testing torch types themselves, so adding a layer type is one DynamicOp class and
+one entry in :data:`DYNAMIC_OPS`.
+"""
 from typing import Dict, Optional, Type
 
 from torch import nn
@@ -9,10 +16,11 @@ from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
 from .conv import DynamicConv2d
 from .groupnorm import DynamicGroupNorm
-from .layernorm import DynamicLayerNorm
+from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
+from .parameter import ChannelParameter
 
-__all__ = ["DYNAMIC_OPS", "to_dynamic"]
+__all__ = ["DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer"]
 
 # torch layer type -> DynamicOp type. Subclasses of these map through their nearest listed base (MRO order).
 DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
@@ -27,6 +35,32 @@ DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
 }
 
 
+def registered_base(module: nn.Module) -> Optional[Type[nn.Module]]:
+    """The nearest base class of ``module`` (itself included) that :data:`DYNAMIC_OPS` lists, or None."""
+    for base in type(module).__mro__:
+        if base in DYNAMIC_OPS:
+            return base
+    return None
+
+
+def layer_kind(layer) -> Optional[type]:
+    """The class that answers the layer-kind questions for ``layer`` (a plain torch layer, a DynamicOp or a
+    :class:`ChannelParameter`), or None for layers pyprune cannot prune."""
+    if isinstance(layer, (DynamicChannelMixin, ChannelParameter)):
+        return type(layer)
+    base = registered_base(layer)
+    return None if base is None else DYNAMIC_OPS[base]
+
+
+def is_prunable_layer(module: nn.Module) -> bool:
+    """A layer the tracer keeps opaque and the units can convert: a listed type (or subclass) that keeps its base's
+    ``forward``, or a channels-first LayerNorm subclass (ConvNeXt's ``LayerNorm2d``)."""
+    base = registered_base(module)
+    if base is None:
+        return False
+    return type(module).forward is base.forward or is_channels_first_layer_norm(module)
+
+
 def to_dynamic(module: nn.Module) -> Optional[DynamicChannelMixin]:
     """The DynamicOp for ``module`` (sharing its parameters), ``module`` itself if it already is one, or ``None``
     when there is none: an unknown type, an uninitialised lazy layer, or a configuration the op cannot run
@@ -35,8 +69,7 @@ def to_dynamic(module: nn.Module) -> Optional[DynamicChannelMixin]:
         return module
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return None
-    for base in type(module).__mro__:
-        dynamic_type = DYNAMIC_OPS.get(base)
-        if dynamic_type is not None:
-            return dynamic_type.convert_from(module) if dynamic_type.can_convert(module) else None
-    return None
+    kind = layer_kind(module)
+    if kind is None:
+        return None
+    return kind.convert_from(module) if kind.can_convert(module) else None

@@ -60,7 +60,7 @@ class LayerIndexAssembler:
                     self._modules[ref.name] = get_layer(model, ref, f"unit {unit.name}")
                 module = self._modules[ref.name]
                 key = (ref.name, True if has_one_selection(module) else bool(ref.is_output_channel))
-                self._add_range(key, _Range(ref.start, ref.end, getattr(ref, "expand", 1), unit), unit)
+                self._add_range(key, _Range(ref.start, ref.end, ref.expand, unit), unit)
         for key, ranges in self._ranges.items():
             ranges.sort(key=lambda r: r.start)
             self._check_ranges(key, ranges)

@@ -6,31 +6,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..channels import UnitSpec, ref_to_dict, unit_name
 from ..errors import ChannelSelectionError, ConfigError
-from .modules import get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules
+from .assembler import LayerIndexAssembler
+from .modules import (get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules,
+                      selection_groups)
 from .rounding import kept_channel_count
 
 CHOICE_MODES = ("ratio", "number")
-
-
-def unit_name_from_refs(output_related: Sequence, input_related: Sequence, num_channels: int) -> str:
-    """mmrazor's unit name: first related module, its range and the channel count, e.g. ``conv1_(0, 64)_64``."""
-    refs = list(output_related) or list(input_related)
-    if not refs:
-        return f"unit_{num_channels}"
-    first = refs[0]
-    return f"{first.name}_({first.start}, {first.end})_{num_channels}"
-
-
-def ref_to_dict(ref) -> Dict[str, Any]:
-    """A ChannelRef in mmrazor's config layout (``expand`` only when it is not 1)."""
-    out = {"name": ref.name, "start": int(ref.start), "end": int(ref.end),
-           "is_output_channel": bool(ref.is_output_channel)}
-    if getattr(ref, "expand", 1) != 1:
-        out["expand"] = int(ref.expand)
-    if getattr(ref, "param_dim", None) is not None:
-        out["param_dim"] = int(ref.param_dim)
-    return out
 
 
 class MutableChannelUnit:
@@ -51,7 +34,7 @@ class MutableChannelUnit:
                  groups: int = 1, fixed: bool = False, reason: str = "", name: Optional[str] = None):
         self.output_related = list(output_related)
         self.input_related = list(input_related)
-        self.name = name or unit_name_from_refs(self.output_related, self.input_related, num_channels)
+        self.name = name or unit_name(self.output_related, self.input_related, num_channels)
         self._check_init_args(num_channels, choice_mode, divisor, min_value, min_ratio, groups)
         self.num_channels = int(num_channels)
         self.choice_mode = choice_mode
@@ -69,21 +52,18 @@ class MutableChannelUnit:
         self._assembler = None
 
     @classmethod
-    def from_spec(cls, spec, **init_args) -> "MutableChannelUnit":
+    def from_spec(cls, spec: UnitSpec, **init_args) -> "MutableChannelUnit":
         """Build from a tracer ``UnitSpec`` plus init args (``num_channels`` in them must match the spec)."""
         num_channels = init_args.pop("num_channels", spec.num_channels)
-        name = init_args.pop("name", None) or getattr(spec, "name", None) or None
+        name = init_args.pop("name", None) or spec.name
         if num_channels != spec.num_channels:
-            unit = unit_name_from_refs(spec.output_related, spec.input_related, spec.num_channels)
-            raise ConfigError(f"unit {name or unit}: init_args num_channels={num_channels} but the model has "
+            raise ConfigError(f"unit {name}: init_args num_channels={num_channels} but the model has "
                               f"{spec.num_channels} channels there")
         try:
             return cls(spec.num_channels, output_related=spec.output_related, input_related=spec.input_related,
-                       groups=getattr(spec, "groups", 1), fixed=getattr(spec, "fixed", False),
-                       reason=getattr(spec, "reason", ""), name=name, **init_args)
+                       groups=spec.groups, fixed=spec.fixed, reason=spec.reason, name=name, **init_args)
         except TypeError as error:  # an init arg this unit type does not take
-            unit = name or unit_name_from_refs(spec.output_related, spec.input_related, spec.num_channels)
-            raise ConfigError(f"unit {unit}: bad init args for {cls.__name__}: {error}") from None
+            raise ConfigError(f"unit {name}: bad init args for {cls.__name__}: {error}") from None
 
     # ------------------------------------------------------------------------------------------------ validation
     def _check_init_args(self, num_channels, choice_mode, divisor, min_value, min_ratio, groups) -> None:
@@ -115,6 +95,10 @@ class MutableChannelUnit:
     def width_to_count(self, choice) -> int:
         """As :meth:`choice_to_count`, ignoring whether the unit is fixed."""
         if self.choice_mode == "ratio":
+            if _is_int(choice):  # 1 would read as "all channels", 32 as an error: say what the unit expects
+                self._fail(f"choice {choice!r} is an int, but the unit is in ratio mode: give a float ratio in "
+                           f"(0, 1] (e.g. {min(choice, self.num_channels) / self.num_channels:.3g}), or build the "
+                           f"units with choice_mode='number' to set channel counts")
             if not _is_real(choice):
                 self._fail(f"choice must be a ratio (float) in (0, 1], got {type(choice).__name__} {choice!r}")
             if not math.isfinite(choice) or not 0.0 < choice <= 1.0:
@@ -247,7 +231,6 @@ class MutableChannelUnit:
         replace_modules(model, plan_dynamic_conversion(model, self.related_refs, f"unit {self.name}"))
         self.bind(model)
         if self._assembler is None:
-            from .assembler import LayerIndexAssembler
             LayerIndexAssembler([self]).attach(model)
         self.apply_count(self._count)  # importance units re-rank now that they can see the weights
 
@@ -267,12 +250,11 @@ class MutableChannelUnit:
                 modules[ref.name] = get_layer(model, ref, f"unit {self.name}")
         groups = self.groups
         for ref in self.related_refs:
-            expand = getattr(ref, "expand", 1)
-            width = ref.end - ref.start
+            expand, width = ref.expand, ref.width
             if width != self.num_channels * expand:
                 raise ConfigError(f"unit {self.name}: range [{ref.start}, {ref.end}) of {ref.name!r} is {width} "
                                   f"channels, expected num_channels * expand = {self.num_channels} * {expand}")
-            layer_groups = _group_constraint(modules[ref.name])
+            layer_groups = selection_groups(modules[ref.name])
             if layer_groups == 1:
                 continue
             side = module_channel_count(modules[ref.name], ref.is_output_channel, ref.name)
@@ -316,26 +298,6 @@ class MutableChannelUnit:
     def __repr__(self) -> str:
         state = "fixed" if self.fixed else f"{self._count}/{self.num_channels}"
         return f"{type(self).__name__}({self.name}, {state})"
-
-
-def _group_constraint(module: nn.Module) -> int:
-    """Equal blocks a selection on a layer must respect: a grouped conv's ``groups`` (1 for plain and depthwise
-    convs), attention's ``num_heads``."""
-    from ..ops.attention import ATTENTION_TYPES, attention_heads
-    if isinstance(module, ATTENTION_TYPES):
-        return attention_heads(module)
-    if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
-        return 1
-    if module.groups == module.in_channels == module.out_channels:
-        return 1  # depthwise: any selection works, groups follows it
-    return module.groups
-
-
-def prefix_index(num_channels: int, count: int, groups: int, device) -> Tensor:
-    """The first ``count / groups`` channels of each of ``groups`` equal blocks, as a sorted int64 ``[count]``."""
-    block = num_channels // groups
-    starts = torch.arange(groups, device=device) * block
-    return (starts.unsqueeze(1) + torch.arange(count // groups, device=device)).reshape(-1)
 
 
 def _is_int(value) -> bool:

@@ -3,9 +3,10 @@ from typing import Optional
 
 from torch import Tensor
 
+from .. import ops
+
 from .l1 import L1MutableChannelUnit
 from .importance import normalized, per_unit_channel
-from .modules import is_norm
 from .registry import register_unit
 
 
@@ -20,9 +21,11 @@ class BNScaleMutableChannelUnit(L1MutableChannelUnit):
     def channel_importance(self) -> Optional[Tensor]:
         total = None
         for ref, module in self.output_layers():
-            if not is_norm(module) or getattr(module, "weight", None) is None:
+            kind = ops.layer_kind(module)
+            scale = None if kind is None else kind.norm_scale(module)
+            if scale is None:
                 continue
-            gamma = module.weight.detach()[ref.start:ref.end].float().abs()
+            gamma = scale[ref.start:ref.end].float().abs()
             scores = normalized(per_unit_channel(gamma, self.num_channels))
             total = scores if total is None else total + scores.to(total.device)
         return total if total is not None else super().channel_importance()

@@ -4,7 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import MutableChannelUnit, prefix_index
+from ..ops.selection import prefix_index
+from .base import MutableChannelUnit
 
 
 def per_unit_channel(rows: Tensor, num_channels: int) -> Tensor:
@@ -33,7 +34,7 @@ class ImportanceMutableChannelUnit(MutableChannelUnit):
         with torch.no_grad():
             scores = self.channel_importance() if self._modules else None
             if scores is None:
-                return prefix_index(self.num_channels, count, self.groups, self.device)
+                return prefix_index(count, self.num_channels, self.groups, self.device)
             blocks = scores.reshape(self.groups, -1)
             top = blocks.topk(count // self.groups, dim=1, sorted=False).indices
             top = top + torch.arange(self.groups, device=top.device).unsqueeze(1) * blocks.shape[1]

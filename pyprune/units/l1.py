@@ -1,18 +1,20 @@
 """L1MutableChannelUnit: keeps the channels whose output weights have the largest L1 magnitude."""
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import Tensor
+
+from .. import ops
 
 from .importance import ImportanceMutableChannelUnit, normalized, per_unit_channel
 from .registry import register_unit
 
 
-def output_weight_rows(ref, module: nn.Module) -> Optional[Tensor]:
-    """The rows ``[end - start, fan_in]`` of a conv / linear weight that ``ref`` covers, or None for other layers."""
-    is_conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-    if not (is_conv or isinstance(module, nn.Linear)):
-        return None
-    return module.weight.detach()[ref.start:ref.end].flatten(1).float()
+def output_weight_rows(ref, module) -> Optional[Tensor]:
+    """The rows ``[end - start, fan_in]`` of the weight that ``ref`` covers (float), for layers whose kind has
+    importance rows (conv / linear); None for others."""
+    kind = ops.layer_kind(module)
+    rows = None if kind is None else kind.importance_rows(module)
+    return None if rows is None else rows[ref.start:ref.end].float()
 
 
 @register_unit

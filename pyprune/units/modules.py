@@ -4,55 +4,40 @@ from typing import Dict, Iterable, List, Tuple
 import torch
 from torch import nn
 
+from .. import ops
 from ..errors import ConfigError
-
-
-def ops_package():
-    """``pyprune.ops``, imported lazily: units are importable (and testable) without the ops being built."""
-    from .. import ops
-    return ops
 
 
 def is_dynamic(layer) -> bool:
     """A DynamicOp, or a channel-sized tensor that already serves its kept channels."""
-    ops = ops_package()
     return isinstance(layer, ops.DynamicChannelMixin) or (isinstance(layer, ops.ChannelParameter) and layer.attached)
 
 
-def is_norm(module: nn.Module) -> bool:
-    """Norm layers have a single channel dim: their in and out selections are the same thing."""
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-
-
 def has_one_selection(layer) -> bool:
-    """Norms, attention (one embedding width) and channel-sized tensors: in and out selections are one thing."""
-    ops = ops_package()
-    return is_norm(layer) or isinstance(layer, ops.ATTENTION_TYPES + (ops.ChannelParameter,))
+    """Whether ``layer``'s in and out channels are one selection (norms, attention, depthwise conv, channel
+    tensors); False for layers pyprune does not know."""
+    kind = ops.layer_kind(layer)
+    return kind is not None and kind.shares_selection(layer)
 
 
 def module_channel_count(module, is_output: bool, where: str = "") -> int:
-    """Full number of output (``is_output``) or input channels of a conv / linear / norm layer or channel tensor."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels if is_output else module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features if is_output else module.in_features
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return module.num_features
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[-1]
-    if isinstance(module, ops_package().ATTENTION_TYPES):
-        return ops_package().attention_width(module)
-    if isinstance(module, ops_package().ChannelParameter):
-        return module.num_channels
-    raise ConfigError(f"{where or type(module).__name__}: {type(module).__name__} has no channel dimension "
-                      f"pyprune knows how to prune")
+    """Full number of output (``is_output``) or input channels of a prunable layer or channel tensor."""
+    kind = ops.layer_kind(module)
+    if kind is None:
+        raise ConfigError(f"{where or type(module).__name__}: {type(module).__name__} has no channel dimension "
+                          f"pyprune knows how to prune")
+    return kind.channel_counts(module)[0 if is_output else 1]
+
+
+def selection_groups(module) -> int:
+    """Equal blocks a unit's selection must keep balanced on ``module`` (1 for layers pyprune does not know)."""
+    kind = ops.layer_kind(module)
+    return 1 if kind is None else kind.selection_groups(module)
 
 
 def module_device(module) -> torch.device:
     """Device of the module's first parameter or buffer (cpu when it has none), or of a channel tensor."""
-    if isinstance(module, ops_package().ChannelParameter):
+    if isinstance(module, ops.ChannelParameter):
         return module.device
     for tensor in module.parameters():
         return tensor.device
@@ -72,13 +57,12 @@ def get_layer(model: nn.Module, ref, where: str = ""):
     """What a unit's ref names: a module; for a channel-sized tensor (``ref.param_dim`` set) its
     :class:`~pyprune.ops.ChannelParameter`, for an int attribute its :class:`~pyprune.ops.ChannelCount` (the
     attached ones once the model is prepared)."""
-    dim = getattr(ref, "param_dim", None)
     try:
         return get_module(model, ref.name, where)
     except ConfigError:
         pass  # a channel tensor, or an int attribute holding a channel count (ViT's hidden_dim)
     try:
-        return ops_package().channel_parameter(model, ref.name, dim)
+        return ops.channel_parameter(model, ref.name, ref.param_dim)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
 
@@ -86,7 +70,6 @@ def get_layer(model: nn.Module, ref, where: str = ""):
 def to_dynamic_layer(layer):
     """The DynamicOp for a module (itself if it already is one; None when there is none), or the channel tensor
     itself (it is made to serve its kept channels by :func:`replace_modules`)."""
-    ops = ops_package()
     return layer if isinstance(layer, ops.ChannelParameter) else ops.to_dynamic(layer)
 
 
@@ -125,7 +108,7 @@ def replace_modules(model: nn.Module, replacements: Dict[str, object]) -> None:
         return
     parents = _parents_of(model)
     for name, new in replacements.items():
-        if isinstance(new, ops_package().ChannelParameter):
+        if isinstance(new, ops.ChannelParameter):
             new.attach()  # a tensor, not a module: its owner starts serving the kept channels
             continue
         old = model.get_submodule(name)

@@ -1,7 +1,8 @@
 """SequentialMutableChannelUnit: keeps the first channels."""
 from torch import Tensor
 
-from .base import MutableChannelUnit, prefix_index
+from ..ops.selection import prefix_index
+from .base import MutableChannelUnit
 from .registry import register_unit
 
 
@@ -15,4 +16,4 @@ class SequentialMutableChannelUnit(MutableChannelUnit):
             super().apply_count(count)
 
     def _select(self, count: int) -> Tensor:
-        return prefix_index(self.num_channels, count, self.groups, self.device)
+        return prefix_index(count, self.num_channels, self.groups, self.device)

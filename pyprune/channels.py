@@ -1,0 +1,72 @@
+"""The interchange types between the tracer, the units and the mutator: channel ranges and coupled channel groups.
+
+They sit on the ground floor (no pyprune imports) because every layer above speaks them: the tracer produces
+:class:`UnitSpec` lists, units are built from them, the mutator reads and writes them as config dicts (mmrazor's
+layout: ``{"name", "start", "end", "is_output_channel"}`` per channel range).
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+__all__ = ["ChannelRef", "UnitSpec", "unit_name", "ref_to_dict", "ref_from_dict"]
+
+
+@dataclass
+class ChannelRef:
+    """A range of one module's input or output channels that belongs to a unit (mmrazor's ``Channel``).
+
+    Unit channel ``c`` covers module channels ``start + c*expand ... start + c*expand + expand - 1`` (``expand > 1``
+    where a feature map is flattened into a Linear: each channel becomes its ``H*W`` spatial positions).
+    ``param_dim`` is set when ``name`` is a channel-sized parameter or buffer that the model's code uses directly
+    (ConvNeXt's ``layer_scale``): the tensor's dim that holds the channels (see ``pyprune.ops.ChannelParameter``).
+    """
+    name: str
+    start: int
+    end: int
+    is_output_channel: bool
+    expand: int = 1
+    param_dim: Optional[int] = None
+
+    @property
+    def width(self) -> int:
+        """Module channels the range spans (``num_channels * expand`` of its unit)."""
+        return self.end - self.start
+
+
+@dataclass
+class UnitSpec:
+    """One group of coupled channels: the layers whose output / input channels must share one selection."""
+    num_channels: int
+    output_related: List[ChannelRef] = field(default_factory=list)
+    input_related: List[ChannelRef] = field(default_factory=list)
+    groups: int = 1          # a selection must keep the same count in each of `groups` equal blocks
+    fixed: bool = False      # never pruned (model input / output, an op we cannot map, user-fixed)
+    reason: str = ""
+
+    @property
+    def name(self) -> str:
+        return unit_name(self.output_related, self.input_related, self.num_channels)
+
+
+def unit_name(output_related: Sequence[ChannelRef], input_related: Sequence[ChannelRef], num_channels: int) -> str:
+    """mmrazor's unit name: first related module, its range and the channel count, e.g. ``conv1_(0, 64)_64``."""
+    refs = list(output_related) or list(input_related)
+    if not refs:
+        return f"unit_{num_channels}"
+    first = refs[0]
+    return f"{first.name}_({first.start}, {first.end})_{num_channels}"
+
+
+def ref_to_dict(ref: ChannelRef) -> Dict[str, Any]:
+    """A ChannelRef in mmrazor's config layout (``expand`` / ``param_dim`` only when set)."""
+    out = {"name": ref.name, "start": int(ref.start), "end": int(ref.end),
+           "is_output_channel": bool(ref.is_output_channel)}
+    if ref.expand != 1:
+        out["expand"] = int(ref.expand)
+    if ref.param_dim is not None:
+        out["param_dim"] = int(ref.param_dim)
+    return out
+
+
+def ref_from_dict(entry: Mapping[str, Any]) -> ChannelRef:
+    """The inverse of :func:`ref_to_dict`; a missing or unknown key raises TypeError (callers name the unit)."""
+    return ChannelRef(**entry)
