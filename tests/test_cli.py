@@ -71,7 +71,7 @@ def test_quick_run_writes_every_output(quick_run):
 
 
 def test_exported_model_reloads_into_a_fresh_model_and_matches(quick_run):
-    from pyprune.algorithms import load_pruned_run
+    from pyprune.training import load_pruned_run
     from pyprune.data import synthetic_splits
     from pyprune.training.loop import evaluate
     out, _ = quick_run

@@ -1,5 +1,7 @@
-"""Mutators: own a model's channel units, their choices and the pruning structure config."""
+"""Mutators: own a model's channel units, their choices and the pruning structure config (and its files)."""
 from .channel_mutator import ChannelMutator, export_static
+from .io import load_pruned, save_pruned
 from .summary import PruningSummary, count_flops, count_params
 
-__all__ = ["ChannelMutator", "export_static", "PruningSummary", "count_flops", "count_params"]
+__all__ = ["ChannelMutator", "export_static", "PruningSummary", "count_flops", "count_params", "save_pruned",
+           "load_pruned"]

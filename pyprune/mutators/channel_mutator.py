@@ -1,21 +1,24 @@
 """ChannelMutator: owns a model's channel units, their choices and the pruning structure config (mmrazor API)."""
 import copy
 import math
+import weakref
 import numbers
 import warnings
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .. import ops
+from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
+from ..tracing import trace_channel_units
 from ..units import LayerIndexAssembler, MutableChannelUnit
-from ..units.base import ref_to_dict, unit_name_from_refs
-from ..units import modules as unit_modules
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, normalize_parse_cfg, normalize_unit_cfg,
                     specs_from_channels)
+from .state_sync import saved_unit_selections
 from .summary import PruningSummary, make_summary
 
 
@@ -33,10 +36,15 @@ class ChannelMutator:
             touches one of them is fixed.
         strict: raise instead of fixing with a warning when a unit's layer cannot be made dynamic (and tell the
             tracer to raise on ops it does not understand).
+        trace_fn: the parser ``parse_cfg=dict(type='ChannelAnalyzer')`` calls, with the signature of
+            :func:`pyprune.tracing.trace_channel_units` (its default): ``trace_fn(model, example_inputs, *, fixed,
+            strict, tracer) -> list[UnitSpec]``. Give your own to parse models the tracer does not know, or to
+            hand-describe units in tests.
     """
 
     def __init__(self, channel_unit_cfg="SequentialMutableChannelUnit", parse_cfg: Optional[dict] = None,
-                 fixed: Sequence[str] = (), strict: bool = False):
+                 fixed: Sequence[str] = (), strict: bool = False,
+                 trace_fn: Callable[..., List[UnitSpec]] = trace_channel_units):
         unit_cfg = normalize_unit_cfg(channel_unit_cfg)
         self.unit_class = unit_cfg["class"]
         self.unit_default_args: Dict[str, Any] = unit_cfg["default_args"]
@@ -46,6 +54,9 @@ class ChannelMutator:
             raise ConfigError(f"fixed must be a list of module names, got {fixed!r}")
         self.fixed: Tuple[str, ...] = tuple(fixed)
         self.strict = bool(strict)
+        if not callable(trace_fn):
+            raise ConfigError(f"trace_fn must be callable, got {trace_fn!r}")
+        self.trace_fn = trace_fn
         self.units: List[MutableChannelUnit] = []
         self._by_name: Dict[str, MutableChannelUnit] = {}
         self._assembler: Optional[LayerIndexAssembler] = None
@@ -85,13 +96,43 @@ class ChannelMutator:
         # Validated: from here on the model changes.
         replace_modules(model, plan)
         for name, module in model.named_modules():
-            if isinstance(module, unit_modules.ops_package().DynamicChannelMixin):
+            if isinstance(module, ops.DynamicChannelMixin):
                 module.pyprune_name = name
         for unit in mutable:
             unit.bind(model)
             unit.apply_count(counts.get(unit.name, unit.active_channels))
         assembler.attach(model)
         self.units, self._by_name, self._assembler = units, {u.name: u for u in units}, assembler
+        self._follow_loaded_selections(model)
+
+    def _follow_loaded_selections(self, model: nn.Module) -> None:
+        """Make ``model.load_state_dict`` keep the units in step with the selections it loads into the layers
+        (validated before any tensor is copied; see :mod:`pyprune.mutators.state_sync`). The hooks hold the
+        mutator weakly: the model does not keep it alive."""
+        mutator = weakref.ref(self)
+        pending: List = []
+
+        def before_load(module, state_dict, prefix, *args):
+            owner = mutator()
+            if owner is not None:
+                pending[:] = saved_unit_selections(module, owner.units, state_dict, prefix)
+
+        def after_load(module, incompatible_keys):
+            owner = mutator()
+            if owner is None or not pending:
+                return
+            with owner._assembler.deferred():
+                for unit, index in pending:
+                    if not unit.is_mutable:
+                        continue
+                    if index is None:
+                        unit.apply_count(unit.num_channels)
+                    else:
+                        unit.apply_index(index.to(unit.device))
+            pending.clear()
+
+        model.register_load_state_dict_pre_hook(before_load)
+        model.register_load_state_dict_post_hook(after_load)
 
     def _check_fixed_names(self, model: nn.Module) -> None:
         names = {name for name, _ in model.named_modules()}
@@ -102,17 +143,17 @@ class ChannelMutator:
     def _parse(self, model: nn.Module) -> List[Tuple[Optional[str], Any]]:
         """(config name or None, UnitSpec) per unit, from the config's channels or by tracing."""
         if self.parse_cfg["type"] == "Config":
-            return specs_from_channels(self.units_cfg)
-        from ..tracing import trace_channel_units
-        specs = trace_channel_units(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
+            named_specs = specs_from_channels(self.units_cfg)
+            _check_structure_covers(model, [spec for _, spec in named_specs])
+            return named_specs
+        specs = self.trace_fn(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
                                     strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
         return [(None, spec) for spec in specs]
 
     def _build_units(self, named_specs) -> List[MutableChannelUnit]:
         units, problems, seen = [], [], set()
         for config_name, spec in named_specs:
-            name = config_name or getattr(spec, "name", None) or unit_name_from_refs(
-                spec.output_related, spec.input_related, spec.num_channels)
+            name = config_name or spec.name
             if name in seen:  # two units starting at the same range: keep names unique and stable
                 name = f"{name}#{sum(1 for n in seen if n.split('#')[0] == name)}"
             seen.add(name)
@@ -276,6 +317,7 @@ class ChannelMutator:
     # ---------------------------------------------------------------------------------------------------- export
     def export(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept."""
+        self._require_prepared()  # an unprepared mutator would hand back the full model as if it were pruned
         return export_static(copy.deepcopy(model))
 
     def summary(self, model: nn.Module, example_input) -> PruningSummary:
@@ -291,7 +333,6 @@ class ChannelMutator:
         else:
             inputs = tuple(example_input)
         full = copy.deepcopy(model)
-        ops = unit_modules.ops_package()
         for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
                 list(ops.channel_parameters(full)):
             layer.set_out_index(None)
@@ -305,7 +346,7 @@ class ChannelMutator:
 
 def export_static(model: nn.Module) -> nn.Module:
     """Replace (in place) every DynamicOp in ``model`` by ``op.export()``; returns ``model``."""
-    mixin = unit_modules.ops_package().DynamicChannelMixin
+    mixin = ops.DynamicChannelMixin
     replacements = {}
     for name, module in model.named_modules():
         if isinstance(module, mixin):
@@ -313,9 +354,23 @@ def export_static(model: nn.Module) -> nn.Module:
             static.train(module.training)
             replacements[name] = static
     replace_modules(model, replacements)
-    unit_modules.ops_package().export_channel_parameters(model)
+    ops.export_channel_parameters(model)
     left = [name for name, m in model.named_modules()
             if isinstance(m, mixin) or type(m).__module__.startswith("pyprune.ops")]
     if left:
         raise ConfigError(f"export left DynamicOps in the model: {left}")
     return model
+
+
+def _check_structure_covers(model: nn.Module, specs: Sequence[UnitSpec]) -> None:
+    """A structure read from a config must name every prunable layer of ``model``: a layer in no unit would read
+    channels that a unit prunes without being told (e.g. a ResNet-18 structure on a ResNet-34)."""
+    named = {ref.name for spec in specs for ref in spec.output_related + spec.input_related}
+    missing = [name for name, module in model.named_modules()
+               if name not in named and ops.is_prunable_layer(module) and not any(
+                   name.startswith(prefix + ".") for prefix in named)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"the structure config does not cover the model: {len(missing)} prunable layers are in "
+                          f"no unit ({shown}); was it saved from another model?")
+

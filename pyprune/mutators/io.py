@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .channel_mutator import ChannelMutator, export_static
 
 STRUCTURE_FORMAT = "pyprune-pruned-structure/1"
 WEIGHTS_FILE, STRUCTURE_FILE = "pruned_model.pt", "structure.json"
@@ -32,7 +33,7 @@ def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Opti
     """Write ``pruned_model.pt`` (state_dict of the exported plain model) and ``structure.json`` into ``directory``.
 
     ``model`` is the (dynamic) model the mutator prepared; ``exported`` its export if already made. ``model_info``
-    (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so :func:`load_pruned_run` can rebuild the model.
+    (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so the model can be rebuilt by name (``pyprune.training.load_pruned_run``).
     Returns ``{'weights': path, 'structure': path}``.
     """
     exported = mutator.export(model) if exported is None else exported
@@ -44,7 +45,7 @@ def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Opti
     return paths
 
 
-def _read_structure(structure: Union[PathLike, Mapping]) -> Dict[str, Any]:
+def read_structure(structure: Union[PathLike, Mapping]) -> Dict[str, Any]:
     if isinstance(structure, Mapping):
         return dict(structure)
     try:
@@ -62,8 +63,7 @@ def load_pruned(model: nn.Module, structure: Union[PathLike, Mapping],
     state_dict or the path of one (loaded with ``weights_only=True``); ``None`` leaves the fresh initialization.
     Returns a plain ``nn.Module`` of the pruned shapes (no DynamicOps). Shapes that do not match -> ConfigError.
     """
-    from ..mutators import ChannelMutator, export_static
-    structure = _read_structure(structure)
+    structure = read_structure(structure)
     config = dict(structure.get("mutator", structure))
     config["parse_cfg"] = {"type": "Config"}
     mutator = ChannelMutator.from_config(config)
@@ -79,14 +79,3 @@ def load_pruned(model: nn.Module, structure: Union[PathLike, Mapping],
             raise ConfigError("the pruned weights do not fit the structure: "
                               + " ".join(line.strip() for line in first[:3])) from None
     return pruned
-
-
-def load_pruned_run(directory: PathLike, map_location="cpu") -> nn.Module:
-    """Load the pruned model a ``pyprune prune`` run wrote to ``directory`` (model built by its stored name)."""
-    from ..training.models import build_model
-    structure = _read_structure(os.path.join(directory, STRUCTURE_FILE))
-    info = structure.get("model") or {}
-    if "name" not in info or "num_classes" not in info:
-        raise ConfigError(f"{directory}/{STRUCTURE_FILE} does not name the model it was made from")
-    model = build_model(info["name"], int(info["num_classes"]))
-    return load_pruned(model, structure, os.path.join(directory, WEIGHTS_FILE), map_location).eval()

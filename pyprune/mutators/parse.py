@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..channels import UnitSpec, ref_from_dict
 from ..errors import ConfigError
 from ..units import unit_class
 
@@ -99,26 +100,20 @@ def demo_inputs(parse_cfg: Dict[str, Any], model: nn.Module):
     return tensor.to(device)
 
 
-def _spec_types():
-    from ..tracing import ChannelRef, UnitSpec
-    return ChannelRef, UnitSpec
-
-
 def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
     """UnitSpecs from configs that list each unit's channels (``parse_cfg=dict(type='Config')``): no tracing.
 
     ``channels`` may also hold ``groups`` (equal blocks a selection keeps) and ``fixed`` (why the unit is never
     pruned), which pyprune writes and mmrazor's layout lacks.
     """
-    ChannelRef, UnitSpec = _spec_types()
     specs = []
     for name, cfg in units_cfg.items():
         channels = cfg.get("channels")
         if not isinstance(channels, Mapping):
             raise ConfigError(f"unit {name}: parse_cfg type 'Config' needs 'channels' for every unit")
         try:
-            output_related = [ChannelRef(**ref) for ref in channels.get("output_related", [])]
-            input_related = [ChannelRef(**ref) for ref in channels.get("input_related", [])]
+            output_related = [ref_from_dict(ref) for ref in channels.get("output_related", [])]
+            input_related = [ref_from_dict(ref) for ref in channels.get("input_related", [])]
         except TypeError as error:
             raise ConfigError(f"unit {name}: bad channel entry: {error}") from None
         refs = output_related + input_related
@@ -126,7 +121,7 @@ def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
             raise ConfigError(f"unit {name}: no channels listed")
         first = refs[0]
         num_channels = (cfg.get("init_args") or {}).get("num_channels",
-                                                         (first.end - first.start) // getattr(first, "expand", 1))
+                                                         first.width // first.expand)
         fixed = channels.get("fixed", "")
         spec = UnitSpec(num_channels=num_channels, output_related=output_related, input_related=input_related,
                         groups=int(channels.get("groups", 1)), fixed=bool(fixed), reason=str(fixed or ""))

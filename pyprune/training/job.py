@@ -20,14 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..algorithms import ItePruneAlgorithm, load_pruned_run, save_pruned
-from ..algorithms.io import STRUCTURE_FILE, WEIGHTS_FILE
+from ..algorithms import ItePruneAlgorithm
+from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, setup_distributed,
                           teardown_distributed)
 from .loop import cosine_lr, evaluate, set_lr, train_iteration
 from .models import build_model
+from .pruned_run import load_pruned_run
 from .report import plot_metrics, table_header, table_row, write_csv, write_json
 
 CHECKPOINT_FILE, SUMMARY_FILE = "checkpoint.pt", "summary.json"
