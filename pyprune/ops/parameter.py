@@ -51,11 +51,15 @@ class ChannelParameter:
     """
 
     def __init__(self, model: nn.Module, path: str, dim: int):
-        self.owner, self.attribute, tensor = resolve_tensor(model, path)
+        owner, attribute, tensor = resolve_tensor(model, path)
         if not -tensor.dim() <= dim < tensor.dim():
             raise ConfigError(f"{path}: dim {dim} is out of range for a tensor of shape {tuple(tensor.shape)}")
-        self.pyprune_name, self.dim = path, dim % tensor.dim()
-        self.num_channels = tensor.shape[self.dim]
+        self._bind(owner, attribute, path, dim % tensor.dim(), tensor.shape[dim])
+
+    def _bind(self, owner: nn.Module, attribute: str, path: str, dim: Optional[int], num_channels: int) -> None:
+        """The state every channel slot has: where it lives, its channel dim and width, all channels kept."""
+        self.owner, self.attribute, self.pyprune_name, self.dim = owner, attribute, path, dim
+        self.num_channels = int(num_channels)
         self._index: Optional[Tensor] = None
 
     # --------------------------------------------------------------------------- layer kind (as the DynamicOps say it)
@@ -156,9 +160,7 @@ class ChannelCount(ChannelParameter):
         owner, attribute = _owner_of(model, path)
         if owner is None or type(owner.__dict__.get(attribute)) is not int:
             raise ConfigError(f"the model has no module, parameter, buffer or int attribute named {path!r}")
-        self.owner, self.attribute, self.pyprune_name, self.dim = owner, attribute, path, None
-        self.num_channels = owner.__dict__[attribute]
-        self._index: Optional[Tensor] = None
+        self._bind(owner, attribute, path, None, owner.__dict__[attribute])
 
     @property
     def device(self) -> torch.device:
