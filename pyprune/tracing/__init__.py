@@ -5,8 +5,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .capture import capture, is_prunable_layer
-from .propagate import ChannelPropagation
+from .capture import capture
+from .propagate import fix_modules, propagate
+from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
 
 TRACERS = ("auto", "fx", "torch_function")
@@ -47,7 +48,6 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
                 buffer.copy_(saved[name])
     if note:
         warn_untraceable(note)
-    propagation = ChannelPropagation(model, strict=strict)
-    propagation.run(graph)
-    propagation.fix_modules(graph, fixed)
+    propagation = propagate(model, graph, strict=strict)
+    fix_modules(propagation, graph, fixed)
     return propagation.table.specs()

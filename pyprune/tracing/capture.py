@@ -12,21 +12,8 @@ from torch import Tensor, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 
-from ..ops.attention import WINDOW_ATTENTION_OPS
-from ..ops.layernorm import is_channels_first_layer_norm
+from .rules_layers import is_prunable_layer
 from .spec import warn_untraceable
-
-# Layers with a DynamicOp: opaque for the tracer. Subclasses count only if they keep the parent's forward (or, for
-# LayerNorm, normalise channels first like ConvNeXt's LayerNorm2d). Most derived first (Swin v2 before v1).
-PRUNABLE_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm,
-                   nn.MultiheadAttention) + tuple(sorted(WINDOW_ATTENTION_OPS, key=lambda t: -len(t.__mro__)))
-
-
-def is_prunable_layer(module: nn.Module) -> bool:
-    for base in PRUNABLE_LAYERS:
-        if isinstance(module, base):
-            return type(module).forward is base.forward or is_channels_first_layer_norm(module)
-    return False
 
 
 class _PathTracer(torch.fx.Tracer):

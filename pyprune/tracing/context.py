@@ -1,0 +1,171 @@
+"""What every tracer rule works with: the propagation state, readers of fx nodes, and the table of op rules.
+
+A rule is a function ``rule(ctx, node, name) -> value`` that gives the value of one graph node from the values of
+its inputs (``ctx.spaces``): a :class:`ChannelSpace` for a tensor whose channel dim it knows, a tuple of those for a
+node with several outputs, a ``ChannelSize`` for an int read from a channel dim, or None (nothing prunable). Rules
+couple groups, constrain them or fix them through ``ctx.table`` (a :class:`GroupTable`).
+"""
+import operator
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..errors import UntraceableOpError
+from .channel_space import ChannelSpace, GroupTable, Segment
+from .spec import warn_untraceable
+
+OpRule = Callable[["PropagationContext", torch.fx.Node, str], Any]
+
+# Op name (see :func:`op_name`) -> rule. Filled by the ``@op_rule`` decorators of the rules_* modules.
+OP_RULES: Dict[str, OpRule] = {}
+
+
+def op_rule(*names: str) -> Callable[[OpRule], OpRule]:
+    """Register the decorated function as the rule for the ops spelled ``names``.
+
+    The key is the op's name rather than its fx target because one op has many targets: ``x + y`` is
+    ``operator.add`` in fx and ``Tensor.__add__`` in a recorded forward, ``x.add(y)`` is the method ``"add"``,
+    ``torch.add`` a function; all of them are ``"add"``. Parameterless modules are keyed by their class name
+    (``"Flatten"``). A name can have one rule only.
+    """
+    def register(rule: OpRule) -> OpRule:
+        taken = sorted(n for n in names if n in OP_RULES)
+        if taken:
+            raise ValueError(f"tracer rules for {taken} already exist ({OP_RULES[taken[0]].__qualname__})")
+        OP_RULES.update(dict.fromkeys(names, rule))
+        return rule
+    return register
+
+
+# ---- reading fx nodes ----------------------------------------------------------------------------------------
+def op_name(node: torch.fx.Node, model: nn.Module) -> str:
+    """The name rules are keyed by: module class, method name, or function name without dunder underscores."""
+    if node.op == "call_module":
+        return type(model.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
+    if node.target is operator.getitem:
+        return "getitem"
+    name = getattr(node.target, "__name__", str(node.target))
+    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ...: the same ops as fx's getitem / add
+    return name[2:-2] if name.startswith("__") and name.endswith("__") and len(name) > 4 else name
+
+
+def shapes(node) -> Any:
+    """The output shape of ``node`` (a ``torch.Size``), a tuple of them (None for non-tensor items), or None."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):  # fx's TensorMetadata is itself a NamedTuple: test for it first
+        return meta.shape
+    if isinstance(meta, (tuple, list)):
+        return tuple(m.shape if m is not None and hasattr(m, "shape") else None for m in meta)
+    return None
+
+
+def flat_nodes(value) -> List[torch.fx.Node]:
+    """Every node in ``value`` (args / kwargs, nested in tuples, lists and dicts)."""
+    out = []
+    torch.fx.node.map_arg(value, lambda n: out.append(n) or n)
+    return out
+
+
+def dim_arg(node: torch.fx.Node, index: int, default=None):
+    """The ``dim`` argument of ``node``: positional ``index``, else the ``dim`` / ``axis`` keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get("dim", node.kwargs.get("axis", default))
+
+
+# ---- propagation state ---------------------------------------------------------------------------------------
+class PropagationContext:
+    """The state one propagation shares between its rules, and the operations on it every rule needs.
+
+    Args:
+        model: the traced model (rules read its submodules, parameters and attributes).
+        strict: raise :class:`UntraceableOpError` on an op no rule can map instead of fixing its groups.
+    """
+
+    def __init__(self, model: nn.Module, strict: bool = False):
+        self.model, self.strict = model, strict
+        self.table = GroupTable()
+        self.spaces: Dict[torch.fx.Node, Any] = {}    # node -> its value (see the module docstring)
+        self.notes: List[str] = []                    # warnings given, once each
+        self.bound_tensors: Dict[str, list] = {}      # channel tensor path -> [(using node, space)]
+
+    def new_space(self, size: int, dim: int, ndim: int, fixed_reason: str = "") -> ChannelSpace:
+        """A space on dim ``dim`` (of ``ndim``) holding one new group of ``size`` channels."""
+        gid = self.table.new(size, fixed_reason)
+        return ChannelSpace(dim, ndim, (Segment(gid, 0, size),))
+
+    def space(self, node) -> Optional[ChannelSpace]:
+        """The channel space of a tensor node; None for anything else."""
+        value = self.spaces.get(node) if isinstance(node, torch.fx.Node) else None
+        return value if isinstance(value, ChannelSpace) else None
+
+    def spaces_in(self, args) -> List[ChannelSpace]:
+        """Every channel space in ``args``, tuples of outputs included."""
+        out = []
+        for n in flat_nodes(args):
+            value = self.spaces.get(n)
+            if isinstance(value, ChannelSpace):
+                out.append(value)
+            elif isinstance(value, (tuple, list)):
+                out += [v for v in value if isinstance(v, ChannelSpace)]
+        return out
+
+    def tracked(self, node: torch.fx.Node) -> List[ChannelSpace]:
+        """The channel spaces of ``node``'s tensor arguments, in argument order."""
+        return [s for s in (self.space(a) for a in flat_nodes((node.args, node.kwargs))) if s is not None]
+
+    def fix_space(self, space: Optional[ChannelSpace], reason: str) -> None:
+        if space is not None:
+            for seg in space.segments:
+                self.table.fix(seg.gid, reason)
+
+    def whole(self, seg: Segment) -> bool:
+        """Whether ``seg`` covers all channels of its group."""
+        return seg.start == 0 and seg.end == self.table.size[self.table.find(seg.gid)]
+
+    def where(self, node) -> str:
+        path = node.meta.get("module_path", "")
+        return f"op '{op_name(node, self.model)}' (node {node.name}) in module '{path or '<top>'}'"
+
+    def unknown(self, node, name: str, why: str = "") -> None:
+        """No rule maps ``node``: fix the groups it reads (warn once), or raise in strict mode. Returns None."""
+        spaces = self.spaces_in((node.args, node.kwargs))
+        if not spaces:
+            return None
+        path = node.meta.get("module_path", "") or (node.target if node.op == "call_module" else "")
+        message = (f"pyprune cannot map {self.where(node)} to channels{': ' + why if why else ''}; "
+                   f"the channel groups it touches are not pruned")
+        if self.strict:
+            raise UntraceableOpError(f"{message}. Exclude the module with fixed=['{path or node.name}'] "
+                                     f"or trace without strict=True")
+        if message not in self.notes:
+            self.notes.append(message)
+            warn_untraceable(message)
+        for space in spaces:
+            self.fix_space(space, f"{name} at {path or node.name}")
+        return None
+
+    def merge_spaces(self, spaces: Sequence[ChannelSpace], why: str) -> None:
+        """Couple spaces that must hold the same channels; where they cannot be unioned whole, fix them."""
+        first = spaces[0]
+        for other in spaces[1:]:
+            if len(other.segments) == len(first.segments) and all(
+                    a.width == b.width and a.expand == b.expand and self.whole(a) and self.whole(b)
+                    for a, b in zip(first.segments, other.segments)):
+                for a, b in zip(first.segments, other.segments):
+                    self.table.union(a.gid, b.gid, why)
+            elif not self.same_channels(first, other):
+                self.fix_space(first, why)
+                self.fix_space(other, why)
+
+    def same_channels(self, a: ChannelSpace, b: ChannelSpace) -> bool:
+        """Whether ``a`` and ``b`` hold the same channels in the same order (groups compared by their roots)."""
+        def layout(space):
+            return [(self.table.find(s.gid), s.start, s.end, s.expand) for s in space.segments]
+        return layout(a) == layout(b)
