@@ -51,11 +51,15 @@ def _with_cuda() -> bool:
         (Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc").exists()
 
 
+def _sources() -> tuple:
+    """(C++ sources, CUDA sources) from csrc/sources.txt, the list CMakeLists.txt reads too."""
+    lines = (line.split("#", 1)[0].strip() for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines())
+    paths = [line for line in lines if line]
+    return [p for p in paths if not p.endswith(".cu")], [p for p in paths if p.endswith(".cu")]
+
+
 def _extension():
-    cpu_sources = ["csrc/bindings.cpp", "csrc/common/geometry.cpp", "csrc/autograd/channel_autograd.cpp",
-                   "csrc/gather/channel_gather_cpu.cpp",
-                   "csrc/batchnorm/running_stats_cpu.cpp"]
-    cuda_sources = ["csrc/gather/channel_gather_cuda.cu", "csrc/batchnorm/running_stats_cuda.cu"]
+    cpu_sources, cuda_sources = _sources()
     macros = [("PYPRUNE_PYTHON_EXTENSION", None)]
     cxx_flags = ["-O3", "-g0", "-fvisibility=hidden"]  # cpp_extension picks the C++ standard torch needs
     common = dict(name="pyprune._C", include_dirs=[str(ROOT / "csrc" / "include")])

@@ -1,10 +1,13 @@
-// Registers the pyprune channel ops with the PyTorch dispatcher: schemas, CPU kernels and (when built with
-// PYPRUNE_WITH_CUDA) CUDA kernels. Fake (meta) kernels and autograd formulas are registered from Python in
-// pyprune/kernels/_ext_backend.py, which is why the library points the dispatcher at that module.
+// The one bindings file of the pyprune channel ops: their schemas (all tagged pt2_compliant) and the per-device
+// kernels, CPU always and CUDA when built with PYPRUNE_WITH_CUDA. Registered elsewhere:
+//   * autograd (Autograd key) and the version bump of the in-place op (ADInplaceOrView key): csrc/autograd/;
+//   * fake (meta) kernels: Python, pyprune/kernels/_ext_backend.py, which is why the library names that module.
+// C++ callers use the typed functions of pyprune/ops.h (csrc/ops.cpp), which go through the dispatcher.
 //
-// Built two ways: as the Python extension pyprune._C (setup.py defines PYPRUNE_PYTHON_EXTENSION so that this file
-// also provides the module init), and as the plain shared library pyprune_ops (CMakeLists.txt) for C++ users.
-#include "pyprune/ops.h"
+// Built two ways from the one source list csrc/sources.txt: as the Python extension pyprune._C (setup.py defines
+// PYPRUNE_PYTHON_EXTENSION so that this file also provides the module init), and as the plain shared library
+// pyprune_ops (CMakeLists.txt) for C++ users.
+#include "pyprune/kernels.h"
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>

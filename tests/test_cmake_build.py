@@ -1,4 +1,5 @@
-"""The CMake build: configure, build libpyprune_ops and its C++ test, run ctest (what C++ users link)."""
+"""The C++ builds: csrc/sources.txt lists every source once (setup.py and CMake read it); CMake configure, build of
+libpyprune_ops and its C++ test, ctest (what C++ users link)."""
 import os
 import pathlib
 import shutil
@@ -31,3 +32,17 @@ def test_cmake_configure_build_ctest(tmp_path):
     tested = run("ctest", "--test-dir", str(build), "--output-on-failure")
     assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]
     assert "100% tests passed" in tested.stdout
+
+
+def listed_sources():
+    lines = (line.split("#", 1)[0].strip() for line in (ROOT / "csrc" / "sources.txt").read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def test_source_list_names_every_source_once():
+    """A kernel file missing from csrc/sources.txt would silently not be built (its op never registered)."""
+    listed = listed_sources()
+    assert len(listed) == len(set(listed)), "csrc/sources.txt lists a file twice"
+    on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu"))
+    assert sorted(listed) == on_disk
+

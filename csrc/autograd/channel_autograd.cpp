@@ -2,10 +2,12 @@
 // version-counter bump of the in-place update_running_stats_ (ADInplaceOrView key).
 //
 // Each is the other's backward: d/dw gather(w) = scatter(grad) and d/dgrad scatter(grad) = gather(grad). Both
-// backwards call back into the dispatcher, so the graph they record is differentiable again (double backward).
+// backwards call back into the dispatcher (through pyprune/ops.h), so the graph they record is differentiable
+// again (double backward).
 // Written in C++ rather than with torch.library.register_autograd because a Python autograd kernel sits on every
 // call's path, grad or not; these ops run in every layer forward (see docs/ARCHITECTURE.md for the numbers).
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "pyprune/ops.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -16,22 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
-
-at::Tensor call_gather(const at::Tensor& w, const OptionalTensor& out_idx, const OptionalTensor& in_idx) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyprune::channel_gather", "")
-                             .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&)>();
-  return op.call(w, out_idx, in_idx);
-}
-
-at::Tensor call_scatter(const at::Tensor& grad, const OptionalTensor& out_idx, const OptionalTensor& in_idx,
-                        c10::SymIntArrayRef full_shape) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyprune::channel_scatter", "")
-          .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, c10::SymIntArrayRef)>();
-  return op.call(grad, out_idx, in_idx, full_shape);
-}
 
 // save_for_backward takes undefined tensors for absent indices; turn them back into nullopt.
 void save_indices(AutogradContext* ctx, const OptionalTensor& out_idx, const OptionalTensor& in_idx) {
@@ -51,13 +37,13 @@ class ChannelGather : public torch::autograd::Function<ChannelGather> {
     ctx->saved_data["full_shape"] = c10::IValue(w.sym_sizes());
     save_indices(ctx, out_idx, in_idx);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_gather(w, out_idx, in_idx);
+    return ops::channel_gather(w, out_idx, in_idx);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto [out_idx, in_idx] = saved_indices(ctx);
     const std::vector<c10::SymInt> full_shape = ctx->saved_data["full_shape"].toSymIntVector();
-    return {call_scatter(grads[0], out_idx, in_idx, full_shape), at::Tensor(), at::Tensor()};
+    return {ops::channel_scatter_symint(grads[0], out_idx, in_idx, full_shape), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -67,12 +53,12 @@ class ChannelScatter : public torch::autograd::Function<ChannelScatter> {
                             const OptionalTensor& in_idx, c10::SymIntArrayRef full_shape) {
     save_indices(ctx, out_idx, in_idx);
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_scatter(grad, out_idx, in_idx, full_shape);
+    return ops::channel_scatter_symint(grad, out_idx, in_idx, full_shape);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto [out_idx, in_idx] = saved_indices(ctx);
-    return {call_gather(grads[0], out_idx, in_idx), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {ops::channel_gather(grads[0], out_idx, in_idx), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -89,13 +75,10 @@ at::Tensor channel_scatter_autograd(const at::Tensor& grad, const OptionalTensor
 // catch stale saved tensors, and caches keyed by tensor._version (DynamicOps in eval mode) rely on them.
 void update_running_stats_bump_versions(c10::DispatchKeySet keys, at::Tensor& running_mean, at::Tensor& running_var,
                                         const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& var) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyprune::update_running_stats_", "")
-                             .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&)>();
   {
     const at::AutoDispatchBelowADInplaceOrView below_inplace_or_view;
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, running_mean, running_var, idx, mean, var);
+    ops::redispatch::update_running_stats_(keys & c10::after_ADInplaceOrView_keyset, running_mean, running_var, idx,
+                                           mean, var);
   }
   torch::autograd::impl::bump_version(running_mean);
   torch::autograd::impl::bump_version(running_var);

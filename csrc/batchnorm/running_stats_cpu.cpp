@@ -1,6 +1,6 @@
 // CPU kernel of pyprune::update_running_stats_: write compact batch-norm statistics back into the full buffers.
 #include "pyprune/geometry.h"
-#include "pyprune/ops.h"
+#include "pyprune/kernels.h"
 #include "pyprune/raw_types.h"
 
 namespace pyprune {

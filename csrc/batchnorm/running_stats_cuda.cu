@@ -2,7 +2,7 @@
 // mean and var in one launch on the current stream.
 #include "pyprune/cuda_launch.h"
 #include "pyprune/geometry.h"
-#include "pyprune/ops.h"
+#include "pyprune/kernels.h"
 #include "pyprune/raw_types.h"
 
 #include <c10/cuda/CUDAGuard.h>

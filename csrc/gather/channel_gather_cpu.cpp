@@ -3,7 +3,7 @@
 // Both walk rows in parallel (at::parallel_for) and move whole contiguous blocks (see geometry.h): one block per
 // row when in_idx is absent, else one kh*kw block per selected (row, column) pair.
 #include "pyprune/geometry.h"
-#include "pyprune/ops.h"
+#include "pyprune/kernels.h"
 #include "pyprune/raw_types.h"
 
 #include <ATen/Parallel.h>

@@ -6,7 +6,7 @@
 // index values are trusted (the Python layers guarantee their range; device asserts catch bugs).
 #include "pyprune/cuda_launch.h"
 #include "pyprune/geometry.h"
-#include "pyprune/ops.h"
+#include "pyprune/kernels.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -1,36 +1,43 @@
 #pragma once
-// Kernel entry points of the pyprune channel ops, one per (op, device). They are registered with the dispatcher in
-// csrc/bindings.cpp under the schemas
+// The C++ front door of the pyprune channel ops: one typed function per op, as torchvision's vision::ops. Each
+// calls the dispatcher (its typed handle is looked up once), so the device kernel, autograd and every other
+// registered dispatch key apply, exactly as for torch.ops.pyprune.* in Python. Schemas (csrc/bindings.cpp):
 //   pyprune::channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx) -> Tensor
 //   pyprune::channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape) -> Tensor
 //   pyprune::update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor idx, Tensor mean,
 //                                  Tensor var) -> ()
-// C++ users should call them through the dispatcher (c10::Dispatcher::singleton().findSchemaOrThrow(...)), which
-// picks the device; the functions below skip that and assume their device.
+// Shapes and index conventions: pyprune/geometry.h and docs/ARCHITECTURE.md ("pyprune.kernels"). Link the
+// library that registers the ops (CMake target pyprune_ops, or load the Python extension pyprune._C) first.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/SymIntArrayRef.h>
 #include <c10/util/ArrayRef.h>
 #include <optional>
 
 namespace pyprune {
+namespace ops {
 
-// weight [C_out, C_in, *rest] -> new contiguous [K_out, K_in, *rest] = weight[out_idx][:, in_idx] (see geometry.h).
-at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
-                              const std::optional<at::Tensor>& in_idx);
-// grad [K_out, K_in, *rest] -> zero-filled full_shape tensor holding grad at the gathered places.
-at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
-// In place: running_mean[idx] = mean; running_var[idx] = var.
-void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
-                              const at::Tensor& mean, const at::Tensor& var);
+// weight [C_out, C_in, *rest] -> new contiguous [K_out, K_in, *rest] = weight[out_idx][:, in_idx]; in_idx is
+// [K_in] or, for grouped convolutions, [G, K_in] per-group local columns. Differentiable w.r.t. weight.
+at::Tensor channel_gather(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx = std::nullopt,
+                          const std::optional<at::Tensor>& in_idx = std::nullopt);
 
-#ifdef PYPRUNE_WITH_CUDA
-at::Tensor channel_gather_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
-                               const std::optional<at::Tensor>& in_idx);
-at::Tensor channel_scatter_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                                const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
-void update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
-                               const at::Tensor& mean, const at::Tensor& var);
-#endif
+// Inverse of channel_gather: zeros of full_shape holding grad [K_out, K_in, *rest] at the gathered places.
+at::Tensor channel_scatter(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                           const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+at::Tensor channel_scatter_symint(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                                  const std::optional<at::Tensor>& in_idx, c10::SymIntArrayRef full_shape);
 
+// In place: running_mean[idx] = mean; running_var[idx] = var (1-D; idx int64 [K]; mean / var [K]).
+void update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
+                           const at::Tensor& mean, const at::Tensor& var);
+
+// For kernels that continue a dispatch (as at::redispatch::): skip the keys that `keys` no longer holds.
+namespace redispatch {
+void update_running_stats_(c10::DispatchKeySet keys, at::Tensor& running_mean, at::Tensor& running_var,
+                           const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& var);
+}  // namespace redispatch
+
+}  // namespace ops
 }  // namespace pyprune

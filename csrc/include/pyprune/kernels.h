@@ -1,0 +1,31 @@
+#pragma once
+// Internal: the per-device kernels of the pyprune ops, registered with the dispatcher in csrc/bindings.cpp. They
+// skip the dispatcher and assume their device; C++ callers use the typed functions of pyprune/ops.h instead.
+// Shapes and index conventions: pyprune/geometry.h.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <optional>
+
+namespace pyprune {
+
+// weight [C_out, C_in, *rest] -> new contiguous [K_out, K_in, *rest] = weight[out_idx][:, in_idx].
+at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                              const std::optional<at::Tensor>& in_idx);
+// grad [K_out, K_in, *rest] -> zero-filled full_shape tensor holding grad at the gathered places.
+at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+// In place: running_mean[idx] = mean; running_var[idx] = var.
+void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
+                              const at::Tensor& mean, const at::Tensor& var);
+
+#ifdef PYPRUNE_WITH_CUDA
+at::Tensor channel_gather_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                               const std::optional<at::Tensor>& in_idx);
+at::Tensor channel_scatter_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                                const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+void update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
+                               const at::Tensor& mean, const at::Tensor& var);
+#endif
+
+}  // namespace pyprune
