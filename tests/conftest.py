@@ -1,7 +1,13 @@
-"""Shared pytest fixtures: run kernel-backed tests on every backend.
+"""Shared pytest fixtures: run kernel-backed tests on every backend, seed every test.
 
 The "ext" backend is skipped when the extension is not built, unless PYPRUNE_REQUIRE_EXT=1 (set by .ci/run), where a
 missing extension is a failure rather than a silent skip.
+
+Where shared test code lives: models that several test files build in tests/models.py, other shared helpers
+(markers, the layer-case table, slicing references) in tests/helpers.py, fixtures here. Test files import those by
+module name (``from models import SmallNet``) and never import each other. That works because tests/ has no
+``__init__.py``: pytest's default ``prepend`` import mode puts tests/ on ``sys.path`` for this conftest and for
+every test module in it (tests/ops/ is a package, so its modules are ``ops.test_*`` with tests/ as their root).
 """
 import os
 
@@ -9,9 +15,9 @@ import pytest
 import torch
 
 import pyprune.kernels as kernels
+from helpers import requires_cuda  # noqa: F401  (tests/test_kernels.py still imports it from here)
 
 BACKENDS = ("ext", "torch")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _extension_available() -> bool:

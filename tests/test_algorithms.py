@@ -1,6 +1,6 @@
 """BaseAlgorithm / ItePruneAlgorithm: schedule values, hooks, target validation, checkpoints and resume, save/load.
 
-On :class:`SmallNet` (tests/test_units.py: residual add, concat, depthwise and grouped convs, flatten -> linear)
+On :class:`SmallNet` (tests/models.py: residual add, concat, depthwise and grouped convs, flatten -> linear)
 through the real tracer and DynamicOps.
 """
 import io
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import test_units as tu
+from models import SmallNet
 from pyprune.algorithms import BaseAlgorithm, ItePruneAlgorithm, load_pruned, save_pruned
 from pyprune.algorithms.unit_state import restore_selection
 from pyprune.errors import ChannelSelectionError, ConfigError
@@ -22,7 +22,7 @@ GCONV = "gconv_(0, 8)_8"       # 8 channels, groups 2 (counts are even)
 
 def make(unit_type="SequentialMutableChannelUnit", choice_mode="ratio", seed=0, **algorithm_args):
     torch.manual_seed(seed)
-    model = tu.SmallNet()
+    model = SmallNet()
     mutator = ChannelMutator(channel_unit_cfg=dict(type=unit_type, default_args=dict(choice_mode=choice_mode)),
                              parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     args = dict(target_pruning_ratio=0.5, step_freq=3, prune_times=4)
@@ -100,7 +100,7 @@ def test_number_mode_and_per_unit_counts():
 ])
 def test_bad_targets_raise_and_leave_the_model_at_full_width(target, error, message):
     torch.manual_seed(0)
-    model = tu.SmallNet()
+    model = SmallNet()
     mutator = ChannelMutator(channel_unit_cfg="L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     with pytest.raises(error, match=message):
         ItePruneAlgorithm(model, mutator, target, step_freq=1, prune_times=2)
@@ -196,7 +196,7 @@ def test_state_dict_restores_the_supernet_on_an_already_pruned_model():
     algorithm.step()
     algorithm.step()
     state = algorithm.state_dict()
-    model, mutator = tu.SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+    model, mutator = SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     mutator.prepare_from_supernet(model)
     mutator.set_global_ratio(0.75)        # built on a model that is already at step 2's width
     resumed = ItePruneAlgorithm(model, mutator, 0.5, step_freq=1, prune_times=4)
@@ -228,7 +228,7 @@ def test_restore_selection_reproduces_an_arbitrary_index():
 
 
 def test_base_algorithm_hooks_do_not_prune():
-    model, mutator = tu.SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+    model, mutator = SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     algorithm = BaseAlgorithm(model, mutator)
     assert not algorithm.step() and not algorithm.epoch_end()
     assert all(u.active_channels == u.num_channels for u in mutator.mutable_units)
@@ -245,18 +245,18 @@ def test_save_and_load_pruned_into_a_fresh_model(tmp_path):
     assert structure["mutator"]["channel_unit_cfg"]["units"][RESIDUAL]["choice"] == pytest.approx(0.5)
     assert "channels" in structure["mutator"]["channel_unit_cfg"]["units"][RESIDUAL]
 
-    reloaded = load_pruned(tu.SmallNet(), paths["structure"], paths["weights"]).eval()
+    reloaded = load_pruned(SmallNet(), paths["structure"], paths["weights"]).eval()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     assert reloaded.conv0.weight.shape[0] == 4
-    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in tu.SmallNet().parameters())
+    assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in SmallNet().parameters())
 
 
 def test_load_pruned_with_mismatching_weights_is_a_config_error(tmp_path):
     model, mutator, algorithm = make(step_freq=1, prune_times=1, target_pruning_ratio=0.5)
     algorithm.step()
     paths = save_pruned(tmp_path, model, mutator)
-    full = {k: v for k, v in tu.SmallNet().state_dict().items()}
+    full = {k: v for k, v in SmallNet().state_dict().items()}
     with pytest.raises(ConfigError, match="do not fit"):
-        load_pruned(tu.SmallNet(), paths["structure"], full)
+        load_pruned(SmallNet(), paths["structure"], full)

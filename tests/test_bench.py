@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import TinyTransformer
 from pyprune.bench import mmrazor_reference as ref
 from pyprune.bench import models as model_bench
 from pyprune.bench import ops as op_bench
@@ -277,32 +278,6 @@ def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
     assert (tmp_path / "models.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "# torch: " + torch.__version__ in out and "targets" in out
-
-
-class _ChannelsFirstNorm(nn.LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
-
-
-class TinyTransformer(nn.Module):
-    """conv stem -> channels-first LayerNorm -> tokens -> attention and MLP residual blocks -> head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 2, stride=2)
-        self.stem_norm = _ChannelsFirstNorm(8)
-        self.norm1, self.attention = nn.LayerNorm(8), nn.MultiheadAttention(8, 2, batch_first=True)
-        self.norm2 = nn.LayerNorm(8)
-        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        tokens = self.stem_norm(self.stem(x)).flatten(2).transpose(1, 2)
-        y = self.norm1(tokens)
-        tokens = tokens + self.attention(y, y, y, need_weights=False)[0]
-        tokens = tokens + self.mlp(self.norm2(tokens))
-        return self.head(tokens.mean(1))
 
 
 def test_reference_attention_and_channels_first_norm_run_the_same_subnet():

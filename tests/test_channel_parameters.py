@@ -6,31 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
 
+from models import TokenNet
 from pyprune.errors import ChannelSelectionError
 from pyprune.mutators import ChannelMutator
 from pyprune.ops import ChannelParameter, channel_parameters
-
-
-class TokenNet(nn.Module):
-    """Patch embedding -> [class token; tokens] + position embedding -> LayerNorm -> scaled MLP residual -> head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Conv2d(3, 8, 2, stride=2)
-        self.class_token = nn.Parameter(torch.randn(1, 1, 8))
-        self.pos_embedding = nn.Parameter(torch.randn(1, 5, 8))
-        self.norm = nn.LayerNorm(8)
-        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
-        self.layer_scale = nn.Parameter(torch.rand(8) + 0.5)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embedding
-        tokens = tokens + self.layer_scale * self.mlp(self.norm(tokens))
-        return self.head(tokens[:, 0])
 
 
 def prepared(seed=0, ratio=0.5):

@@ -1,6 +1,6 @@
 """Distributed pruning: two gloo processes on the loopback interface agree on every channel and every weight.
 
-``test_ddp_ranks_prune_identically`` trains SmallNet (tests/test_units.py) under DistributedDataParallel with
+``test_ddp_ranks_prune_identically`` trains SmallNet (tests/models.py) under DistributedDataParallel with
 Taylor units on *different* data per rank;
 ``test_ranks_follow_rank0_selection`` makes the ranks' L1 rankings differ on purpose (no DDP) and checks that the
 algorithm's broadcast leaves rank 1 with rank 0's channels. ``test_torchrun_main_job`` runs ``pyprune prune --quick``
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import test_units as tu
+from models import SmallNet
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
@@ -38,7 +38,7 @@ def _free_port() -> int:
 def _prepared(unit_type):
     from pyprune.mutators import ChannelMutator
     torch.manual_seed(0)
-    model = tu.SmallNet()
+    model = SmallNet()
     mutator = ChannelMutator(channel_unit_cfg=unit_type, parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     mutator.prepare_from_supernet(model)
     return model, mutator

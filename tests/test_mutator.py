@@ -1,6 +1,6 @@
 """ChannelMutator: preparing, choices, configs, export and summary.
 
-On :class:`SmallNet` (from test_units) with its hand-written UnitSpecs in place of the tracer (so unit names are
+On :class:`SmallNet` (tests/models.py) with its hand-written UnitSpecs in place of the tracer (so unit names are
 pinned), and on torchvision models through the real tracer.
 """
 import copy
@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 
-
-import test_units as tu
+from models import SmallNet, in_ref, small_net_specs
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import ChannelMutator
 from pyprune.units import modules as unit_modules
@@ -21,9 +20,9 @@ from pyprune.units import modules as unit_modules
 def _hand_written_trace(real_trace):
     """SmallNet -> its hand-written specs (so these tests pin unit names); other models -> the real tracer."""
     def trace(model, example_inputs, *, fixed=(), strict=False, tracer="auto"):
-        if isinstance(model, tu.SmallNet):
+        if isinstance(model, SmallNet):
             assert tracer in ("fx", "torch_function", "auto") and example_inputs.shape[1] == 3
-            return tu.small_net_specs()
+            return small_net_specs()
         return real_trace(model, example_inputs, fixed=fixed, strict=strict, tracer=tracer)
     return trace
 
@@ -50,7 +49,7 @@ def make_mutator(unit_type="SequentialMutableChannelUnit", **kwargs):
 
 
 def prepared(unit_type="SequentialMutableChannelUnit", **kwargs):
-    model = tu.SmallNet().eval()
+    model = SmallNet().eval()
     mutator = make_mutator(unit_type, **kwargs)
     mutator.prepare_from_supernet(model)
     return model, mutator
@@ -158,8 +157,8 @@ def test_config_template_round_trip_through_json(tmp_path):
     assert config["parse_cfg"] == {"type": "ChannelAnalyzer", "demo_input": [1, 3, 8, 8], "tracer_type": "auto"}
 
     loaded = ChannelMutator.from_config(json.loads(path.read_text()))
-    new_model = tu.SmallNet().eval()
-    new_model.load_state_dict(tu.SmallNet().state_dict())  # different weights: only the structure travels
+    new_model = SmallNet().eval()
+    new_model.load_state_dict(SmallNet().state_dict())  # different weights: only the structure travels
     loaded.prepare_from_supernet(new_model)
     assert loaded.current_choices == mutator.current_choices
     shapes = {n: tuple(p.shape) for n, p in mutator.export(model).named_parameters()}
@@ -176,7 +175,7 @@ def test_config_from_channels_needs_no_tracer(monkeypatch):
     monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units",
                         lambda *a, **k: pytest.fail("must not trace"))
     loaded = ChannelMutator.from_config(config)
-    new_model = tu.SmallNet().eval()
+    new_model = SmallNet().eval()
     loaded.prepare_from_supernet(new_model)
     assert loaded.current_choices == mutator.current_choices
     x = torch.randn(1, 3, 8, 8)
@@ -194,7 +193,7 @@ def test_mmrazor_style_config_loads():
                                        "min_ratio": 0.9}, "choice": 0.625}}},
               "parse_cfg": {"type": "ChannelAnalyzer", "demo_input": [1, 3, 8, 8], "tracer_type": "BackwardTracer"}}
     mutator = ChannelMutator.from_config(config)
-    model = tu.SmallNet().eval()
+    model = SmallNet().eval()
     mutator.prepare_from_supernet(model)
     unit = mutator._by_name["conv0_(0, 8)_8"]
     assert unit.min_ratio == 0.9 and unit.active_channels == 5
@@ -206,7 +205,7 @@ def test_config_mismatch_lists_names_and_leaves_model_unchanged():
     config["channel_unit_cfg"]["units"] = {"conv0_(0, 8)_8": {"choice": 0.5},
                                            "ghost_(0, 4)_4": {"choice": 0.5},
                                            "conv4_(0, 8)_8": {"init_args": {"num_channels": 16}}}
-    model = tu.SmallNet()
+    model = SmallNet()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=r"(?s)ghost_\(0, 4\)_4.*|num_channels=16") as info:
         ChannelMutator.from_config(config).prepare_from_supernet(model)
@@ -218,7 +217,7 @@ def test_config_mismatch_lists_names_and_leaves_model_unchanged():
 def test_config_with_bad_choice_leaves_model_unchanged():
     config = make_mutator().config_template()
     config["channel_unit_cfg"]["units"] = {"conv0_(0, 8)_8": {"choice": 3.0}}
-    model = tu.SmallNet()
+    model = SmallNet()
     with pytest.raises(ChannelSelectionError, match=r"conv0_\(0, 8\)_8"):
         ChannelMutator.from_config(config).prepare_from_supernet(model)
     assert not _has_dynamic(model)
@@ -229,7 +228,7 @@ def test_per_unit_init_args_from_config():
                                                    default_args=dict(divisor=2),
                                                    units={"conv2_(0, 6)_6": {"init_args": {"divisor": 3}}}),
                              parse_cfg=dict(demo_input=(1, 3, 8, 8)))
-    mutator.prepare_from_supernet(tu.SmallNet())
+    mutator.prepare_from_supernet(SmallNet())
     assert mutator._by_name["conv2_(0, 6)_6"].divisor == 3
     assert mutator._by_name["conv0_(0, 8)_8"].divisor == 2
     mutator.set_global_ratio(0.4)
@@ -265,7 +264,7 @@ def test_from_config_rejects_other_types_and_keys():
 def test_unknown_init_arg_for_the_unit_type_names_the_unit():
     mutator = ChannelMutator(dict(type="SequentialMutableChannelUnit", default_args=dict(candidate_choices=[0.5])),
                              parse_cfg=dict(demo_input=(1, 3, 8, 8)))
-    model = tu.SmallNet()
+    model = SmallNet()
     with pytest.raises(ConfigError, match="candidate_choices"):
         mutator.prepare_from_supernet(model)
     assert not _has_dynamic(model)
@@ -286,7 +285,7 @@ def test_fixed_modules_keep_their_shape():
 def test_fixed_prefix_and_missing_module():
     _, mutator = prepared(fixed=["conv4"])
     assert not any("conv4" in u.name for u in mutator.mutable_units)
-    model = tu.SmallNet()
+    model = SmallNet()
     with pytest.raises(ConfigError, match="layer9"):
         make_mutator(fixed=["conv0", "layer9"]).prepare_from_supernet(model)
     assert not _has_dynamic(model)
@@ -314,7 +313,7 @@ def test_summary_counts_params_and_flops():
     model, mutator = prepared()
     x = torch.randn(1, 3, 8, 8)
     full = mutator.summary(model, x)
-    assert full["params_before"] == full["params_after"] == sum(p.numel() for p in tu.SmallNet().parameters())
+    assert full["params_before"] == full["params_after"] == sum(p.numel() for p in SmallNet().parameters())
     assert full["flops_before"] == full["flops_after"] > 0
     mutator.set_global_ratio(0.5)
     half = mutator.summary(model, (1, 3, 8, 8))
@@ -350,18 +349,18 @@ def test_torchvision_half_width_export_equals_dynamic(name):
 
 
 def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning(monkeypatch):
-    specs = tu.small_net_specs()
+    specs = small_net_specs()
     specs[4].groups = 1                                 # conv4 -> gconv: the unit adopts gconv's groups
-    specs[2].input_related.append(tu._in("gconv", 0, 6))  # nonsense range on a grouped conv: cannot be balanced
+    specs[2].input_related.append(in_ref("gconv", 0, 6))  # nonsense range on a grouped conv: cannot be balanced
     monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units", lambda *a, **k: specs)
-    model = tu.SmallNet()
+    model = SmallNet()
     with pytest.warns(UserWarning, match=r"conv2_\(0, 6\)_6.*not pruned"):
         mutator = make_mutator()
         mutator.prepare_from_supernet(model)
     assert "conv2_(0, 6)_6" not in mutator.current_choices
     assert mutator._by_name["conv4_(0, 8)_8"].groups == 2
     with pytest.raises(ConfigError, match="balanced per group"):
-        make_mutator(strict=True).prepare_from_supernet(tu.SmallNet())
+        make_mutator(strict=True).prepare_from_supernet(SmallNet())
 
 
 @pytest.mark.cuda

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import TokenNet
 from pyprune.errors import ConfigError, UntraceableOpError
 from pyprune.tracing import PruningTraceWarning, trace_channel_units
-from test_channel_parameters import TokenNet
 
 
 def prunable(specs):

@@ -1,7 +1,8 @@
 """MutableChannelUnits and LayerIndexAssembler on a small hand-described conv net.
 
-The net has conv-bn-relu, a residual add, a concat, a depthwise conv, a grouped conv and flatten -> linear; its
-UnitSpecs are written by hand here so these tests do not depend on the tracer (the real ``pyprune.ops`` runs them).
+The net (tests/models.py ``SmallNet``) has conv-bn-relu, a residual add, a concat, a depthwise conv, a grouped conv
+and flatten -> linear; its UnitSpecs are written by hand there (``small_net_specs``) so these tests do not depend on
+the tracer (the real ``pyprune.ops`` runs them).
 """
 import importlib
 import json
@@ -9,12 +10,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import pyprune.units as units_pkg
+from models import SmallNet, in_ref, out_ref, small_net_specs
 from pyprune.errors import ChannelSelectionError, ConfigError
-from pyprune.tracing import ChannelRef, UnitSpec
+from pyprune.tracing import UnitSpec
 from pyprune.units import (UNITS, BNScaleMutableChannelUnit, L1MutableChannelUnit, L2MutableChannelUnit,
                            LayerIndexAssembler, OneShotMutableChannelUnit, SequentialMutableChannelUnit,
                            SlimmableChannelUnit, TaylorMutableChannelUnit, kept_channel_count, make_divisible)
@@ -32,57 +33,6 @@ def export_model(model: nn.Module, ops) -> nn.Module:
     replacements = {name: m.export() for name, m in model.named_modules() if isinstance(m, ops.DynamicChannelMixin)}
     unit_modules.replace_modules(model, replacements)
     return model
-
-
-# --------------------------------------------------------------------------------------------------- the net
-class SmallNet(nn.Module):
-    """conv-bn-relu, residual add, concat, depthwise conv, grouped conv, flatten -> linear. Input [N, 3, 8, 8]."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.bn2 = nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6)
-        self.conv3 = nn.Conv2d(8, 4, 1)
-        self.dw, self.bn_dw = nn.Conv2d(10, 10, 3, padding=1, groups=10), nn.BatchNorm2d(10)
-        self.conv4 = nn.Conv2d(10, 8, 1)
-        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(32, 5)
-        for bn in (self.bn0, self.bn1, self.bn2, self.bn_dw):  # non-trivial statistics for eval-mode checks
-            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        a = F.relu(self.bn0(self.conv0(x)))
-        a = F.relu(self.bn1(self.conv1(a)) + a)
-        b, c = F.relu(self.bn2(self.conv2(a))), self.conv3(a)
-        d = F.relu(self.bn_dw(self.dw(torch.cat([b, c], 1))))
-        e = self.gconv(self.conv4(d))
-        return self.fc(self.pool(e).flatten(1))
-
-
-def _out(name, start, end, expand=1):
-    return ChannelRef(name, start, end, True, expand)
-
-
-def _in(name, start, end, expand=1):
-    return ChannelRef(name, start, end, False, expand)
-
-
-def small_net_specs():
-    """The units a tracer finds in :class:`SmallNet` (unit names: first output ref, range, channel count)."""
-    return [
-        UnitSpec(3, [], [_in("conv0", 0, 3)], fixed=True, reason="model input"),
-        UnitSpec(8, [_out("conv0", 0, 8), _out("bn0", 0, 8), _out("conv1", 0, 8), _out("bn1", 0, 8)],
-                 [_in("bn0", 0, 8), _in("bn1", 0, 8), _in("conv1", 0, 8), _in("conv2", 0, 8), _in("conv3", 0, 8)]),
-        UnitSpec(6, [_out("conv2", 0, 6), _out("bn2", 0, 6), _out("dw", 0, 6), _out("bn_dw", 0, 6)],
-                 [_in("bn2", 0, 6), _in("dw", 0, 6), _in("bn_dw", 0, 6), _in("conv4", 0, 6)]),
-        UnitSpec(4, [_out("conv3", 0, 4), _out("dw", 6, 10), _out("bn_dw", 6, 10)],
-                 [_in("dw", 6, 10), _in("bn_dw", 6, 10), _in("conv4", 6, 10)]),
-        UnitSpec(8, [_out("conv4", 0, 8)], [_in("gconv", 0, 8)], groups=2),
-        UnitSpec(8, [_out("gconv", 0, 8)], [_in("fc", 0, 32, expand=4)], groups=2),
-        UnitSpec(5, [_out("fc", 0, 5)], [], fixed=True, reason="model output"),
-    ]
 
 
 def build_units(unit_type=SequentialMutableChannelUnit, **init_args):
@@ -120,7 +70,7 @@ def test_kept_channel_count_clamps_and_balances_groups(asked, kw, expected):
 
 # -------------------------------------------------------------------------------------------- choices and checks
 def _unit(size=16, unit_type=SequentialMutableChannelUnit, groups=1, **init_args):
-    spec = UnitSpec(size, [_out("a", 0, size)], [_in("b", 0, size)], groups=groups)
+    spec = UnitSpec(size, [out_ref("a", 0, size)], [in_ref("b", 0, size)], groups=groups)
     return unit_type.from_spec(spec, **init_args)
 
 
@@ -196,7 +146,7 @@ def test_bad_groups_raise_config_error():
 
 
 def test_fixed_unit_only_accepts_full_width():
-    spec = UnitSpec(4, [_out("a", 0, 4)], [_in("b", 0, 4)], fixed=True, reason="model output")
+    spec = UnitSpec(4, [out_ref("a", 0, 4)], [in_ref("b", 0, 4)], fixed=True, reason="model output")
     unit = SequentialMutableChannelUnit.from_spec(spec)
     assert not unit.is_mutable
     unit.current_choice = 1.0
@@ -266,7 +216,7 @@ def test_config_template_layout_is_json_and_mmrazor_like():
 def _conv_pair(out_channels=8):
     """producer conv (4 -> C) feeding consumer conv (C -> 3): one unit of C channels."""
     model = nn.Sequential(nn.Conv2d(4, out_channels, 1), nn.Conv2d(out_channels, 3, 1)).eval()
-    spec = UnitSpec(out_channels, [_out("0", 0, out_channels)], [_in("1", 0, out_channels)])
+    spec = UnitSpec(out_channels, [out_ref("0", 0, out_channels)], [in_ref("1", 0, out_channels)])
     return model, spec
 
 
@@ -313,7 +263,7 @@ def test_l1_normalizes_each_coupled_layer():
         model["big"].weight[0] = 103.0
         model["small"].weight.fill_(0.01)
         model["small"].weight[5] = 0.1
-    spec = UnitSpec(6, [_out("big", 0, 6), _out("small", 0, 6)], [_in("next", 0, 6)])
+    spec = UnitSpec(6, [out_ref("big", 0, 6), out_ref("small", 0, 6)], [in_ref("next", 0, 6)])
     unit = _prepared(L1MutableChannelUnit, model, spec, choice_mode="number")
     unit.current_choice = 1
     assert unit.current_index.tolist() == [5]
@@ -321,7 +271,7 @@ def test_l1_normalizes_each_coupled_layer():
 
 def test_importance_selection_is_balanced_per_group():
     model, _ = _conv_pair(8)
-    spec = UnitSpec(8, [_out("0", 0, 8)], [_in("1", 0, 8)], groups=2)
+    spec = UnitSpec(8, [out_ref("0", 0, 8)], [in_ref("1", 0, 8)], groups=2)
     with torch.no_grad():
         model[0].weight.normal_(0, 0.01)
         model[0].weight[[1, 2, 3]] += 1.0  # all three in group 0
@@ -334,7 +284,7 @@ def test_importance_selection_is_balanced_per_group():
 
 def test_bn_scale_keeps_largest_gamma():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)).eval()
-    spec = UnitSpec(8, [_out("0", 0, 8), _out("1", 0, 8)], [_in("1", 0, 8), _in("2", 0, 8)])
+    spec = UnitSpec(8, [out_ref("0", 0, 8), out_ref("1", 0, 8)], [in_ref("1", 0, 8), in_ref("2", 0, 8)])
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[0].weight[0] = 9.0  # the conv prefers channel 0; gamma must decide instead
@@ -415,10 +365,11 @@ def test_prepare_converts_each_module_once(ops):
 
 def test_prepare_rejects_missing_or_unconvertible_modules_without_touching_the_model(ops):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4), nn.Conv2d(4, 2, 1))
-    missing = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4)], [_in("7", 0, 4)]))
+    missing = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [out_ref("0", 0, 4)], [in_ref("7", 0, 4)]))
     with pytest.raises(ConfigError, match="'7'"):
         missing.prepare_for_pruning(model)
-    odd = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4), _out("1", 0, 4)], [_in("2", 0, 4)]))
+    odd = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [out_ref("0", 0, 4), out_ref("1", 0, 4)],
+                                                          [in_ref("2", 0, 4)]))
     with pytest.raises(ConfigError, match="PReLU"):
         odd.prepare_for_pruning(model)
     assert not any(isinstance(m, ops.DynamicChannelMixin) for m in model.modules())
@@ -461,8 +412,8 @@ def test_assembler_reapplies_only_layers_of_changed_units():
 
 def test_assembler_rejects_overlapping_ranges():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1))
-    first = SequentialMutableChannelUnit.from_spec(UnitSpec(5, [_out("0", 0, 5)], [_in("1", 0, 5)]))
-    second = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 4, 8)], [_in("1", 4, 8)]))
+    first = SequentialMutableChannelUnit.from_spec(UnitSpec(5, [out_ref("0", 0, 5)], [in_ref("1", 0, 5)]))
+    second = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [out_ref("0", 4, 8)], [in_ref("1", 4, 8)]))
     for unit in (first, second):
         unit.prepare_for_pruning(model)
     with pytest.raises(ConfigError, match="overlaps"):
@@ -503,21 +454,21 @@ def _deepcopy(model):
 
 
 def test_is_mutable_needs_both_sides():
-    only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [_in("conv0", 0, 3)]))
+    only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [in_ref("conv0", 0, 3)]))
     assert not only_in.is_mutable and only_in.name == "conv0_(0, 3)_3"
     assert math.isclose(only_in.current_choice, 1.0)
 
 
 def test_unit_adopts_the_group_constraint_of_a_grouped_conv():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2), nn.Conv2d(8, 8, 1, groups=8))
-    unit = L1MutableChannelUnit.from_spec(UnitSpec(8, [_out("0", 0, 8), _out("2", 0, 8)],
-                                                   [_in("1", 0, 8), _in("2", 0, 8)]))  # groups not given
+    unit = L1MutableChannelUnit.from_spec(UnitSpec(8, [out_ref("0", 0, 8), out_ref("2", 0, 8)],
+                                                   [in_ref("1", 0, 8), in_ref("2", 0, 8)]))  # groups not given
     unit.prepare_for_pruning(model)
     assert unit.groups == 2  # from the grouped conv "1"; the depthwise "2" adds no constraint
     unit.current_choice = 0.25
     index = unit.current_index.tolist()
     assert len(index) == 2 and index[0] < 4 <= index[1]
-    partial = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [_out("0", 0, 4)], [_in("1", 0, 4)]))
+    partial = SequentialMutableChannelUnit.from_spec(UnitSpec(4, [out_ref("0", 0, 4)], [in_ref("1", 0, 4)]))
     with pytest.raises(ConfigError, match="balanced per group"):
         partial.prepare_for_pruning(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1, groups=2)))
 

@@ -1,0 +1,174 @@
+"""Non-model helpers that more than one test file uses: markers, the layer-case table, channel selections and the
+boolean-slicing (mmrazor-style) references the DynamicOps are checked against.
+
+Import by module name (``from helpers import CASES``); see tests/models.py for the shared models.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyprune.ops as ops
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the op, the reference and the export differ only in summation order
+
+
+# --------------------------------------------------------------------------------------------------- layer cases
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[], nn.Module]
+    make_input: Callable[[int], torch.Tensor]     # active in channels -> input
+    groups: int = 1                               # balanced blocks a selection must keep (both sides)
+
+
+def _image(k, size=7):
+    return torch.randn(2, k, size, size)
+
+
+CASES = {
+    "conv3x3": Case(lambda: nn.Conv2d(8, 6, 3, padding=1), _image),
+    "conv_stride_dilation_nobias": Case(lambda: nn.Conv2d(5, 7, 3, stride=2, dilation=2, padding=2, bias=False),
+                                        lambda k: _image(k, 9)),
+    "conv_same_padding": Case(lambda: nn.Conv2d(6, 4, (3, 5), padding="same"), _image),
+    "conv_reflect": Case(lambda: nn.Conv2d(6, 5, 3, padding=1, padding_mode="reflect"), _image),
+    "conv_replicate": Case(lambda: nn.Conv2d(6, 5, 3, padding=2, padding_mode="replicate", stride=2), _image),
+    "conv_circular": Case(lambda: nn.Conv2d(6, 5, 3, padding=1, padding_mode="circular"), _image),
+    "conv_grouped": Case(lambda: nn.Conv2d(8, 12, 3, padding=1, groups=4), _image, groups=4),
+    "conv_grouped_1x1_nobias": Case(lambda: nn.Conv2d(12, 6, 1, groups=3, bias=False), _image, groups=3),
+    "conv_depthwise": Case(lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), _image),
+    "linear": Case(lambda: nn.Linear(10, 7), lambda k: torch.randn(3, k)),
+    "linear_tokens_nobias": Case(lambda: nn.Linear(9, 6, bias=False), lambda k: torch.randn(2, 4, k)),
+    "bn1d": Case(lambda: nn.BatchNorm1d(8), lambda k: torch.randn(6, k)),
+    "bn1d_sequence": Case(lambda: nn.BatchNorm1d(8), lambda k: torch.randn(4, k, 5)),
+    "bn2d": Case(lambda: nn.BatchNorm2d(8), lambda k: _image(k, 3)),
+    "bn2d_no_affine": Case(lambda: nn.BatchNorm2d(8, affine=False), lambda k: _image(k, 3)),
+    "bn2d_no_stats": Case(lambda: nn.BatchNorm2d(8, track_running_stats=False), lambda k: _image(k, 3)),
+    "layernorm": Case(lambda: nn.LayerNorm(10), lambda k: torch.randn(2, 3, k)),
+    "layernorm_no_affine": Case(lambda: nn.LayerNorm(10, elementwise_affine=False), lambda k: torch.randn(2, k)),
+    "groupnorm": Case(lambda: nn.GroupNorm(3, 12), lambda k: _image(k, 3), groups=3),
+}
+SELECTIONS = ("one", "random", "all")
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-trivial affine parameters and running stats, so a wrong channel shows up in the output."""
+    with torch.no_grad():
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 2.0)
+            elif tensor.is_floating_point():
+                tensor.normal_()
+    return module
+
+
+def channels(module: nn.Module):
+    """(out channels, in channels, one selection for both) of a plain layer."""
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        return module.out_channels, module.in_channels, depthwise
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features, False
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0], module.normalized_shape[0], True
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, module.num_channels, True
+    return module.num_features, module.num_features, True  # batch norm
+
+
+def random_mask(num_channels: int, kind: str, groups: int = 1, generator=None) -> torch.Tensor:
+    """A bool mask ``[num_channels]`` keeping one channel per group ("one"), all, or a random balanced subset."""
+    block = num_channels // groups
+    if kind == "all":
+        return torch.ones(num_channels, dtype=torch.bool)
+    keep = 1 if kind == "one" else int(torch.randint(1, block + 1, (1,), generator=generator))
+    mask = torch.zeros(groups, block, dtype=torch.bool)
+    for g in range(groups):
+        mask[g, torch.randperm(block, generator=generator)[:keep]] = True
+    return mask.reshape(-1)
+
+
+def prepared_case(case_name: str, selection: str, seed: int = 0, name: str = "net.layer"):
+    """(dynamic op with a selection, plain reference copy, out mask, in mask, input) for ``CASES[case_name]``."""
+    case = CASES[case_name]
+    generator = torch.Generator().manual_seed(seed)
+    plain = randomize(case.make())
+    reference = copy.deepcopy(plain)
+    op = ops.to_dynamic(plain)
+    op.pyprune_name = name
+    full_out, full_in, single = channels(plain)
+    out_mask = random_mask(full_out, selection, case.groups, generator)
+    in_mask = out_mask if single else random_mask(full_in, selection, case.groups, generator)
+    op.set_out_channels(out_mask)
+    if not single:
+        op.set_in_channels(in_mask)
+    x = case.make_input(int(in_mask.sum()))
+    return op, reference, out_mask, in_mask, x
+
+
+def same_index(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """Two selections (``None`` = all channels) are equal."""
+    return a is b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
+# ------------------------------------------------------------------------------ boolean-slicing (mmrazor) reference
+def reference_forward(module: nn.Module, out_mask, in_mask, x):
+    """What mmrazor computes: slice every per-channel tensor of the full ``module`` by boolean masks."""
+    if isinstance(module, nn.Conv2d):
+        return _reference_conv(module, out_mask, in_mask, x)
+    if isinstance(module, nn.Linear):
+        bias = module.bias[out_mask] if module.bias is not None else None
+        return F.linear(x, reference_weight(module, out_mask, in_mask)[0], bias)
+    weight = module.weight[out_mask] if module.weight is not None else None
+    bias = module.bias[out_mask] if module.bias is not None else None
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, (int(out_mask.sum()),), weight, bias, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, weight, bias, module.eps)
+    return reference_batch_norm(module, out_mask, x)
+
+
+def reference_weight(module, out_mask, in_mask):
+    """(compact weight, groups) by boolean indexing, as mmrazor slices conv / linear weights."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        return module.weight[out_mask][:, in_mask], 1
+    if groups == module.in_channels == module.out_channels:
+        return module.weight[out_mask], int(out_mask.sum())
+    # grouped: outer product of the per-group masks over weight.flatten(0, 1)
+    pairs = out_mask.reshape(groups, -1).unsqueeze(-1) & in_mask.reshape(groups, -1).unsqueeze(1)
+    weight = module.weight.flatten(0, 1)[pairs.flatten()]
+    return weight.reshape(int(out_mask.sum()), -1, *module.weight.shape[2:]), groups
+
+
+def _reference_conv(conv, out_mask, in_mask, x):
+    weight, groups = reference_weight(conv, out_mask, in_mask)
+    bias = conv.bias[out_mask] if conv.bias is not None else None
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def reference_batch_norm(bn, mask, x):
+    """mmrazor's DynamicBatchNorm: copy the masked running stats, let F.batch_norm update the copies, write them
+    back with ``masked_scatter_``; ``num_batches_tracked`` counts every training batch."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    weight = bn.weight[mask] if bn.affine else None
+    bias = bn.bias[mask] if bn.affine else None
+    running_mean = bn.running_mean[mask] if bn.running_mean is not None else None
+    running_var = bn.running_var[mask] if bn.running_var is not None else None
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, bn.eps)
+    if bn.training and bn.track_running_stats:
+        bn.running_mean.masked_scatter_(mask, running_mean)
+        bn.running_var.masked_scatter_(mask, running_var)
+    return out
