@@ -4,9 +4,7 @@ On :class:`SmallNet` (tests/models.py) with its hand-written UnitSpecs in place 
 pinned), and on torchvision models through the real tracer.
 """
 import copy
-import importlib
 import json
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ import torch
 from models import SmallNet, in_ref, small_net_specs
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import ChannelMutator
-from pyprune.units import modules as unit_modules
+from pyprune.ops import DynamicChannelMixin
+from pyprune.tracing import trace_channel_units
 
 
 def _hand_written_trace(real_trace):
@@ -27,25 +26,17 @@ def _hand_written_trace(real_trace):
     return trace
 
 
-@pytest.fixture(autouse=True)
-def stand_ins(monkeypatch):
-    """SmallNet always gets its hand-written specs; other models the real tracer."""
-    tracing = importlib.import_module("pyprune.tracing")
-    monkeypatch.setattr(tracing, "trace_channel_units", _hand_written_trace(tracing.trace_channel_units))
-
-
-def _dynamic_types():
-    return unit_modules.ops_package().DynamicChannelMixin
+HAND = _hand_written_trace(trace_channel_units)  # the mutators' trace_fn in these tests
 
 
 def _has_dynamic(model):
-    return any(isinstance(m, _dynamic_types()) for m in model.modules())
+    return any(isinstance(m, DynamicChannelMixin) for m in model.modules())
 
 
-def make_mutator(unit_type="SequentialMutableChannelUnit", **kwargs):
+def make_mutator(unit_type="SequentialMutableChannelUnit", trace_fn=HAND, **kwargs):
     return ChannelMutator(channel_unit_cfg=dict(type=unit_type, default_args=dict(choice_mode="ratio")),
                           parse_cfg=dict(type="ChannelAnalyzer", demo_input=(1, 3, 8, 8), tracer_type="auto"),
-                          **kwargs)
+                          trace_fn=trace_fn, **kwargs)
 
 
 def prepared(unit_type="SequentialMutableChannelUnit", **kwargs):
@@ -56,7 +47,7 @@ def prepared(unit_type="SequentialMutableChannelUnit", **kwargs):
 
 
 def _selections(model):
-    return {name: (m.out_index, m.in_index) for name, m in model.named_modules() if isinstance(m, _dynamic_types())}
+    return {name: (m.out_index, m.in_index) for name, m in model.named_modules() if isinstance(m, DynamicChannelMixin)}
 
 
 def _same_selections(a, b):
@@ -72,7 +63,7 @@ def test_prepare_builds_units_and_names_dynamic_ops():
     assert "conv0_(0, 8)_8" in mutator.current_choices
     assert set(mutator.current_choices.values()) == {1.0}
     for name, module in model.named_modules():
-        if isinstance(module, _dynamic_types()):
+        if isinstance(module, DynamicChannelMixin):
             assert module.pyprune_name == name
     assert not _has_dynamic(mutator.export(model))
     with pytest.raises(ConfigError, match="already prepared"):
@@ -156,7 +147,7 @@ def test_config_template_round_trip_through_json(tmp_path):
     assert config["channel_unit_cfg"]["type"] == "L1MutableChannelUnit"
     assert config["parse_cfg"] == {"type": "ChannelAnalyzer", "demo_input": [1, 3, 8, 8], "tracer_type": "auto"}
 
-    loaded = ChannelMutator.from_config(json.loads(path.read_text()))
+    loaded = ChannelMutator.from_config(json.loads(path.read_text()), trace_fn=HAND)
     new_model = SmallNet().eval()
     new_model.load_state_dict(SmallNet().state_dict())  # different weights: only the structure travels
     loaded.prepare_from_supernet(new_model)
@@ -165,16 +156,12 @@ def test_config_template_round_trip_through_json(tmp_path):
     assert {n: tuple(p.shape) for n, p in loaded.export(new_model).named_parameters()} == shapes
 
 
-def test_config_from_channels_needs_no_tracer(monkeypatch):
+def test_config_from_channels_needs_no_tracer():
     model, mutator = prepared()
     mutator.set_global_ratio(0.5)
     config = mutator.config_template(with_unit_init_args=True, with_channels=True)
     config["parse_cfg"] = {"type": "Config"}
-    # setattr, like the autouse fixture: monkeypatch undoes all setattrs before all setitems, so a setitem here
-    # would put the fixture's stand-in back for every later test module
-    monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units",
-                        lambda *a, **k: pytest.fail("must not trace"))
-    loaded = ChannelMutator.from_config(config)
+    loaded = ChannelMutator.from_config(config, trace_fn=lambda *a, **k: pytest.fail("must not trace"))
     new_model = SmallNet().eval()
     loaded.prepare_from_supernet(new_model)
     assert loaded.current_choices == mutator.current_choices
@@ -192,7 +179,7 @@ def test_mmrazor_style_config_loads():
                                        "num_channels": 8, "choice_mode": "ratio", "divisor": 1, "min_value": 1,
                                        "min_ratio": 0.9}, "choice": 0.625}}},
               "parse_cfg": {"type": "ChannelAnalyzer", "demo_input": [1, 3, 8, 8], "tracer_type": "BackwardTracer"}}
-    mutator = ChannelMutator.from_config(config)
+    mutator = ChannelMutator.from_config(config, trace_fn=HAND)
     model = SmallNet().eval()
     mutator.prepare_from_supernet(model)
     unit = mutator._by_name["conv0_(0, 8)_8"]
@@ -208,7 +195,7 @@ def test_config_mismatch_lists_names_and_leaves_model_unchanged():
     model = SmallNet()
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=r"(?s)ghost_\(0, 4\)_4.*|num_channels=16") as info:
-        ChannelMutator.from_config(config).prepare_from_supernet(model)
+        ChannelMutator.from_config(config, trace_fn=HAND).prepare_from_supernet(model)
     assert "ghost_(0, 4)_4" in str(info.value) and "num_channels=16" in str(info.value)
     assert not _has_dynamic(model)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -219,7 +206,7 @@ def test_config_with_bad_choice_leaves_model_unchanged():
     config["channel_unit_cfg"]["units"] = {"conv0_(0, 8)_8": {"choice": 3.0}}
     model = SmallNet()
     with pytest.raises(ChannelSelectionError, match=r"conv0_\(0, 8\)_8"):
-        ChannelMutator.from_config(config).prepare_from_supernet(model)
+        ChannelMutator.from_config(config, trace_fn=HAND).prepare_from_supernet(model)
     assert not _has_dynamic(model)
 
 
@@ -227,7 +214,7 @@ def test_per_unit_init_args_from_config():
     mutator = ChannelMutator(channel_unit_cfg=dict(type="SequentialMutableChannelUnit",
                                                    default_args=dict(divisor=2),
                                                    units={"conv2_(0, 6)_6": {"init_args": {"divisor": 3}}}),
-                             parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+                             parse_cfg=dict(demo_input=(1, 3, 8, 8)), trace_fn=HAND)
     mutator.prepare_from_supernet(SmallNet())
     assert mutator._by_name["conv2_(0, 6)_6"].divisor == 3
     assert mutator._by_name["conv0_(0, 8)_8"].divisor == 2
@@ -244,6 +231,7 @@ def test_per_unit_init_args_from_config():
     (dict(parse_cfg=dict(demo_input=(1, -3))), "demo_input"),
     (dict(parse_cfg=dict(demo_input="big")), "demo_input"),
     (dict(fixed="conv0"), "fixed"),
+    (dict(trace_fn=42), "trace_fn must be callable"),
     (dict(channel_unit_cfg=dict(type="L1MutableChannelUnit", units={"u": 0.5})), "units"),
     (dict(channel_unit_cfg=dict(type="L1MutableChannelUnit", units="/no/such/file.json")), "cannot read"),
 ])
@@ -263,7 +251,7 @@ def test_from_config_rejects_other_types_and_keys():
 
 def test_unknown_init_arg_for_the_unit_type_names_the_unit():
     mutator = ChannelMutator(dict(type="SequentialMutableChannelUnit", default_args=dict(candidate_choices=[0.5])),
-                             parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+                             parse_cfg=dict(demo_input=(1, 3, 8, 8)), trace_fn=HAND)
     model = SmallNet()
     with pytest.raises(ConfigError, match="candidate_choices"):
         mutator.prepare_from_supernet(model)
@@ -348,19 +336,18 @@ def test_torchvision_half_width_export_equals_dynamic(name):
     json.dumps(mutator.config_template(with_unit_init_args=True, with_channels=True))
 
 
-def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning(monkeypatch):
+def test_unit_that_cannot_be_pruned_is_fixed_with_a_warning():
     specs = small_net_specs()
     specs[4].groups = 1                                 # conv4 -> gconv: the unit adopts gconv's groups
     specs[2].input_related.append(in_ref("gconv", 0, 6))  # nonsense range on a grouped conv: cannot be balanced
-    monkeypatch.setattr(sys.modules["pyprune.tracing"], "trace_channel_units", lambda *a, **k: specs)
     model = SmallNet()
     with pytest.warns(UserWarning, match=r"conv2_\(0, 6\)_6.*not pruned"):
-        mutator = make_mutator()
+        mutator = make_mutator(trace_fn=lambda *a, **k: specs)
         mutator.prepare_from_supernet(model)
     assert "conv2_(0, 6)_6" not in mutator.current_choices
     assert mutator._by_name["conv4_(0, 8)_8"].groups == 2
     with pytest.raises(ConfigError, match="balanced per group"):
-        make_mutator(strict=True).prepare_from_supernet(SmallNet())
+        make_mutator(strict=True, trace_fn=lambda *a, **k: specs).prepare_from_supernet(SmallNet())
 
 
 @pytest.mark.cuda

@@ -62,8 +62,10 @@ class ChannelMutator:
         self._assembler: Optional[LayerIndexAssembler] = None
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "ChannelMutator":
-        """Build from a dict as :meth:`config_template` writes it (``{'type': 'ChannelMutator', ...}``)."""
+    def from_config(cls, config: Mapping, trace_fn: Callable[..., List[UnitSpec]] = trace_channel_units
+                    ) -> "ChannelMutator":
+        """Build from a dict as :meth:`config_template` writes it (``{'type': 'ChannelMutator', ...}``); ``trace_fn``
+        as in the constructor (code, so not part of the config)."""
         if not isinstance(config, Mapping):
             raise ConfigError(f"a mutator config must be a dict, got {type(config).__name__}")
         config = dict(config)
@@ -73,7 +75,7 @@ class ChannelMutator:
         unknown = set(config) - {"channel_unit_cfg", "parse_cfg", "fixed", "strict"}
         if unknown:
             raise ConfigError(f"mutator config: unknown keys {sorted(unknown)}")
-        return cls(**config)
+        return cls(**config, trace_fn=trace_fn)
 
     # ------------------------------------------------------------------------------------------------- preparing
     def prepare_from_supernet(self, model: nn.Module) -> None:
