@@ -4,6 +4,7 @@ from typing import Any, Dict
 from torch import nn
 
 from ..errors import ConfigError
+from ..registry import MODELS
 from .unit_state import importance_state, load_importance_state, restore_selection, selection_state
 
 
@@ -14,6 +15,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+@MODELS.register_module()
 class BaseAlgorithm:
     """Owns ``model`` and the ``mutator`` that prunes it; no trainer is imposed. Use it like this::
 

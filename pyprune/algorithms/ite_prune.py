@@ -7,12 +7,14 @@ from typing import Any, Dict, Union
 from torch import nn
 
 from ..errors import ChannelSelectionError, ConfigError
+from ..registry import MODELS
 from .base import BaseAlgorithm
 from .unit_state import broadcast_selections
 
 Target = Union[float, Mapping]
 
 
+@MODELS.register_module()
 class ItePruneAlgorithm(BaseAlgorithm):
     """Iterative pruning: ``prune_times`` steps, ``step_freq`` iterations (or epochs) apart.
 

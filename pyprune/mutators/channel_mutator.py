@@ -13,6 +13,7 @@ from torch import nn
 from .. import ops
 from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
+from ..registry import MODELS
 from ..tracing import trace_channel_units
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
@@ -22,6 +23,7 @@ from .state_sync import saved_unit_selections
 from .summary import PruningSummary, make_summary
 
 
+@MODELS.register_module()
 class ChannelMutator:
     """Finds the coupled channel groups of a model, makes them units, and sets / samples / saves their widths.
 
