@@ -1,5 +1,5 @@
 """DynamicMultiheadAttention: nn.MultiheadAttention over the active embedding channels."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..errors import ConfigError
 from .base import DynamicChannelMixin
+from .compact_state import ChannelSlice
 
 __all__ = ["DynamicMultiheadAttention", "attention_forward", "ATTENTION_TYPES", "WINDOW_ATTENTION_OPS",
            "attention_heads", "attention_width"]
@@ -70,6 +71,17 @@ class _EmbeddingSelection(DynamicChannelMixin):
         return (gather(qkv_w, self._qkv_rows, index), None if qkv_b is None else gather(qkv_b, self._qkv_rows),
                 gather(out_w, index, index), None if out_b is None else gather(out_b, index))
 
+    def _projection_layout(self) -> List[ChannelSlice]:
+        """Compact training mode: the slices ``_gather_projections`` takes of the first four channel tensors."""
+        index = self._out_index
+        if index is None:
+            return []
+        names, (qkv_w, qkv_b, out_w, out_b) = self._channel_tensors, self._source_tensors()[:4]
+        pieces = [(qkv_w, self._qkv_rows, index), (qkv_b, self._qkv_rows, None), (out_w, index, index),
+                  (out_b, index, None)]
+        return [ChannelSlice(name, tensor, rows, cols) for name, (tensor, rows, cols) in zip(names, pieces)
+                if tensor is not None]
+
 
 class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose embedding width ``E`` is pruned to ``K`` channels: query / key / value
@@ -112,6 +124,13 @@ class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
                 return bias
             return kernels.gather_channels(bias.reshape(-1), index).reshape(1, 1, -1)
         return self._gather_projections(in_w, in_b, out_w, out_b) + (per_channel(bias_k), per_channel(bias_v))
+
+    def _compact_layout(self) -> List[ChannelSlice]:
+        layout = self._projection_layout()
+        if self._out_index is not None:  # bias_k / bias_v [1, 1, E]: channels on dim 2
+            layout += [ChannelSlice(name, bias, self._out_index, dim=2) for name, bias in
+                       zip(self._channel_tensors[4:], self._source_tensors()[4:]) if bias is not None]
+        return layout
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -159,6 +178,9 @@ class _DynamicWindowAttention(_EmbeddingSelection):
     def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
         return self._gather_projections(*self._source_tensors())
 
+    def _compact_layout(self) -> List[ChannelSlice]:
+        return self._projection_layout()
+
     def forward(self, x: Tensor) -> Tensor:
         from torchvision.models.swin_transformer import shifted_window_attention
         self._check_input(x)
@@ -172,7 +194,7 @@ class _DynamicWindowAttention(_EmbeddingSelection):
         """The torchvision class at ``dim=K`` with the compact qkv / proj and everything else copied."""
         with torch.no_grad():
             state = {k: v.detach().clone() for k, v in self.state_dict().items() if isinstance(v, Tensor)}
-            state.update({k: v.detach().clone() for k, v in zip(self._channel_tensors, self._gather_compact())
+            state.update({k: v.detach().clone() for k, v in zip(self._channel_tensors, self._compact_or_gathered())
                           if v is not None})
         with torch.device("meta"):
             static = self._torch_type(self.active_out_channels, list(self.window_size), list(self.shift_size),

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..errors import ChannelSelectionError, ConfigError
+from .compact_state import ChannelSlice
 from .selection import check_index, choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
@@ -222,6 +223,9 @@ class DynamicChannelMixin:
         self._selection_version += 1
         self._eval_cache = None
         self._after_selection_change()
+        compact = self.__dict__.get("_compact")
+        if compact is not None:  # compact training mode: write the old selection back, hold the new one
+            compact.selection_changed(self)
 
     def _where(self, is_output: bool) -> str:
         side = "" if self._one_selection() else (" output channels" if is_output else " input channels")
@@ -265,7 +269,10 @@ class DynamicChannelMixin:
         in-place update (optimizer step, ``load_state_dict``, ``copy_`` under no_grad) or a new selection
         invalidates it. Writes through ``tensor.data`` bypass autograd's version counter: call
         :meth:`clear_cache` after those. Training and ``torch.compile`` always gather (the compiled graph owns it).
+        In compact training mode the channel tensors already are the compact ones and are returned as they are.
         """
+        if self._holds_compact():
+            return tuple(self._source_tensors())
         if self.training or torch.compiler.is_compiling():
             return self._gather_compact()
         sources = self._source_tensors()
@@ -300,13 +307,55 @@ class DynamicChannelMixin:
         """Drop the eval-mode compact-weight cache (needed only after writing weights through ``.data``)."""
         self._eval_cache = None
 
+    # ------------------------------------------------------------------------------------- compact training mode
+    # pyprune.ops.compact swaps the pruned channel tensors for their compact copies (pyprune/ops/compact_state.py);
+    # the op only has to say where the copies come from and use the tensors as they are while they are held.
+    def _compact_layout(self) -> List[ChannelSlice]:
+        """Each pruned channel tensor and the channels its compact copy keeps, as ``_gather_compact`` gathers
+        them (tensors it returns unchanged are left out). Ops that override ``_gather_compact`` override this too."""
+        out_index, in_index = self._kernel_indices()
+        if out_index is None and in_index is None:
+            return []
+        layout = []
+        for name, tensor in zip(self._channel_tensors, self._source_tensors()):
+            cols = in_index if tensor is not None and tensor.dim() > 1 else None
+            if tensor is not None and (out_index is not None or cols is not None):
+                layout.append(ChannelSlice(name, tensor, out_index, cols))
+        return layout
+
+    @staticmethod
+    def full_tensor(module: nn.Module, name: str) -> Optional[Tensor]:
+        """``module``'s parameter / buffer ``name`` at full size (detached): in compact training mode the full data
+        with the current compact values written back (in place, no sync), otherwise the tensor itself."""
+        compact = module.__dict__.get("_compact")
+        if compact is not None and compact.held:
+            full = compact.full_tensors().get(name)
+            if full is not None:
+                return full
+        tensor = getattr(module, name)
+        return None if tensor is None else tensor.detach()
+
+    def _holds_compact(self) -> bool:
+        """Whether the op's channel tensors are the compact ones right now (compact training mode)."""
+        compact = self.__dict__.get("_compact")
+        return compact is not None and bool(compact.held)
+
+    def _compact_or_gathered(self) -> Tuple[Optional[Tensor], ...]:
+        """The compact channel tensors: held ones as they are, otherwise freshly gathered."""
+        return tuple(self._source_tensors()) if self._holds_compact() else self._gather_compact()
+
     def _apply(self, fn, *args, **kwargs):
         """Keep the indices on the layer's device through ``.to()`` / ``.cuda()`` / ``.half()`` ..."""
+        compact = self.__dict__.get("_compact") if self._holds_compact() else None
+        if compact is not None:  # compact mode: convert the full tensors, then take the compact copies again
+            compact.release(self, with_optimizer=False)
         result = super()._apply(fn, *args, **kwargs)
         self._out_index = self._moved(self._out_index, fn)
         self._in_index = self._moved(self._in_index, fn)
         self._eval_cache = None
         self._after_selection_change()
+        if compact is not None:
+            compact.compact(self, with_optimizer=False)
         return result
 
     def _moved(self, index: Optional[Tensor], fn) -> Optional[Tensor]:
@@ -323,7 +372,7 @@ class DynamicChannelMixin:
         """The plain torch layer (exact type ``_torch_type``) with compact copies of every parameter and buffer
         and the active channel counts; in the same train / eval mode. The DynamicOp is left unchanged."""
         with torch.no_grad():
-            state = {name: t for name, t in zip(self._channel_tensors, self._gather_compact()) if t is not None}
+            state = {name: t for name, t in zip(self._channel_tensors, self._compact_or_gathered()) if t is not None}
             for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
                 if tensor is None:
                     continue

@@ -40,7 +40,7 @@ class _DynamicBatchNorm(DynamicChannelMixin):
 
     @classmethod
     def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
-        return None if module.weight is None else module.weight.detach()
+        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"
@@ -58,8 +58,9 @@ class _DynamicBatchNorm(DynamicChannelMixin):
         tracking = not self.training or self.track_running_stats
         out = F.batch_norm(x, running_mean if tracking else None, running_var if tracking else None, weight, bias,
                            use_batch_stats, factor, self.eps)
-        if self.training and self.track_running_stats and self._out_index is not None:
-            # F.batch_norm updated the compact copies; carry the update into the full buffers
+        if self.training and self.track_running_stats and self._out_index is not None and not self._holds_compact():
+            # F.batch_norm updated the compact copies; carry the update into the full buffers (in compact training
+            # mode the buffers themselves are compact: F.batch_norm updated them in place)
             kernels.update_running_stats_(self.running_mean, self.running_var, self._out_index, running_mean,
                                           running_var)
         return out

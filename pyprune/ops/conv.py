@@ -46,7 +46,7 @@ class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
 
     @classmethod
     def importance_rows(cls, module: nn.Conv2d) -> Optional[Tensor]:
-        return module.weight.detach().flatten(1)
+        return cls.full_tensor(module, "weight").flatten(1)
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (0 if x.dim() == 3 else 1), "channels"  # nn.Conv2d also takes unbatched [C, H, W]

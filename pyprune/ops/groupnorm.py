@@ -34,7 +34,7 @@ class DynamicGroupNorm(DynamicChannelMixin, nn.GroupNorm):
 
     @classmethod
     def norm_scale(cls, module: nn.GroupNorm) -> Optional[Tensor]:
-        return None if module.weight is None else module.weight.detach()
+        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"

@@ -83,7 +83,7 @@ class DynamicLayerNorm(DynamicChannelMixin, nn.LayerNorm):
 
     @classmethod
     def norm_scale(cls, module: nn.LayerNorm) -> Optional[Tensor]:
-        return None if module.weight is None else module.weight.detach()
+        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (1 if self.channels_first else x.dim() - 1), "channels"

@@ -22,7 +22,7 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
 
     @classmethod
     def importance_rows(cls, module: nn.Linear) -> Optional[Tensor]:
-        return module.weight.detach()
+        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return x.dim() - 1, "features"

@@ -9,6 +9,7 @@ from .capture import capture
 from .propagate import fix_modules, propagate
 from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
+from .unseen import handle_unseen
 
 TRACERS = ("auto", "fx", "torch_function")
 
@@ -23,13 +24,19 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
         model: any ``nn.Module``; it is not modified (buffers a traced forward updates are restored).
         example_inputs: a tensor (e.g. ``[1, 3, H, W]``) or a tuple of the model's positional inputs.
         fixed: module names whose input and output channels must not be pruned (submodules included).
-        strict: raise :class:`~pyprune.errors.UntraceableOpError` on an op that cannot be mapped instead of
-            fixing the groups it touches with a :class:`PruningTraceWarning`.
+        strict: raise :class:`~pyprune.errors.UntraceableOpError` on an op that cannot be mapped, or on layers the
+            example input does not reach, instead of fixing the groups they touch with a
+            :class:`PruningTraceWarning`.
         tracer: "fx", "torch_function" (record a real forward) or "auto" (fx, falling back to the recording).
 
     Returns:
         one :class:`UnitSpec` per channel group that touches a prunable layer, in graph order; groups that must
-        keep all their channels (model input / output, unmappable ops, ``fixed``) have ``fixed=True`` and a reason.
+        keep all their channels (model input / output, unmappable ops, ``fixed``, what layers the example input
+        does not reach read or feed) have ``fixed=True`` and a reason.
+
+    Raises:
+        ConfigError: the model does not run on ``example_inputs``; the message names the failing layer and, where
+            one is found, a larger input that runs.
     """
     if tracer not in TRACERS:
         raise ConfigError(f"unknown tracer {tracer!r}; known: {list(TRACERS)}")
@@ -41,13 +48,14 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     saved = {name: b.clone() for name, b in model.named_buffers()}  # a recorded train-mode forward updates BN stats
     try:
-        graph, note = capture(model, inputs, tracer)
+        captured = capture(model, inputs, tracer)
     finally:
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 buffer.copy_(saved[name])
-    if note:
-        warn_untraceable(note)
-    propagation = propagate(model, graph, strict=strict)
-    fix_modules(propagation, graph, fixed)
+    if captured.note:
+        warn_untraceable(captured.note)
+    propagation = propagate(model, captured.graph, strict=strict)
+    fix_modules(propagation, captured.graph, fixed)
+    handle_unseen(propagation, captured, strict)
     return propagation.table.specs()

@@ -1,19 +1,22 @@
 """Capture a model's dataflow as a ``torch.fx.Graph`` whose nodes carry output shapes and module paths.
 
 Two ways, one result: symbolic tracing with torch.fx (fast, sees every branch of the code it traces), and, for models
-fx cannot trace (data-dependent control flow), a recording of a real forward pass through a ``TorchFunctionMode``.
-Both keep the layers we have DynamicOps for as opaque ``call_module`` nodes.
+fx cannot trace or run on the example input, a recording of a real forward pass (:mod:`.record`). Both keep the
+layers we have DynamicOps for as opaque ``call_module`` nodes. A recording may miss layers (branches the example
+does not take); the capture then says which ones the model's code calls, and keeps the symbolic graph that shows
+what they read, so the propagation can keep those channels whole (:mod:`.unseen`).
 """
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.fx.passes.shape_prop import ShapeProp
-from torch.overrides import TorchFunctionMode
 
+from ..errors import ConfigError
+from .record import forward_capture
 from .rules_layers import is_prunable_layer
-from .spec import warn_untraceable
+from .shape_pass import MAX_SEARCH_SIDE, ForwardFailure, larger_input_that_runs, run_shapes, shape_text, training_mode
 
 
 class _PathTracer(torch.fx.Tracer):
@@ -53,176 +56,103 @@ class _PathTracer(torch.fx.Tracer):
         return node
 
 
-def fx_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.GraphModule:
-    """Trace symbolically in train mode (so train-only branches such as aux heads are in the graph), then run the
-    graph once in eval mode to record shapes (eval keeps batch-norm happy with a batch of one)."""
+
+
+def symbolic_capture(model: nn.Module, training: bool = True) -> torch.fx.GraphModule:
+    """Trace symbolically (no shapes yet); in train mode by default, so train-only branches such as aux heads are in
+    the graph."""
     for module in model.modules():  # decide now: while fx traces, parameters read as proxies and probes fail
         is_prunable_layer(module)
-    was_training = model.training
-    model.train()
-    try:
+    with training_mode(model, training):
         graph = _PathTracer().trace(model)
-    finally:
-        model.train(was_training)
-    gm = torch.fx.GraphModule(model, graph)
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
-    return gm
+    return torch.fx.GraphModule(model, graph)
 
 
-class _Recorder(TorchFunctionMode):
-    """Records torch calls made outside prunable layers as fx nodes, mapping tensors to the nodes that made them."""
+@dataclass
+class Capture:
+    """What the propagation walks, and what it must know about layers that ``graph`` never ran.
 
-    def __init__(self, graph: torch.fx.Graph, producers: Dict[int, torch.fx.Node], path_of: Callable[[], str],
-                 tensor_names: Dict[int, str]):
-        super().__init__()
-        self.graph, self.producers, self.path_of = graph, producers, path_of
-        self.tensor_names = tensor_names  # id -> path of the model's parameters and buffers
-        self.inside_layer = 0
-        self._keep = []  # keep outputs alive so their ids stay unique while recording
-
-    def node_for(self, value):
-        if isinstance(value, Tensor):
-            node = self.producers.get(id(value))
-            if node is None:  # a parameter, buffer (named by its path, as fx does) or constant
-                target = self.tensor_names.get(id(value), f"_const_{len(self.producers)}")
-                node = self.graph.create_node("get_attr", target)
-                _set_meta(node, value, self.path_of())
-                self.producers[id(value)] = node
-                self._keep.append(value)
-            return node
-        if isinstance(value, (list, tuple)):
-            return type(value)(self.node_for(v) for v in value)
-        if isinstance(value, dict):
-            return {k: self.node_for(v) for k, v in value.items()}
-        return value
-
-    def record(self, kind: str, target, args, kwargs, out):
-        node = self.graph.create_node(kind, target, self.node_for(tuple(args)), self.node_for(dict(kwargs)))
-        _set_meta(node, out, self.path_of())
-        self._register_outputs(node, out)
-        return node
-
-    def _register_outputs(self, node, out):
-        if isinstance(out, Tensor):
-            self.producers[id(out)] = node
-            self._keep.append(out)
-        elif isinstance(out, (list, tuple)):
-            for i, item in enumerate(out):
-                if isinstance(item, Tensor):
-                    getter = self.graph.create_node("call_function", _getitem, (node, i))
-                    _set_meta(getter, item, node.meta["module_path"])
-                    self.producers[id(item)] = getter
-                    self._keep.append(item)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.inside_layer == 0 and not _is_metadata_call(func):
-            self.record("call_function", func, args, kwargs, out)
-        return out
-
-
-def _getitem(value, index):
-    return value[index]
-
-
-def _is_metadata_call(func) -> bool:
-    name = getattr(func, "__name__", "")
-    return name in ("size", "dim", "__get__", "numel", "__len__", "is_floating_point", "data_ptr") or \
-        func is Tensor.shape.__get__
-
-
-def _set_meta(node, value, path):
-    node.meta["module_path"] = path
-    if isinstance(value, Tensor):
-        node.meta["tensor_meta"] = _TensorShape(tuple(value.shape))
-    elif isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-        node.meta["tensor_meta"] = tuple(_TensorShape(tuple(v.shape)) if isinstance(v, Tensor) else None
-                                         for v in value)
-
-
-class _TensorShape:
-    """The part of fx's TensorMetadata the propagation reads."""
-
-    def __init__(self, shape):
-        self.shape = torch.Size(shape)
-
-
-def forward_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> torch.fx.Graph:
-    """Record a real forward (no grad) as an fx graph; works where symbolic tracing cannot.
-
-    Recorded in train mode, so train-only branches (auxiliary heads) are seen; when a train-mode forward cannot run
-    on the example (batch norm on a batch of one), in eval mode. Prunable layers the recorded forward never reached
-    are reported with a warning: their channels are not analysed.
+    ``unseen``: prunable layers the model's code calls that ``graph`` (from ``source``) never ran; ``structure``:
+    the symbolic train-mode graph, which shows what they read and feed (None where fx cannot trace); ``hint``: why
+    they were not run and which example input runs them; ``note``: why the symbolic graph was not used.
     """
-    was_training = model.training
-    try:
-        try:
-            graph = _record(model, inputs, training=True)
-        except Exception:
-            graph = _record(model, inputs, training=False)
-    finally:
-        model.train(was_training)
-    reached = {node.target for node in graph.nodes if node.op == "call_module"}
-    missed = [name for name, m in model.named_modules() if is_prunable_layer(m) and name not in reached]
-    if missed:
-        warn_untraceable(f"the recorded forward never ran the layers {missed[:8]}{' ...' if len(missed) > 8 else ''}"
-                         f" (branches the example input does not take); their channels are not analysed, so a "
-                         f"group feeding them may be pruned under them: mark them fixed=[...] or give a demo input "
-                         f"that reaches them")
-    return graph
+    graph: torch.fx.Graph
+    note: str = ""
+    unseen: List[str] = field(default_factory=list)
+    structure: Optional[torch.fx.Graph] = None
+    hint: str = ""
+    source: str = "the traced graph"
 
 
-def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> torch.fx.Graph:
-    graph = torch.fx.Graph()
-    producers: Dict[int, torch.fx.Node] = {}
-    names = {m: n for n, m in model.named_modules()}
-    stack = [""]
-    tensor_names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    recorder = _Recorder(graph, producers, lambda: stack[-1], tensor_names)
-    for i, x in enumerate(inputs):
-        node = graph.placeholder(f"input_{i}")
-        _set_meta(node, x, "")
-        producers[id(x)] = node
-        recorder._keep.append(x)
+def capture(model: nn.Module, inputs: Tuple[Tensor, ...], tracer: str) -> Capture:
+    """Capture with ``tracer`` "fx" | "torch_function" | "auto" (fx, then the real-forward recording).
 
-    def pre_hook(module, args):
-        stack.append(names[module])
-        if is_prunable_layer(module):
-            recorder.inside_layer += 1
-
-    def post_hook(module, args, out):
-        stack.pop()
-        if is_prunable_layer(module):
-            recorder.inside_layer -= 1
-            if recorder.inside_layer == 0:
-                recorder.record("call_module", names[module], args, {}, out)
-
-    handles = []
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(pre_hook))
-        handles.append(module.register_forward_hook(post_hook))
-    model.train(training)
-    try:
-        with torch.no_grad(), recorder:
-            out = model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    graph.output(recorder.node_for(out))
-    return graph
-
-
-def capture(model: nn.Module, inputs: Tuple[Tensor, ...], tracer: str) -> Tuple[torch.fx.Graph, Optional[str]]:
-    """(graph, note) with ``tracer`` in "fx" | "torch_function" | "auto" (fx, then the real-forward recording)."""
+    Where the train-mode fx graph does not run on ``inputs`` (a train-only head the input is too small for), the
+    eval-mode graph is analysed and the head's layers are ``unseen``. Raises :class:`ConfigError` naming the failing
+    layer, and a larger input that runs where one is found, when the model does not run on ``inputs`` at all.
+    """
     if tracer == "torch_function":
-        return forward_capture(model, inputs), None
+        return _recorded(model, inputs, note="")
     try:
-        return fx_capture(model, inputs).graph, None
+        gm = symbolic_capture(model)
     except Exception as error:  # fx raises many types for untraceable Python (TraceError, TypeError, ...)
         if tracer == "fx":
             raise
         note = f"torch.fx could not trace the model ({type(error).__name__}: {error}); recorded a real forward"
-        return forward_capture(model, inputs), note
+        return _recorded(model, inputs, note=note)
+    try:
+        run_shapes(gm, inputs)
+        return Capture(gm.graph)
+    except ForwardFailure as failure:
+        return _eval_graph(model, inputs, gm, failure, tracer)
+
+
+def _eval_graph(model: nn.Module, inputs: Tuple[Tensor, ...], train_gm: torch.fx.GraphModule,
+                failure: ForwardFailure, tracer: str) -> Capture:
+    """The eval-mode fx graph with shapes, where the train-mode one failed with ``failure``; layers only the train
+    mode calls are unseen. The model running in neither mode is a :class:`ConfigError`."""
+    try:
+        gm = symbolic_capture(model, training=False)
+    except Exception as error:  # noqa: BLE001 - code only eval mode runs is not traceable: record instead
+        if tracer == "fx":
+            raise
+        return _recorded(model, inputs, note=f"torch.fx could not trace the model in eval mode "
+                                               f"({type(error).__name__}: {error}); recorded a real forward")
+    try:
+        run_shapes(gm, inputs)
+    except ForwardFailure as eval_failure:
+        raise ConfigError(f"the model does not run on the example input of shape {shape_text(x.shape for x in inputs)}"
+                          f": {eval_failure}; {_larger_input_hint(train_gm, inputs)}") from eval_failure
+    ran = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    unseen = list(dict.fromkeys(node.target for node in train_gm.graph.nodes if node.op == "call_module"
+                                and node.target not in ran and is_prunable_layer(model.get_submodule(node.target))))
+    hint = f"in train mode {failure}; {_larger_input_hint(train_gm, inputs)}" if unseen else ""
+    return Capture(gm.graph, "", unseen, train_gm.graph, hint, source="the eval-mode graph")
+
+
+def _recorded(model: nn.Module, inputs: Tuple[Tensor, ...], note: str) -> Capture:
+    """The recorded forward, with the layers it never ran that the model's code calls (per the symbolic graph)."""
+    try:
+        recording = forward_capture(model, inputs)
+    except ForwardFailure as failure:
+        raise ConfigError(f"the model does not run on the example input of shape "
+                          f"{shape_text(x.shape for x in inputs)}: {failure}") from failure
+    unseen, structure = recording.missed, None
+    if unseen:
+        try:
+            structure = symbolic_capture(model).graph
+        except Exception:  # noqa: BLE001 - fx cannot trace it: what the missed layers read stays unknown
+            structure = None
+    if structure is not None:  # layers the code never calls (in train mode, nor eval for this input) read nothing
+        called = {node.target for node in structure.nodes if node.op == "call_module"}
+        unseen = [name for name in unseen if name in called]
+    hint = f"a train-mode forward failed: {recording.train_failure}" \
+        if unseen and recording.train_failure is not None else ""
+    return Capture(recording.graph, note, unseen, structure, hint, source="the recorded forward")
+
+
+def _larger_input_hint(gm: torch.fx.GraphModule, inputs: Tuple[Tensor, ...]) -> str:
+    shapes = larger_input_that_runs(gm, inputs)
+    if shapes is None:
+        return f"nor does any input with its spatial dims doubled (up to {MAX_SEARCH_SIDE})"
+    return f"an example input of shape {shape_text(shapes)} runs every layer"

@@ -1,0 +1,156 @@
+"""Record a real forward pass as a ``torch.fx.Graph``, for models torch.fx cannot trace symbolically.
+
+A ``TorchFunctionMode`` sees every torch call; calls made outside prunable layers become fx nodes, each prunable
+layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .rules_layers import is_prunable_layer
+from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
+
+
+@dataclass
+class Recording:
+    """A recorded forward: its graph, the prunable layers it never ran, and why train mode was not recorded."""
+    graph: torch.fx.Graph
+    missed: List[str] = field(default_factory=list)
+    train_failure: Optional[ForwardFailure] = None
+
+
+def forward_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Recording:
+    """Record a real forward (no grad) in train mode, so train-only branches (auxiliary heads) are seen; where a
+    train-mode forward cannot run on the example (batch norm on a batch of one, a head the input is too small
+    for), in eval mode. Raises :class:`ForwardFailure` if neither runs."""
+    train_failure = None
+    try:
+        graph = _record(model, inputs, training=True)
+    except ForwardFailure as failure:
+        train_failure = failure
+        graph = _record(model, inputs, training=False)
+    reached = {node.target for node in graph.nodes if node.op == "call_module"}
+    layers = [name for name, m in model.named_modules() if is_prunable_layer(m)]
+    inner = {name for name in layers for outer in layers if name.startswith(outer + ".")}  # attention's out_proj
+    missed = [name for name in layers if name not in reached and name not in inner]
+    return Recording(graph, missed, train_failure)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records torch calls made outside prunable layers as fx nodes, mapping tensors to the nodes that made them."""
+
+    def __init__(self, graph: torch.fx.Graph, producers: Dict[int, torch.fx.Node], path_of: Callable[[], str],
+                 tensor_names: Dict[int, str]):
+        super().__init__()
+        self.graph, self.producers, self.path_of = graph, producers, path_of
+        self.tensor_names = tensor_names  # id -> path of the model's parameters and buffers
+        self.inside_layer = 0
+        self._keep = []  # keep outputs alive so their ids stay unique while recording
+
+    def node_for(self, value):
+        if isinstance(value, Tensor):
+            node = self.producers.get(id(value))
+            if node is None:  # a parameter, buffer (named by its path, as fx does) or constant
+                target = self.tensor_names.get(id(value), f"_const_{len(self.producers)}")
+                node = self.graph.create_node("get_attr", target)
+                _set_meta(node, value, self.path_of())
+                self.producers[id(value)] = node
+                self._keep.append(value)
+            return node
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (GoogLeNet's train outputs)
+            return type(value)(*(self.node_for(v) for v in value))
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.node_for(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.node_for(v) for k, v in value.items()}
+        return value
+
+    def record(self, kind: str, target, args, kwargs, out):
+        node = self.graph.create_node(kind, target, self.node_for(tuple(args)), self.node_for(dict(kwargs)))
+        _set_meta(node, out, self.path_of())
+        self._register_outputs(node, out)
+        return node
+
+    def _register_outputs(self, node, out):
+        if isinstance(out, Tensor):
+            self.producers[id(out)] = node
+            self._keep.append(out)
+        elif isinstance(out, (list, tuple)):
+            for i, item in enumerate(out):
+                if isinstance(item, Tensor):
+                    getter = self.graph.create_node("call_function", _getitem, (node, i))
+                    _set_meta(getter, item, node.meta["module_path"])
+                    self.producers[id(item)] = getter
+                    self._keep.append(item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside_layer == 0 and not _is_metadata_call(func):
+            self.record("call_function", func, args, kwargs, out)
+        return out
+
+
+def _getitem(value, index):
+    return value[index]
+
+
+def _is_metadata_call(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name in ("size", "dim", "__get__", "numel", "__len__", "is_floating_point", "data_ptr") or \
+        func is Tensor.shape.__get__
+
+
+def _set_meta(node, value, path):
+    node.meta["module_path"] = path
+    if isinstance(value, Tensor):
+        node.meta["tensor_meta"] = TensorShape(tuple(value.shape))
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
+        node.meta["tensor_meta"] = tuple(TensorShape(tuple(v.shape)) if isinstance(v, Tensor) else None
+                                         for v in value)
+
+
+def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> torch.fx.Graph:
+    """One recorded forward in train or eval mode; :class:`ForwardFailure` names the module that failed."""
+    graph = torch.fx.Graph()
+    producers: Dict[int, torch.fx.Node] = {}
+    names = {m: n for n, m in model.named_modules()}
+    stack = [""]
+    tensor_names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    recorder = _Recorder(graph, producers, lambda: stack[-1], tensor_names)
+    for i, x in enumerate(inputs):
+        node = graph.placeholder(f"input_{i}")
+        _set_meta(node, x, "")
+        producers[id(x)] = node
+        recorder._keep.append(x)
+
+    def pre_hook(module, args):
+        stack.append(names[module])
+        if is_prunable_layer(module):
+            recorder.inside_layer += 1
+
+    def post_hook(module, args, out):
+        stack.pop()
+        if is_prunable_layer(module):
+            recorder.inside_layer -= 1
+            if recorder.inside_layer == 0:
+                recorder.record("call_module", names[module], args, {}, out)
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    try:
+        with training_mode(model, training), torch.no_grad(), recorder:
+            out = model(*inputs)
+    except Exception as error:  # the innermost module entered and not left is the one that failed
+        raise ForwardFailure(describe_module(model, stack[-1]), error) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    graph.output(recorder.node_for(out))
+    return graph
