@@ -18,6 +18,7 @@ _EXPORTS: Dict[str, str] = {
     "load_pruned": "pyprune.mutators", "PruningSummary": "pyprune.mutators",
     # algorithms
     "BaseAlgorithm": "pyprune.algorithms", "ItePruneAlgorithm": "pyprune.algorithms",
+    "ItePruneConfigManager": "pyprune.algorithms",
     # units and what they are built from
     "MutableChannelUnit": "pyprune.units", "SequentialMutableChannelUnit": "pyprune.units", "L1MutableChannelUnit": "pyprune.units",
     "L2MutableChannelUnit": "pyprune.units", "BNScaleMutableChannelUnit": "pyprune.units",

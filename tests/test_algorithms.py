@@ -80,8 +80,8 @@ def test_number_mode_and_per_unit_counts():
         algorithm.step()
         seen.append((mutator.current_choices[RESIDUAL], mutator.current_choices[GCONV]))
     assert [c for c, _ in seen] == [6, 4, 2]            # 8 -> 2 channels in thirds, as ints
-    assert [algorithm.choices_at(t)[GCONV] for t in (1, 2, 3)] == [7, 5, 4]   # 8 -> 4: 6.67, 5.33, 4 rounded
-    assert [g for _, g in seen] == [8, 6, 4]            # groups=2: the unit keeps an even count
+    assert [algorithm.choices_at(t)[GCONV] for t in (1, 2, 3)] == [6, 5, 4]   # 8 -> 4: 6.67, 5.33, 4 truncated
+    assert [g for _, g in seen] == [6, 6, 4]            # groups=2: the unit keeps an even count
     assert counts(mutator)[GCONV] == 4 and all(isinstance(c, int) for c, _ in seen)
     others = [u for u in mutator.mutable_units if u.name not in (RESIDUAL, GCONV)]
     assert others and all(u.active_channels == u.num_channels for u in others)
@@ -103,7 +103,7 @@ def test_bad_targets_raise_and_leave_the_model_at_full_width(target, error, mess
     model = SmallNet()
     mutator = ChannelMutator(channel_unit_cfg="L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     with pytest.raises(error, match=message):
-        ItePruneAlgorithm(model, mutator, target, step_freq=1, prune_times=2)
+        ItePruneAlgorithm(model, mutator, target, step_freq=1, prune_times=2, strict=True)
     assert mutator.mutable_units and all(u.active_channels == u.num_channels for u in mutator.mutable_units)
 
 
@@ -196,7 +196,9 @@ def test_state_dict_restores_the_supernet_on_an_already_pruned_model():
     algorithm.step()
     algorithm.step()
     state = algorithm.state_dict()
-    model, mutator = SmallNet(), ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+    model = SmallNet()
+    mutator = ChannelMutator(dict(type="SequentialMutableChannelUnit", default_args=dict(choice_mode="ratio")),
+                             parse_cfg=dict(demo_input=(1, 3, 8, 8)))
     mutator.prepare_from_supernet(model)
     mutator.set_global_ratio(0.75)        # built on a model that is already at step 2's width
     resumed = ItePruneAlgorithm(model, mutator, 0.5, step_freq=1, prune_times=4)

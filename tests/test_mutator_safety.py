@@ -14,7 +14,8 @@ SIZE = 32
 
 def prepared(arch="resnet18", ratio=None):
     model = getattr(torchvision.models, arch)(weights=None, num_classes=10)
-    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, SIZE, SIZE)))
+    mutator = ChannelMutator(dict(type="L1MutableChannelUnit", default_args=dict(choice_mode="ratio")),
+                             parse_cfg=dict(demo_input=(1, 3, SIZE, SIZE)))
     mutator.prepare_from_supernet(model)
     if ratio is not None:
         mutator.set_global_ratio(ratio)

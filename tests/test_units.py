@@ -35,8 +35,13 @@ def export_model(model: nn.Module, ops) -> nn.Module:
     return model
 
 
+# Most tests here speak ratios: units are built in ratio mode without min_ratio unless a test says otherwise
+# (mmrazor's defaults, number mode and min_ratio=0.9, are checked in test_unit_name_and_defaults).
+RATIO_MODE = dict(choice_mode="ratio", min_ratio=0.0)
+
+
 def build_units(unit_type=SequentialMutableChannelUnit, **init_args):
-    return [unit_type.from_spec(spec, **init_args) for spec in small_net_specs()]
+    return [unit_type.from_spec(spec, **{**RATIO_MODE, **init_args}) for spec in small_net_specs()]
 
 
 def prepared_small_net(unit_type=SequentialMutableChannelUnit, **init_args):
@@ -71,15 +76,15 @@ def test_kept_channel_count_clamps_and_balances_groups(asked, kw, expected):
 # -------------------------------------------------------------------------------------------- choices and checks
 def _unit(size=16, unit_type=SequentialMutableChannelUnit, groups=1, **init_args):
     spec = UnitSpec(size, [out_ref("a", 0, size)], [in_ref("b", 0, size)], groups=groups)
-    return unit_type.from_spec(spec, **init_args)
+    return unit_type.from_spec(spec, **{**RATIO_MODE, **init_args})
 
 
 def test_unit_name_and_defaults():
-    unit = _unit(16)
+    unit = SequentialMutableChannelUnit.from_spec(UnitSpec(16, [out_ref("a", 0, 16)], [in_ref("b", 0, 16)]))
     assert unit.name == "a_(0, 16)_16"
-    assert unit.current_choice == 1.0 and unit.is_mutable
-    assert unit.init_args == {"num_channels": 16, "choice_mode": "ratio", "divisor": 1, "min_value": 1,
-                              "min_ratio": 0.0}
+    assert unit.current_choice == 16 and unit.is_mutable
+    assert unit.init_args == {"num_channels": 16, "choice_mode": "number", "divisor": 1, "min_value": 1,
+                              "min_ratio": 0.9}  # mmrazor's defaults
 
 
 def test_ratio_choice_rounds_and_reports_realized_ratio():
@@ -174,12 +179,11 @@ def test_one_shot_samples_from_candidates():
     assert unit.current_index.tolist() == list(range(12))
     with pytest.raises(ConfigError, match="candidate_choices"):
         _unit(16, OneShotMutableChannelUnit, candidate_choices=[0.5, 2.0])
-    with pytest.raises(ConfigError, match="candidate_choices"):
-        _unit(16, OneShotMutableChannelUnit, candidate_choices=[])
+    assert _unit(16, OneShotMutableChannelUnit, candidate_choices=[]).candidate_choices == [1.0]  # full width
 
 
 def test_slimmable_rejects_widths_outside_its_list():
-    unit = _unit(16, SlimmableChannelUnit, candidate_choices=[4, 8, 16])
+    unit = _unit(16, SlimmableChannelUnit, candidate_choices=[4, 8, 16], choice_mode="number")
     assert unit.choice_mode == "number" and unit.current_choice == 16
     unit.current_choice = 8
     assert unit.current_index.tolist() == list(range(8))
@@ -221,7 +225,7 @@ def _conv_pair(out_channels=8):
 
 
 def _prepared(unit_type, model, spec, **init_args):
-    unit = unit_type.from_spec(spec, **init_args)
+    unit = unit_type.from_spec(spec, **{**RATIO_MODE, **init_args})
     unit.prepare_for_pruning(model)
     return unit
 
@@ -454,7 +458,7 @@ def _deepcopy(model):
 
 
 def test_is_mutable_needs_both_sides():
-    only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [in_ref("conv0", 0, 3)]))
+    only_in = SequentialMutableChannelUnit.from_spec(UnitSpec(3, [], [in_ref("conv0", 0, 3)]), **RATIO_MODE)
     assert not only_in.is_mutable and only_in.name == "conv0_(0, 3)_3"
     assert math.isclose(only_in.current_choice, 1.0)
 

@@ -1,5 +1,6 @@
 """BaseAlgorithm: a model and its ChannelMutator, driven from a plain PyTorch training loop by explicit hooks."""
-from typing import Any, Dict
+import warnings
+from typing import Any, Dict, Optional
 
 from torch import nn
 
@@ -31,9 +32,27 @@ class BaseAlgorithm:
 
     ``model`` may be wrapped in ``DistributedDataParallel``; the algorithm works on the module inside. The mutator
     must then be prepared *before* wrapping (DDP registers the parameters of the modules it sees at wrap time).
+
+    As in mmrazor, both may be configs: ``architecture`` an ``nn.Module`` or a dict that
+    :data:`pyprune.registry.MODELS` builds, ``mutator_cfg`` a :class:`~pyprune.mutators.ChannelMutator` or its config
+    dict (default: mmrazor's, a ChannelMutator of SequentialMutableChannelUnit). mmrazor's ``data_preprocessor`` and
+    ``init_cfg`` are accepted for config compatibility; pyprune's algorithms do not run the forward or initialise
+    weights, so a value other than None is kept as an attribute and named in a warning.
     """
 
-    def __init__(self, model: nn.Module, mutator):
+    def __init__(self, architecture, mutator_cfg=None, *, data_preprocessor=None, init_cfg: Optional[Dict] = None):
+        model = MODELS.build(architecture)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{type(self).__name__}: architecture must be an nn.Module or a config dict building "
+                              f"one, got {type(model).__name__}")
+        mutator = build_mutator(mutator_cfg)
+        unused = [name for name, value in (("data_preprocessor", data_preprocessor), ("init_cfg", init_cfg))
+                  if value is not None]
+        if unused:
+            warnings.warn(f"{type(self).__name__}: {', '.join(unused)} ignored: pyprune algorithms do not run the "
+                          f"forward or initialise weights (preprocess in your loop; load weights before)",
+                          stacklevel=2)
+        self.data_preprocessor, self.init_cfg = data_preprocessor, init_cfg
         module = unwrap_model(model)
         if not mutator.units:
             if module is not model:
@@ -42,6 +61,11 @@ class BaseAlgorithm:
             mutator.prepare_from_supernet(module)
         self.model = module
         self.mutator = mutator
+
+    @property
+    def architecture(self) -> nn.Module:
+        """The model being pruned (mmrazor's name for :attr:`model`)."""
+        return self.model
 
     # ------------------------------------------------------------------------------------------------------ hooks
     def after_backward(self) -> None:
@@ -83,3 +107,16 @@ class BaseAlgorithm:
         for name, selection in saved.items():
             restore_selection(units[name], selection["index"])
             load_importance_state(units[name], state.get("importance", {}).get(name))
+
+
+DEFAULT_MUTATOR_CFG = {"type": "ChannelMutator", "channel_unit_cfg": {"type": "SequentialMutableChannelUnit"}}
+
+
+def build_mutator(mutator_cfg):
+    """A ChannelMutator from a config dict (built through :data:`pyprune.registry.MODELS`), or the one given."""
+    from ..mutators import ChannelMutator
+    mutator = MODELS.build(dict(DEFAULT_MUTATOR_CFG) if mutator_cfg is None else mutator_cfg)
+    if not isinstance(mutator, ChannelMutator):
+        raise ConfigError(f"mutator_cfg must be a ChannelMutator or a config dict building one, got "
+                          f"{type(mutator).__name__}")
+    return mutator

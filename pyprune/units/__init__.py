@@ -7,13 +7,14 @@ from .l1 import L1MutableChannelUnit
 from .l2 import L2MutableChannelUnit
 from .one_shot import OneShotMutableChannelUnit
 from .registry import UNITS, register_unit, unit_class
-from .rounding import kept_channel_count, make_divisible
+from .rounding import kept_channel_count, make_divisible, ratio_to_count
 from .sequential import SequentialMutableChannelUnit
 from .slimmable import SlimmableChannelUnit
 from .taylor import TaylorMutableChannelUnit
 
 __all__ = [
-    "UNITS", "register_unit", "unit_class", "make_divisible", "kept_channel_count", "LayerIndexAssembler",
+    "UNITS", "register_unit", "unit_class", "make_divisible", "kept_channel_count", "ratio_to_count",
+    "LayerIndexAssembler",
     "MutableChannelUnit", "ImportanceMutableChannelUnit", "SequentialMutableChannelUnit", "L1MutableChannelUnit",
     "L2MutableChannelUnit", "BNScaleMutableChannelUnit", "TaylorMutableChannelUnit", "OneShotMutableChannelUnit",
     "SlimmableChannelUnit",

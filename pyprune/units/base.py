@@ -11,7 +11,7 @@ from ..errors import ChannelSelectionError, ConfigError
 from .assembler import LayerIndexAssembler
 from .modules import (get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules,
                       selection_groups)
-from .rounding import kept_channel_count
+from .rounding import kept_channel_count, ratio_to_count
 
 CHOICE_MODES = ("ratio", "number")
 
@@ -24,13 +24,16 @@ class MutableChannelUnit:
     is a sorted int64 index ``[K]`` into ``[0, num_channels)``; it keeps the same count in each of ``groups`` equal
     blocks. Subclasses say which channels (``_select``): a prefix, or the most important ones.
 
-    Init args (the ones configs carry): ``num_channels``, ``choice_mode`` (``'ratio'``: choices are floats in
-    (0, 1]; ``'number'``: ints in [1, num_channels]), ``divisor`` (kept counts are rounded to a multiple of it),
-    ``min_value`` (never keep fewer), ``min_ratio`` (never round below this fraction of the asked count).
+    Init args (the ones configs carry), with mmrazor's defaults: ``num_channels``, ``choice_mode`` (``'number'``:
+    :attr:`current_choice` reads as a channel count and an int choice is a count in [1, num_channels];
+    ``'ratio'``: it reads as the kept fraction and int choices are refused; in both modes a float choice is a ratio
+    in (0, 1], turned into ``max(1, int(ratio * num_channels))`` channels as mmrazor does), ``divisor`` (kept
+    counts are rounded to a multiple of it), ``min_value`` (never keep fewer), ``min_ratio`` (never round below
+    this fraction of the asked count).
     """
 
-    def __init__(self, num_channels: int, choice_mode: str = "ratio", divisor: int = 1, min_value: int = 1,
-                 min_ratio: float = 0.0, *, output_related: Sequence = (), input_related: Sequence = (),
+    def __init__(self, num_channels: int, choice_mode: str = "number", divisor: int = 1, min_value: int = 1,
+                 min_ratio: float = 0.9, *, output_related: Sequence = (), input_related: Sequence = (),
                  groups: int = 1, fixed: bool = False, reason: str = "", name: Optional[str] = None):
         self.output_related = list(output_related)
         self.input_related = list(input_related)
@@ -94,24 +97,21 @@ class MutableChannelUnit:
 
     def width_to_count(self, choice) -> int:
         """As :meth:`choice_to_count`, ignoring whether the unit is fixed."""
-        if self.choice_mode == "ratio":
-            if _is_int(choice):  # 1 would read as "all channels", 32 as an error: say what the unit expects
+        if _is_int(choice):
+            if self.choice_mode == "ratio":  # 1 would read as "all channels", 32 as an error: say what to do
                 self._fail(f"choice {choice!r} is an int, but the unit is in ratio mode: give a float ratio in "
                            f"(0, 1] (e.g. {min(choice, self.num_channels) / self.num_channels:.3g}), or build the "
                            f"units with choice_mode='number' to set channel counts")
-            if not _is_real(choice):
-                self._fail(f"choice must be a ratio (float) in (0, 1], got {type(choice).__name__} {choice!r}")
-            if not math.isfinite(choice) or not 0.0 < choice <= 1.0:
-                self._fail(f"ratio choice must be in (0, 1], got {choice!r}")
-            asked = float(choice) * self.num_channels
-        else:
-            if not _is_int(choice):
-                self._fail(f"choice must be an int channel count in [1, {self.num_channels}], "
-                           f"got {type(choice).__name__} {choice!r}")
             if not 1 <= choice <= self.num_channels:
                 self._fail(f"channel count must be in [1, {self.num_channels}], got {choice!r}")
-            asked = int(choice)
-        return self._round(asked)
+            return self._round(int(choice))
+        if not _is_real(choice):
+            expected = "a ratio (float) in (0, 1]" if self.choice_mode == "ratio" else \
+                f"an int channel count in [1, {self.num_channels}] or a float ratio in (0, 1]"
+            self._fail(f"choice must be {expected}, got {type(choice).__name__} {choice!r}")
+        if not math.isfinite(choice) or not 0.0 < choice <= 1.0:
+            self._fail(f"a float choice is a ratio and must be in (0, 1], got {choice!r}")
+        return self._round(ratio_to_count(float(choice), self.num_channels))
 
     def _round(self, asked: float) -> int:
         return kept_channel_count(asked, self.num_channels, self.divisor, self.min_value, self.min_ratio,
@@ -121,10 +121,10 @@ class MutableChannelUnit:
         return count / self.num_channels if self.choice_mode == "ratio" else int(count)
 
     def choice_from_ratio(self, ratio: float):
-        """A valid choice in this unit's mode that keeps about ``ratio`` of the channels."""
-        if self.choice_mode == "ratio":
-            return float(ratio)
-        return max(1, min(self.num_channels, math.floor(ratio * self.num_channels + 0.5)))
+        """A valid choice in this unit's mode that keeps ``ratio`` of the channels rounded to the nearest count
+        (what :meth:`ChannelMutator.set_global_ratio` asks for; a float choice itself truncates, as mmrazor's)."""
+        count = max(1, min(self.num_channels, math.floor(ratio * self.num_channels + 0.5)))
+        return count / self.num_channels if self.choice_mode == "ratio" else count
 
     # --------------------------------------------------------------------------------------------------- choices
     def fix(self, reason: str) -> None:

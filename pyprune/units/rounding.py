@@ -14,6 +14,13 @@ def make_divisible(value: float, divisor: int, min_value: int = 1, min_ratio: fl
     return rounded
 
 
+def ratio_to_count(ratio: float, num_channels: int) -> int:
+    """The channel count a float choice names, as mmrazor computes it: ``max(1, int(ratio * num_channels))``
+    (truncation: 0.7 of 64 is 44). A hair of tolerance keeps float noise from costing a channel: a ratio written as
+    ``k / num_channels`` always gives ``k`` back (mmrazor's plain ``int()`` can give ``k - 1`` there)."""
+    return max(1, math.floor(ratio * num_channels + 1e-6))
+
+
 def kept_channel_count(value: float, num_channels: int, divisor: int = 1, min_value: int = 1,
                        min_ratio: float = 0.0, groups: int = 1) -> int:
     """The number of channels a unit keeps when ``value`` (a count, may be fractional) is asked for.
