@@ -4,6 +4,8 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
 
 * ``pyprune-ext``   : the prepared (dynamic) model, kernels on the compiled extension,
 * ``pyprune-torch`` : the same model on the pure-torch kernel fallback,
+* ``pyprune-compact``: a copy of the dynamic model in compact training mode (:mod:`pyprune.ops.compact`: the pruned
+  tensors *are* compact, nothing is gathered or scattered), with its optimizer's state following,
 * ``mmrazor-ref``   : the same subnet on mmrazor-style boolean-slicing layers (:mod:`.mmrazor_reference`),
 * ``dense``         : ``mutator.export(model)``, plain torch layers with compact weights,
 * ``pyprune-compile``: the dynamic model under ``torch.compile``.
@@ -11,7 +13,9 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
 Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward + cross-entropy + backward + SGD step) at
 fixed ratios, and ``switch`` (a training step on a new random subnet every iteration: the subnets are drawn once with
 ``mutator.sample_choices()`` and replayed identically for every backend; the dense baseline runs each subnet's
-pre-exported model, export time excluded).
+pre-exported model, export time excluded; ``pyprune-compact`` changes the subnet with its session paused, so the
+step includes writing back and re-compacting weights and momentum). ``enter+exit`` (``pyprune-compact`` only): one
+``session.exit(); session.enter()`` at the fixed ratio, with momentum state (``vs_dense`` = over one dense train step).
 """
 import copy
 import math
@@ -28,7 +32,7 @@ from ..ops.selection import prefix_index
 from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure
 
-BACKENDS = ("pyprune-ext", "pyprune-torch", "mmrazor-ref", "dense", "pyprune-compile")
+BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense", "pyprune-compile")
 WORKLOADS = ("eval", "train")
 MODEL_NAMES = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 NUM_CLASSES = 1000
@@ -138,6 +142,20 @@ class Runner:
         self.kernel_backend = kernel_backend
         self.forward = model if forward is None else forward
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.session = None  # the CompactTraining session of a pyprune-compact runner
+
+    @classmethod
+    def compact(cls, model: nn.Module) -> "Runner":
+        """A runner whose ``model`` (not shared with other runners) trains in compact mode."""
+        from ..ops import compact_training
+        runner = cls(model, dynamic_backend_name())
+        runner.session = compact_training(model, runner.optimizer)
+        return runner
+
+    def enter_exit(self) -> None:
+        """Leave compact mode (everything written back) and enter it again."""
+        self.session.exit()
+        self.session.enter()
 
     def eval_step(self, x: torch.Tensor) -> None:
         self.model.eval()
@@ -187,8 +205,9 @@ def _result_row(cfg: ModelBenchConfig, model: str, batch: int, ratio, backend: s
 def _fill_vs_dense(rows: List[Dict[str, object]]) -> None:
     dense = {(r["model"], r["batch"], r["ratio"], r["workload"]): r["median_ms"] for r in rows
              if r["backend"] == "dense" and r["status"] == "ok"}
-    for row in rows:
-        base = dense.get((row["model"], row["batch"], row["ratio"], row["workload"]))
+    for row in rows:  # the switch cost of compact mode is counted in dense training steps
+        workload = "train" if row["workload"] == "enter+exit" else row["workload"]
+        base = dense.get((row["model"], row["batch"], row["ratio"], workload))
         if base and row["status"] == "ok":
             row["vs_dense"] = row["median_ms"] / base
 
@@ -213,6 +232,8 @@ def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: Model
         runners["pyprune-ext"] = Runner(model, "ext")
     if "pyprune-torch" in backends:
         runners["pyprune-torch"] = Runner(model, "torch")
+    if "pyprune-compact" in backends:
+        runners["pyprune-compact"] = Runner.compact(copy.deepcopy(model))
     if "mmrazor-ref" in backends:
         runners["mmrazor-ref"] = Runner(build_reference_model(model, mutator).model.to(device), "torch")
     runners["dense"] = Runner(mutator.export(copy.deepcopy(model)).to(device), "torch")
@@ -243,7 +264,15 @@ def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callabl
                 for backend in _backends_for(cfg, model_name, ratio, batch):
                     rows.append(_time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y))
                     progress(1)
+        if "pyprune-compact" in runners:  # after the train rows, so the optimizer has momentum state to move
+            rows.append(_time_enter_exit(cfg, runners["pyprune-compact"], model_name, cfg.batch_sizes[-1], ratio))
     return rows
+
+
+def _time_enter_exit(cfg, runner: Runner, model_name: str, batch: int, ratio) -> Dict[str, object]:
+    """The switch cost of compact mode: leave it (write back weights, statistics, momentum) and enter it again."""
+    result = measure(runner.enter_exit, cfg.device, warmup=cfg.warmup, reps=cfg.reps)
+    return _result_row(cfg, model_name, batch, ratio, "pyprune-compact", "enter+exit", result)
 
 
 def _time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y) -> Dict[str, object]:
@@ -260,7 +289,7 @@ def _time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, 
 
 
 # ----------------------------------------------------------------------------------------------------------- switch
-SWITCH_BACKENDS = ("pyprune-ext", "pyprune-torch", "mmrazor-ref", "dense")
+SWITCH_BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense")
 
 
 def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dict[str, object]]:
@@ -299,6 +328,10 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
         steps["mmrazor-ref"] = lambda: (reference.set_unit_prefixes(prefix_counts[next_index()]),
                                         ref_runner.train_step(x, y))
     steps["dense"] = lambda: dense_runners[next_index()].train_step(x, y)
+    if "pyprune-compact" in cfg.backends:
+        compact_mutator, compact = _compact_switch_runner(cfg, model_name)
+        steps["pyprune-compact"] = lambda: (_set_paused(compact, compact_mutator, subnets[next_index()]),
+                                            compact.train_step(x, y))
 
     rows = []
     for name in SWITCH_BACKENDS:
@@ -312,6 +345,20 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
         result = measure(steps[name], cfg.device, warmup=len(subnets), reps=cfg.switch_passes, inner=len(subnets))
         rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", result))
     return rows
+
+
+def _compact_switch_runner(cfg: ModelBenchConfig, model_name: str):
+    """(mutator, compact runner) on a second copy of the supernet (a prepared mutator cannot be deep-copied)."""
+    torch.manual_seed(cfg.seed)
+    model = build_supernet(model_name, cfg.image_size)
+    mutator = prepare(model, cfg.image_size)
+    return mutator, Runner.compact(model.to(cfg.device))
+
+
+def _set_paused(runner: Runner, mutator, choices) -> None:
+    """A subnet change in compact mode: full tensors while the units choose, then compact again."""
+    with runner.session.paused():
+        mutator.set_choices(choices)
 
 
 def _unit_prefix_counts(mutator) -> Dict[str, int]:
@@ -361,6 +408,13 @@ def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
     targets.append(_target("train step <= 1.25x exported dense (ResNet-50, 50 %)", dyn,
                            None if worst is None else worst["vs_dense"] <= 1.25,
                            "" if worst is None else f"worst {worst['vs_dense']:.2f}x (batch {worst['batch']})"))
+
+    compact_train = pick(workload="train", backend="pyprune-compact")
+    worst = max(compact_train, key=lambda r: r["vs_dense"], default=None)
+    targets.append(_target("compact train step <= 1.03x exported dense (issue 8; every model / batch / ratio)",
+                           "pyprune-compact", None if worst is None else worst["vs_dense"] <= 1.03,
+                           "" if worst is None else f"worst {worst['vs_dense']:.2f}x at {worst['model']} "
+                                                    f"b{worst['batch']} r{worst['ratio']}"))
 
     speedups = []
     for ref in pick(backend="mmrazor-ref"):

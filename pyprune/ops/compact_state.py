@@ -10,7 +10,6 @@ Where a compact tensor comes from is a :class:`ChannelSlice`, which every Dynami
 (``DynamicChannelMixin._compact_layout``); the gather here is the one ``_gather_compact`` does, and the write-back
 is its exact inverse.
 """
-import weakref
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -105,22 +104,19 @@ class CompactOpState:
 
     ``held``: the op's tensors in compact form (empty when its selection keeps every channel, or while paused /
     loading). ``suspended``: set by the session while paused, so a selection change leaves the op full-size.
-    The session (held by a weak reference) moves optimizer state along and tracks which parameters are compact;
-    a deep copy or a pickle of the op drops it (a copy made in compact mode stays compact, on its own).
+    The session moves optimizer state along and tracks which parameters are compact (the ops keep it alive, so a
+    session nobody else holds still works); a deep copy or a pickle of the op drops it (a copy made in compact mode
+    stays compact, on its own, with no optimizer).
     """
 
     def __init__(self, session=None):
-        self._session = None if session is None else weakref.ref(session)
+        self.session = session
         self.held: List[HeldTensor] = []
         self.suspended = False
         self.loading = False
 
-    @property
-    def session(self):
-        return None if self._session is None else self._session()
-
     def __getstate__(self):
-        return {"_session": None, "held": self.held, "suspended": False, "loading": False}
+        return {"session": None, "held": self.held, "suspended": False, "loading": False}
 
     # --------------------------------------------------------------------------------------------------- moves
     def compact(self, op, with_optimizer: bool = True) -> None:
