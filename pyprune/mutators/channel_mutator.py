@@ -17,8 +17,9 @@ from ..registry import MODELS
 from ..tracing import trace_channel_units
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
-from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, normalize_parse_cfg, normalize_unit_cfg,
-                    specs_from_channels)
+from ..units.leniency import LenientReport
+from .parse import (TRACER_TYPES, config_channels, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
+                    normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
 from .state_sync import saved_unit_selections
 from .summary import PruningSummary, make_summary
 
@@ -37,16 +38,18 @@ class ChannelMutator:
         fixed: module names (or prefixes, e.g. ``'layer4'``) whose layers keep their exact shape: every unit that
             touches one of them is fixed.
         strict: raise instead of fixing with a warning when a unit's layer cannot be made dynamic (and tell the
-            tracer to raise on ops it does not understand).
+            tracer to raise on ops it does not understand), and on config entries mmrazor skips silently (a unit
+            the model does not have, a count above a unit's width), which otherwise get one warning.
         trace_fn: the parser ``parse_cfg=dict(type='ChannelAnalyzer')`` calls, with the signature of
             :func:`pyprune.tracing.trace_channel_units` (its default): ``trace_fn(model, example_inputs, *, fixed,
             strict, tracer) -> list[UnitSpec]``. Give your own to parse models the tracer does not know, or to
             hand-describe units in tests.
+        init_cfg: mmrazor's (a BaseModule weight-init config); kept, unused: a mutator has no weights.
     """
 
     def __init__(self, channel_unit_cfg="SequentialMutableChannelUnit", parse_cfg: Optional[dict] = None,
                  fixed: Sequence[str] = (), strict: bool = False,
-                 trace_fn: Callable[..., List[UnitSpec]] = trace_channel_units):
+                 trace_fn: Callable[..., List[UnitSpec]] = trace_channel_units, init_cfg: Optional[dict] = None):
         unit_cfg = normalize_unit_cfg(channel_unit_cfg)
         self.unit_class = unit_cfg["class"]
         self.unit_default_args: Dict[str, Any] = unit_cfg["default_args"]
@@ -59,6 +62,7 @@ class ChannelMutator:
         if not callable(trace_fn):
             raise ConfigError(f"trace_fn must be callable, got {trace_fn!r}")
         self.trace_fn = trace_fn
+        self.init_cfg = init_cfg
         self.units: List[MutableChannelUnit] = []
         self._by_name: Dict[str, MutableChannelUnit] = {}
         self._assembler: Optional[LayerIndexAssembler] = None
@@ -71,13 +75,14 @@ class ChannelMutator:
         if not isinstance(config, Mapping):
             raise ConfigError(f"a mutator config must be a dict, got {type(config).__name__}")
         config = dict(config)
-        kind = config.pop("type", "ChannelMutator")
-        if kind != "ChannelMutator":
-            raise ConfigError(f"mutator config type {kind!r} is not 'ChannelMutator'")
-        unknown = set(config) - {"channel_unit_cfg", "parse_cfg", "fixed", "strict"}
+        config.pop("_scope_", None)
+        kind = MODELS.get(config.pop("type", "ChannelMutator"))  # a name registered for a ChannelMutator class too
+        if not (isinstance(kind, type) and issubclass(kind, ChannelMutator)):
+            raise ConfigError(f"mutator config type {kind!r} is not a ChannelMutator")
+        unknown = set(config) - {"channel_unit_cfg", "parse_cfg", "fixed", "strict", "init_cfg"}
         if unknown:
             raise ConfigError(f"mutator config: unknown keys {sorted(unknown)}")
-        return cls(**config, trace_fn=trace_fn)
+        return kind(**config, trace_fn=trace_fn)
 
     # ------------------------------------------------------------------------------------------------- preparing
     def prepare_from_supernet(self, model: nn.Module) -> None:
@@ -89,12 +94,14 @@ class ChannelMutator:
         if self.units:
             raise ConfigError("this ChannelMutator is already prepared; create a new one for another model")
         self._check_fixed_names(model)
+        self._config_report = LenientReport("channel_unit_cfg.units", self.strict)
         units = self._build_units(self._parse(model))
         self._apply_fixed(units)
         mutable = [u for u in units if u.is_mutable]
         plan = self._plan_conversion(model, mutable)
         mutable = [u for u in units if u.is_mutable]  # some may have been fixed while planning
         counts = self._config_counts(units)
+        self._config_report.finish(stacklevel=3)  # one warning for what the config named that was skipped
         assembler = LayerIndexAssembler(mutable)
         assembler.check(model)
         # Validated: from here on the model changes.
@@ -147,7 +154,7 @@ class ChannelMutator:
     def _parse(self, model: nn.Module) -> List[Tuple[Optional[str], Any]]:
         """(config name or None, UnitSpec) per unit, from the config's channels or by tracing."""
         if self.parse_cfg["type"] == "Config":
-            named_specs = specs_from_channels(self.units_cfg)
+            named_specs = specs_from_channels(self.units_cfg, model)
             _check_structure_covers(model, [spec for _, spec in named_specs])
             return named_specs
         specs = self.trace_fn(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
@@ -170,10 +177,11 @@ class ChannelMutator:
                 continue
             problems += self._channel_mismatch(units[-1], unit_cfg)
         unknown = sorted(set(self.units_cfg) - seen)
-        if unknown:
-            problems.append(f"units in the config but not in the model: {unknown}")
         if problems:
+            if unknown:
+                problems.append(f"units in the config but not in the model: {unknown}")
             raise ConfigError("the config does not match the model:\n  " + "\n  ".join(problems))
+        self._config_report.ignore(unknown, "units the model does not have")  # mmrazor skips them
         return units
 
     @staticmethod
@@ -182,9 +190,9 @@ class ChannelMutator:
         if not channels:
             return []
         problems = []
-        for side in ("output_related", "input_related"):
+        for side, refs in zip(("output_related", "input_related"), config_channels(unit, channels)):
             ours = sorted(tuple(sorted(ref_to_dict(r).items())) for r in getattr(unit, side))
-            theirs = sorted(tuple(sorted(dict(r).items())) for r in channels.get(side, []))
+            theirs = sorted(tuple(sorted(ref_to_dict(r).items())) for r in refs)
             if ours != theirs:
                 problems.append(f"unit {unit.name}: {side} channels differ from the model's")
         return problems
@@ -232,7 +240,9 @@ class ChannelMutator:
         for unit in units:
             unit_cfg = self.units_cfg.get(unit.name, {})
             if "choice" in unit_cfg:
-                counts[unit.name] = self._count_for(unit, unit_cfg["choice"])
+                choice = lenient_config_choice(unit, unit_cfg["choice"], self._config_report)
+                if choice is not None:
+                    counts[unit.name] = self._count_for(unit, choice)
         return counts
 
     # --------------------------------------------------------------------------------------------------- choices
@@ -266,6 +276,13 @@ class ChannelMutator:
                 unit = self._by_name[name]
                 if unit.is_mutable:
                     unit.apply_count(count)
+
+    def subnet_key(self) -> Tuple:
+        """A hashable key of the current subnet: equal keys mean the same channels everywhere (what a cache of
+        per-subnet work, e.g. :class:`pyprune.graphs.GraphedTrainStep`, is keyed by). Prefix units answer their
+        counts, so the same choices give the same key again; units that rank channels answer their selection's
+        version, which changes whenever they re-rank. Cheap: no tensor is read."""
+        return tuple([u.selection_key for u in self.units if u.is_mutable])
 
     @property
     def current_choices(self) -> Dict[str, Any]:

@@ -2,20 +2,25 @@
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..channels import UnitSpec, ref_from_dict
+from ..channels import ChannelRef, UnitSpec
 from ..errors import ConfigError
 from ..units import unit_class
+from ..units.leniency import LenientReport
+from ..units.modules import has_one_selection
 
 DEFAULT_DEMO_INPUT = (1, 3, 224, 224)
 # mmrazor's tracer names and ours -> the ``tracer`` argument of pyprune.tracing.trace_channel_units.
 TRACER_TYPES = {"FxTracer": "fx", "fx": "fx", "TorchFunctionTracer": "torch_function",
                 "torch_function": "torch_function", "auto": "auto", "BackwardTracer": "auto"}
-PARSE_TYPES = ("ChannelAnalyzer", "Config")
+PARSE_TYPES = ("ChannelAnalyzer", "Config", "Predefined")
+# keys of one channel entry: pyprune's layout, plus mmrazor's analyzer key ``expand_ratio`` (ignored, as mmrazor's
+# Channel.init_from_cfg ignores it: the range's width against the unit's channel count says how wide it is)
+CHANNEL_KEYS = {"name", "start", "end", "is_output_channel", "expand", "param_dim", "expand_ratio"}
 
 
 def normalize_unit_cfg(channel_unit_cfg) -> Dict[str, Any]:
@@ -28,6 +33,7 @@ def normalize_unit_cfg(channel_unit_cfg) -> Dict[str, Any]:
         channel_unit_cfg = {"type": channel_unit_cfg}
     if not isinstance(channel_unit_cfg, Mapping):
         raise ConfigError(f"channel_unit_cfg must be a unit type name or a dict, got {channel_unit_cfg!r}")
+    channel_unit_cfg = {k: v for k, v in channel_unit_cfg.items() if k != "_scope_"}
     unknown = set(channel_unit_cfg) - {"type", "default_args", "units"}
     if unknown:
         raise ConfigError(f"channel_unit_cfg: unknown keys {sorted(unknown)}; expected type, default_args, units")
@@ -61,10 +67,11 @@ def _load_units(units) -> Dict[str, Dict[str, Any]]:
 def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
     """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input``; returns a JSON-friendly dict."""
     parse_cfg = dict(parse_cfg or {})
+    parse_cfg.pop("_scope_", None)  # mmengine's registry scope ('mmrazor' in mmrazor's defaults): one registry here
     parse_cfg.setdefault("type", "ChannelAnalyzer")
     if parse_cfg["type"] not in PARSE_TYPES:
         raise ConfigError(f"parse_cfg: unknown type {parse_cfg['type']!r}; known: {list(PARSE_TYPES)}")
-    if parse_cfg["type"] == "Config":
+    if parse_cfg["type"] in ("Config", "Predefined"):
         return parse_cfg
     unknown = set(parse_cfg) - {"type", "demo_input", "tracer_type"}
     if unknown:
@@ -100,8 +107,11 @@ def demo_inputs(parse_cfg: Dict[str, Any], model: nn.Module):
     return tensor.to(device)
 
 
-def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
+def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]], model: Optional[nn.Module] = None) -> List:
     """UnitSpecs from configs that list each unit's channels (``parse_cfg=dict(type='Config')``): no tracing.
+
+    Entries are read by :func:`channel_refs` (mmrazor's spellings included). With ``model``, a norm or depthwise conv
+    that mmrazor lists on both sides of a unit keeps only its output-side entry, as pyprune lists it.
 
     ``channels`` may also hold ``groups`` (equal blocks a selection keeps) and ``fixed`` (why the unit is never
     pruned), which pyprune writes and mmrazor's layout lacks.
@@ -111,19 +121,96 @@ def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]]) -> List:
         channels = cfg.get("channels")
         if not isinstance(channels, Mapping):
             raise ConfigError(f"unit {name}: parse_cfg type 'Config' needs 'channels' for every unit")
-        try:
-            output_related = [ref_from_dict(ref) for ref in channels.get("output_related", [])]
-            input_related = [ref_from_dict(ref) for ref in channels.get("input_related", [])]
-        except TypeError as error:
-            raise ConfigError(f"unit {name}: bad channel entry: {error}") from None
-        refs = output_related + input_related
-        if not refs:
+        entries = list(channels.get("output_related", [])) + list(channels.get("input_related", []))
+        if not entries:
             raise ConfigError(f"unit {name}: no channels listed")
-        first = refs[0]
-        num_channels = (cfg.get("init_args") or {}).get("num_channels",
-                                                         first.width // first.expand)
+        num_channels = (cfg.get("init_args") or {}).get("num_channels")
+        if num_channels is None:  # pyprune writes it; otherwise the first range is the unit's own width
+            first = channel_refs(entries[:1], None, None, name)[0]
+            num_channels = first.width // first.expand
+        output_related = channel_refs(channels.get("output_related", []), True, num_channels, name)
+        input_related = channel_refs(channels.get("input_related", []), False, num_channels, name)
+        if model is not None:
+            input_related = [ref for ref in input_related
+                             if not _repeats_a_shared_layer(ref, output_related, model)]
         fixed = channels.get("fixed", "")
         spec = UnitSpec(num_channels=num_channels, output_related=output_related, input_related=input_related,
                         groups=int(channels.get("groups", 1)), fixed=bool(fixed), reason=str(fixed or ""))
         specs.append((name, spec))
     return specs
+
+
+def channel_refs(entries, is_output, num_channels, unit: str) -> List[ChannelRef]:
+    """ChannelRefs from config entries of one side of a unit, read as mmrazor reads them.
+
+    ``start`` defaults to 0 and ``end`` to ``start + num_channels``; ``is_output_channel`` defaults to the side the
+    entry is listed on (``is_output``; None: the entry must say). ``expand`` (pyprune writes it where it is not 1)
+    may be left out: a range ``k`` times the unit's width is a flatten -> Linear range whose unit channels each
+    span ``k`` features, which is how mmrazor writes it (``[0, 64)`` for a 16-channel unit).
+    """
+    refs = []
+    for entry in entries:
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise ConfigError(f"unit {unit}: a channel entry must be a dict with a 'name', got {entry!r}")
+        unknown = set(entry) - CHANNEL_KEYS
+        if unknown:
+            raise ConfigError(f"unit {unit}: channel entry {entry['name']!r} has unknown keys {sorted(unknown)}")
+        start = entry.get("start", 0)
+        end = entry.get("end", None if num_channels is None else start + num_channels)
+        side = entry.get("is_output_channel", is_output)
+        if not all(isinstance(v, int) for v in (start, end)) or not 0 <= start < end or side is None:
+            raise ConfigError(f"unit {unit}: channel entry {dict(entry)!r} needs int start < end and "
+                              f"is_output_channel")
+        expand = entry.get("expand")
+        if expand is None:
+            width = end - start
+            expand = width // num_channels if num_channels and width > num_channels and \
+                width % num_channels == 0 else 1
+        refs.append(ChannelRef(entry["name"], start, end, bool(side), int(expand), entry.get("param_dim")))
+    return refs
+
+
+def lenient_config_choice(unit, choice, report: LenientReport):
+    """A unit's ``choice`` from a config, as mmrazor takes it: a channel count above the unit's width keeps every
+    channel (reported; DMCP's MobileNetV2 config asks 693 of 576), a choice for a unit that cannot be pruned is
+    skipped (reported; returns None) unless it is the full width. Anything else is returned for validation."""
+    is_count = isinstance(choice, int) and not isinstance(choice, bool)
+    if is_count and unit.choice_mode == "number" and choice > unit.num_channels:
+        report.clamp(f"{unit.name} ({choice} > {unit.num_channels})")
+        choice = unit.num_channels
+    if not unit.is_mutable:
+        try:
+            full = unit.width_to_count(choice) == unit.num_channels
+        except ValueError:
+            full = False
+        if not full:
+            report.ignore([unit.name], "choices for units that are not prunable")
+            return None
+    return choice
+
+
+def _same_range(a: ChannelRef, b: ChannelRef) -> bool:
+    return (a.name, a.start, a.end) == (b.name, b.start, b.end)
+
+
+def _repeats_a_shared_layer(ref: ChannelRef, outputs: Sequence[ChannelRef], model: nn.Module) -> bool:
+    """An input entry naming a layer whose in and out channels are one selection (norm, depthwise conv) that the
+    unit lists as an output already: mmrazor's analyzer writes both, pyprune the output side only."""
+    if not any(_same_range(ref, out) for out in outputs):
+        return False
+    try:
+        return has_one_selection(model.get_submodule(ref.name))
+    except AttributeError:
+        return False
+
+
+def config_channels(unit, channels: Mapping) -> Tuple[List[ChannelRef], List[ChannelRef]]:
+    """A unit's (output, input) refs as a config lists them, for comparison with the traced unit: an input entry
+    that repeats one of the config's output entries and that the traced unit does not have as an input is
+    mmrazor's second listing of a norm, and is left out."""
+    outputs = channel_refs(channels.get("output_related", []), True, unit.num_channels, unit.name)
+    inputs = channel_refs(channels.get("input_related", []), False, unit.num_channels, unit.name)
+    ours = unit.input_related
+    inputs = [ref for ref in inputs if not (any(_same_range(ref, out) for out in outputs)
+                                            and not any(_same_range(ref, mine) for mine in ours))]
+    return outputs, inputs

@@ -6,7 +6,7 @@ channel. pyprune does the same by default but never silently: the entries it ign
 before anything changed.
 """
 import warnings
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from ..errors import ConfigError
 
@@ -25,19 +25,20 @@ class LenientReport:
 
     def __init__(self, where: str, strict: bool = False):
         self.where, self.strict = where, bool(strict)
-        self.ignored: List[str] = []
+        self.ignored: Dict[str, List[str]] = {}  # why -> names
         self.clamped: List[str] = []
 
     def ignore(self, names: Sequence[str], why: str) -> None:
+        """Entries skipped for one reason (``why``: 'units the model does not have')."""
         if names:
-            self.ignored.append(f"{why}: {sorted(names)}")
+            self.ignored.setdefault(why, []).extend(names)
 
     def clamp(self, what: str) -> None:
         self.clamped.append(what)
 
     @property
     def message(self) -> str:
-        parts = [f"ignored {entry}" for entry in self.ignored]
+        parts = [f"ignored {why}: {sorted(names)}" for why, names in self.ignored.items()]
         if self.clamped:
             parts.append("clamped to the unit's width: " + ", ".join(self.clamped))
         return f"{self.where}: " + "; ".join(parts)

@@ -1,14 +1,16 @@
 """How a unit turns a requested width into a kept channel count (divisor, minimum, groups)."""
 import math
+from typing import Optional
 
 
-def make_divisible(value: float, divisor: int, min_value: int = 1, min_ratio: float = 0.0) -> int:
-    """Round ``value`` to the nearest multiple of ``divisor`` (mmrazor's rule).
+def make_divisible(value: float, divisor: int, min_value: Optional[int] = None, min_ratio: float = 0.9) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (mmrazor's rule and defaults).
 
-    The result is at least ``min_value`` and at least one ``divisor`` (rounding never reaches zero); when rounding down lost more than ``1 - min_ratio`` of ``value``, one
-    more ``divisor`` is added (so ``min_ratio=0.9`` never keeps fewer than 90 % of what was asked).
+    The result is at least ``min_value`` (default: ``divisor``) and at least one ``divisor`` (rounding never
+    reaches zero); when rounding down lost more than ``1 - min_ratio`` of ``value``, one more ``divisor`` is added
+    (so ``min_ratio=0.9`` never keeps fewer than 90 % of what was asked).
     """
-    rounded = max(min_value, divisor, int(value + divisor / 2) // divisor * divisor)
+    rounded = max(min_value or divisor, divisor, int(value + divisor / 2) // divisor * divisor)
     if rounded < min_ratio * value:
         rounded += divisor
     return rounded
