@@ -207,6 +207,18 @@ class MutableChannelUnit:
         return self._index
 
     @property
+    def selected_index(self) -> Optional[Tensor]:
+        """The kept index as the unit holds it, without moving it: ``None`` (all channels), or sorted int64 ``[K]``
+        on the host (built from a count, e.g. a prefix) or on the layers' device (ranked from the weights)."""
+        return self._index
+
+    @property
+    def selection_key(self):
+        """Hashable; equal keys mean the same selection, so what was built for one may be reused. The version by
+        default; units whose selection follows from the count alone answer the count."""
+        return ("version", self.version)
+
+    @property
     def current_mask(self) -> Tensor:
         """Bool ``[num_channels]``, True where a channel is kept."""
         device = self.device
