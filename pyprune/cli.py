@@ -19,14 +19,14 @@ QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samp
              batch_size=32, image_size=16)
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """Bad arguments -> one line on stderr (``pyprune prune: error: ...``) and exit status 2."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _ratio(text: str) -> float:
+def kept_ratio(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -36,7 +36,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -74,32 +74,42 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="ImageFolder root (with train/ and val/, or one folder per class, split 90/10); "
                              "default: pyprune's synthetic shapes dataset")
-    parser.add_argument("--target-ratio", type=_ratio, default=0.5,
+    parser.add_argument("--target-ratio", type=kept_ratio, default=0.5,
                         help="fraction of the channels every prunable unit keeps at the end (0, 1]")
-    parser.add_argument("--prune-times", type=_int_at_least(1), default=None, help="pruning steps (default 4)")
-    parser.add_argument("--step-freq", type=_int_at_least(1), default=None,
+    parser.add_argument("--prune-times", type=int_at_least(1), default=None, help="pruning steps (default 4)")
+    parser.add_argument("--step-freq", type=int_at_least(1), default=None,
                         help="training iterations between pruning steps (default: one epoch)")
     parser.add_argument("--unit-type", type=_unit_type, default="L1MutableChannelUnit",
                         help=f"channel importance: {', '.join(UNIT_TYPES)} (default l1)")
-    parser.add_argument("--epochs", type=_int_at_least(0), default=None, help="training epochs before pruning")
-    parser.add_argument("--finetune-epochs", type=_int_at_least(0), default=None,
+    parser.add_argument("--epochs", type=int_at_least(0), default=None, help="training epochs before pruning")
+    parser.add_argument("--finetune-epochs", type=int_at_least(0), default=None,
                         help="finetuning epochs after the last pruning step")
     parser.add_argument("--lr", type=_positive_float, default=0.1, help="pretraining learning rate (SGD)")
     parser.add_argument("--weight-decay", type=_positive_float, default=5e-4)
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=None, help="per-rank batch size")
-    parser.add_argument("--image-size", type=_int_at_least(8), default=None,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="per-rank batch size")
+    parser.add_argument("--image-size", type=int_at_least(8), default=None,
                         help="input resolution (default 32 on synthetic data, 224 with --data)")
-    parser.add_argument("--train-samples", type=_int_at_least(1), default=None,
+    parser.add_argument("--train-samples", type=int_at_least(1), default=None,
                         help="synthetic train images (default 5000)")
-    parser.add_argument("--val-samples", type=_int_at_least(1), default=None,
+    parser.add_argument("--val-samples", type=int_at_least(1), default=None,
                         help="synthetic val images (default 1000)")
-    parser.add_argument("--workers", type=_int_at_least(0), default=0, help="data loader worker processes")
+    parser.add_argument("--workers", type=int_at_least(0), default=0, help="data loader worker processes")
     parser.add_argument("--device", default="auto", help="auto (GPU if any), cpu, cuda or cuda:N")
-    parser.add_argument("--output-dir", default="pyprune_output", help="where the results go (created)")
+    parser.add_argument("--output-dir", default="pyprune_output",
+                        help="where the results go (created); one run at a time (a second run into it is refused)"
+                             ", and a directory that holds a run, finished or not, is refused unless --resume "
+                             "continues it or --overwrite replaces it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an OUTPUT_DIR that holds an earlier run; its files are kept until this "
+                             "run replaces them, but its summary.json goes when this run starts training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue a stopped run (default: OUTPUT_DIR/checkpoint.pt)")
-    parser.add_argument("--max-iterations", type=_int_at_least(1), default=None,
+                        help="continue a stopped run (default: OUTPUT_DIR/checkpoint.pt); a checkpoint that cannot "
+                             "be loaded or was made with other options changes no file")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="CPU threads per process (default: OMP_NUM_THREADS if set, else the usable cores divided "
+                             "by the processes torchrun starts on this machine)")
+    parser.add_argument("--max-iterations", type=int_at_least(1), default=None,
                         help="stop after this many iterations (checkpoint written; continue with --resume)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run (16x16 images, 256 samples, few steps): seconds, for tests")
@@ -107,8 +117,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="pyprune", description="Structured channel pruning for PyTorch.")
-    commands = parser.add_subparsers(dest="command", metavar="{prune,bench}", parser_class=_ArgumentParser)
+    parser = OneLineArgumentParser(prog="pyprune", description="Structured channel pruning for PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="{prune,bench}", parser_class=OneLineArgumentParser)
     prune = commands.add_parser("prune", help="train -> iterative pruning -> finetune -> export -> verify",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prune_arguments(prune)
@@ -158,6 +168,9 @@ def _check_output_dir(path: str) -> None:
 
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
+    if len(text) > 1 and "Original Traceback" in text[1]:
+        # A DataLoader worker's exception: the message is the worker's traceback; its last line says what failed.
+        text = [text[-1].split(": ", 1)[-1]]
     return f"{type(error).__name__}: {text[0] if text else ''}" if not isinstance(error, ValueError) \
         else (text[0] if text else type(error).__name__)
 
@@ -171,8 +184,12 @@ def prune_main(argv: Sequence[str]) -> int:
         print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
         return 2
     from .training.job import run_prune_job
+    from .training.run_dir import RunDirectoryError
     try:
         run_prune_job(args)
+    except RunDirectoryError as error:  # refused before anything was written: a usage error
+        print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("pyprune prune: interrupted (continue with --resume)", file=sys.stderr)
         return 130
@@ -193,6 +210,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "prune":
         return prune_main(argv[1:])
     parser = build_parser()
+    if argv and argv[0] in ("-h", "--help"):
+        parser.print_help(sys.stdout)
+        return 0
     parser.print_help(sys.stderr if argv else sys.stdout)
     if argv:
         print(f"pyprune: error: unknown command {argv[0]!r}; use 'prune' or 'bench'", file=sys.stderr)

@@ -1,6 +1,7 @@
 """``torch.distributed`` setup for the main job: torchrun's environment -> process group, device, rank."""
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +46,35 @@ def setup_distributed(device_name: str) -> DistributedContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistributedContext(rank, world_size, local_rank, device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return DistributedContext(rank, world_size, local_rank, device, max(1, local_world_size))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(local_world_size: int = 1) -> int:
+    """Intra-op threads for one of ``local_world_size`` processes sharing this machine: its share of the cores,
+    and never more than torch's own default (physical cores), so ranks do not oversubscribe the CPU."""
+    return max(1, min(torch.get_num_threads(), usable_cores() // max(1, local_world_size)))
+
+
+def configure_threads(requested: Optional[int] = None, local_world_size: int = 1) -> int:
+    """Set ``torch.set_num_threads`` for this process and return the count used.
+
+    ``requested`` (``--threads``) wins; else ``OMP_NUM_THREADS`` when set (torch already applied it; torchrun sets
+    1 per rank unless you set it); else :func:`default_threads`.
+    """
+    if requested is None and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    threads = requested if requested is not None else default_threads(local_world_size)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def teardown_distributed() -> None:

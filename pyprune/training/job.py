@@ -4,12 +4,13 @@ Phases run on one stream of training iterations ``g`` (epoch ``g // N``, batch `
 pretraining ``[0, E*N)``, pruning ``[E*N, E*N + T*f)`` (``T`` steps of ``f`` iterations, an ItePruneAlgorithm
 step at the end of each interval's first iteration), finetuning ``F*N`` more. Everything a resumed run needs is in
 ``checkpoint.pt`` (weights, optimizer, algorithm, position, metrics, RNG), written at epoch ends and pruning steps.
-Only rank 0 writes files; the final files are written to a staging folder and moved in at the end, and
-``summary.json``, written last, marks a complete run.
+Only rank 0 writes files, each atomically, while it holds the output directory's lock (:mod:`.run_dir`); the final
+files are written to a staging folder, reloaded and verified, then moved in, and ``summary.json``, written last,
+marks a complete run.
 """
+import contextlib
 import hashlib
 import io
-import os
 import shutil
 import sys
 import time
@@ -24,14 +25,16 @@ from ..algorithms import ItePruneAlgorithm
 from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
-from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, setup_distributed,
-                          teardown_distributed)
+from ..utils.files import atomic_torch_save, replace_durably
+from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
+                          setup_distributed, teardown_distributed)
 from .loop import cosine_lr, evaluate, set_lr, train_iteration
 from .models import build_model
 from .pruned_run import load_pruned_run
 from .report import plot_metrics, table_header, table_row, write_csv, write_json
+from .run_dir import (CHECKPOINT_FILE, STAGING_PREFIX, SUMMARY_FILE, CheckpointError, RunDirectoryLock, check_start,
+                      load_checkpoint, remove_leftovers, unmark_finished)
 
-CHECKPOINT_FILE, SUMMARY_FILE = "checkpoint.pt", "summary.json"
 METRICS_CSV, METRICS_JSON, PLOT_FILE = "metrics.csv", "metrics.json", "pruning_curve.png"
 # Options whose values must be the same when a run is resumed.
 RESUME_KEYS = ("model", "data", "target_ratio", "prune_times", "step_freq", "unit_type", "epochs",
@@ -133,20 +136,23 @@ class Run:
                  "pending": self.pending, "wall_s": self.wall(), "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
                  "rng": torch.get_rng_state()}
-        path = self.out / CHECKPOINT_FILE
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        atomic_torch_save(state, self.out / CHECKPOINT_FILE)  # a kill mid-write leaves the previous one
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        """Load and check ``path`` into this run's objects; changes no file (a failure leaves the directory as
+        it was)."""
+        state = load_checkpoint(path, map_location=self.device)
         differing = [f"{key} (checkpoint {state['signature'].get(key)!r}, now {value!r})"
                      for key, value in self.resume_signature().items() if state["signature"].get(key) != value]
         if differing:
             raise ValueError(f"--resume {path}: made with other options: {'; '.join(differing)}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.algorithm.load_state_dict(state["algorithm"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.algorithm.load_state_dict(state["algorithm"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointError(f"{path} does not fit this run: {reason}") from None
         self.position, self.rows, self.pending = int(state["position"]), list(state["rows"]), state["pending"]
         self.elapsed_before = float(state["wall_s"])
         torch.set_rng_state(state["rng"].cpu())
@@ -235,8 +241,7 @@ class Run:
         return hasher.hexdigest()
 
     def write_outputs(self, exported: nn.Module, exported_accuracy: float) -> Dict[str, Any]:
-        staging = self.out / f".staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = self.out / f"{STAGING_PREFIX}{time.time_ns()}"
         staging.mkdir()
         try:
             model_info = {"name": self.args.model, "num_classes": self.num_classes,
@@ -248,8 +253,9 @@ class Run:
                          f"{self.args.model}, {self.args.unit_type}, kept ratio {self.args.target_ratio}")
             difference = self.verify_reload(staging)
             names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE)
+            unmark_finished(self.out)  # the new files are verified: no summary may describe a mix of old and new
             for name in names:
-                os.replace(staging / name, self.out / name)
+                replace_durably(staging / name, self.out / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         first, last = self.rows[0], self.rows[-1]
@@ -263,9 +269,7 @@ class Run:
             "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
             "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
         }
-        partial = self.out / (SUMMARY_FILE + ".partial")
-        write_json(summary, str(partial))
-        os.replace(partial, self.out / SUMMARY_FILE)  # last: its presence marks a complete run
+        write_json(summary, str(self.out / SUMMARY_FILE))  # atomic, last: its presence marks a complete run
         return summary
 
     @torch.no_grad()
@@ -283,28 +287,43 @@ class Run:
 
 
 def run_prune_job(args) -> Dict[str, Any]:
-    """Run the job described by parsed ``pyprune prune`` arguments; returns the summary (rank 0) or ``{}``."""
+    """Run the job described by parsed ``pyprune prune`` arguments; returns the summary (rank 0) or ``{}``.
+
+    Raises ``RunDirectoryError`` before anything is written when the output directory is in use or holds a run
+    this command would clobber (:func:`.run_dir.check_start`).
+    """
     context = setup_distributed(args.device)
+    threads = configure_threads(getattr(args, "threads", None), context.local_world_size)
+    # Only rank 0 writes, so only rank 0 locks; every rank checks the directory, so all refuse alike.
+    lock = RunDirectoryLock(args.output_dir) if context.is_main else contextlib.nullcontext()
     try:
-        if context.is_main:  # from here on this directory is no longer a complete run
-            (Path(args.output_dir) / SUMMARY_FILE).unlink(missing_ok=True)
-        run = Run(args, context)
-        if args.resume:
-            run.load_checkpoint(args.resume)
-        run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
-                  f"{args.unit_type}, kept ratio {args.target_ratio} in {args.prune_times} steps of "
-                  f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
-                  f"{context.world_size}, device {context.device}")
-        if not run.train():
-            run.print(f"stopped after iteration {run.position} of {run.total}; continue with --resume "
-                      f"{run.out / CHECKPOINT_FILE}")
-            return {"stopped_at": run.position}
-        summary = run.finish()
-        if run.main:
-            run.print(f"accuracy {summary['accuracy_pretrained']:.1%} -> {summary['accuracy_final']:.1%} "
-                      f"(exported {summary['accuracy_exported']:.1%}); params {summary['params_kept']:.1%} and "
-                      f"FLOPs {summary['flops_kept']:.1%} of the original; {summary['wall_s']:.0f} s; "
-                      f"outputs in {run.out}")
-        return summary
+        with lock:
+            check_start(args.output_dir, args.resume, getattr(args, "overwrite", False))
+            if context.is_main:
+                remove_leftovers(args.output_dir)
+            return _run(args, context, threads)
     finally:
         teardown_distributed()
+
+
+def _run(args, context: DistributedContext, threads: int) -> Dict[str, Any]:
+    run = Run(args, context)
+    if args.resume:
+        run.load_checkpoint(args.resume)
+    run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
+              f"{args.unit_type}, kept ratio {args.target_ratio} in {args.prune_times} steps of "
+              f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
+              f"{context.world_size}, device {context.device}, {threads} CPU threads per process")
+    if run.main and run.position < run.total:  # the checkpoint is about to change: the old summary goes stale
+        unmark_finished(run.out)
+    if not run.train():
+        run.print(f"stopped after iteration {run.position} of {run.total}; continue with --resume "
+                  f"{run.out / CHECKPOINT_FILE}")
+        return {"stopped_at": run.position}
+    summary = run.finish()
+    if run.main:
+        run.print(f"accuracy {summary['accuracy_pretrained']:.1%} -> {summary['accuracy_final']:.1%} "
+                  f"(exported {summary['accuracy_exported']:.1%}); params {summary['params_kept']:.1%} and "
+                  f"FLOPs {summary['flops_kept']:.1%} of the original; {summary['wall_s']:.0f} s; "
+                  f"outputs in {run.out}")
+    return summary

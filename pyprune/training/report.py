@@ -1,8 +1,10 @@
-"""The main job's per-step metrics: a printed table, CSV and JSON files, and a PNG plot."""
+"""The main job's per-step metrics: a printed table, CSV and JSON files (written atomically), and a PNG plot."""
 import csv
 import json
 import math
 from typing import Dict, List, Sequence
+
+from ..utils.files import atomic_write
 
 COLUMNS = ("step", "phase", "iteration", "kept_ratio", "params", "params_kept", "flops", "flops_kept",
            "acc_pruned", "accuracy", "wall_s")
@@ -35,7 +37,7 @@ def table_row(row: Dict) -> str:
 
 
 def write_csv(rows: Sequence[Dict], path: str) -> None:
-    with open(path, "w", newline="") as handle:
+    with atomic_write(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
         writer.writeheader()
         for row in rows:
@@ -43,7 +45,7 @@ def write_csv(rows: Sequence[Dict], path: str) -> None:
 
 
 def write_json(data, path: str) -> None:
-    with open(path, "w") as handle:
+    with atomic_write(path, "w") as handle:
         json.dump(data, handle, indent=1)
 
 

@@ -1,0 +1,1 @@
+"""Small helpers shared across pyprune (crash-safe file writes)."""
