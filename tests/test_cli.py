@@ -26,6 +26,13 @@ def run_cli(*args, cwd, timeout=240):
                           timeout=timeout, env=env, cwd=cwd)
 
 
+def _run_files(out: Path):
+    """The run's files, after checking that it left no hidden ones (lock, temporaries, staging folders)."""
+    names = {p.name for p in out.iterdir()}
+    assert not [n for n in names if n.startswith(".")], names
+    return names
+
+
 def _same_files(a: Path, b: Path, names):
     for name in names:
         if name.endswith(".pt"):
@@ -49,7 +56,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_every_output(quick_run):
     out, result = quick_run
-    assert {p.name for p in out.iterdir()} == FINAL_FILES | {"checkpoint.pt"}
+    assert _run_files(out) == FINAL_FILES | {"checkpoint.pt"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["files"] and set(summary["files"]) == FINAL_FILES
     assert summary["params_after"] < summary["params_before"] and summary["flops_after"] < summary["flops_before"]
@@ -94,7 +101,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(quick_run, tmp_pat
     common = ("prune", "--quick", "--unit-type", "taylor", "--no-progress", "--output-dir", str(out))
     stopped = run_cli(*common, "--max-iterations", "10", cwd=tmp_path)  # in the pruning phase, after step 1
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"checkpoint.pt"}, "a stopped run must not look complete"
+    assert _run_files(out) == {"checkpoint.pt"}, "a stopped run must not look complete"
     resumed = run_cli(*common, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -177,15 +184,19 @@ def test_output_dir_that_cannot_be_written(tmp_path, capsys):
     assert "not writable" in _one_error_line(capsys)
 
 
-def test_runtime_failure_is_one_line_and_leaves_no_complete_marker(tmp_path, capsys):
+def test_runtime_failure_is_one_line_and_leaves_the_finished_run_alone(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.json").write_text("{}")  # left by an earlier complete run in the same folder
     code = cli.main(["prune", "--quick", "--batch-size", "100000", "--no-progress", "--output-dir", str(out)])
+    assert code == 2 and "holds a finished run" in _one_error_line(capsys)
+    code = cli.main(["prune", "--quick", "--batch-size", "100000", "--no-progress", "--overwrite",
+                     "--output-dir", str(out)])
     assert code == 1
     assert "batch-size" in _one_error_line(capsys)
-    assert not (out / "summary.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    # the new run failed before it changed anything: the earlier run is still marked complete
+    assert (out / "summary.json").read_text() == "{}"
+    assert _run_files(out) == {"summary.json"}
 
 
 def test_bad_ratio_in_a_real_process_exits_nonzero_with_one_stderr_line(tmp_path):
@@ -209,3 +220,50 @@ def test_unknown_command_and_help(capsys):
     assert "unknown command" in capsys.readouterr().err
     assert cli.main([]) == 0
     assert "prune" in capsys.readouterr().out
+    for flag in ("--help", "-h"):
+        assert cli.main([flag]) == 0
+        captured = capsys.readouterr()
+        assert "prune" in captured.out and "bench" in captured.out and captured.err == ""
+
+
+# ------------------------------------------------------------------------------------------- bench bad input
+def _one_bench_error_line(capsys, command: str) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"pyprune bench {command}: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models", "--ratios", "1.5"], "(0, 1]"),
+    (["models", "--ratios", "0.5", "0"], "(0, 1]"),
+    (["models", "--compile-ratios", "nan"], "(0, 1]"),
+    (["models", "--models", "resnet18", "no_such_net"], "unknown model 'no_such_net'"),
+    (["models", "--compile-models", "no_such_net"], "unknown model 'no_such_net'"),
+    (["models", "--reps", "0"], ">= 1"),
+    (["models", "--batch-sizes", "0"], ">= 1"),
+    (["models", "--warmup", "-1"], ">= 0"),
+    (["models", "--compile-backend", "no_such_backend"], "unknown torch.compile backend"),
+    (["ops", "--reps", "0"], ">= 1"),
+])
+def test_bench_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _exit_code(["bench", *args, "--quick", "--out", str(out)]) == 2
+    assert message in _one_bench_error_line(capsys, args[0])
+    assert not out.exists()
+
+
+def test_bench_run_with_errored_rows_exits_1(tmp_path, capsys, monkeypatch):
+    from pyprune.bench import models as model_bench
+
+    def failing_eval_step(self, x):
+        raise RuntimeError("injected eval failure")
+
+    monkeypatch.setattr(model_bench.Runner, "eval_step", failing_eval_step)
+    assert cli.main(["bench", "models", "--quick", "--backends", "dense", "--ratios", "0.5",
+                     "--out", str(tmp_path)]) == 1
+    with open(tmp_path / "models.csv", newline="") as handle:
+        statuses = {row["workload"]: row["status"] for row in csv.DictReader(handle)}
+    assert statuses["eval"].startswith("error: RuntimeError: injected") and statuses["train"] == "ok"
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith("pyprune bench models: error: 1 of 3 rows failed") and "injected eval failure" in line

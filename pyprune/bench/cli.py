@@ -2,10 +2,11 @@
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..cli import OneLineArgumentParser, int_at_least, kept_ratio
 from . import models as model_bench
 from . import ops as op_bench
 from . import sweep as sweep_bench
@@ -32,35 +33,57 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
+def _model_name(text: str) -> str:
+    """A model ``bench models`` can build: ``tiny`` or a torchvision classifier."""
+    import torchvision
+    if text == "tiny" or text in torchvision.models.list_models(module=torchvision.models):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: use tiny or a torchvision classification model name "
+                                     f"(e.g. {', '.join(model_bench.MODEL_NAMES)})")
+
+
+def _compile_backend(text: str) -> str:
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r}; choose from {', '.join(known)}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyprune bench", description=__doc__)
-    sub = parser.add_subparsers(dest="what", required=True)
+    """Bad arguments -> one line on stderr (``pyprune bench models: error: ...``) and exit status 2."""
+    parser = OneLineArgumentParser(prog="pyprune bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True, parser_class=OneLineArgumentParser)
     for name, helptext in (("ops", "channel gather and single dynamic layers"),
                            ("models", "whole torchvision models at several channel ratios")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repetitions: runs in seconds")
         p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
         p.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV / JSON / PNG")
-        p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
-        p.add_argument("--reps", type=int, default=None, help="timed repetitions (the median is reported)")
-        p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+        p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed calls before timing")
+        p.add_argument("--reps", type=int_at_least(1), default=None,
+                       help="timed repetitions (the median is reported)")
+        p.add_argument("--threads", type=int_at_least(1), default=None, help="torch.set_num_threads on CPU")
         p.add_argument("--note", default="", help="free text stored in the header (e.g. 'machine shared')")
     sub.choices["ops"].add_argument("--parts", nargs="+", choices=("gather", "layers"), default=("gather", "layers"),
                                     help="which op benchmarks to run (default both)")
     m = sub.choices["models"]
-    m.add_argument("--models", nargs="+", default=None, help=f"any of {', '.join(model_bench.MODEL_NAMES)}, tiny")
-    m.add_argument("--batch-sizes", nargs="+", type=int, default=None)
-    m.add_argument("--ratios", nargs="+", type=float, default=None)
-    m.add_argument("--image-size", type=int, default=None)
+    m.add_argument("--models", nargs="+", type=_model_name, default=None,
+                   help=f"{', '.join(model_bench.MODEL_NAMES)}, tiny, or another torchvision classifier")
+    m.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=None)
+    m.add_argument("--ratios", nargs="+", type=kept_ratio, default=None, help="kept ratios, each in (0, 1]")
+    m.add_argument("--image-size", type=int_at_least(8), default=None)
     m.add_argument("--backends", nargs="+", choices=model_bench.BACKENDS, default=None)
-    m.add_argument("--compile-models", nargs="*", default=None,
+    m.add_argument("--compile-models", nargs="*", type=_model_name, default=None,
                    help="models that also run under torch.compile (default: resnet18+50 on CUDA, resnet18 on CPU)")
-    m.add_argument("--compile-batch-sizes", nargs="*", type=int, default=None,
+    m.add_argument("--compile-batch-sizes", nargs="*", type=int_at_least(1), default=None,
                    help="batch sizes that run under torch.compile (default 8; an empty list means all)")
-    m.add_argument("--compile-ratios", nargs="*", type=float, default=None,
+    m.add_argument("--compile-ratios", nargs="*", type=kept_ratio, default=None,
                    help="ratios that run under torch.compile (default: 1.0 0.5 on CUDA, 0.5 on CPU; empty = all)")
-    m.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    m.add_argument("--switch-subnets", type=int, default=None, help="random subnets in the switch workload")
+    m.add_argument("--compile-backend", type=_compile_backend, default=None,
+                   help="torch.compile backend (default inductor)")
+    m.add_argument("--switch-subnets", type=int_at_least(1), default=None,
+                   help="random subnets in the switch workload")
     s = sub.add_parser("sweep", help="coverage: every torchvision classifier parsed, pruned, exported, compared")
     s.add_argument("--models", nargs="+", default=None, help="default: all torchvision classification models")
     s.add_argument("--ratio", type=float, default=0.5, help="kept ratio of every unit (default 0.5)")
@@ -70,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``pyprune bench``; returns the process exit status."""
+    """Entry point of ``pyprune bench``; returns the process exit status (1 when any row of the run errored)."""
     args = build_parser().parse_args(argv)
     if args.what == "sweep":
         return _run_sweep(args)
@@ -78,14 +101,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.what == "ops":
-        _run_ops(args, device)
-    else:
-        _run_models(args, device)
+    rows = _run_ops(args, device) if args.what == "ops" else _run_models(args, device)
+    errored = [row for row in rows if str(row.get("status", "ok")).startswith("error")]
+    if errored:
+        print(f"pyprune bench {args.what}: error: {len(errored)} of {len(rows)} rows failed, the first with "
+              f"{errored[0]['status']!r} (status column of the CSV in {args.out})", file=sys.stderr)
+        return 1
     return 0
 
 
-def _run_ops(args, device: torch.device) -> Dict[str, Path]:
+def _run_ops(args, device: torch.device) -> List[Dict[str, object]]:
+    """Run, write and print the op benchmarks; returns every result row."""
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     reps = args.reps if args.reps is not None else (2 if args.quick else 10)
     header = run_header(device, benchmark="ops", quick=args.quick, warmup=warmup, reps=reps, note=args.note)
@@ -107,7 +133,7 @@ def _run_ops(args, device: torch.device) -> Dict[str, Path]:
     print("\n## dynamic layers (vs_dense = time / exported dense layer)\n")
     print(format_table(results["layers"], op_bench.LAYER_COLUMNS))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return paths
+    return [row for table in results.values() for row in table]
 
 
 def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
@@ -126,7 +152,8 @@ def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
     return cfg
 
 
-def _run_models(args, device: torch.device) -> Dict[str, Path]:
+def _run_models(args, device: torch.device) -> List[Dict[str, object]]:
+    """Run, write and print the model benchmarks; returns the result rows."""
     cfg = _models_config(args, device)
     header = run_header(device, benchmark="models", quick=args.quick, image_size=cfg.image_size,
                         warmup=cfg.warmup, reps=cfg.reps, compile_backend=cfg.compile_backend,
@@ -149,7 +176,7 @@ def _run_models(args, device: torch.device) -> Dict[str, Path]:
     print("\n## targets\n")
     print(format_table(targets, model_bench.TARGET_COLUMNS))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return paths
+    return rows
 
 
 def _run_sweep(args) -> int:
