@@ -5,6 +5,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .images import check_image_files, load_rgb_image
 from .synthetic import synthetic_splits
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -16,7 +17,9 @@ def build_datasets(data: Optional[str], image_size: int, seed: int, num_train: i
 
     ``data=None``: the built-in :class:`~pyprune.data.SyntheticShapes` (``num_train`` / ``num_val`` images).
     Otherwise an ImageFolder root with ``train/`` and ``val/`` sub-folders (one folder per class in each), or a
-    single class-per-folder root that is split 90 / 10 with ``seed``.
+    single class-per-folder root that is split 90 / 10 with ``seed``. Every image file is checked first
+    (:func:`~pyprune.data.images.check_image_files`): a truncated or corrupt one raises ``CorruptImageError`` naming
+    it, before any training.
     """
     if data is None:
         train, val = synthetic_splits(num_train, num_val, image_size, seed)
@@ -30,11 +33,15 @@ def build_datasets(data: Optional[str], image_size: int, seed: int, num_train: i
                                  transforms.ToTensor(), normalize])
     train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
     if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-        train, val = datasets.ImageFolder(train_dir, train_tf), datasets.ImageFolder(val_dir, val_tf)
+        train = datasets.ImageFolder(train_dir, train_tf, loader=load_rgb_image)
+        val = datasets.ImageFolder(val_dir, val_tf, loader=load_rgb_image)
         if train.classes != val.classes:
             raise ValueError(f"--data {data}: train/ and val/ have different class folders")
+        check_image_files(path for path, _ in val.samples + train.samples)
         return train, val, len(train.classes)
-    train_all, val_all = datasets.ImageFolder(data, train_tf), datasets.ImageFolder(data, val_tf)
+    train_all = datasets.ImageFolder(data, train_tf, loader=load_rgb_image)
+    val_all = datasets.ImageFolder(data, val_tf, loader=load_rgb_image)
+    check_image_files(path for path, _ in train_all.samples)
     order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, len(order) // 10)
     val = torch.utils.data.Subset(val_all, order[:cut])

@@ -4,9 +4,12 @@ Each class is a shape (disk, square, ring, cross, triangle, diamond, or a box fi
 diagonal stripes or a checkerboard) drawn at a random position and size, in a random bright colour on a random dark
 background, plus Gaussian pixel noise. Colour and position carry no class information, so a model has to learn the
 shapes: a small CNN gets well above chance (10 %) in a few epochs but not instantly to 100 %.
+
+Images are drawn when they are read, each from its own generator seeded by ``(seed, index)``: a dataset costs only
+its labels in memory at any image size, and sample ``i`` is the same on every read, in every process.
 """
 import math
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,45 +22,65 @@ NUM_CLASSES = len(CLASS_NAMES)
 _MEAN, _STD = 0.24, 0.30
 
 
-def _shape_masks(u: Tensor, v: Tensor) -> Tensor:
-    """``u, v``: ``[N, H, W]`` coordinates relative to each shape's centre, in units of its size.
-
-    Returns ``[C, N, H, W]`` float masks in [0, 1], one per class (``C = NUM_CLASSES``).
-    """
+def _shape_mask(label: int, u: Tensor, v: Tensor) -> Tensor:
+    """The mask of class ``label``: ``u, v`` are ``[N, H, W]`` coordinates relative to each shape's centre, in
+    units of its size; returns a bool ``[N, H, W]``."""
     box = (u.abs() < 1) & (v.abs() < 1)
-    radius = torch.sqrt(u * u + v * v)
     wave = math.pi * 2.5
-    masks = [
-        radius < 1,                                                            # disk
-        (u.abs() < 0.8) & (v.abs() < 0.8),                                     # square
-        (radius > 0.55) & (radius < 1),                                        # ring
-        ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1)), # cross
-        (v > -0.8) & (v < 0.8) & (u.abs() < (v + 0.8) * 0.6),                  # triangle
-        u.abs() + v.abs() < 1,                                                 # diamond
-        box & (torch.sin(v * wave) > 0),                                       # horizontal stripes
-        box & (torch.sin(u * wave) > 0),                                       # vertical stripes
-        box & (torch.sin((u + v) * wave * 0.7) > 0),                           # diagonal stripes
-        box & (torch.sin(u * wave * 0.8) * torch.sin(v * wave * 0.8) > 0),     # checkerboard
-    ]
-    return torch.stack(masks).float()
+    name = CLASS_NAMES[label]
+    if name in ("disk", "ring"):
+        radius = torch.sqrt(u * u + v * v)
+        return radius < 1 if name == "disk" else (radius > 0.55) & (radius < 1)
+    if name == "square":
+        return (u.abs() < 0.8) & (v.abs() < 0.8)
+    if name == "cross":
+        return ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))
+    if name == "triangle":
+        return (v > -0.8) & (v < 0.8) & (u.abs() < (v + 0.8) * 0.6)
+    if name == "diamond":
+        return u.abs() + v.abs() < 1
+    stripes = {"h_stripes": torch.sin(v * wave), "v_stripes": torch.sin(u * wave),
+               "d_stripes": torch.sin((u + v) * wave * 0.7)}
+    pattern = stripes[name] if name in stripes else torch.sin(u * wave * 0.8) * torch.sin(v * wave * 0.8)
+    return box & (pattern > 0)
 
 
-def generate_images(labels: Tensor, image_size: int, generator: torch.Generator, noise: float = 0.25) -> Tensor:
-    """Draw one image per label: ``labels`` int64 ``[N]`` -> float ``[N, 3, image_size, image_size]`` (normalized)."""
-    n = labels.numel()
+def _sample_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for sample ``index`` of the dataset seeded ``seed`` (splitmix64 finaliser), so that
+    neighbouring indices and seeds get unrelated random streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+def generate_images(labels: Sequence[int], seeds: Sequence[int], image_size: int, noise: float = 0.25) -> Tensor:
+    """Draw image ``k`` of class ``labels[k]`` from a generator seeded with ``seeds[k]``: float ``[N, 3, image_size,
+    image_size]``, normalized. Each image depends only on its own label and seed, not on the others in the call."""
+    n = len(labels)
+    params = torch.empty(n, 10)                      # centre (2), size, background (3), contrast, foreground (3)
+    noise_maps = torch.empty(n, 3, image_size, image_size)
+    for k, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(seed)
+        params[k] = torch.rand(10, generator=generator)
+        noise_maps[k] = torch.randn(3, image_size, image_size, generator=generator)
+    centre = (params[:, 0:2] - 0.5) * 0.8                                          # shapes stay mostly inside
+    size = (0.3 + params[:, 2] * 0.3)[:, None, None]
+    background = 0.4 * params[:, 3:6, None, None]
+    contrast = 0.25 + 0.35 * params[:, 6, None, None, None]
+    foreground = background + contrast * (0.5 + 0.5 * params[:, 7:10, None, None])
+
     coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size * 2 - 1   # [-1, 1]
     y, x = torch.meshgrid(coords, coords, indexing="ij")
-    centre = (torch.rand(n, 2, generator=generator) - 0.5) * 0.8                  # shapes stay mostly inside
-    size = 0.3 + torch.rand(n, 1, 1, generator=generator) * 0.3
     u = (x.unsqueeze(0) - centre[:, 0, None, None]) / size
     v = (y.unsqueeze(0) - centre[:, 1, None, None]) / size
-    masks = _shape_masks(u, v)                                                      # [C, N, H, W]
-    mask = masks[labels, torch.arange(n)]                                           # [N, H, W]
-    background = 0.4 * torch.rand(n, 3, 1, 1, generator=generator)
-    contrast = 0.25 + 0.35 * torch.rand(n, 1, 1, 1, generator=generator)
-    foreground = background + contrast * (0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=generator))
+    label_tensor = torch.as_tensor(list(labels), dtype=torch.int64)
+    mask = torch.zeros(n, image_size, image_size)
+    for label in label_tensor.unique().tolist():    # one class at a time: memory N*H*W, not classes*N*H*W
+        rows = (label_tensor == label).nonzero().flatten()
+        mask[rows] = _shape_mask(label, u[rows], v[rows]).float()
     images = background + (foreground - background) * mask.unsqueeze(1)
-    images = images + noise * torch.randn(images.shape, generator=generator)
+    images = images + noise * noise_maps
     return (images - _MEAN) / _STD
 
 
@@ -66,7 +89,8 @@ class SyntheticShapes(Dataset):
 
     Fully determined by ``seed``: the same seed gives the same images and labels, so a train split and a val split
     are two instances with different seeds (see :func:`synthetic_splits`). Labels are balanced (round robin, then
-    shuffled). Images are generated once, up front (``num_samples * 3 * image_size**2`` floats).
+    shuffled) and held in memory; images are drawn on read (``__getitems__`` draws a whole batch in one go for a
+    ``DataLoader``), so memory does not grow with ``num_samples * image_size**2``.
     """
 
     num_classes = NUM_CLASSES
@@ -76,20 +100,29 @@ class SyntheticShapes(Dataset):
         if num_samples < 1 or image_size < 8:
             raise ValueError(f"SyntheticShapes needs num_samples >= 1 and image_size >= 8, got {num_samples}, "
                              f"{image_size}")
-        generator = torch.Generator().manual_seed(seed)
+        self.image_size, self.seed, self.noise = image_size, seed, noise
         labels = torch.arange(num_samples) % NUM_CLASSES
-        self.labels = labels[torch.randperm(num_samples, generator=generator)]
-        chunks = [generate_images(part, image_size, generator, noise) for part in self.labels.split(1024)]
-        self.images = torch.cat(chunks)
+        self.labels = labels[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
     def __len__(self) -> int:
         return self.labels.numel()
 
+    def _check(self, index: int) -> int:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"SyntheticShapes index {index} out of range for {len(self)} samples")
+        return index % len(self)
+
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Tuple[Tensor, int]]:
+        indices = [self._check(int(i)) for i in indices]
+        labels = [int(self.labels[i]) for i in indices]
+        images = generate_images(labels, [_sample_seed(self.seed, i) for i in indices], self.image_size, self.noise)
+        return list(zip(images, labels))
 
 
 def synthetic_splits(num_train: int, num_val: int, image_size: int = 32, seed: int = 0):
-    """(train, val) datasets drawn independently (different generator streams) from the same distribution."""
+    """(train, val) datasets drawn independently (different seeds) from the same distribution."""
     return (SyntheticShapes(num_train, image_size, seed=2 * seed + 1),
             SyntheticShapes(num_val, image_size, seed=2 * seed + 2))
