@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import kernels
 from ..errors import ChannelSelectionError, ConfigError
 from .compact_state import ChannelSlice
+from .mutable_attrs import MutableAttrs
 from .selection import check_index, choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
@@ -28,7 +29,7 @@ __all__ = ["DynamicChannelMixin"]
 _EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for get_extra_state() in a state_dict
 
 
-class DynamicChannelMixin:
+class DynamicChannelMixin(MutableAttrs):
     """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
