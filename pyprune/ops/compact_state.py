@@ -112,11 +112,12 @@ class CompactOpState:
     def __init__(self, session=None):
         self.session = session
         self.held: List[HeldTensor] = []
+        self.tensors: tuple = ()  # the op's _source_tensors() while held: what its forward uses, as they are
         self.suspended = False
         self.loading = False
 
     def __getstate__(self):
-        return {"session": None, "held": self.held, "suspended": False, "loading": False}
+        return {"session": None, "held": self.held, "tensors": self.tensors, "suspended": False, "loading": False}
 
     # --------------------------------------------------------------------------------------------------- moves
     def compact(self, op, with_optimizer: bool = True) -> None:
@@ -140,6 +141,7 @@ class CompactOpState:
                 if grad is not None:
                     tensor.grad = compact_grad
                 self.held.append(HeldTensor(piece, full))
+        self.tensors = tuple(op._source_tensors())
         op.clear_cache()
         if session is not None:
             session._held_changed(op, self.held)
@@ -165,7 +167,7 @@ class CompactOpState:
                 tensor.data = full
                 if grad is not None:
                     tensor.grad = full_grad
-        released, self.held = self.held, []
+        released, self.held, self.tensors = self.held, [], ()
         op.clear_cache()
         if session is not None:
             session._held_changed(op, [], released)
