@@ -190,10 +190,11 @@ class DynamicChannelMixin(MutableAttrs):
             index = None  # a sorted unique in-range index of full length can only be arange: skip the gathers
         self._check_group_count(index, is_output)
         count = full if index is None else index.shape[0]
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__'s checks (runs per layer per switch)
         if is_output:
-            self._out_index, self._active_out = index, count
+            state["_out_index"], state["_active_out"] = index, count
         else:
-            self._in_index, self._active_in = index, count
+            state["_in_index"], state["_active_in"] = index, count
         self._selection_changed()
 
     def _full_count(self, is_output: bool) -> int:
@@ -221,8 +222,9 @@ class DynamicChannelMixin(MutableAttrs):
                                         f"evenly over the layer's {groups} groups")
 
     def _selection_changed(self) -> None:
-        self._selection_version += 1
-        self._eval_cache = None
+        state = self.__dict__  # as in _set_index
+        state["_selection_version"] += 1
+        state["_eval_cache"] = None
         self._after_selection_change()
         compact = self.__dict__.get("_compact")
         if compact is not None:  # compact training mode: write the old selection back, hold the new one

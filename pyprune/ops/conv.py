@@ -60,7 +60,7 @@ class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
         return self._active_out if self.is_depthwise else self.groups
 
     def _after_selection_change(self) -> None:
-        self._grouped_in_index = self._local_in_index(self._in_index)
+        self.__dict__["_grouped_in_index"] = self._local_in_index(self._in_index)  # no nn.Module.__setattr__
 
     def _local_in_index(self, index: Optional[Tensor]) -> Optional[Tensor]:
         """Global in index ``[K]`` -> per-group local ``[G, K / G]`` (grouped conv; other convs keep ``[K]``)."""
