@@ -22,11 +22,13 @@ class _Range:
 
 class _Side:
     """One layer side: its module, width, the unit ranges that cover it and the setter its index goes through."""
-    __slots__ = ("module", "size", "ranges", "covered", "setter", "applied", "applied_index")
+    __slots__ = ("module", "size", "ranges", "covered", "whole", "setter", "applied", "applied_index")
 
     def __init__(self, module, size: int, ranges: List[_Range], is_output: bool):
         self.module, self.size, self.ranges = module, size, ranges
         self.covered = sum(r.end - r.start for r in ranges)
+        # The common case: one unit covers the whole side channel for channel, so its index is the side's.
+        self.whole = len(ranges) == 1 and ranges[0].start == 0 and ranges[0].end == size and ranges[0].expand == 1
         self.setter = "set_out_index" if is_output or has_one_selection(module) else "set_in_index"
         self.applied, self.applied_index = None, None  # the units' selection keys and the index last set
 
@@ -71,8 +73,11 @@ class _HostToDevice:
         self._moved: Dict[torch.device, Tuple[Tensor, ...]] = {}
 
     def add(self, piece: Tensor, device: torch.device) -> Piece:
+        """``piece`` itself when it already is on ``device``; a ticket when it is a host piece to move."""
         if piece.device == device:
             return piece
+        if not piece.is_cpu:  # on another device already (not a host piece): move it on its own
+            return piece.to(device)
         pieces = self._pieces.setdefault(device, [])
         pieces.append(piece)
         return _Ticket(device, len(pieces) - 1)
@@ -222,6 +227,8 @@ class LayerIndexAssembler:
         if side.kept() == side.size:
             return None
         device = _device_of(side.module)
+        if side.whole:
+            return [transfer.add(side.ranges[0].unit.selected_index, device)]
         pieces, host, position = [], [], 0
         for r in side.ranges:
             if r.start > position:
