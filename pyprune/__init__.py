@@ -24,6 +24,10 @@ _EXPORTS: Dict[str, str] = {
     "L2MutableChannelUnit": "pyprune.units", "BNScaleMutableChannelUnit": "pyprune.units",
     "TaylorMutableChannelUnit": "pyprune.units", "OneShotMutableChannelUnit": "pyprune.units",
     "SlimmableChannelUnit": "pyprune.units", "register_unit": "pyprune.units", "make_divisible": "pyprune.units",
+    "ChannelUnit": "pyprune.units", "ChannelAnalyzer": "pyprune.units", "DefaultDemoInput": "pyprune.units",
+    "ConfigLeniencyWarning": "pyprune.units", "SimpleMutableChannel": "pyprune.units",
+    "SquentialMutableChannel": "pyprune.units", "SequentialMutableChannel": "pyprune.units",
+    "OneShotMutableChannel": "pyprune.units", "MutableValue": "pyprune.units", "OneShotMutableValue": "pyprune.units",
     "ChannelRef": "pyprune.channels", "UnitSpec": "pyprune.channels",
     # dynamic ops
     "DynamicChannelMixin": "pyprune.ops", "DynamicConv2d": "pyprune.ops", "DynamicLinear": "pyprune.ops",

@@ -17,7 +17,9 @@ from ..registry import MODELS
 from ..tracing import trace_channel_units
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
+from ..units.base import init_args_from_mutable
 from ..units.leniency import LenientReport
+from ..units.predefined import predefined_units
 from .parse import (TRACER_TYPES, config_channels, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
 from .state_sync import saved_unit_selections
@@ -34,7 +36,9 @@ class ChannelMutator:
             own ``init_args`` and ``choice`` are applied after parsing.
         parse_cfg: ``dict(type='ChannelAnalyzer', demo_input=(1, 3, 224, 224), tracer_type='FxTracer' |
             'TorchFunctionTracer' | 'auto')`` traces the model; ``dict(type='Config')`` builds the units from the
-            ``channels`` listed in ``channel_unit_cfg['units']`` instead (a saved structure, no tracing).
+            ``channels`` listed in ``channel_unit_cfg['units']`` instead (a saved structure, no tracing);
+            ``dict(type='Predefined')`` makes one unit per mutable registered on the model's DynamicOps
+            (:mod:`pyprune.units.predefined`).
         fixed: module names (or prefixes, e.g. ``'layer4'``) whose layers keep their exact shape: every unit that
             touches one of them is fixed.
         strict: raise instead of fixing with a warning when a unit's layer cannot be made dynamic (and tell the
@@ -153,10 +157,15 @@ class ChannelMutator:
 
     def _parse(self, model: nn.Module) -> List[Tuple[Optional[str], Any]]:
         """(config name or None, UnitSpec) per unit, from the config's channels or by tracing."""
+        self._predefined = {}
         if self.parse_cfg["type"] == "Config":
             named_specs = specs_from_channels(self.units_cfg, model)
             _check_structure_covers(model, [spec for _, spec in named_specs])
             return named_specs
+        if self.parse_cfg["type"] == "Predefined":
+            found = predefined_units(model)
+            self._predefined = {id(spec): mutable for spec, mutable in found}
+            return [(None, spec) for spec, _ in found]
         specs = self.trace_fn(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
                                     strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
         return [(None, spec) for spec in specs]
@@ -169,9 +178,13 @@ class ChannelMutator:
                 name = f"{name}#{sum(1 for n in seen if n.split('#')[0] == name)}"
             seen.add(name)
             unit_cfg = self.units_cfg.get(name, {})
-            args = {**self.unit_default_args, **(unit_cfg.get("init_args") or {}), "name": name}
+            mutable = self._predefined.get(id(spec))
+            from_mutable = {} if mutable is None else init_args_from_mutable(self.unit_class, mutable)
+            args = {**self.unit_default_args, **from_mutable, **(unit_cfg.get("init_args") or {}), "name": name}
             try:
                 units.append(self.unit_class.from_spec(spec, **args))
+                if mutable is not None:  # a predefined model's mutable: its width, kept in step from now on
+                    units[-1].adopt_mutable(mutable)
             except ConfigError as error:
                 problems.append(str(error))
                 continue
@@ -309,6 +322,11 @@ class ChannelMutator:
         for unit in self.mutable_units:
             if hasattr(unit, "update_importance"):
                 unit.update_importance()
+
+    def fix_channel_mutables(self) -> None:
+        """Freeze every unit at its current width (mmrazor's name; see ``MutableChannelUnit.fix_chosen``)."""
+        for unit in self.units:
+            unit.fix_chosen()
 
     def reset_importance(self) -> None:
         for unit in self.mutable_units:

@@ -2,25 +2,19 @@
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ..channels import ChannelRef, UnitSpec
+from ..channels import UnitSpec
 from ..errors import ConfigError
 from ..units import unit_class
+from ..units.analyzer import DEFAULT_DEMO_INPUT, TRACER_TYPES, ChannelAnalyzer, demo_input_maker
+from ..units.channel_config import channel_refs, config_channels, repeats_a_shared_layer
 from ..units.leniency import LenientReport
-from ..units.modules import has_one_selection
 
-DEFAULT_DEMO_INPUT = (1, 3, 224, 224)
-# mmrazor's tracer names and ours -> the ``tracer`` argument of pyprune.tracing.trace_channel_units.
-TRACER_TYPES = {"FxTracer": "fx", "fx": "fx", "TorchFunctionTracer": "torch_function",
-                "torch_function": "torch_function", "auto": "auto", "BackwardTracer": "auto"}
 PARSE_TYPES = ("ChannelAnalyzer", "Config", "Predefined")
-# keys of one channel entry: pyprune's layout, plus mmrazor's analyzer key ``expand_ratio`` (ignored, as mmrazor's
-# Channel.init_from_cfg ignores it: the range's width against the unit's channel count says how wide it is)
-CHANNEL_KEYS = {"name", "start", "end", "is_output_channel", "expand", "param_dim", "expand_ratio"}
 
 
 def normalize_unit_cfg(channel_unit_cfg) -> Dict[str, Any]:
@@ -39,6 +33,8 @@ def normalize_unit_cfg(channel_unit_cfg) -> Dict[str, Any]:
         raise ConfigError(f"channel_unit_cfg: unknown keys {sorted(unknown)}; expected type, default_args, units")
     cls = unit_class(channel_unit_cfg.get("type", "SequentialMutableChannelUnit"))
     default_args = dict(channel_unit_cfg.get("default_args") or {})
+    # mmrazor's switch for predefined models whose layers are dynamic already: pyprune uses such layers as they are
+    default_args.pop("unit_predefined", None)
     units = _load_units(channel_unit_cfg.get("units") or {})
     for name, unit_cfg in units.items():
         if not isinstance(unit_cfg, Mapping):
@@ -65,7 +61,13 @@ def _load_units(units) -> Dict[str, Dict[str, Any]]:
 
 
 def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
-    """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input``; returns a JSON-friendly dict."""
+    """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input``; returns a JSON-friendly dict.
+
+    ``parse_cfg`` may also be a :class:`~pyprune.units.ChannelAnalyzer` (as mmrazor allows), and ``demo_input`` a
+    shape, a tensor or a DemoInput (object or config dict).
+    """
+    if isinstance(parse_cfg, ChannelAnalyzer):
+        parse_cfg = dict(type="ChannelAnalyzer", demo_input=parse_cfg.demo_input, tracer_type=parse_cfg.tracer_type)
     parse_cfg = dict(parse_cfg or {})
     parse_cfg.pop("_scope_", None)  # mmengine's registry scope ('mmrazor' in mmrazor's defaults): one registry here
     parse_cfg.setdefault("type", "ChannelAnalyzer")
@@ -81,13 +83,13 @@ def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
         raise ConfigError(f"parse_cfg: unknown tracer_type {parse_cfg['tracer_type']!r}; known: "
                           f"{sorted(TRACER_TYPES)}")
     demo = parse_cfg.setdefault("demo_input", DEFAULT_DEMO_INPUT)
-    if isinstance(demo, Tensor):
-        parse_cfg["demo_input"] = tuple(demo.shape)
-        parse_cfg["_demo_tensor"] = demo
-    elif not (isinstance(demo, Sequence) and demo and all(isinstance(d, int) and d > 0 for d in demo)):
-        raise ConfigError(f"parse_cfg: demo_input must be a shape (positive ints) or a tensor, got {demo!r}")
-    else:
-        parse_cfg["demo_input"] = tuple(demo)
+    try:
+        shape, make = demo_input_maker(demo)
+    except ConfigError as error:
+        raise ConfigError(f"parse_cfg: {error}") from None
+    if not (isinstance(demo, Sequence) and not isinstance(demo, str)):
+        parse_cfg["_make_demo_input"] = make  # a tensor or DemoInput: the config records its shape
+    parse_cfg["demo_input"] = shape
     return parse_cfg
 
 
@@ -101,9 +103,8 @@ def jsonable_parse_cfg(parse_cfg: Dict[str, Any]) -> Dict[str, Any]:
 def demo_inputs(parse_cfg: Dict[str, Any], model: nn.Module):
     """The example input the tracer runs, on the model's device."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    tensor = parse_cfg.get("_demo_tensor")
-    if tensor is None:
-        tensor = torch.randn(parse_cfg["demo_input"])
+    make = parse_cfg.get("_make_demo_input")
+    tensor = torch.randn(parse_cfg["demo_input"]) if make is None else make(model)
     return tensor.to(device)
 
 
@@ -132,42 +133,12 @@ def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]], model: Optional[nn
         input_related = channel_refs(channels.get("input_related", []), False, num_channels, name)
         if model is not None:
             input_related = [ref for ref in input_related
-                             if not _repeats_a_shared_layer(ref, output_related, model)]
+                             if not repeats_a_shared_layer(ref, output_related, model)]
         fixed = channels.get("fixed", "")
         spec = UnitSpec(num_channels=num_channels, output_related=output_related, input_related=input_related,
                         groups=int(channels.get("groups", 1)), fixed=bool(fixed), reason=str(fixed or ""))
         specs.append((name, spec))
     return specs
-
-
-def channel_refs(entries, is_output, num_channels, unit: str) -> List[ChannelRef]:
-    """ChannelRefs from config entries of one side of a unit, read as mmrazor reads them.
-
-    ``start`` defaults to 0 and ``end`` to ``start + num_channels``; ``is_output_channel`` defaults to the side the
-    entry is listed on (``is_output``; None: the entry must say). ``expand`` (pyprune writes it where it is not 1)
-    may be left out: a range ``k`` times the unit's width is a flatten -> Linear range whose unit channels each
-    span ``k`` features, which is how mmrazor writes it (``[0, 64)`` for a 16-channel unit).
-    """
-    refs = []
-    for entry in entries:
-        if not isinstance(entry, Mapping) or "name" not in entry:
-            raise ConfigError(f"unit {unit}: a channel entry must be a dict with a 'name', got {entry!r}")
-        unknown = set(entry) - CHANNEL_KEYS
-        if unknown:
-            raise ConfigError(f"unit {unit}: channel entry {entry['name']!r} has unknown keys {sorted(unknown)}")
-        start = entry.get("start", 0)
-        end = entry.get("end", None if num_channels is None else start + num_channels)
-        side = entry.get("is_output_channel", is_output)
-        if not all(isinstance(v, int) for v in (start, end)) or not 0 <= start < end or side is None:
-            raise ConfigError(f"unit {unit}: channel entry {dict(entry)!r} needs int start < end and "
-                              f"is_output_channel")
-        expand = entry.get("expand")
-        if expand is None:
-            width = end - start
-            expand = width // num_channels if num_channels and width > num_channels and \
-                width % num_channels == 0 else 1
-        refs.append(ChannelRef(entry["name"], start, end, bool(side), int(expand), entry.get("param_dim")))
-    return refs
 
 
 def lenient_config_choice(unit, choice, report: LenientReport):
@@ -187,30 +158,3 @@ def lenient_config_choice(unit, choice, report: LenientReport):
             report.ignore([unit.name], "choices for units that are not prunable")
             return None
     return choice
-
-
-def _same_range(a: ChannelRef, b: ChannelRef) -> bool:
-    return (a.name, a.start, a.end) == (b.name, b.start, b.end)
-
-
-def _repeats_a_shared_layer(ref: ChannelRef, outputs: Sequence[ChannelRef], model: nn.Module) -> bool:
-    """An input entry naming a layer whose in and out channels are one selection (norm, depthwise conv) that the
-    unit lists as an output already: mmrazor's analyzer writes both, pyprune the output side only."""
-    if not any(_same_range(ref, out) for out in outputs):
-        return False
-    try:
-        return has_one_selection(model.get_submodule(ref.name))
-    except AttributeError:
-        return False
-
-
-def config_channels(unit, channels: Mapping) -> Tuple[List[ChannelRef], List[ChannelRef]]:
-    """A unit's (output, input) refs as a config lists them, for comparison with the traced unit: an input entry
-    that repeats one of the config's output entries and that the traced unit does not have as an input is
-    mmrazor's second listing of a norm, and is left out."""
-    outputs = channel_refs(channels.get("output_related", []), True, unit.num_channels, unit.name)
-    inputs = channel_refs(channels.get("input_related", []), False, unit.num_channels, unit.name)
-    ours = unit.input_related
-    inputs = [ref for ref in inputs if not (any(_same_range(ref, out) for out in outputs)
-                                            and not any(_same_range(ref, mine) for mine in ours))]
-    return outputs, inputs

@@ -1,4 +1,6 @@
 """MutableChannelUnit: one coupled group of channels that is pruned as a whole (mmrazor semantics)."""
+import copy
+import inspect
 import math
 import numbers
 from typing import Any, Dict, List, Optional, Sequence
@@ -6,9 +8,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..channels import UnitSpec, ref_to_dict, unit_name
+from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
 from .assembler import LayerIndexAssembler
+from .channel_unit import ChannelUnit
 from .modules import (get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules,
                       selection_groups)
 from .rounding import kept_channel_count, ratio_to_count
@@ -16,7 +19,7 @@ from .rounding import kept_channel_count, ratio_to_count
 CHOICE_MODES = ("ratio", "number")
 
 
-class MutableChannelUnit:
+class MutableChannelUnit(ChannelUnit):
     """A set of channels shared by several layers, pruned together.
 
     ``output_related`` refs name layers whose *output* channels (``[start, end)``, each unit channel spanning
@@ -30,14 +33,19 @@ class MutableChannelUnit:
     in (0, 1], turned into ``max(1, int(ratio * num_channels))`` channels as mmrazor does), ``divisor`` (kept
     counts are rounded to a multiple of it), ``min_value`` (never keep fewer), ``min_ratio`` (never round below
     this fraction of the asked count).
+
+    mmrazor's constructors (``init_from_cfg`` with a ``choice``, ``init_from_channel_analyzer``,
+    ``init_from_channel_unit``, ``init_from_mutable_channel``) come from :class:`ChannelUnit`; :meth:`fix_chosen`
+    freezes the width.
     """
 
     def __init__(self, num_channels: int, choice_mode: str = "number", divisor: int = 1, min_value: int = 1,
                  min_ratio: float = 0.9, *, output_related: Sequence = (), input_related: Sequence = (),
                  groups: int = 1, fixed: bool = False, reason: str = "", name: Optional[str] = None):
+        super().__init__(num_channels)
         self.output_related = list(output_related)
         self.input_related = list(input_related)
-        self.name = name or unit_name(self.output_related, self.input_related, num_channels)
+        self._name = name
         self._check_init_args(num_channels, choice_mode, divisor, min_value, min_ratio, groups)
         self.num_channels = int(num_channels)
         self.choice_mode = choice_mode
@@ -53,6 +61,8 @@ class MutableChannelUnit:
         self.version = 0                    # bumped whenever the selection changes
         self._modules: Dict[str, nn.Module] = {}
         self._assembler = None
+        self._chosen_fixed = False          # fix_chosen: the width may not change any more
+        self.mutable_channel = None         # a predefined model's mutable, kept in step with the selection
 
     @classmethod
     def from_spec(cls, spec: UnitSpec, **init_args) -> "MutableChannelUnit":
@@ -67,6 +77,41 @@ class MutableChannelUnit:
                        groups=spec.groups, fixed=spec.fixed, reason=spec.reason, name=name, **init_args)
         except TypeError as error:  # an init arg this unit type does not take
             raise ConfigError(f"unit {name}: bad init args for {cls.__name__}: {error}") from None
+
+    @classmethod
+    def init_from_cfg(cls, model: Optional[nn.Module], config) -> "MutableChannelUnit":
+        """As :meth:`ChannelUnit.init_from_cfg`, then the config's ``choice`` (if any) is set."""
+        unit = super().init_from_cfg(model, config)
+        if "choice" in config:
+            unit.current_choice = config["choice"]
+        return unit
+
+    @classmethod
+    def init_from_mutable_channel(cls, mutable, **init_args) -> "MutableChannelUnit":
+        """A unit of ``mutable.num_channels`` channels that takes over the mutable's choice mode, candidates (where
+        this unit type has them) and current width, and keeps the mutable's mask in step (see
+        :mod:`pyprune.units.mutable_channel`). Channels are added by the caller."""
+        unit = cls(**{**init_args_from_mutable(cls, mutable), **init_args})
+        unit.adopt_mutable(mutable)
+        return unit
+
+    def adopt_mutable(self, mutable) -> None:
+        """Start at ``mutable``'s width and keep its mask equal to this unit's selection from now on."""
+        count = int(mutable.current_mask.sum())  # once, while building: a host read is fine
+        self.mutable_channel = mutable
+        if count != self._count and not self.fixed:
+            self.apply_count(self.width_to_count(count) if self.choice_mode == "number" else
+                             self.width_to_count(count / self.num_channels))
+        else:
+            self.mutable_channel.mask = self.current_mask
+
+    def _adopt(self, outputs, inputs, groups: int, fixed_reason: str) -> None:
+        if not _is_int(groups) or groups < 1 or self.num_channels % groups:
+            raise ConfigError(f"unit {self.name}: groups must be a positive divisor of num_channels="
+                              f"{self.num_channels}, got {groups!r}")
+        self.output_related, self.input_related, self.groups = list(outputs), list(inputs), groups
+        if fixed_reason:
+            self.fix(fixed_reason)
 
     # ------------------------------------------------------------------------------------------------ validation
     def _check_init_args(self, num_channels, choice_mode, divisor, min_value, min_ratio, groups) -> None:
@@ -93,6 +138,8 @@ class MutableChannelUnit:
         count = self.width_to_count(choice)
         if self.fixed and count != self.num_channels:
             self._fail(f"the unit is fixed ({self.reason or 'not prunable'}); only the full width is allowed")
+        if self._chosen_fixed and count != self._count:
+            self._fail(f"the width was fixed at {self._count} channels by fix_chosen")
         return count
 
     def width_to_count(self, choice) -> int:
@@ -127,6 +174,17 @@ class MutableChannelUnit:
         return count / self.num_channels if self.choice_mode == "ratio" else count
 
     # --------------------------------------------------------------------------------------------------- choices
+    def fix_chosen(self, choice=None) -> None:
+        """Set ``choice`` (if given), then keep this width: later choices of another width are refused (mmrazor's
+        ``fix_chosen``, which a mutator's ``fix_channel_mutables`` calls on every unit)."""
+        if choice is not None:
+            self.current_choice = choice
+        self._chosen_fixed = True
+
+    @property
+    def is_chosen_fixed(self) -> bool:
+        return self._chosen_fixed
+
     def fix(self, reason: str) -> None:
         """Stop pruning this unit: back to the full width, and only that from now on."""
         self.fixed, self.reason = True, reason
@@ -168,6 +226,8 @@ class MutableChannelUnit:
     def _store(self, count: int, index: Optional[Tensor], custom: bool) -> None:
         self._count, self._index, self._custom_index = count, index, custom
         self.version += 1
+        if self.mutable_channel is not None:  # a predefined model's own mutable follows the unit
+            self.mutable_channel.mask = self.current_mask
         if self._assembler is not None:
             self._assembler.unit_changed(self)
 
@@ -318,3 +378,14 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def init_args_from_mutable(cls, mutable) -> Dict[str, Any]:
+    """The init args of ``cls`` that a mutable channel knows: ``num_channels``, and ``choice_mode`` /
+    ``candidate_choices`` where both the mutable and the unit type have them."""
+    params = inspect.signature(cls.__init__).parameters
+    args: Dict[str, Any] = {"num_channels": mutable.num_channels}
+    for key in ("choice_mode", "candidate_choices"):
+        if key in params and hasattr(mutable, key):
+            args[key] = copy.copy(getattr(mutable, key))
+    return args
