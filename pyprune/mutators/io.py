@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils.files import atomic_torch_save, atomic_write_text
 from .channel_mutator import ChannelMutator, export_static
 
 STRUCTURE_FORMAT = "pyprune-pruned-structure/1"
@@ -39,9 +40,9 @@ def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Opti
     exported = mutator.export(model) if exported is None else exported
     paths = {"weights": os.path.join(directory, WEIGHTS_FILE), "structure": os.path.join(directory, STRUCTURE_FILE)}
     state = {k: v.detach().cpu().clone() for k, v in exported.state_dict().items()}
-    torch.save(state, paths["weights"])
-    with open(paths["structure"], "w") as handle:
-        json.dump(structure_dict(mutator, model_info), handle, indent=1)
+    # atomic (temp file + rename): an interrupted save never leaves a half-written file under the final name
+    atomic_torch_save(state, paths["weights"])
+    atomic_write_text(paths["structure"], json.dumps(structure_dict(mutator, model_info), indent=1))
     return paths
 
 
