@@ -1,6 +1,6 @@
 """Budgets: the cost model against FlopCounterMode on exported models, FLOPs / params targets met on the export,
-group constraints and floors respected, unreachable targets refused with the model unchanged, a measured latency
-target."""
+group constraints and floors respected, unreachable targets refused with the model unchanged, ItePruneAlgorithm
+with a budget, a measured latency target."""
 import copy
 import math
 
@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyprune.algorithms import ItePruneAlgorithm
 from pyprune.budget import (Budget, BudgetError, BudgetPlanner, CostModel, LatencySettings, prune_to_budget,
                             reachable_counts)
+from pyprune.errors import ConfigError
 from pyprune.mutators import ChannelMutator, count_flops, count_params
 
 
@@ -97,7 +99,7 @@ def test_cost_model_equals_flop_counter_on_the_exported_model(kind):
 
 def test_cost_model_counts_a_torchvision_model_exactly():
     torchvision = pytest.importorskip("torchvision")
-    model = torchvision.models.mobilenet_v2(num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10)
     mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(1, 3, 32, 32)))
     mutator.prepare_from_supernet(model)
     x = torch.randn(1, 3, 32, 32)
@@ -263,16 +265,62 @@ def test_an_importance_measure_selects_by_index_on_prefix_units():
     assert exported_cost(model, mutator, x)[1] <= 0.9 * result.full.params
 
 
+# --------------------------------------------------------------------------------------- iterative schedule
+def test_ite_prune_reaches_the_budget_in_prune_times_steps():
+    model, mutator, x = prepared("conv")
+    algorithm = ItePruneAlgorithm(model, mutator, budget={"flops": 0.4}, prune_times=3,
+                                  budget_cfg=dict(example_inputs=x))
+    full = algorithm.budget_schedule.planner.full.flops
+    kept = []
+    for step in range(3):
+        assert algorithm.step()
+        flops, _ = exported_cost(model, mutator, x)
+        assert flops <= (1 - 0.6 * (step + 1) / 3) * full
+        kept.append(flops)
+    assert not algorithm.step() and algorithm.done
+    assert kept[0] > kept[1] > kept[2] > 0.3 * full
+    assert algorithm.state_dict()["budget"] == {"flops": 0.4}
+
+
+def test_ite_prune_refuses_two_targets_or_an_unreachable_budget():
+    model, mutator, x = prepared("conv")
+    with pytest.raises(ConfigError, match="not both"):
+        ItePruneAlgorithm(model, mutator, 0.5, budget={"flops": 0.5})
+    with pytest.raises(BudgetError, match="floor"):
+        ItePruneAlgorithm(model, mutator, budget={"params": 0.01}, budget_cfg=dict(example_inputs=x, floor=0.5))
+    assert all(u.active_channels == u.num_channels for u in mutator.units)
+
+
 # --------------------------------------------------------------------------------------------------- latency
-def test_latency_target_is_measured_on_the_exported_model():
-    """A net whose time is in its convolutions, so that a subnet is measurably faster even on a busy CPU."""
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 96, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(96, 96, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
-    x = torch.randn(2, 3, 24, 24)
-    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=tuple(x.shape)))
-    mutator.prepare_from_supernet(model)
-    result = prune_to_budget(model, mutator, latency=0.8, example_inputs=x,
-                             latency_settings=LatencySettings(warmup=1, repeats=3))
-    assert result.latency is not None and result.latency.ratio <= 0.8
-    assert "median of 3 timed" in result.latency.method and "latency" in str(result)
-    assert result.cost.flops < result.full.flops
+def flops_as_seconds(model, inputs, settings=None):
+    """A deterministic stand-in for the clock (a shared CPU's timings are too noisy for a test): 1 ns per FLOP."""
+    return count_flops(model, inputs) * 1e-9
+
+
+def test_latency_target_keeps_the_largest_subnet_that_measures_under_it(monkeypatch):
+    monkeypatch.setattr("pyprune.budget.prune.measure_latency", flops_as_seconds)
+    model, mutator, x = prepared("conv")
+    result = prune_to_budget(model, mutator, latency=0.6, example_inputs=x)
+    assert result.latency.ratio <= 0.6
+    assert result.latency.ratio == pytest.approx(exported_cost(model, mutator, x)[0] / result.full.flops)
+    assert result.latency.ratio > 0.5   # bisection gets close to the target from below
+    assert "median of 10 timed eval forwards" in result.latency.method and "latency" in str(result)
+
+
+def test_unreachable_latency_target_restores_the_units(monkeypatch):
+    monkeypatch.setattr("pyprune.budget.prune.measure_latency", lambda model, inputs, settings=None: 1.0)
+    model, mutator, x = prepared("conv")
+    mutator.set_global_ratio(0.75)
+    before = {u.name: u.current_index.tolist() for u in mutator.mutable_units}
+    with pytest.raises(BudgetError, match="latency target 50.0% cannot be met.*floor.*100.0%"):
+        prune_to_budget(model, mutator, latency=0.5, example_inputs=x)
+    assert {u.name: u.current_index.tolist() for u in mutator.mutable_units} == before
+
+
+def test_measure_latency_times_real_forwards():
+    from pyprune.budget import measure_latency
+    model, _, x = prepared("conv")
+    seconds = measure_latency(model, (x,), LatencySettings(warmup=0, repeats=2))
+    assert 0 < seconds < 10 and model.training
+    with pytest.raises(ValueError, match="repeats"):
+        LatencySettings(repeats=0)

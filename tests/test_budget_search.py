@@ -34,7 +34,8 @@ SHAPE = (1, 3, 12, 12)
 
 def supernet(unit="OneShotMutableChannelUnit"):
     model = SuperNet()
-    mutator = ChannelMutator(unit, parse_cfg=dict(demo_input=SHAPE))
+    args = dict(candidate_choices=[0.25, 0.5, 0.75, 1.0]) if unit == "OneShotMutableChannelUnit" else {}
+    mutator = ChannelMutator(dict(type=unit, default_args=args), parse_cfg=dict(demo_input=SHAPE))
     mutator.prepare_from_supernet(model)
     return model, mutator
 

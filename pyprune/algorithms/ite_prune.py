@@ -4,6 +4,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Union
 
+from ..budget.schedule import BudgetSchedule
+from ..budget.targets import Budget
 from ..errors import ChannelSelectionError, ConfigError
 from ..registry import MODELS
 from ..units.leniency import LenientReport
@@ -79,6 +81,14 @@ class ItePruneAlgorithm(BaseAlgorithm):
         iters_per_epoch: see ``by_epoch``.
         strict: raise on target entries that mmrazor would skip or clamp.
         data_preprocessor, init_cfg: mmrazor's; see :class:`BaseAlgorithm`.
+        budget: instead of ``target_pruning_ratio``, what the pruned model may cost: ``{'flops': 0.5}``,
+            ``{'params': 10e6}``, ``{'latency': 0.6}`` (fractions of the full model or absolute counts; see
+            :class:`pyprune.budget.Budget`). Step ``t`` allows ``1 - (1 - f) * t / prune_times`` of the full model
+            (``linear_schedule``; otherwise ``f`` at every step), allocated across units by
+            :class:`pyprune.budget.BudgetPlanner` from the current widths; :attr:`budget_schedule` keeps each step's
+            result. A FLOPs / params target below the floor raises BudgetError here.
+        budget_cfg: options of the planner: ``allocation`` (``'global'`` | ``'uniform'``), ``importance``,
+            ``normalization``, ``floor``, ``example_inputs`` (default: the mutator's demo input), ``rank_metric``.
 
     The counter is the index of the iteration (epoch) that just ended. A step is taken when
     ``counter % step_freq == 0 and counter // step_freq < prune_times``, with ``t = counter // step_freq + 1``: the
@@ -91,19 +101,31 @@ class ItePruneAlgorithm(BaseAlgorithm):
     def __init__(self, architecture, mutator_cfg=None, target_pruning_ratio: Target = None, step_freq: int = 1,
                  prune_times: int = 1, linear_schedule: bool = True, by_epoch: bool = False, *,
                  iters_per_epoch: Optional[int] = None, strict: bool = False, data_preprocessor=None,
-                 init_cfg: Optional[Dict] = None):
+                 init_cfg: Optional[Dict] = None, budget: Optional[Mapping] = None,
+                 budget_cfg: Optional[Mapping] = None):
         for name, value in (("step_freq", step_freq), ("prune_times", prune_times),
                             ("iters_per_epoch", 1 if iters_per_epoch is None else iters_per_epoch)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"ItePruneAlgorithm: {name} must be an int >= 1, got {value!r}")
         if iters_per_epoch is not None and not by_epoch:
             raise ConfigError("ItePruneAlgorithm: iters_per_epoch is only used with by_epoch=True")
+        if budget is not None and target_pruning_ratio is not None:
+            raise ConfigError("ItePruneAlgorithm: give target_pruning_ratio (kept widths) or budget (e.g. "
+                              "{'flops': 0.5}), not both")
+        self.budget = None if budget is None else Budget.from_dict(budget).as_dict()
         super().__init__(architecture, mutator_cfg, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.step_freq, self.prune_times = int(step_freq), int(prune_times)
         self.linear_schedule, self.by_epoch, self.strict = bool(linear_schedule), bool(by_epoch), bool(strict)
         self.iters_per_epoch = None if iters_per_epoch is None else int(iters_per_epoch)
         self.supernet: Dict[str, Any] = dict(self.mutator.current_choices)
         self.target: Dict[str, Any] = self._validated_targets(target_pruning_ratio)
+        self.budget_schedule: Optional[BudgetSchedule] = None
+        if budget is not None:  # each step's choices are planned when it comes (self.target keeps the widths)
+            try:
+                self.budget_schedule = BudgetSchedule(self.model, self.mutator, budget, self.prune_times,
+                                                      self.linear_schedule, **dict(budget_cfg or {}))
+            except TypeError as error:
+                raise ConfigError(f"ItePruneAlgorithm: bad budget_cfg: {error}") from None
         for step in range(1, self.prune_times + 1):  # every scheduled choice is valid, checked up front
             for name, choice in self.choices_at(step).items():
                 self._units[name].choice_to_count(choice)
@@ -187,7 +209,10 @@ class ItePruneAlgorithm(BaseAlgorithm):
 
     def prune_step(self, step: int) -> None:
         """Set the choices of step ``step``, agree on the kept channels across ranks, restart importance."""
-        self.mutator.set_choices(self.choices_at(step))
+        if self.budget_schedule is not None:
+            self.budget_schedule.prune(step)
+        else:
+            self.mutator.set_choices(self.choices_at(step))
         broadcast_selections(self.mutator.mutable_units)
         self.mutator.reset_importance()
         self.steps_done = step
@@ -197,14 +222,16 @@ class ItePruneAlgorithm(BaseAlgorithm):
         state = super().state_dict()
         state.update(counter=self.counter, steps_done=self.steps_done, step_freq=self.step_freq,
                      prune_times=self.prune_times, by_epoch=self.by_epoch, linear_schedule=self.linear_schedule,
-                     iters_per_epoch=self.iters_per_epoch, supernet=dict(self.supernet), target=dict(self.target))
+                     iters_per_epoch=self.iters_per_epoch, supernet=dict(self.supernet), target=dict(self.target),
+                     budget=self.budget)
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint of an algorithm built with the same schedule and target (else ConfigError, nothing
         changed). The supernet choices come from the checkpoint, so the algorithm may be built on a model that is
         already pruned."""
-        for key in ("step_freq", "prune_times", "by_epoch", "linear_schedule", "iters_per_epoch", "target"):
+        for key in ("step_freq", "prune_times", "by_epoch", "linear_schedule", "iters_per_epoch", "target",
+                    "budget"):
             if key in state and state[key] != getattr(self, key):
                 raise ConfigError(f"ItePruneAlgorithm.load_state_dict: the checkpoint has {key}={state[key]!r}, "
                                   f"this algorithm {getattr(self, key)!r}")
