@@ -114,6 +114,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny smoke run (16x16 images, 256 samples, few steps): seconds, for tests")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-compact", action="store_true",
+                        help="train pruned layers in gather mode (full-size weights, gradients and momentum) instead "
+                             "of compact training mode between pruning steps and while finetuning")
 
 
 def build_parser() -> argparse.ArgumentParser:

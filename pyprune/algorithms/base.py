@@ -1,12 +1,14 @@
 """BaseAlgorithm: a model and its ChannelMutator, driven from a plain PyTorch training loop by explicit hooks."""
+import contextlib
 import warnings
 from typing import Any, Dict, Optional
 
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.compact import CompactTraining, Optimizers, compact_training
 from ..registry import MODELS
-from .unit_state import importance_state, load_importance_state, restore_selection, selection_state
+from .unit_state import importance_state, learns_importance, load_importance_state, restore_selection, selection_state
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -61,16 +63,56 @@ class BaseAlgorithm:
             mutator.prepare_from_supernet(module)
         self.model = module
         self.mutator = mutator
+        self.compact: Optional[CompactTraining] = None  # see start_compact_training
 
     @property
     def architecture(self) -> nn.Module:
         """The model being pruned (mmrazor's name for :attr:`model`)."""
         return self.model
 
+    # ------------------------------------------------------------------------------------------- compact training
+    def start_compact_training(self, optimizers: Optimizers) -> CompactTraining:
+        """Train the current subnet in compact mode from now on (:mod:`pyprune.ops.compact`): the pruned layers'
+        tensors *are* the compact ones, so a step costs what the exported model's costs; ``optimizers`` (those that
+        step the model) keep working, their state following every structure change. The algorithm changes
+        selections and ranks gradients with full-size tensors (:meth:`full_size`) and compacts again after.
+        Under DistributedDataParallel rebuild the wrapper (``pyprune.ops.compact.rebuild_ddp``) whenever
+        :meth:`step` / :meth:`epoch_end` returned True. Returns the session (``.exit()`` ends it, or
+        :meth:`stop_compact_training`)."""
+        if self.compact is not None and self.compact.active:
+            raise ConfigError(f"{type(self).__name__}: compact training is already on")
+        self.compact = compact_training(self.model, optimizers)
+        return self.compact
+
+    def stop_compact_training(self) -> None:
+        """Back to gather mode: every value written back into the full-size tensors."""
+        if self.compact is not None:
+            self.compact.exit()
+            self.compact = None
+
+    @property
+    def compact_training(self) -> bool:
+        """Whether the model trains in compact mode right now."""
+        return self.compact is not None and self.compact.active
+
+    @contextlib.contextmanager
+    def full_size(self):
+        """Full-size tensors (weights, gradients, optimizer state) inside the block when compact training is on,
+        compact again after it (with the then-current selection); nothing to do otherwise."""
+        if not self.compact_training:
+            yield
+            return
+        with self.compact.paused():
+            yield
+
     # ------------------------------------------------------------------------------------------------------ hooks
     def after_backward(self) -> None:
         """Call after ``loss.backward()`` (and before ``optimizer.zero_grad()``): gradient-based importance."""
-        self.mutator.update_importance()
+        if self.compact_training and any(learns_importance(u) for u in self.mutator.mutable_units):
+            with self.full_size():  # gradient importance (Taylor) reads full-size gradients and weights
+                self.mutator.update_importance()
+        else:
+            self.mutator.update_importance()
 
     def step(self) -> bool:
         """Call at the end of every training iteration; returns whether the structure changed."""
@@ -104,9 +146,10 @@ class BaseAlgorithm:
             if not 1 <= selection["index"].numel() <= units[name].num_channels:
                 raise ConfigError(f"unit {name}: the checkpoint keeps {selection['index'].numel()} channels, the "
                                   f"unit has {units[name].num_channels}")
-        for name, selection in saved.items():
-            restore_selection(units[name], selection["index"])
-            load_importance_state(units[name], state.get("importance", {}).get(name))
+        with self.full_size():
+            for name, selection in saved.items():
+                restore_selection(units[name], selection["index"])
+                load_importance_state(units[name], state.get("importance", {}).get(name))
 
 
 DEFAULT_MUTATOR_CFG = {"type": "ChannelMutator", "channel_unit_cfg": {"type": "SequentialMutableChannelUnit"}}

@@ -25,6 +25,7 @@ from ..algorithms import ItePruneAlgorithm
 from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
+from ..ops.compact import rebuild_ddp
 from ..utils.files import atomic_torch_save, replace_durably
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)
@@ -71,6 +72,8 @@ class Run:
                                            step_freq=self.step_freq, prune_times=args.prune_times)
         self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                          weight_decay=args.weight_decay)
+        if not getattr(args, "no_compact", False):  # pruned layers train compact between steps and in finetuning
+            self.algorithm.start_compact_training(self.optimizer)
         self.pre_end = args.epochs * self.batches
         self.prune_end = self.pre_end + args.prune_times * self.step_freq
         self.total = self.prune_end + args.finetune_epochs * self.batches
@@ -184,6 +187,12 @@ class Run:
             return True
         return False
 
+    def rewrap(self) -> None:
+        """After a structure change in compact mode the parameters have new shapes: rebuild DDP on them (every
+        rank does so at the same iteration)."""
+        if self.algorithm.compact_training and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
+            self.wrapped = rebuild_ddp(self.wrapped)
+
     def train(self) -> bool:
         """Run from ``self.position`` to the end; returns False when stopped early by ``--max-iterations``."""
         start = self.position
@@ -200,6 +209,7 @@ class Run:
             loss = train_iteration(self.wrapped, images, labels, self.optimizer,
                                    self.algorithm if pruning else None)
             if pruning and self.algorithm.step():
+                self.rewrap()
                 step = self.algorithm.steps_done
                 self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
                                 "kept_ratio": 1 + (self.args.target_ratio - 1) * step / self.args.prune_times,
@@ -267,6 +277,7 @@ class Run:
             "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
             "flops_before": self.full_flops, "flops_after": last["flops"], "params_kept": last["params_kept"],
             "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
+            "compact_training": self.algorithm.compact_training,
             "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
         }
         write_json(summary, str(self.out / SUMMARY_FILE))  # atomic, last: its presence marks a complete run
@@ -310,10 +321,12 @@ def _run(args, context: DistributedContext, threads: int) -> Dict[str, Any]:
     run = Run(args, context)
     if args.resume:
         run.load_checkpoint(args.resume)
+        run.rewrap()
     run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
               f"{args.unit_type}, kept ratio {args.target_ratio} in {args.prune_times} steps of "
               f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
-              f"{context.world_size}, device {context.device}, {threads} CPU threads per process")
+              f"{context.world_size}, device {context.device}, {threads} CPU threads per process, compact "
+              f"training {'on' if run.algorithm.compact_training else 'off (--no-compact)'}")
     if run.main and run.position < run.total:  # the checkpoint is about to change: the old summary goes stale
         unmark_finished(run.out)
     if not run.train():
