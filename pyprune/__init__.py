@@ -30,8 +30,9 @@ _EXPORTS: Dict[str, str] = {
     "OneShotMutableChannel": "pyprune.units", "MutableValue": "pyprune.units", "OneShotMutableValue": "pyprune.units",
     "ChannelRef": "pyprune.channels", "UnitSpec": "pyprune.channels",
     # dynamic ops
-    "DynamicChannelMixin": "pyprune.ops", "DynamicConv2d": "pyprune.ops", "DynamicLinear": "pyprune.ops",
-    "DynamicBatchNorm1d": "pyprune.ops", "DynamicBatchNorm2d": "pyprune.ops", "DynamicLayerNorm": "pyprune.ops",
+    "DynamicChannelMixin": "pyprune.ops", "DynamicConv1d": "pyprune.ops", "DynamicConv2d": "pyprune.ops",
+    "DynamicConv3d": "pyprune.ops", "DynamicLinear": "pyprune.ops", "DynamicBatchNorm1d": "pyprune.ops",
+    "DynamicBatchNorm2d": "pyprune.ops", "DynamicBatchNorm3d": "pyprune.ops", "DynamicLayerNorm": "pyprune.ops",
     "DynamicGroupNorm": "pyprune.ops", "DynamicMultiheadAttention": "pyprune.ops",
     # tracing and errors
     "trace_channel_units": "pyprune.tracing",

@@ -4,8 +4,8 @@ See docs/ARCHITECTURE.md ("pyprune.ops") for the contract and ``base.DynamicChan
 """
 from .attention import ATTENTION_TYPES, DynamicMultiheadAttention, attention_heads, attention_width
 from .base import DynamicChannelMixin
-from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
-from .conv import DynamicConv2d
+from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d
+from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
@@ -13,7 +13,8 @@ from .parameter import ChannelCount, ChannelParameter, channel_parameter, channe
 from .registry import DYNAMIC_OPS, is_prunable_layer, layer_kind, registered_base, to_dynamic
 from .compact import CompactTraining, compact_training
 
-__all__ = ["DynamicChannelMixin", "DynamicConv2d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d",
+__all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "DynamicLinear",
+           "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d",
            "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "layer_kind",
            "registered_base", "is_prunable_layer",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",

@@ -1,4 +1,4 @@
-"""DynamicBatchNorm1d / DynamicBatchNorm2d: batch norm over the active channels, running stats updated in place."""
+"""DynamicBatchNorm1d / 2d / 3d: batch norm over the active channels, running stats updated in place."""
 from typing import Optional, Tuple
 
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .base import DynamicChannelMixin
 
-__all__ = ["DynamicBatchNorm1d", "DynamicBatchNorm2d"]
+__all__ = ["DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d"]
 
 
 class _DynamicBatchNorm(DynamicChannelMixin):
@@ -80,3 +80,9 @@ class DynamicBatchNorm2d(_DynamicBatchNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` over the active channels: x ``[N, K, H, W]``. See ``_DynamicBatchNorm``."""
 
     _torch_type = nn.BatchNorm2d
+
+
+class DynamicBatchNorm3d(_DynamicBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` over the active channels: x ``[N, K, D, H, W]``. See ``_DynamicBatchNorm``."""
+
+    _torch_type = nn.BatchNorm3d

@@ -1,25 +1,25 @@
-"""DynamicConv2d: nn.Conv2d over the active input / output channels."""
+"""DynamicConv1d / DynamicConv2d / DynamicConv3d: convolutions over the active input / output channels."""
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from .base import DynamicChannelMixin
 
-__all__ = ["DynamicConv2d"]
+__all__ = ["DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
 
-def _is_depthwise(conv: nn.Conv2d) -> bool:
+def _is_depthwise(conv: nn.Module) -> bool:
     """One filter per input channel, no channel multiplier: channel ``i`` in makes channel ``i`` out."""
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
-class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
-    """``nn.Conv2d`` computing only the selected channels: x ``[N, K_in, H, W]`` -> ``[N, K_out, H', W']``.
+class _DynamicConvNd(DynamicChannelMixin):
+    """A convolution over ``N`` spatial dims computing only the selected channels: x ``[B, K_in, *spatial]`` ->
+    ``[B, K_out, *spatial']`` (or unbatched ``[K_in, *spatial]``).
 
-    The compact weight ``[K_out, K_in / groups, kh, kw]`` is gathered from the full one by
+    The compact weight ``[K_out, K_in / groups, *kernel]`` is gathered from the full one by
     ``pyprune.kernels.gather_channels`` (differentiable; its backward scatters into the full gradient).
     Any stride / padding (incl. ``'same'``) / dilation / ``padding_mode`` works.
 
@@ -27,29 +27,32 @@ class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
       ``groups`` is the active count.
     * Other grouped convs keep ``groups``; each selection must keep the same count in every group. The global
       in index is turned into the per-group local form ``[G, K_in / G]`` the kernel takes.
+
+    Subclasses set ``_torch_type`` and ``_conv`` (the functional convolution of that rank).
     """
 
-    _torch_type = nn.Conv2d
     _channel_tensors = ("weight", "bias")
+    _conv = staticmethod(F.conv2d)
 
     @classmethod
-    def channel_counts(cls, module: nn.Conv2d) -> Tuple[int, int]:
+    def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
         return module.out_channels, module.in_channels
 
     @classmethod
-    def shares_selection(cls, module: nn.Conv2d) -> bool:
+    def shares_selection(cls, module: nn.Module) -> bool:
         return _is_depthwise(module)
 
     @classmethod
-    def selection_groups(cls, module: nn.Conv2d) -> int:
+    def selection_groups(cls, module: nn.Module) -> int:
         return 1 if _is_depthwise(module) else module.groups  # depthwise: any selection works, groups follows it
 
     @classmethod
-    def importance_rows(cls, module: nn.Conv2d) -> Optional[Tensor]:
+    def importance_rows(cls, module: nn.Module) -> Optional[Tensor]:
         return cls.full_tensor(module, "weight").flatten(1)
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
-        return (0 if x.dim() == 3 else 1), "channels"  # nn.Conv2d also takes unbatched [C, H, W]
+        unbatched = x.dim() == len(self.kernel_size) + 1  # torch convs also take unbatched [C, *spatial]
+        return (0 if unbatched else 1), "channels"
 
     @property
     def is_depthwise(self) -> bool:
@@ -78,10 +81,33 @@ class DynamicConv2d(DynamicChannelMixin, nn.Conv2d):
         weight, bias = self._compact_tensors()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, _pair(0), self.dilation, self.active_groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.active_groups)
+            return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.active_groups)
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.active_groups)
 
-    def _static_module(self) -> nn.Conv2d:
-        return nn.Conv2d(self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
-                         self.padding, self.dilation, self.active_groups, self.bias is not None, self.padding_mode,
-                         device="meta")
+    def _static_module(self) -> nn.Module:
+        return self._torch_type(self.active_in_channels, self.active_out_channels, self.kernel_size, self.stride,
+                                self.padding, self.dilation, self.active_groups, self.bias is not None,
+                                self.padding_mode, device="meta")
+
+
+class DynamicConv1d(_DynamicConvNd, nn.Conv1d):
+    """``nn.Conv1d`` over the active channels: x ``[N, K_in, L]`` -> ``[N, K_out, L']``. See ``_DynamicConvNd``."""
+
+    _torch_type = nn.Conv1d
+    _conv = staticmethod(F.conv1d)
+
+
+class DynamicConv2d(_DynamicConvNd, nn.Conv2d):
+    """``nn.Conv2d`` over the active channels: x ``[N, K_in, H, W]`` -> ``[N, K_out, H', W']``. See
+    ``_DynamicConvNd``."""
+
+    _torch_type = nn.Conv2d
+    _conv = staticmethod(F.conv2d)
+
+
+class DynamicConv3d(_DynamicConvNd, nn.Conv3d):
+    """``nn.Conv3d`` over the active channels: x ``[N, K_in, D, H, W]`` -> ``[N, K_out, D', H', W']``. See
+    ``_DynamicConvNd``."""
+
+    _torch_type = nn.Conv3d
+    _conv = staticmethod(F.conv3d)

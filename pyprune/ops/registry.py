@@ -13,8 +13,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from .attention import WINDOW_ATTENTION_OPS, DynamicMultiheadAttention
 from .base import DynamicChannelMixin
-from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d
-from .conv import DynamicConv2d
+from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d
+from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
@@ -24,10 +24,13 @@ __all__ = ["DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_pru
 
 # torch layer type -> DynamicOp type. Subclasses of these map through their nearest listed base (MRO order).
 DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
+    nn.Conv1d: DynamicConv1d,
     nn.Conv2d: DynamicConv2d,
+    nn.Conv3d: DynamicConv3d,
     nn.Linear: DynamicLinear,
     nn.BatchNorm1d: DynamicBatchNorm1d,
     nn.BatchNorm2d: DynamicBatchNorm2d,
+    nn.BatchNorm3d: DynamicBatchNorm3d,
     nn.LayerNorm: DynamicLayerNorm,
     nn.GroupNorm: DynamicGroupNorm,
     nn.MultiheadAttention: DynamicMultiheadAttention,

@@ -85,8 +85,8 @@ def _passes_on(space: Optional[ChannelSpace], dim: int) -> Optional[ChannelSpace
 
 
 # ---- rules ---------------------------------------------------------------------------------------------------
-@layer_rule(nn.Conv2d)
-def conv(ctx: PropagationContext, node, module: nn.Conv2d):
+@layer_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx: PropagationContext, node, module: nn.Module):
     """Input channels on dim 1 read, output channels a new group; depthwise passes one group through; grouped
     convs constrain both sides to ``groups`` equal blocks."""
     space, ndim = _input(ctx, node), len(shapes(node))
@@ -141,7 +141,7 @@ def group_norm(ctx: PropagationContext, node, module: nn.GroupNorm):
     return batch_norm(ctx, node, module)
 
 
-@layer_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+@layer_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def batch_norm(ctx: PropagationContext, node, module: nn.Module):
     """Channels on dim 1, passed through."""
     space = _input(ctx, node)

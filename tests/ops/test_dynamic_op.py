@@ -24,11 +24,13 @@ def test_convert_from_shares_parameters_and_registry():
 
     for module, expected in ((MyConv(2, 2, 1), ops.DynamicConv2d), (nn.Linear(2, 2), ops.DynamicLinear),
                              (nn.BatchNorm1d(2), ops.DynamicBatchNorm1d), (nn.LayerNorm(3), ops.DynamicLayerNorm),
-                             (nn.GroupNorm(1, 2), ops.DynamicGroupNorm)):
+                             (nn.GroupNorm(1, 2), ops.DynamicGroupNorm), (nn.Conv1d(2, 2, 1), ops.DynamicConv1d),
+                             (nn.Conv3d(2, 2, 1), ops.DynamicConv3d), (nn.BatchNorm3d(2), ops.DynamicBatchNorm3d)):
         assert type(ops.to_dynamic(module)) is expected
         assert ops.DYNAMIC_OPS[expected._torch_type] is expected
     assert ops.to_dynamic(op) is op
-    for unsupported in (nn.ReLU(), nn.Conv1d(2, 2, 1), nn.LayerNorm((3, 4)), nn.SyncBatchNorm(2), nn.LazyLinear(3)):
+    for unsupported in (nn.ReLU(), nn.ConvTranspose2d(2, 2, 1), nn.LayerNorm((3, 4)), nn.SyncBatchNorm(2),
+                        nn.LazyLinear(3)):
         assert ops.to_dynamic(unsupported) is None, unsupported
     with pytest.raises(ConfigError, match="normalized_shape"):
         ops.DynamicLayerNorm.convert_from(nn.LayerNorm((3, 4)))
