@@ -282,3 +282,20 @@ def test_cuda_reduce_overhead_compile_of_a_prepared_model_matches_eager():
         for _ in range(3):  # cudagraph trees record on the second / third call
             out = compiled(x)
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_graph_runner_times_replays_only():
+    """The model benchmark's pyprune-graph runner: every timed call is a replay (warm-up and capture of a new subnet
+    or input shape happen inside its first call); checked with the eager graph backend."""
+    from pyprune.bench.models import GraphRunner
+    model, mutator = prepared_tiny()
+    runner = GraphRunner(model, mutator, "torch", cache_size=2, graph_backend="eager")
+    for ratio in (0.5, 0.75, 0.5):
+        set_ratio(mutator, ratio)
+        runner.train_step(*batch())
+        runner.eval_step(batch()[0])
+    runner.train_step(*batch(n=2))  # another batch size: its own graphs
+    train = runner._graphed[("train", (4, 3, 16, 16))]
+    assert train.stats == {"replays": 3, "captures": 2, "warmup": 2, "eager": 0, "evictions": 0}
+    assert runner._graphed[("eval", (4, 3, 16, 16))].stats["replays"] == 3
+    assert runner._graphed[("train", (2, 3, 16, 16))].stats["replays"] == 1

@@ -8,7 +8,10 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
   tensors *are* compact, nothing is gathered or scattered), with its optimizer's state following,
 * ``mmrazor-ref``   : the same subnet on mmrazor-style boolean-slicing layers (:mod:`.mmrazor_reference`),
 * ``dense``         : ``mutator.export(model)``, plain torch layers with compact weights,
-* ``pyprune-compile``: the dynamic model under ``torch.compile``.
+* ``pyprune-compile``: the dynamic model under ``torch.compile``,
+* ``pyprune-graph`` / ``dense-graph`` (CUDA only, :data:`GRAPH_BACKENDS`): the dynamic / exported dense model with
+  the whole step (train: forward, loss, backward, SGD step; eval: forward) replayed from one CUDA graph per subnet
+  (:mod:`pyprune.graphs`; warm-up and capture happen in the untimed warm-up calls). Skipped ("needs CUDA") on CPU.
 
 Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward + cross-entropy + backward + SGD step) at
 fixed ratios, and ``switch`` (a training step on a new random subnet every iteration: the subnets are drawn once with
@@ -33,6 +36,7 @@ from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure
 
 BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense", "pyprune-compile")
+GRAPH_BACKENDS = ("pyprune-graph", "dense-graph")  # CUDA only; in the CUDA default config, not in BACKENDS
 WORKLOADS = ("eval", "train")
 MODEL_NAMES = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 NUM_CLASSES = 1000
@@ -74,7 +78,8 @@ def quick_config(device: torch.device) -> ModelBenchConfig:
 def default_config(device: torch.device) -> ModelBenchConfig:
     if device.type == "cuda":
         # Fits the 10-minute-per-command budget when run one model per command (see benchmarks/RESULTS.md).
-        return ModelBenchConfig(device=device, compile_models=("resnet18", "resnet50"), compile_ratios=(1.0, 0.5))
+        return ModelBenchConfig(device=device, compile_models=("resnet18", "resnet50"), compile_ratios=(1.0, 0.5),
+                                backends=BACKENDS + GRAPH_BACKENDS)
     # Two shared CPU cores: reduced images and batches; compile only the smallest ResNet at one point.
     return ModelBenchConfig(device=device, batch_sizes=(1, 8), image_size=96, warmup=2, reps=5,
                             compile_models=("resnet18",), compile_ratios=(0.5,))
@@ -170,6 +175,52 @@ class Runner:
             self.optimizer.step()
 
 
+class GraphRunner:
+    """A runner whose steps replay CUDA graphs (:mod:`pyprune.graphs`): one graph per subnet and input shape. A
+    subnet's first call also runs its eager warm-up step and the capture, so the timed calls are replays."""
+
+    def __init__(self, model: nn.Module, mutator, kernel_backend: str, cache_size: int = 8,
+                 graph_backend: str = "cuda-graph"):
+        self.model, self.mutator, self.kernel_backend, self.cache_size = model, mutator, kernel_backend, cache_size
+        self.graph_backend = graph_backend  # 'eager' runs the same bookkeeping without CUDA (tests)
+        self.forward = model  # check_same_subnet compares the eager forward (the graphs run the same module)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self._graphed: Dict[tuple, object] = {}
+
+    def eval_step(self, x: torch.Tensor) -> None:
+        from ..graphs import GraphedEval
+        with _use_backend(self.kernel_backend):
+            key = ("eval", tuple(x.shape))
+            if key not in self._graphed:
+                self._graphed[key] = GraphedEval(self.model, x, mutator=self.mutator, cache_size=self.cache_size,
+                                                 backend=self.graph_backend)
+            _replayed(self._graphed[key], x)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from ..graphs import GraphedTrainStep
+        with _use_backend(self.kernel_backend):
+            key = ("train", tuple(x.shape))
+            if key not in self._graphed:
+                self._graphed[key] = GraphedTrainStep(self.model, F.cross_entropy, self.optimizer, (x, y),
+                                                      mutator=self.mutator, cache_size=self.cache_size,
+                                                      backend=self.graph_backend)
+            _replayed(self._graphed[key], x, y)
+
+
+def _replayed(graphed, *args) -> None:
+    """Call ``graphed`` until one call was a replay (a new subnet's warm-up and capture calls come first)."""
+    for _ in range(graphed.warmup_steps + 2):
+        before = graphed.stats["replays"]
+        graphed(*args)
+        if graphed.stats["replays"] > before:
+            return
+    raise RuntimeError(f"{type(graphed).__name__} never replayed (stats {graphed.stats})")
+
+
+def _skip_reason(backend: str) -> str:
+    return "skipped: needs CUDA" if backend in GRAPH_BACKENDS else "skipped: extension not built"
+
+
 def dynamic_backend_name() -> str:
     """The kernel backend a compiled or "best" dynamic model runs on."""
     return "ext" if extension_available() else "torch"
@@ -241,6 +292,10 @@ def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: Model
         torch._dynamo.reset()  # a fresh cache per subnet: recompiling is part of the warm-up, not of a timed step
         compiled = torch.compile(model, backend=cfg.compile_backend, dynamic=False)
         runners["pyprune-compile"] = Runner(model, dynamic_backend_name(), forward=compiled)
+    if device.type == "cuda" and "pyprune-graph" in backends:
+        runners["pyprune-graph"] = GraphRunner(model, mutator, dynamic_backend_name())
+    if device.type == "cuda" and "dense-graph" in backends:
+        runners["dense-graph"] = GraphRunner(copy.deepcopy(runners["dense"].model), None, "torch")
     return runners
 
 
@@ -277,7 +332,7 @@ def _time_enter_exit(cfg, runner: Runner, model_name: str, batch: int, ratio) ->
 
 def _time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y) -> Dict[str, object]:
     if backend not in runners:
-        return _result_row(cfg, model_name, batch, ratio, backend, workload, None, "skipped: extension not built")
+        return _result_row(cfg, model_name, batch, ratio, backend, workload, None, _skip_reason(backend))
     runner = runners[backend]
     step = (lambda: runner.eval_step(x)) if workload == "eval" else (lambda: runner.train_step(x, y))
     try:
@@ -333,12 +388,18 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
         steps["pyprune-compact"] = lambda: (_set_paused(compact, compact_mutator, subnets[next_index()]),
                                             compact.train_step(x, y))
 
+    if cfg.device.type == "cuda" and "pyprune-graph" in cfg.backends:
+        graph_runner = GraphRunner(model, mutator, dynamic_backend_name(), cache_size=len(subnets))
+        steps["pyprune-graph"] = lambda: (mutator.set_choices(subnets[next_index()]), graph_runner.train_step(x, y))
+    if cfg.device.type == "cuda" and "dense-graph" in cfg.backends:
+        dense_graphs = [GraphRunner(m, None, "torch") for m in dense_models]
+        steps["dense-graph"] = lambda: dense_graphs[next_index()].train_step(x, y)
+
     rows = []
-    for name in SWITCH_BACKENDS:
+    for name in SWITCH_BACKENDS + GRAPH_BACKENDS:
         if name not in steps:
             if name in cfg.backends:
-                rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None,
-                                        "skipped: extension not built"))
+                rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None, _skip_reason(name)))
             continue
         counter["i"] = -1
         # One repetition = one pass over every subnet; warm-up passes touch every subnet once.
