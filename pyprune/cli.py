@@ -36,6 +36,16 @@ def kept_ratio(text: str) -> float:
     return value
 
 
+def budget_value(text: str) -> float:
+    """A --target-flops / --target-params value: a fraction in (0, 1] of the full model or an absolute count."""
+    from .budget import Budget, BudgetError
+    try:
+        return Budget(flops=text).flops
+    except BudgetError as error:
+        reason = str(error).replace("budget flops: ", "").replace("budget flops ", "it ")
+        raise argparse.ArgumentTypeError(reason) from None
+
+
 def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -74,8 +84,20 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="ImageFolder root (with train/ and val/, or one folder per class, split 90/10); "
                              "default: pyprune's synthetic shapes dataset")
-    parser.add_argument("--target-ratio", type=kept_ratio, default=0.5,
-                        help="fraction of the channels every prunable unit keeps at the end (0, 1]")
+    parser.add_argument("--target-ratio", type=kept_ratio, default=None,
+                        help="fraction of the channels every prunable unit keeps at the end (0, 1] (default 0.5)")
+    parser.add_argument("--target-flops", type=budget_value, default=None, metavar="F",
+                        help="instead of --target-ratio: prune to this fraction (0, 1] of the full model's FLOPs, or "
+                             "to an absolute FLOPs count, taking channels where importance per FLOP is lowest "
+                             "(docs/BUDGETS.md)")
+    parser.add_argument("--target-params", type=budget_value, default=None, metavar="P",
+                        help="instead of --target-ratio: a fraction (0, 1] of the full model's parameters or a count")
+    parser.add_argument("--target-latency", type=kept_ratio, default=None, metavar="L",
+                        help="instead of --target-ratio: a fraction (0, 1] of the full model's latency, measured on "
+                             "the training device at each pruning step")
+    parser.add_argument("--allocation", choices=("global", "uniform"), default=None,
+                        help="how a --target-flops / --target-params / --target-latency budget is spread over the "
+                             "units: global (by importance per cost, the default) or uniform (one ratio for all)")
     parser.add_argument("--prune-times", type=int_at_least(1), default=None, help="pruning steps (default 4)")
     parser.add_argument("--step-freq", type=int_at_least(1), default=None,
                         help="training iterations between pruning steps (default: one epoch)")
@@ -141,6 +163,13 @@ def resolve_arguments(args: argparse.Namespace, argv: Sequence[str]) -> argparse
             setattr(args, key, value)
     if args.image_size is None:
         args.image_size = 224 if args.data else 32
+    budget = [f"--target-{k}" for k in ("flops", "params", "latency") if getattr(args, f"target_{k}") is not None]
+    if budget and args.target_ratio is not None:
+        raise ValueError(f"--target-ratio and {' / '.join(budget)} are alternatives: give one of them")
+    if args.allocation is not None and not budget:
+        raise ValueError("--allocation needs a budget: --target-flops, --target-params or --target-latency")
+    if not budget and args.target_ratio is None:
+        args.target_ratio = 0.5
     args.argv = list(argv)
     if args.model not in classification_model_names():
         raise ValueError(f"unknown model {args.model!r}: use 'small_resnet' or a torchvision classification model "

@@ -210,7 +210,8 @@ class ItePruneAlgorithm(BaseAlgorithm):
     def prune_step(self, step: int) -> None:
         """Set the choices of step ``step``, agree on the kept channels across ranks, restart importance."""
         if self.budget_schedule is not None:
-            self.budget_schedule.prune(step)
+            with self.full_size():  # ranking, the cost model and latency exports read the full-size tensors
+                self.budget_schedule.prune(step)
         else:
             self.mutator.set_choices(self.choices_at(step))
         broadcast_selections(self.mutator.mutable_units)

@@ -38,7 +38,8 @@ from .run_dir import (CHECKPOINT_FILE, STAGING_PREFIX, SUMMARY_FILE, CheckpointE
 
 METRICS_CSV, METRICS_JSON, PLOT_FILE = "metrics.csv", "metrics.json", "pruning_curve.png"
 # Options whose values must be the same when a run is resumed.
-RESUME_KEYS = ("model", "data", "target_ratio", "prune_times", "step_freq", "unit_type", "epochs",
+RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params", "target_latency", "allocation",
+               "prune_times", "step_freq", "unit_type", "epochs",
                "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
                "val_samples")
 PRUNE_LR_FRACTION = 0.1  # pruning and finetuning run at a tenth of the pretraining learning rate
@@ -68,8 +69,10 @@ class Run:
         if context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, args.target_ratio,
-                                           step_freq=self.step_freq, prune_times=args.prune_times)
+        budget = budget_of(args)
+        self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, None if budget else args.target_ratio,
+                                           step_freq=self.step_freq, prune_times=args.prune_times, budget=budget,
+                                           budget_cfg=dict(allocation=args.allocation or "global") if budget else None)
         self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                          weight_decay=args.weight_decay)
         if not getattr(args, "no_compact", False):  # pruned layers train compact between steps and in finetuning
@@ -106,6 +109,14 @@ class Run:
         params, flops = count_params(exported), count_flops(exported, (self.example,))
         return {"params": params, "params_kept": params / self.full_params, "flops": flops,
                 "flops_kept": flops / self.full_flops}
+
+    def kept_ratio(self, step: int) -> float:
+        """Kept channel fraction at pruning step ``step``: as scheduled with --target-ratio; with a budget, the
+        channels the prunable units keep over their channels."""
+        if self.args.target_ratio is not None:
+            return 1 + (self.args.target_ratio - 1) * step / self.args.prune_times
+        units = self.mutator.mutable_units
+        return sum(u.active_channels for u in units) / max(1, sum(u.num_channels for u in units))
 
     def lr_at(self, g: int) -> float:
         lr = self.args.lr
@@ -183,7 +194,8 @@ class Run:
             return True
         if g == self.total and self.args.finetune_epochs and not any(r["phase"] == "finetuned" for r in self.rows):
             self.add_row({"step": self.args.prune_times, "phase": "finetuned", "iteration": g,
-                          "kept_ratio": self.args.target_ratio, **self.size(), "accuracy": self.accuracy()})
+                          "kept_ratio": self.kept_ratio(self.args.prune_times), **self.size(),
+                          "accuracy": self.accuracy()})
             return True
         return False
 
@@ -212,7 +224,7 @@ class Run:
                 self.rewrap()
                 step = self.algorithm.steps_done
                 self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
-                                "kept_ratio": 1 + (self.args.target_ratio - 1) * step / self.args.prune_times,
+                                "kept_ratio": self.kept_ratio(step),
                                 **self.size(), "acc_pruned": self.accuracy()}
             self.position = g + 1
             bar.update(1)
@@ -260,7 +272,7 @@ class Run:
             write_csv(self.rows, str(staging / METRICS_CSV))
             write_json(self.rows, str(staging / METRICS_JSON))
             plot_metrics(self.rows, str(staging / PLOT_FILE),
-                         f"{self.args.model}, {self.args.unit_type}, kept ratio {self.args.target_ratio}")
+                         f"{self.args.model}, {self.args.unit_type}, {target_text(self.args)}")
             difference = self.verify_reload(staging)
             names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE)
             unmark_finished(self.out)  # the new files are verified: no summary may describe a mix of old and new
@@ -272,6 +284,7 @@ class Run:
         summary = {
             "command": " ".join(["pyprune"] + list(self.args.argv)), "model": self.args.model,
             "unit_type": self.args.unit_type, "target_ratio": self.args.target_ratio,
+            "budget": budget_of(self.args), "allocation": self.args.allocation,
             "world_size": self.context.world_size, "device": str(self.device),
             "accuracy_pretrained": first["accuracy"], "accuracy_final": last["accuracy"],
             "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
@@ -317,13 +330,28 @@ def run_prune_job(args) -> Dict[str, Any]:
         teardown_distributed()
 
 
+def budget_of(args) -> Optional[Dict[str, float]]:
+    """``{'flops': ..., 'params': ..., 'latency': ...}`` from --target-flops / --target-params / --target-latency,
+    or None (the run prunes to --target-ratio)."""
+    budget = {k: getattr(args, f"target_{k}", None) for k in ("flops", "params", "latency")}
+    return {k: v for k, v in budget.items() if v is not None} or None
+
+
+def target_text(args) -> str:
+    budget = budget_of(args)
+    if budget is None:
+        return f"kept ratio {args.target_ratio}"
+    limits = ", ".join(f"{k} {v:.0%}" if v <= 1 else f"{k} {v:,.0f}" for k, v in budget.items())
+    return f"budget {limits} ({args.allocation or 'global'} allocation)"
+
+
 def _run(args, context: DistributedContext, threads: int) -> Dict[str, Any]:
     run = Run(args, context)
     if args.resume:
         run.load_checkpoint(args.resume)
         run.rewrap()
     run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
-              f"{args.unit_type}, kept ratio {args.target_ratio} in {args.prune_times} steps of "
+              f"{args.unit_type}, {target_text(args)} in {args.prune_times} steps of "
               f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
               f"{context.world_size}, device {context.device}, {threads} CPU threads per process, compact "
               f"training {'on' if run.algorithm.compact_training else 'off (--no-compact)'}")
