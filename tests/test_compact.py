@@ -418,3 +418,18 @@ def test_state_of_another_shape_and_a_second_session_are_refused():
         with pytest.raises(ConfigError, match=r"layer 'stem' \(DynamicConv2d\) is already in compact training mode"):
             CompactTraining(model, optimizer).enter()
         assert model.stem.weight.shape == (8, 3, 3, 3)
+
+
+def test_layers_sharing_a_tensor_stay_in_gather_mode():
+    first, second = to_dynamic(nn.Linear(6, 6)), to_dynamic(nn.Linear(6, 6))
+    second.weight = first.weight  # tied weights: one compact copy could not serve two selections
+    for layer in (first, second):
+        layer.set_out_channels(3)
+        layer.set_in_channels(3)
+    model = nn.Sequential(first, second)
+    with pytest.warns(UserWarning, match=r"0 shares tensors with \['1'\]; it stays in gather mode"):
+        session = compact_training(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert session.layers == [] and first.weight.shape == (6, 6)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(model(x), second(first(x)))
+    session.exit()

@@ -13,12 +13,14 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
   the whole step (train: forward, loss, backward, SGD step; eval: forward) replayed from one CUDA graph per subnet
   (:mod:`pyprune.graphs`; warm-up and capture happen in the untimed warm-up calls). Skipped ("needs CUDA") on CPU.
 
-Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward + cross-entropy + backward + SGD step) at
-fixed ratios, and ``switch`` (a training step on a new random subnet every iteration: the subnets are drawn once with
-``mutator.sample_choices()`` and replayed identically for every backend; the dense baseline runs each subnet's
-pre-exported model, export time excluded; ``pyprune-compact`` changes the subnet with its session paused, so the
-step includes writing back and re-compacting weights and momentum). ``enter+exit`` (``pyprune-compact`` only): one
-``session.exit(); session.enter()`` at the fixed ratio, with momentum state (``vs_dense`` = over one dense train step).
+The eval / train backends of one (model, batch, ratio) are timed in turn, repetition by repetition, so that load
+from other processes hits them alike. Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward +
+cross-entropy + backward + SGD step) at fixed ratios, and ``switch`` (a training step on a new random subnet every
+iteration: the subnets are drawn once with ``mutator.sample_choices()`` and replayed identically for every backend;
+the dense baseline runs each subnet's pre-exported model, export time excluded; ``pyprune-compact`` changes the
+subnet with its session paused, so the step includes writing back and re-compacting weights and momentum).
+``enter+exit`` (``pyprune-compact`` only): one ``session.exit(); session.enter()`` at the fixed ratio, with momentum
+state (``vs_dense`` = over one dense train step).
 """
 import copy
 import math
@@ -316,9 +318,9 @@ def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callabl
             x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
             y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
             for workload in WORKLOADS:
-                for backend in _backends_for(cfg, model_name, ratio, batch):
-                    rows.append(_time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y))
-                    progress(1)
+                backends = _backends_for(cfg, model_name, ratio, batch)
+                rows += _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y)
+                progress(len(backends))
         if "pyprune-compact" in runners:  # after the train rows, so the optimizer has momentum state to move
             rows.append(_time_enter_exit(cfg, runners["pyprune-compact"], model_name, cfg.batch_sizes[-1], ratio))
     return rows
@@ -330,17 +332,40 @@ def _time_enter_exit(cfg, runner: Runner, model_name: str, batch: int, ratio) ->
     return _result_row(cfg, model_name, batch, ratio, "pyprune-compact", "enter+exit", result)
 
 
-def _time_backend(cfg, runners, backend, workload, model_name, batch, ratio, x, y) -> Dict[str, object]:
-    if backend not in runners:
-        return _result_row(cfg, model_name, batch, ratio, backend, workload, None, _skip_reason(backend))
-    runner = runners[backend]
-    step = (lambda: runner.eval_step(x)) if workload == "eval" else (lambda: runner.train_step(x, y))
-    try:
-        result = measure(step, cfg.device, warmup=cfg.warmup, reps=cfg.reps)
-    except Exception as error:  # one failing backend (e.g. a compile error) must not hide the others' numbers
-        return _result_row(cfg, model_name, batch, ratio, backend, workload, None,
-                           f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
-    return _result_row(cfg, model_name, batch, ratio, backend, workload, result)
+def _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y) -> List[Dict[str, object]]:
+    """Rows of one (model, batch, ratio, workload) cell, in ``backends`` order. After each backend's warm-up, the
+    repetitions go round the backends one at a time, so that other load on a shared machine hits them alike (timed
+    back to back, a burst of load lands on one backend's whole run)."""
+    steps = {b: _step(runners[b], workload, x, y) for b in backends if b in runners}
+    times: Dict[str, List[float]] = {b: [] for b in steps}
+    syncs, failed = {}, {}
+    for repetition in range(-1, cfg.reps):  # -1: each backend's warm-up and sync count
+        for backend, step in list(steps.items()):
+            try:
+                result = measure(step, cfg.device, warmup=cfg.warmup if repetition < 0 else 0, reps=1,
+                                 syncs=repetition < 0)
+            except Exception as error:  # one failing backend (e.g. a compile error) must not hide the others'
+                failed[backend] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                del steps[backend]
+                continue
+            if repetition < 0:
+                syncs[backend] = result.syncs_per_call
+            else:
+                times[backend] += result.times_s
+    rows = []
+    for backend in backends:
+        if backend not in runners:
+            rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, None, _skip_reason(backend)))
+        elif backend in failed:
+            rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, None, failed[backend]))
+        else:
+            result = Measurement(times_s=times[backend], syncs_per_call=syncs[backend])
+            rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, result))
+    return rows
+
+
+def _step(runner, workload: str, x, y) -> Callable[[], None]:
+    return (lambda: runner.eval_step(x)) if workload == "eval" else (lambda: runner.train_step(x, y))
 
 
 # ----------------------------------------------------------------------------------------------------------- switch

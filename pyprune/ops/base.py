@@ -276,7 +276,7 @@ class DynamicChannelMixin(MutableAttrs):
         """
         compact = self.__dict__.get("_compact")
         if compact is not None and compact.held:
-            return compact.tensors
+            return compact.tensors if compact.tensors_of is self else tuple(self._source_tensors())
         if self.training or torch.compiler.is_compiling():
             return self._gather_compact()
         sources = self._source_tensors()

@@ -279,9 +279,16 @@ class CompactTraining:
                 raise ConfigError(f"compact_training: layer {name!r} ({type(op).__name__}) is already in compact "
                                   f"training mode (another session, or a deep copy made in compact mode: "
                                   f"pyprune.ops.compact.release_compact(model) releases a copy)")
-        return [(name, op) for name, op in ops if self._can_hold(name, op, ops)]
+        users: Dict[int, List[str]] = {}  # id(tensor) -> the layers / channel parameters using it
+        for name, op in ops:
+            for tensor in {id(t): t for t in op._source_tensors() if t is not None}.values():
+                users.setdefault(id(tensor), []).append(name)
+        for slot in channel_parameters(self.model):
+            users.setdefault(id(slot.tensor), []).append(slot.pyprune_name)
+        return [(name, op) for name, op in ops if self._can_hold(name, op, users)]
 
-    def _can_hold(self, name: str, op: DynamicChannelMixin, ops) -> bool:
+    @staticmethod
+    def _can_hold(name: str, op: DynamicChannelMixin, users: Dict[int, List[str]]) -> bool:
         """Ops stay in gather mode when compact copies would be wrong: a subclass that gathers differently but does
         not describe its layout, or a tensor shared with another layer / a ChannelParameter."""
         own_gather = type(op)._gather_compact is not DynamicChannelMixin._gather_compact
@@ -289,10 +296,7 @@ class CompactTraining:
             warnings.warn(f"compact_training: {name} ({type(op).__name__}) overrides _gather_compact but not "
                           f"_compact_layout; it stays in gather mode", stacklevel=4)
             return False
-        mine = {id(t) for t in op._source_tensors() if t is not None}
-        shared = [other for other, m in ops if m is not op and mine & {id(t) for t in m._source_tensors()
-                                                                       if t is not None}]
-        shared += [slot.pyprune_name for slot in channel_parameters(self.model) if id(slot.tensor) in mine]
+        shared = sorted({other for t in op._source_tensors() if t is not None for other in users[id(t)]} - {name})
         if shared:
             warnings.warn(f"compact_training: {name} shares tensors with {shared}; it stays in gather mode",
                           stacklevel=4)

@@ -113,11 +113,13 @@ class CompactOpState:
         self.session = session
         self.held: List[HeldTensor] = []
         self.tensors: tuple = ()  # the op's _source_tensors() while held: what its forward uses, as they are
+        self.tensors_of = None    # the op they belong to (a DataParallel replica shares this state, not them)
         self.suspended = False
         self.loading = False
 
     def __getstate__(self):
-        return {"session": None, "held": self.held, "tensors": self.tensors, "suspended": False, "loading": False}
+        return {"session": None, "held": self.held, "tensors": self.tensors, "tensors_of": self.tensors_of,
+                "suspended": False, "loading": False}
 
     # --------------------------------------------------------------------------------------------------- moves
     def compact(self, op, with_optimizer: bool = True) -> None:
@@ -141,7 +143,7 @@ class CompactOpState:
                 if grad is not None:
                     tensor.grad = compact_grad
                 self.held.append(HeldTensor(piece, full))
-        self.tensors = tuple(op._source_tensors())
+        self.tensors, self.tensors_of = tuple(op._source_tensors()), op
         op.clear_cache()
         if session is not None:
             session._held_changed(op, self.held)
@@ -167,7 +169,7 @@ class CompactOpState:
                 tensor.data = full
                 if grad is not None:
                     tensor.grad = full_grad
-        released, self.held, self.tensors = self.held, [], ()
+        released, self.held, self.tensors, self.tensors_of = self.held, [], (), None
         op.clear_cache()
         if session is not None:
             session._held_changed(op, [], released)
