@@ -16,7 +16,7 @@ from pyprune.algorithms.unit_state import restore_selection
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import ChannelMutator
 
-RESIDUAL = "conv1_(0, 8)_8"    # conv0 / bn0 / conv1 / bn1 (residual add): 8 channels, groups 1
+RESIDUAL = "conv0_(0, 8)_8"    # conv0 / bn0 / conv1 / bn1 (residual add): 8 channels, groups 1
 GCONV = "gconv_(0, 8)_8"       # 8 channels, groups 2 (counts are even)
 
 
@@ -94,9 +94,9 @@ def test_number_mode_and_per_unit_counts():
     (True, ChannelSelectionError, "True"),
     ({"no_such_unit": 0.5}, ConfigError, "no_such_unit"),
     ({"fc_(0, 5)_5": 0.5}, ConfigError, "model output"),
-    ({RESIDUAL: 0.0}, ChannelSelectionError, "conv1"),
-    ({RESIDUAL: 9}, ChannelSelectionError, r"conv1.*\[1, 8\]"),
-    ({RESIDUAL: float("inf")}, ChannelSelectionError, "conv1"),
+    ({RESIDUAL: 0.0}, ChannelSelectionError, "conv0"),
+    ({RESIDUAL: 9}, ChannelSelectionError, r"conv0.*\[1, 8\]"),
+    ({RESIDUAL: float("inf")}, ChannelSelectionError, "conv0"),
 ])
 def test_bad_targets_raise_and_leave_the_model_at_full_width(target, error, message):
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from models import SmallNet
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
-RESIDUAL = "conv1_(0, 8)_8"  # conv0 / bn0 / conv1 / bn1 around the residual add
+RESIDUAL = "conv0_(0, 8)_8"  # conv0 / bn0 / conv1 / bn1 around the residual add
 REPO = Path(__file__).resolve().parents[1]
 
 

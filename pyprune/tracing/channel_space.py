@@ -72,7 +72,8 @@ class GroupTable:
         self.size: List[int] = []
         self._reasons: Dict[int, List[str]] = {}
         self._groups: Dict[int, int] = {}
-        self._refs: Dict[int, List[ChannelRef]] = {}
+        self._refs: Dict[int, List[Tuple[int, ChannelRef]]] = {}  # (order added, ref): forward order survives unions
+        self._added = 0
 
     def new(self, size: int, fixed_reason: str = "") -> int:
         gid = len(self._parent)
@@ -118,16 +119,18 @@ class GroupTable:
             self.fix(root, f"{self.size[root]} channels do not split into {self._groups[root]} equal groups")
 
     def add_ref(self, gid: int, ref: ChannelRef) -> None:
-        self._refs[self.find(gid)].append(ref)
+        self._refs[self.find(gid)].append((self._added, ref))
+        self._added += 1
 
     def specs(self) -> List[UnitSpec]:
-        """One UnitSpec per group that touches at least one module, in order of first appearance."""
+        """One UnitSpec per group that touches at least one module, in order of first appearance; each group's
+        refs in the order the forward met them (so a unit is named after its first layer, as mmrazor names it)."""
         out = []
         for gid in range(len(self._parent)):
             if self.find(gid) != gid or not self._refs[gid]:
                 continue
             refs = list(dict.fromkeys((r.name, r.start, r.end, r.is_output_channel, r.expand, r.param_dim)
-                                      for r in self._refs[gid]))
+                                      for _, r in sorted(self._refs[gid], key=lambda entry: entry[0])))
             refs = [ChannelRef(*r) for r in refs]
             reasons = list(dict.fromkeys(self._reasons.get(gid, [])))
             out.append(UnitSpec(num_channels=self.size[gid],
