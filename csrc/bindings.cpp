@@ -20,12 +20,18 @@ TORCH_LIBRARY(pyprune, m) {
   m.def("update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor idx, Tensor mean, "
         "Tensor var) -> ()",
         tags);
+  // Every tensor of a list in one call (CUDA: one launch); full_shapes concatenates the full shapes.
+  m.def("channel_gather_many(Tensor[] tensors, Tensor?[] out_idx, Tensor?[] in_idx) -> Tensor[]", tags);
+  m.def("channel_scatter_many(Tensor[] grads, Tensor?[] out_idx, Tensor?[] in_idx, SymInt[] full_shapes) -> Tensor[]",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(pyprune, CPU, m) {
   m.impl("channel_gather", &pyprune::channel_gather_cpu);
   m.impl("channel_scatter", &pyprune::channel_scatter_cpu);
   m.impl("update_running_stats_", &pyprune::update_running_stats_cpu);
+  m.impl("channel_gather_many", &pyprune::channel_gather_many_cpu);
+  m.impl("channel_scatter_many", &pyprune::channel_scatter_many_cpu);
 }
 
 #ifdef PYPRUNE_WITH_CUDA
@@ -33,6 +39,8 @@ TORCH_LIBRARY_IMPL(pyprune, CUDA, m) {
   m.impl("channel_gather", &pyprune::channel_gather_cuda);
   m.impl("channel_scatter", &pyprune::channel_scatter_cuda);
   m.impl("update_running_stats_", &pyprune::update_running_stats_cuda);
+  m.impl("channel_gather_many", &pyprune::channel_gather_many_cuda);
+  m.impl("channel_scatter_many", &pyprune::channel_scatter_many_cuda);
 }
 #endif
 

@@ -12,6 +12,10 @@ using OptionalTensor = std::optional<at::Tensor>;
 using GatherSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&);
 using ScatterSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
                                     c10::SymIntArrayRef);
+using GatherManySignature = std::vector<at::Tensor>(at::TensorList, const OptionalTensorList&,
+                                                    const OptionalTensorList&);
+using ScatterManySignature = std::vector<at::Tensor>(at::TensorList, const OptionalTensorList&,
+                                                     const OptionalTensorList&, c10::SymIntArrayRef);
 using RunningStatsSignature = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 template <typename Signature>
@@ -45,6 +49,24 @@ at::Tensor channel_scatter(const at::Tensor& grad, const OptionalTensor& out_idx
 void update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,
                            const at::Tensor& mean, const at::Tensor& var) {
   running_stats_op().call(running_mean, running_var, idx, mean, var);
+}
+
+std::vector<at::Tensor> channel_gather_many(at::TensorList tensors, const OptionalTensorList& out_idx,
+                                            const OptionalTensorList& in_idx) {
+  static const auto op = find_op<GatherManySignature>("pyprune::channel_gather_many");
+  return op.call(tensors, out_idx, in_idx);
+}
+
+std::vector<at::Tensor> channel_scatter_many_symint(at::TensorList grads, const OptionalTensorList& out_idx,
+                                                    const OptionalTensorList& in_idx,
+                                                    c10::SymIntArrayRef full_shapes) {
+  static const auto op = find_op<ScatterManySignature>("pyprune::channel_scatter_many");
+  return op.call(grads, out_idx, in_idx, full_shapes);
+}
+
+std::vector<at::Tensor> channel_scatter_many(at::TensorList grads, const OptionalTensorList& out_idx,
+                                             const OptionalTensorList& in_idx, c10::IntArrayRef full_shapes) {
+  return channel_scatter_many_symint(grads, out_idx, in_idx, c10::fromIntArrayRefSlow(full_shapes));
 }
 
 void redispatch::update_running_stats_(c10::DispatchKeySet keys, at::Tensor& running_mean, at::Tensor& running_var,

@@ -41,6 +41,8 @@ CASES = {
     "conv5x5": ((6, 4, 5, 5), [0, 3, 5], [1, 2]),          # the CPU kernel's fixed-size block paths: 1, 9, 25, 49
     "conv7x7": ((4, 3, 7, 7), [1, 2], [0, 2]),
     "conv3d_long_block": ((3, 2, 4, 4, 5), [0, 2], [1]),   # 80-element blocks: the library-copy path
+    "no_rows": ((8, 6, 3, 3), [], [1, 2]),                  # empty selections: scatter gives zeros
+    "no_columns": ((6, 5), [1, 4], []),
 }
 
 

@@ -74,8 +74,8 @@ ChannelGeometry check_gather_args(const at::Tensor& weight, const std::optional<
 }
 
 ChannelGeometry check_scatter_args(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
-  const char* op = "channel_scatter";
+                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape,
+                                   const char* op) {
   check_data_tensor(grad, op, "grad");
   TORCH_CHECK(!full_shape.empty(), op, ": full_shape must have at least one dimension");
   for (int64_t size : full_shape) {
@@ -86,6 +86,61 @@ ChannelGeometry check_scatter_args(const at::Tensor& grad, const std::optional<a
               " but gathering from full_shape ", full_shape, " with these indices gives ",
               c10::IntArrayRef(geo.compact_shape));
   return geo;
+}
+
+std::string list_item_name(const char* op, const char* list, size_t n) {
+  return std::string(op) + ": " + list + "[" + std::to_string(n) + "]";
+}
+
+namespace {
+
+// Lengths of the index lists and one device for all data tensors (the CUDA kernel copies them in one launch).
+void check_many_lists(at::TensorList tensors, const OptionalTensorList& out_idx, const OptionalTensorList& in_idx,
+                      const char* op, const char* list) {
+  TORCH_CHECK(out_idx.size() == tensors.size() && in_idx.size() == tensors.size(), op, ": out_idx and in_idx need ",
+              "one entry (an index or None) per tensor of ", list, " (", tensors.size(), "), got ", out_idx.size(),
+              " and ", in_idx.size());
+  for (size_t n = 1; n < tensors.size(); ++n) {
+    TORCH_CHECK(tensors[n].device() == tensors[0].device(), list_item_name(op, list, n), " is on ",
+                tensors[n].device(), " but ", list, "[0] is on ", tensors[0].device(), "; all must be on one device");
+  }
+}
+
+}  // namespace
+
+std::vector<ChannelGeometry> check_gather_many_args(at::TensorList tensors, const OptionalTensorList& out_idx,
+                                                    const OptionalTensorList& in_idx) {
+  const char* op = "channel_gather_many";
+  check_many_lists(tensors, out_idx, in_idx, op, "tensors");
+  std::vector<ChannelGeometry> geometry;
+  geometry.reserve(tensors.size());
+  for (size_t n = 0; n < tensors.size(); ++n) {
+    geometry.push_back(
+        check_gather_args(tensors[n], out_idx.get(n), in_idx.get(n), list_item_name(op, "tensors", n).c_str()));
+  }
+  return geometry;
+}
+
+std::vector<ChannelGeometry> check_scatter_many_args(at::TensorList grads, const OptionalTensorList& out_idx,
+                                                     const OptionalTensorList& in_idx, c10::IntArrayRef full_shapes) {
+  const char* op = "channel_scatter_many";
+  check_many_lists(grads, out_idx, in_idx, op, "grads");
+  size_t ranks = 0;
+  for (const at::Tensor& grad : grads) {
+    ranks += static_cast<size_t>(grad.dim());
+  }
+  TORCH_CHECK(full_shapes.size() == ranks, op, ": full_shapes must concatenate the full shape of every gradient (",
+              ranks, " sizes for these ranks), got ", full_shapes.size(), " sizes");
+  std::vector<ChannelGeometry> geometry;
+  geometry.reserve(grads.size());
+  size_t start = 0;
+  for (size_t n = 0; n < grads.size(); ++n) {
+    const c10::IntArrayRef full_shape = full_shapes.slice(start, grads[n].dim());
+    start += static_cast<size_t>(grads[n].dim());
+    geometry.push_back(check_scatter_args(grads[n], out_idx.get(n), in_idx.get(n), full_shape,
+                                          list_item_name(op, "grads", n).c_str()));
+  }
+  return geometry;
 }
 
 void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& idx,

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <vector>
@@ -157,18 +158,20 @@ void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_
 
 }  // namespace
 
-at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
-                              const std::optional<at::Tensor>& in_idx) {
-  const ChannelGeometry geo = check_gather_args(weight, out_idx, in_idx);
+at::Tensor gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                      const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo, const char* op) {
   at::Tensor out_holder, in_holder;
   const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
   const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
-  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_gather", "out_idx");
-  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_gather", "in_idx");
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
 
-  const at::Tensor src = weight.contiguous();
   at::Tensor result = at::empty(geo.compact_shape, weight.options().memory_format(at::MemoryFormat::Contiguous));
-  dispatch_by_size(weight.element_size(), "channel_gather", [&](auto tag) {
+  if (result.numel() == 0) {
+    return result;  // (an empty index has no data pointer: the kernels below would take it for "all")
+  }
+  const at::Tensor src = weight.contiguous();
+  dispatch_by_size(weight.element_size(), op, [&](auto tag) {
     using T = decltype(tag);
     gather_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
                    out, in);
@@ -176,18 +179,21 @@ at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::
   return result;
 }
 
-at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
-  const ChannelGeometry geo = check_scatter_args(grad, out_idx, in_idx, full_shape);
+at::Tensor scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                       const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo, const char* op) {
   at::Tensor out_holder, in_holder;
   const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
   const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
 
-  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, "channel_scatter", "out_idx");
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
+  if (grad.numel() == 0) {
+    // Nothing selected. (An empty index has no data pointer, so the kernels below would take it for "all rows".)
+    return at::zeros(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
+  }
   const at::Tensor src = grad.contiguous();
   at::Tensor result = at::empty(geo.full_shape, grad.options().memory_format(at::MemoryFormat::Contiguous));
   if (out != nullptr && in == nullptr && geo.block_elems() == 1) {
-    dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
+    dispatch_by_size(grad.element_size(), op, [&](auto tag) {
       using T = decltype(tag);
       scatter_elements(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()),
                        out, geo.rows, geo.full_rows);
@@ -201,14 +207,24 @@ at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::T
     inverse_out.assign(geo.full_rows, -1);
     for (int64_t r = 0; r < geo.rows; ++r) inverse_out[out[r]] = r;
   }
-  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, "channel_scatter", "in_idx");
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
 
-  dispatch_by_size(grad.element_size(), "channel_scatter", [&](auto tag) {
+  dispatch_by_size(grad.element_size(), op, [&](auto tag) {
     using T = decltype(tag);
     scatter_rows<T>(static_cast<const T*>(src.const_data_ptr()), static_cast<T*>(result.mutable_data_ptr()), geo,
                     out ? inverse_out.data() : nullptr, in);
   });
   return result;
+}
+
+at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                              const std::optional<at::Tensor>& in_idx) {
+  return gather_cpu(weight, out_idx, in_idx, check_gather_args(weight, out_idx, in_idx), "channel_gather");
+}
+
+at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
+  return scatter_cpu(grad, out_idx, in_idx, check_scatter_args(grad, out_idx, in_idx, full_shape), "channel_scatter");
 }
 
 }  // namespace pyprune

@@ -161,6 +161,10 @@ at::Tensor channel_scatter_cuda(const at::Tensor& grad, const std::optional<at::
   if (result.numel() == 0) {
     return result;
   }
+  if (src.numel() == 0) {
+    // Nothing selected. (An empty index has no data pointer, so the kernels below would take it for "all rows".)
+    return result.zero_();
+  }
 
   // Both inverse maps live in one small buffer: memset to 0xFF bytes (= -1 as int64), then one launch fills them.
   const int64_t out_map = out ? geo.full_rows : 0;

@@ -11,6 +11,12 @@ half of the channels kept in each dim, by
 On CUDA each also gets its effective bandwidth (bytes read + written by an ideal gather / time) as a fraction of a
 measured device-to-device copy.
 
+Part 1b, a set of weights at once: a model's parameters (ResNet-50's 161; SqueezeNet 1.1's with ``--quick``) with a
+random half of each channel dim kept (the model's input channels and classes stay), and as many 8x8x3x3 weights
+(where the cost per call dominates): ``pyprune-ext-many``, one ``gather_channels_many`` call for all, against a loop
+of single calls per method above. Rows ``fwd`` time the gather, ``fwd+bwd`` also its backward (the scatter of a
+gradient into every full weight).
+
 Part 2, layers: ``DynamicConv2d`` / ``DynamicLinear`` (both backends) vs the mmrazor-style boolean-slicing layer vs
 the exported dense layer, at 25 / 50 / 75 / 100 % of in and out channels: eval forward, train forward, train
 forward + backward. ``vs_dense`` is the ratio to the exported dense layer measured in the same run.
@@ -156,6 +162,117 @@ def _skipped_gather_row(case: GatherCase, method: str, why: str) -> Dict[str, ob
             "bw_fraction": None, "syncs": None, "status": f"skipped: {why}"}
 
 
+# ------------------------------------------------------------------------------------------------ model weight set
+MANY_METHODS = ("pyprune-ext-many", "pyprune-ext", "pyprune-torch", "bool-mask", "index_select")
+
+
+def model_weight_set(name: str, device: torch.device, generator: torch.Generator):
+    """Every parameter of torchvision model ``name`` with a random half of its out (dim 0) and in (dim 1) channels:
+    ``(tensors, out_indices, in_indices)``. The first parameter (the stem conv) keeps its input channels, the last
+    two (classifier weight and bias) their classes."""
+    import torchvision
+    params = [p.detach().to(device) for p in torchvision.models.get_model(name, weights=None).parameters()]
+    out_indices, in_indices = [], []
+    for n, p in enumerate(params):
+        keeps_out = n >= len(params) - 2
+        keeps_in = n == 0 or p.dim() < 2
+        out_indices.append(None if keeps_out else _random_index(p.shape[0], 0.5, device, generator))
+        in_indices.append(None if keeps_in else _random_index(p.shape[1], 0.5, device, generator))
+    return params, out_indices, in_indices
+
+
+def _many_fns(tensors, out_indices, in_indices) -> Dict[str, Callable[[], List[Tensor]]]:
+    triples = list(zip(tensors, out_indices, in_indices))
+    masks = [(_mask_of(o, t.shape[0]) if o is not None else None, _mask_of(i, t.shape[1]) if i is not None else None)
+             for t, o, i in triples]
+
+    def loop(backend: str) -> Callable[[], List[Tensor]]:
+        def run() -> List[Tensor]:
+            with _use_backend(backend):
+                return [kernels.gather_channels(t, o, i) for t, o, i in triples]
+        return run
+
+    def many() -> List[Tensor]:
+        with _use_backend("ext"):
+            return kernels.gather_channels_many(tensors, out_indices, in_indices)
+
+    def bool_mask() -> List[Tensor]:
+        results = []
+        for t, (out_mask, in_mask) in zip(tensors, masks):
+            w = t if out_mask is None else t[out_mask]
+            results.append(w if in_mask is None else w[:, in_mask])
+        return results
+
+    def index_select() -> List[Tensor]:
+        results = []
+        for t, o, i in triples:
+            w = t if o is None else t.index_select(0, o)
+            results.append(w if i is None else w.index_select(1, i))
+        return results
+
+    fns = {"pyprune-torch": loop("torch"), "bool-mask": bool_mask, "index_select": index_select}
+    if extension_available():
+        fns.update({"pyprune-ext-many": many, "pyprune-ext": loop("ext")})
+    return fns
+
+
+def _with_backward(fn: Callable[[], List[Tensor]], leaves: List[Tensor], grads: List[Tensor]) -> Callable[[], None]:
+    """fn on leaves that require grad, then its backward: ``grads`` scattered into every full weight."""
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        torch.autograd.backward(fn(), grads)
+    return step
+
+
+def weight_sets(device: torch.device, quick: bool, generator: torch.Generator) -> List[Tuple[str, list, list, list]]:
+    """(name, tensors, out indices, in indices): a model's parameters (copy-bound), and as many tiny conv weights
+    (bound by the cost of a call, which is what one call for all saves)."""
+    model = "squeezenet1_1" if quick else "resnet50"  # quick: 52 tensors, 5 MB, seconds even on a loaded machine
+    tensors, out_indices, in_indices = model_weight_set(model, device, generator)
+    count = len(tensors)
+    tiny = [torch.randn(8, 8, 3, 3, device=device) for _ in range(count)]
+    tiny_out = [_random_index(8, 0.5, device, generator) for _ in range(count)]
+    tiny_in = [_random_index(8, 0.5, device, generator) for _ in range(count)]
+    return [(f"{model} set", tensors, out_indices, in_indices), ("8x8x3x3 set", tiny, tiny_out, tiny_in)]
+
+
+def bench_gather_many(device: torch.device, quick: bool, warmup: int, reps: int,
+                      progress: Callable = lambda it, **kw: it) -> List[Dict[str, object]]:
+    """One ``gather_channels_many`` call vs a loop of single gathers over a set of weights (rows as bench_gather)."""
+    rows = []
+    grid = [(weights, workload) for weights in weight_sets(device, quick, torch.Generator().manual_seed(0))
+            for workload in ("fwd", "fwd+bwd")]
+    for (name, tensors, out_indices, in_indices), workload in progress(grid, desc="gather many"):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        fns = _many_fns(tensors if workload == "fwd" else leaves, out_indices, in_indices)
+        expected = [e.detach() for e in fns["index_select"]()]
+        grads = [torch.ones_like(e) for e in expected]
+        timings = {}
+        for method in MANY_METHODS:
+            if method not in fns:
+                continue
+            if not all(torch.equal(a, b) for a, b in zip(fns[method](), expected)):
+                raise AssertionError(f"gather many: {method} disagrees with index_select on {name}")
+            fn = fns[method] if workload == "fwd" else _with_backward(fns[method], leaves, grads)
+            timings[method] = measure(fn, device, warmup=warmup, reps=reps)
+        row = {"kind": f"{name} {workload}", "shape": f"{len(tensors)} tensors",
+               "MB": round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 3)}
+        moved = sum(2 * e.numel() * e.element_size() for e in expected)
+        rows += [_many_row(row, method, timings, moved) for method in MANY_METHODS]
+    return rows
+
+
+def _many_row(row: Dict[str, object], method: str, timings: Dict[str, object], moved: int) -> Dict[str, object]:
+    if method not in timings:
+        return dict(row, method=method, median_us=float("nan"), vs_bool_mask=float("nan"), GB_per_s=float("nan"),
+                    bw_fraction=None, syncs=None, status="skipped: extension not built")
+    result = timings[method]
+    return dict(row, method=method, median_us=result.median_s * 1e6,
+                vs_bool_mask=timings["bool-mask"].median_s / result.median_s, GB_per_s=moved / result.median_s / 1e9,
+                bw_fraction=None, syncs=result.syncs_per_call, status="ok")
+
+
 # ----------------------------------------------------------------------------------------------------------- layers
 @dataclass(frozen=True)
 class LayerCase:
@@ -265,7 +382,8 @@ def run(device: torch.device, *, quick: bool, warmup: int, reps: int, progress: 
         parts: Sequence[str] = ("gather", "layers")) -> Dict[str, List[dict]]:
     """The chosen parts; returns ``{"gather": rows, "layers": rows}`` (an empty list for a part not run)."""
     synchronize(device)
-    gather = bench_gather(device, quick, warmup, reps, progress) if "gather" in parts else []
+    gather = bench_gather(device, quick, warmup, reps, progress) + \
+        bench_gather_many(device, quick, warmup, reps, progress) if "gather" in parts else []
     layers = bench_layers(device, quick, warmup, reps, progress) if "layers" in parts else []
     layers.sort(key=lambda r: (r["layer"], r["workload"], r["ratio"], LAYER_VARIANTS.index(r["variant"])))
     return {"gather": gather, "layers": layers}

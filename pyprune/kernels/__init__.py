@@ -10,14 +10,14 @@ This package is the only Python that touches ``pyprune._C``. Shapes: see docs/AR
 import contextlib
 import os
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 from torch import Tensor
 
 from . import _torch_backend
 
-__all__ = ["gather_channels", "scatter_channels", "update_running_stats_", "backend", "set_backend", "use_backend",
-           "extension_available", "BACKENDS"]
+__all__ = ["gather_channels", "scatter_channels", "gather_channels_many", "scatter_channels_many",
+           "update_running_stats_", "backend", "set_backend", "use_backend", "extension_available", "BACKENDS"]
 
 BACKENDS = ("ext", "torch")
 _ENV_VAR = "PYPRUNE_BACKEND"
@@ -95,6 +95,43 @@ def scatter_channels(grad: Tensor, out_index: Optional[Tensor], in_index: Option
     """Inverse of :func:`gather_channels`: zeros of ``full_shape`` with ``grad`` ``[K_out, K_in, *rest]`` at the
     selected places (one pass, no accumulation, no host sync)."""
     return _active.scatter_channels(grad, out_index, in_index, full_shape)
+
+
+def gather_channels_many(tensors: Sequence[Tensor], out_indices: Optional[Sequence[Optional[Tensor]]] = None,
+                         in_indices: Optional[Sequence[Optional[Tensor]]] = None) -> List[Tensor]:
+    """:func:`gather_channels` of a whole list in one call: ``result[n] = gather_channels(tensors[n],
+    out_indices[n], in_indices[n])``, for a model's compact weights in one step (one kernel launch on CUDA, one
+    dispatcher call and one autograd node for all; the gradient of output ``n`` goes to ``tensors[n]``).
+
+    tensors: any shapes / dtypes of rank >= 1, all on one device. out_indices / in_indices: one entry per tensor (an
+    index as for :func:`gather_channels`, grouped ``[G, K_in]`` included, or None), or None for "None everywhere".
+    """
+    tensors, out_indices, in_indices = _list_arguments("gather_channels_many", "tensors", tensors, out_indices,
+                                                       in_indices)
+    return _active.gather_channels_many(tensors, out_indices, in_indices) if tensors else []
+
+
+def scatter_channels_many(grads: Sequence[Tensor], out_indices: Optional[Sequence[Optional[Tensor]]],
+                          in_indices: Optional[Sequence[Optional[Tensor]]],
+                          full_shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+    """Inverse of :func:`gather_channels_many`: ``result[n] = scatter_channels(grads[n], out_indices[n],
+    in_indices[n], full_shapes[n])``."""
+    grads, out_indices, in_indices = _list_arguments("scatter_channels_many", "grads", grads, out_indices, in_indices)
+    if len(full_shapes) != len(grads):
+        raise ValueError(f"scatter_channels_many: full_shapes needs one shape per gradient ({len(grads)}), "
+                         f"got {len(full_shapes)}")
+    return _active.scatter_channels_many(grads, out_indices, in_indices, full_shapes) if grads else []
+
+
+def _list_arguments(op: str, name: str, tensors: Sequence[Tensor], out_indices, in_indices):
+    """Lists of equal length (None -> no index for any tensor); a length mismatch is a ValueError naming both."""
+    tensors = list(tensors)
+    out_indices = [None] * len(tensors) if out_indices is None else list(out_indices)
+    in_indices = [None] * len(tensors) if in_indices is None else list(in_indices)
+    if len(out_indices) != len(tensors) or len(in_indices) != len(tensors):
+        raise ValueError(f"{op}: out_indices and in_indices need one entry (an index or None) per tensor of {name} "
+                         f"({len(tensors)}), got {len(out_indices)} and {len(in_indices)}")
+    return tensors, out_indices, in_indices
 
 
 def update_running_stats_(running_mean: Tensor, running_var: Tensor, index: Tensor, compact_mean: Tensor,

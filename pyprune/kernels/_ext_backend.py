@@ -1,13 +1,14 @@
 """The compiled backend: ``torch.ops.pyprune.*`` from the ``pyprune._C`` extension.
 
 Importing this module loads the extension (``ImportError`` when it is not built) and registers the fake kernels
-of all three ops (csrc/bindings.cpp points the dispatcher here), so FakeTensor / meta tensors / ``torch.compile``
-see their output shapes. Autograd is registered in C++ (csrc/autograd/channel_autograd.cpp: gather and scatter are each other's backward,
-so double backward works): a Python autograd kernel would add microseconds to every call, grad or not.
+of all its ops (csrc/bindings.cpp points the dispatcher here), so FakeTensor / meta tensors / ``torch.compile``
+see their output shapes. Autograd is registered in C++ (csrc/autograd/: gather and scatter are each other's
+backward, so double backward works): a Python autograd kernel would add microseconds to every call, grad or not.
 
-The public functions are the ``OpOverload`` objects themselves: one C++ dispatcher call, no Python wrapper.
+The functions are the ``OpOverload`` objects themselves (one C++ dispatcher call, no Python wrapper), except
+``scatter_channels_many``, which flattens ``full_shapes`` (the schema takes the shapes concatenated).
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +18,13 @@ from .. import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY reg
 gather_channels = torch.ops.pyprune.channel_gather.default
 scatter_channels = torch.ops.pyprune.channel_scatter.default
 update_running_stats_ = torch.ops.pyprune.update_running_stats_.default
+gather_channels_many = torch.ops.pyprune.channel_gather_many.default
+_scatter_channels_many = torch.ops.pyprune.channel_scatter_many.default
+
+
+def scatter_channels_many(grads: Sequence[Tensor], out_indices: Sequence[Optional[Tensor]],
+                          in_indices: Sequence[Optional[Tensor]], full_shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+    return _scatter_channels_many(grads, out_indices, in_indices, [size for shape in full_shapes for size in shape])
 
 
 def _check_index(index: Optional[Tensor], name: str, ranks: Sequence[int]) -> None:
@@ -55,3 +63,31 @@ def _channel_scatter_fake(grad: Tensor, out_idx: Optional[Tensor], in_idx: Optio
 def _update_running_stats_fake(running_mean: Tensor, running_var: Tensor, idx: Tensor, mean: Tensor,
                                var: Tensor) -> None:
     return None
+
+
+def _check_list_lengths(tensors: Sequence[Tensor], out_idx: Sequence, in_idx: Sequence) -> None:
+    torch._check(len(out_idx) == len(tensors) and len(in_idx) == len(tensors),
+                 lambda: f"out_idx and in_idx need one entry per tensor ({len(tensors)}), got {len(out_idx)} and "
+                         f"{len(in_idx)}")
+
+
+@torch.library.register_fake("pyprune::channel_gather_many")
+def _channel_gather_many_fake(tensors: Sequence[Tensor], out_idx: Sequence[Optional[Tensor]],
+                              in_idx: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    _check_list_lengths(tensors, out_idx, in_idx)
+    return [_channel_gather_fake(w, o, i) for w, o, i in zip(tensors, out_idx, in_idx)]
+
+
+@torch.library.register_fake("pyprune::channel_scatter_many")
+def _channel_scatter_many_fake(grads: Sequence[Tensor], out_idx: Sequence[Optional[Tensor]],
+                               in_idx: Sequence[Optional[Tensor]], full_shapes: Sequence[int]) -> List[Tensor]:
+    _check_list_lengths(grads, out_idx, in_idx)
+    ranks = [grad.dim() for grad in grads]
+    torch._check(len(full_shapes) == sum(ranks),
+                 lambda: f"full_shapes must concatenate the full shape of every gradient ({sum(ranks)} sizes), "
+                         f"got {len(full_shapes)}")
+    results, start = [], 0
+    for grad, o, i, rank in zip(grads, out_idx, in_idx, ranks):
+        results.append(_channel_scatter_fake(grad, o, i, full_shapes[start:start + rank]))
+        start += rank
+    return results

@@ -3,7 +3,7 @@
 Used when the compiled extension is not built, or when ``PYPRUNE_BACKEND=torch``. Autograd comes for free from
 ``index_select``; the functions mirror the semantics of the ``torch.ops.pyprune`` ops exactly.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,3 +42,15 @@ def update_running_stats_(running_mean: Tensor, running_var: Tensor, index: Tens
     """In place: ``running_mean[index] = compact_mean`` and ``running_var[index] = compact_var``."""
     running_mean.index_copy_(0, index, compact_mean.to(running_mean.dtype))
     running_var.index_copy_(0, index, compact_var.to(running_var.dtype))
+
+
+def gather_channels_many(tensors: Sequence[Tensor], out_indices: Sequence[Optional[Tensor]],
+                         in_indices: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    """:func:`gather_channels` of every ``(tensor, out_index, in_index)`` triple."""
+    return [gather_channels(t, o, i) for t, o, i in zip(tensors, out_indices, in_indices)]
+
+
+def scatter_channels_many(grads: Sequence[Tensor], out_indices: Sequence[Optional[Tensor]],
+                          in_indices: Sequence[Optional[Tensor]], full_shapes: Sequence[Sequence[int]]) -> List[Tensor]:
+    """:func:`scatter_channels` of every ``(grad, out_index, in_index, full_shape)``."""
+    return [scatter_channels(g, o, i, s) for g, o, i, s in zip(grads, out_indices, in_indices, full_shapes)]

@@ -21,8 +21,11 @@ void check(bool ok, const std::string& what) {
   failures += ok ? 0 : 1;
 }
 
+using pyprune::OptionalTensorList;
 using pyprune::ops::channel_gather;
+using pyprune::ops::channel_gather_many;
 using pyprune::ops::channel_scatter;
+using pyprune::ops::channel_scatter_many;
 using pyprune::ops::update_running_stats_;
 
 void run_checks(const at::TensorOptions& options, const std::string& device) {
@@ -73,6 +76,24 @@ void run_checks(const at::TensorOptions& options, const std::string& device) {
   const at::Tensor weight = conv.clone().requires_grad_(true);
   channel_gather(weight, out_idx, in_idx).sum().backward();
   check(at::equal(weight.grad(), mask.expand_as(conv) * col_mask), device + " backward of gather");
+
+  // The list ops: one call equals one single call per tensor, and each gradient goes back to its own tensor.
+  const OptionalTensorList many_out({out_idx, std::nullopt, out_idx});
+  const OptionalTensorList many_in({in_idx, std::nullopt, group_cols});
+  const std::vector<at::Tensor> compacts = channel_gather_many({conv, bias, grouped}, many_out, many_in);
+  check(compacts.size() == 3 && at::equal(compacts[0], compact) && at::equal(compacts[1], bias) &&
+            at::equal(compacts[2], grouped_expected),
+        device + " gather_many == gather per tensor");
+  const std::vector<int64_t> full_shapes{8, 6, 3, 3, 8, 8, 3, 3, 3};
+  const std::vector<at::Tensor> fulls = channel_scatter_many(compacts, many_out, many_in, full_shapes);
+  check(fulls.size() == 3 && at::equal(fulls[0], full) && at::equal(fulls[1], bias) &&
+            at::equal(fulls[2], channel_scatter(grouped_expected, out_idx, group_cols, grouped.sizes())),
+        device + " scatter_many == scatter per tensor");
+  const at::Tensor leaf = bias.clone().requires_grad_(true);
+  channel_gather_many({conv, leaf}, OptionalTensorList({std::nullopt, out_idx}),
+                      OptionalTensorList({std::nullopt, std::nullopt}))[1].sum().backward();
+  check(at::equal(leaf.grad(), at::zeros({8}, options).index_fill_(0, out_idx, 1)),
+        device + " backward of gather_many");
 }
 
 }  // namespace

@@ -9,9 +9,12 @@
 // Kernels copy contiguous "blocks": with an in_idx a block is one (row, column) pair of `inner` = prod(rest)
 // elements; without one the whole row (C_in * inner elements) is a single block in both tensors.
 
+#include "pyprune/ops.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace pyprune {
@@ -42,7 +45,19 @@ ChannelGeometry check_gather_args(const at::Tensor& weight, const std::optional<
 
 // Same for scatter: `grad` must have the compact shape that gathering from `full_shape` would produce.
 ChannelGeometry check_scatter_args(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+                                   const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape,
+                                   const char* op = "channel_scatter");
+
+// The multi-tensor ops: one index entry per tensor, every tensor on one device, and each (tensor, out_idx[n],
+// in_idx[n]) checked as above; errors name the list item ("channel_gather_many: tensors[3]: ..."). For scatter,
+// full_shapes is the concatenation of the full shapes (grads[n].dim() entries each). Returns one geometry per item.
+std::vector<ChannelGeometry> check_gather_many_args(at::TensorList tensors, const OptionalTensorList& out_idx,
+                                                    const OptionalTensorList& in_idx);
+std::vector<ChannelGeometry> check_scatter_many_args(at::TensorList grads, const OptionalTensorList& out_idx,
+                                                     const OptionalTensorList& in_idx, c10::IntArrayRef full_shapes);
+
+// "op: list[n]", how errors about one item of a list argument start.
+std::string list_item_name(const char* op, const char* list, size_t n);
 
 // Checks the in-place running-stats update: two 1-D buffers of one floating dtype, an int64 [K] index, and [K]
 // compact statistics, all on one device.
