@@ -11,7 +11,7 @@ from torch import nn
 
 from pyprune.algorithms import ItePruneAlgorithm
 from pyprune.budget import (Budget, BudgetError, BudgetPlanner, CostModel, LatencySettings, prune_to_budget,
-                            reachable_counts)
+                            reachable_counts, subnet_cost)
 from pyprune.errors import ConfigError
 from pyprune.mutators import ChannelMutator, count_flops, count_params
 
@@ -95,6 +95,14 @@ def test_cost_model_equals_flop_counter_on_the_exported_model(kind):
         flops, params = exported_cost(model, mutator, x)
         assert cost_model.cost() == cost_model.cost({u.name: u.active_channels for u in mutator.units})
         assert (cost_model.cost().flops, cost_model.cost().params) == (flops, params)
+
+
+def test_subnet_cost_counts_the_current_choices_without_export():
+    model, mutator, x = prepared("conv")
+    mutator.set_global_ratio(0.5)
+    cost = subnet_cost(model, mutator, x)
+    assert (cost.flops, cost.params) == exported_cost(model, mutator, x)
+    assert model.pw.active_out_channels == 12   # still the dynamic model, at the same choices
 
 
 def test_cost_model_counts_a_torchvision_model_exactly():

@@ -4,7 +4,7 @@ Sits between the mutator and the algorithms: it reads the mutator's units and se
 (``ItePruneAlgorithm(budget=...)``) and the command line use it. See docs/BUDGETS.md.
 """
 from .allocation import ALLOCATIONS, allocate_global, allocate_uniform, reachable_counts
-from .cost import METRICS, Cost, CostModel
+from .cost import METRICS, Cost, CostModel, subnet_cost
 from .errors import BudgetError
 from .importance import IMPORTANCE_MEASURES, NORMALIZATIONS, rank_unit
 from .latency import LatencySettings, measure_latency
@@ -17,4 +17,4 @@ __all__ = ["ALLOCATIONS", "IMPORTANCE_MEASURES", "METRICS", "NORMALIZATIONS", "T
            "BudgetPlanner", "BudgetResult", "Cost", "CostModel", "LatencyReport", "LatencySettings", "Plan",
            "allocate_global", "allocate_uniform", "apply_budget", "full_width_export", "measure_latency",
            "prune_to_budget", "rank_unit", "reachable_counts", "BatchNormCalibrator", "Candidate", "SearchResult",
-           "search_subnet", "top1_accuracy"]
+           "search_subnet", "subnet_cost", "top1_accuracy"]

@@ -185,6 +185,12 @@ class CostModel:
         return (self.unit_cost(pos, counts, metric) - self.unit_cost(pos, reduced, metric)) / (high - low)
 
 
+def subnet_cost(model: nn.Module, mutator, example_inputs=None) -> Cost:
+    """FLOPs (``FlopCounterMode`` of one forward of the dynamic model) and parameters of ``model`` at its current
+    choices, without exporting it: what ``count_flops`` / ``count_params`` of ``mutator.export(model)`` give."""
+    return CostModel.from_model(model, mutator, example_inputs).cost()
+
+
 # -------------------------------------------------------------------------------------------- layer structure
 def _first_refs(units) -> Dict[str, Tuple[object, str]]:
     """layer name -> (a ref naming it, its unit's name), in model order of first appearance."""
@@ -384,4 +390,4 @@ def _fit_quadratic(xs: List[int], ys: List[float]) -> Tuple[float, float, float,
     return a, 0.0, c, d
 
 
-__all__ = ["Cost", "CostModel", "LayerCost", "METRICS", "example_inputs_for"]
+__all__ = ["Cost", "CostModel", "LayerCost", "METRICS", "example_inputs_for", "subnet_cost"]
