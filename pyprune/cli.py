@@ -139,6 +139,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compact", action="store_true",
                         help="train pruned layers in gather mode (full-size weights, gradients and momentum) instead "
                              "of compact training mode between pruning steps and while finetuning")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each training step from a CUDA graph captured per subnet (pyprune.graphs); "
+                             "needs a CUDA device, one process and --no-compact; pruning-phase steps of units that "
+                             "learn importance from gradients (taylor) stay eager")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,12 +182,25 @@ def resolve_arguments(args: argparse.Namespace, argv: Sequence[str]) -> argparse
         if not os.path.isdir(args.data):
             raise ValueError(f"--data {args.data}: no such directory")
         args.data = os.path.abspath(args.data)
+    if args.cuda_graphs:
+        _check_cuda_graphs(args)
     _check_output_dir(args.output_dir)
     if args.resume == "auto":
         args.resume = os.path.join(args.output_dir, "checkpoint.pt")
     if args.resume is not None and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no checkpoint at {args.resume}")
     return args
+
+
+def _check_cuda_graphs(args: argparse.Namespace) -> None:
+    """--cuda-graphs: a CUDA device, one process, gather mode (compact training swaps the tensors a graph reads)."""
+    import torch
+    if not args.no_compact:
+        raise ValueError("--cuda-graphs needs --no-compact: compact training swaps the tensors a captured graph reads")
+    if not (args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())):
+        raise ValueError(f"--cuda-graphs needs a CUDA device (--device {args.device} runs on the CPU here)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--cuda-graphs runs in one process only (not under torchrun with several ranks)")
 
 
 def _check_output_dir(path: str) -> None:

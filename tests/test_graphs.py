@@ -299,3 +299,28 @@ def test_benchmark_graph_runner_times_replays_only():
     assert train.stats == {"replays": 3, "captures": 2, "warmup": 2, "eager": 0, "evictions": 0}
     assert runner._graphed[("eval", (4, 3, 16, 16))].stats["replays"] == 3
     assert runner._graphed[("train", (2, 3, 16, 16))].stats["replays"] == 1
+
+
+# ------------------------------------------------------------------------------------------ pyprune prune --cuda-graphs
+@pytest.mark.parametrize("extra, message", [
+    ([], "--cuda-graphs needs --no-compact"),
+    (["--no-compact", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+])
+def test_prune_cuda_graphs_refuses_what_it_cannot_graph(tmp_path, capsys, extra, message):
+    from pyprune.cli import main
+    out = tmp_path / "run"
+    assert main(["prune", "--quick", "--cuda-graphs", "--output-dir", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_prune_job_with_cuda_graphs(tmp_path):
+    import json
+    from pyprune.cli import main
+    out = tmp_path / "run"
+    assert main(["prune", "--quick", "--cuda-graphs", "--no-compact", "--device", "cuda", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["accuracy_exported"] <= 1.0 and summary["params_after"] < summary["params_before"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -84,6 +85,7 @@ class Run:
         full = build_model(args.model, self.num_classes).to(self.device)
         self.full_params, self.full_flops = count_params(full), count_flops(full, (self.example,))
         self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
+        self.graphed = None                                   # --cuda-graphs: the GraphedTrainStep, made lazily
         self.elapsed_before = 0.0                             # wall time of earlier (resumed) sessions
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -205,6 +207,20 @@ class Run:
         if self.algorithm.compact_training and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
             self.wrapped = rebuild_ddp(self.wrapped)
 
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, pruning: bool) -> torch.Tensor:
+        """One iteration, eager, or with --cuda-graphs replayed from the current subnet's CUDA graph (a pruning
+        step changes the subnet key, so the next step captures anew). Pruning-phase steps of units that learn
+        importance from gradients stay eager: they read the gradients after backward."""
+        from ..algorithms.unit_state import learns_importance
+        if not getattr(self.args, "cuda_graphs", False) or (
+                pruning and any(learns_importance(u) for u in self.mutator.mutable_units)):
+            return train_iteration(self.wrapped, images, labels, self.optimizer, self.algorithm if pruning else None)
+        if self.graphed is None:
+            from ..graphs import GraphedTrainStep
+            self.graphed = GraphedTrainStep(self.wrapped, F.cross_entropy, self.optimizer, (images, labels),
+                                            mutator=self.mutator, cache_size=2)
+        return self.graphed(images, labels)
+
     def train(self) -> bool:
         """Run from ``self.position`` to the end; returns False when stopped early by ``--max-iterations``."""
         start = self.position
@@ -218,8 +234,7 @@ class Run:
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             set_lr(self.optimizer, self.lr_at(g))
             pruning = self.pre_end <= g < self.prune_end
-            loss = train_iteration(self.wrapped, images, labels, self.optimizer,
-                                   self.algorithm if pruning else None)
+            loss = self.train_step(images, labels, pruning)
             if pruning and self.algorithm.step():
                 self.rewrap()
                 step = self.algorithm.steps_done
