@@ -9,8 +9,8 @@ from pyprune import cli
 
 def test_prune_to_a_flops_budget(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["prune", "--quick", "--no-progress", "--target-flops", "0.5", "--allocation", "uniform",
-                     "--output-dir", str(out)]) == 0
+    assert cli.main(["prune", "--quick", "--no-progress", "--threads", "1", "--target-flops", "0.5",
+                     "--allocation", "uniform", "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0.4 < summary["flops_kept"] <= 0.5
     assert summary["budget"] == {"flops": 0.5} and summary["allocation"] == "uniform"
