@@ -69,6 +69,15 @@ def prepared(kind="conv", unit="L1MutableChannelUnit", **unit_args):
     return model, mutator, torch.randn(shape)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and lose much on a shared, oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_attention_fast_path():
     """The exported nn.MultiheadAttention's eval fast path is one native op FlopCounterMode does not count; the
