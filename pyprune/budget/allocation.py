@@ -139,6 +139,8 @@ def _granularity(cost_model: CostModel, chosen: Sequence[int], larger: Sequence[
 def allocate_uniform(cost_model: CostModel, ladders: Sequence[Ladder], limits: Mapping[str, float],
                      base: Sequence[int]) -> Allocation:
     """The largest common ratio whose counts meet ``limits`` (the floors must meet them; callers check)."""
+    if not ladders:
+        return Allocation(list(base), {m: 0.0 for m in METRICS})
     ratios = sorted({c / ladder.unit.num_channels for ladder in ladders for c in ladder.counts})
 
     def counts_for(ratio: float) -> List[int]:
@@ -202,6 +204,8 @@ def _scored_steps(cost_model, ladders, rankings, reference, metric) -> List[Tupl
 def _cheapest_prefix(cost_model, ladders, steps, limits, base) -> Allocation:
     """The fewest steps (taken in order) whose result meets ``limits``; bisection (cost falls with every step)."""
     start = counts_at(base, ladders, "top")
+    if not steps:
+        return Allocation(start, {m: 0.0 for m in METRICS})
 
     def after(k: int) -> List[int]:
         counts = list(start)
