@@ -122,9 +122,22 @@ class GroupTable:
         self._refs[self.find(gid)].append((self._added, ref))
         self._added += 1
 
+    def _join_reused_layers(self) -> None:
+        """A layer applied to several inputs (one module called more than once) meets the same range of its
+        channels in the group of every call; its weights are shared, so those groups are one (as in mmrazor)."""
+        first: Dict[Tuple, int] = {}
+        for gid in range(len(self._parent)):
+            for _, ref in list(self._refs.get(gid, ())):
+                key = (ref.name, ref.start, ref.end, ref.is_output_channel, ref.expand, ref.param_dim)
+                if key in first:
+                    self.union(first[key], gid, f"{ref.name} is applied to inputs of different widths")
+                else:
+                    first[key] = gid
+
     def specs(self) -> List[UnitSpec]:
         """One UnitSpec per group that touches at least one module, in order of first appearance; each group's
         refs in the order the forward met them (so a unit is named after its first layer, as mmrazor names it)."""
+        self._join_reused_layers()
         out = []
         for gid in range(len(self._parent)):
             if self.find(gid) != gid or not self._refs[gid]:
