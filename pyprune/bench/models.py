@@ -25,6 +25,7 @@ state (``vs_dense`` = over one dense train step).
 import copy
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -256,13 +257,19 @@ def _result_row(cfg: ModelBenchConfig, model: str, batch: int, ratio, backend: s
 
 
 def _fill_vs_dense(rows: List[Dict[str, object]]) -> None:
-    dense = {(r["model"], r["batch"], r["ratio"], r["workload"]): r["median_ms"] for r in rows
+    """``vs_dense``: for the interleaved eval / train cells the median over repetition rounds of this backend's time
+    over dense's in the same round (a paired ratio: load that changes between rounds cancels out), otherwise the
+    ratio of the medians. The switch cost of compact mode (``enter+exit``) is counted in dense training steps."""
+    dense = {(r["model"], r["batch"], r["ratio"], r["workload"]): r for r in rows
              if r["backend"] == "dense" and r["status"] == "ok"}
-    for row in rows:  # the switch cost of compact mode is counted in dense training steps
+    for row in rows:
         workload = "train" if row["workload"] == "enter+exit" else row["workload"]
         base = dense.get((row["model"], row["batch"], row["ratio"], workload))
-        if base and row["status"] == "ok":
-            row["vs_dense"] = row["median_ms"] / base
+        if base is None or row["status"] != "ok":
+            continue
+        paired = row["workload"] in WORKLOADS and len(row["times_ms"]) == len(base["times_ms"]) > 0
+        row["vs_dense"] = statistics.median(t / d for t, d in zip(row["times_ms"], base["times_ms"])) if paired \
+            else row["median_ms"] / base["median_ms"]
 
 
 def _compiles(cfg: ModelBenchConfig, model_name: str, ratio: Optional[float] = None,
