@@ -433,3 +433,27 @@ def test_layers_sharing_a_tensor_stay_in_gather_mode():
     x = torch.randn(2, 3)
     torch.testing.assert_close(model(x), second(first(x)))
     session.exit()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compact_steps_and_switches_do_not_sync_on_cuda():
+    model, mutator = prepared()
+    mutator.set_global_ratio(0.5)
+    model.cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = (t.cuda() for t in batches(1)[0])
+    train(model, optimizer, [(x, y)])  # momentum state exists before the first compaction
+    session = CompactTraining(model, optimizer)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        session.enter()
+        train(model, optimizer, [(x, y)] * 2)
+        session.refresh()
+        model.state_dict()
+        optimizer.state_dict()
+        session.exit()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert model.stem.weight.shape == (16, 3, 3, 3)
