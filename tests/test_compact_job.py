@@ -22,11 +22,10 @@ def test_iterative_pruning_in_compact_mode_equals_gather_mode(unit_type):
     results = []
     for compact in (False, True):
         model, mutator = prepared(unit_type)
-        algorithm = ItePruneAlgorithm(model, mutator, 0.5, step_freq=2, prune_times=2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        if compact:
-            session = algorithm.start_compact_training(optimizer)
-            assert algorithm.compact_training and session.active
+        algorithm = ItePruneAlgorithm(model, mutator, 0.5, step_freq=2, prune_times=2, optimizer=optimizer,
+                                      compact=compact)
+        assert algorithm.compact_training == compact
         changed = []
         for x, y in batches(6):
             model.train()

@@ -89,6 +89,10 @@ class ItePruneAlgorithm(BaseAlgorithm):
             result. A FLOPs / params target below the floor raises BudgetError here.
         budget_cfg: options of the planner: ``allocation`` (``'global'`` | ``'uniform'``), ``importance``,
             ``normalization``, ``floor``, ``example_inputs`` (default: the mutator's demo input), ``rank_metric``.
+        optimizer: the optimizer(s) of your training loop. Given, the pruned subnet trains in compact mode between
+            steps and after the last one (``compact=True``, the default; see :meth:`start_compact_training`): a
+            step costs what the exported model's step costs, and the optimizer's state follows every step.
+            Without it (or with ``compact=False``) the model stays in gather mode.
 
     The counter is the index of the iteration (epoch) that just ended. A step is taken when
     ``counter % step_freq == 0 and counter // step_freq < prune_times``, with ``t = counter // step_freq + 1``: the
@@ -102,7 +106,7 @@ class ItePruneAlgorithm(BaseAlgorithm):
                  prune_times: int = 1, linear_schedule: bool = True, by_epoch: bool = False, *,
                  iters_per_epoch: Optional[int] = None, strict: bool = False, data_preprocessor=None,
                  init_cfg: Optional[Dict] = None, budget: Optional[Mapping] = None,
-                 budget_cfg: Optional[Mapping] = None):
+                 budget_cfg: Optional[Mapping] = None, optimizer=None, compact: bool = True):
         for name, value in (("step_freq", step_freq), ("prune_times", prune_times),
                             ("iters_per_epoch", 1 if iters_per_epoch is None else iters_per_epoch)):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -131,6 +135,8 @@ class ItePruneAlgorithm(BaseAlgorithm):
                 self._units[name].choice_to_count(choice)
         self.counter = 0
         self.steps_done = 0
+        if optimizer is not None and compact:  # last: a bad argument above leaves the model as it was
+            self.start_compact_training(optimizer)
 
     # ------------------------------------------------------------------------------------------------- targets
     @property
@@ -209,12 +215,14 @@ class ItePruneAlgorithm(BaseAlgorithm):
 
     def prune_step(self, step: int) -> None:
         """Set the choices of step ``step``, agree on the kept channels across ranks, restart importance."""
-        if self.budget_schedule is not None:
-            with self.full_size():  # ranking, the cost model and latency exports read the full-size tensors
+        # In compact training mode: full-size tensors for ranking, the cost model and latency exports, and one
+        # write-back / compaction for the whole step (the ranks' agreement included).
+        with self.full_size():
+            if self.budget_schedule is not None:
                 self.budget_schedule.prune(step)
-        else:
-            self.mutator.set_choices(self.choices_at(step))
-        broadcast_selections(self.mutator.mutable_units)
+            else:
+                self.mutator.set_choices(self.choices_at(step))
+            broadcast_selections(self.mutator.mutable_units)
         self.mutator.reset_importance()
         self.steps_done = step
 
