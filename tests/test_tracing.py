@@ -277,10 +277,13 @@ class TrainFailsOnOneSample(TrainOnlyBranch):
         return (out, self.aux(y).mean((2, 3))) if self.training else out
 
 
-def test_eval_recording_reports_unreached_layers():
-    with pytest.warns(PruningTraceWarning, match=r"never ran the layers \['aux'\]"):
+def test_eval_recording_reports_unreached_layers_and_keeps_what_they_read():
+    with pytest.warns(PruningTraceWarning, match=r"never ran the layers \['aux'\] \(a train-mode forward failed: "
+                                                 r"layer 'bn' \(BatchNorm1d\) raised ValueError"):
         specs = trace_channel_units(TrainFailsOnOneSample(), torch.randn(1, 3, 2, 2), tracer="torch_function")
     assert all("aux" not in {r.name for r in s.output_related + s.input_related} for s in specs)
+    conv = unit_of(specs, "conv")
+    assert conv.fixed and "does not reach (aux)" in conv.reason  # aux reads it in train mode
 
 
 def test_tracing_leaves_buffers_unchanged():

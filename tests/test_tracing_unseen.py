@@ -95,6 +95,25 @@ def test_groups_an_unreached_layer_feeds_are_kept_whole():
     assert stream.fixed and "does not reach (side)" in stream.reason
 
 
+class Untraceable(SmallAux):
+    """Data-dependent control flow (fx cannot trace it) around the same too-small train-only head."""
+
+    def forward(self, x):
+        y = F.relu(self.body(F.relu(self.bn(self.stem(x)))))
+        if y.sum() > -1e9:
+            y = y * 1.0
+        out = self.fc(y.mean((2, 3)))
+        return (out, self.aux(F.avg_pool2d(y, 4)).mean((2, 3))) if self.training else out
+
+
+def test_without_fx_the_warning_says_what_they_read_is_unknown():
+    with pytest.warns(PruningTraceWarning) as caught:
+        trace_channel_units(Untraceable(), torch.randn(1, 3, 8, 8))
+    messages = [str(w.message) for w in caught]
+    assert any("recorded forward never ran the layers ['aux']" in m and "what they read is unknown" in m
+               and "layer 'aux' (Conv2d) raised RuntimeError" in m for m in messages)
+
+
 class WithUnused(SmallAux):
     def __init__(self):
         super().__init__()
