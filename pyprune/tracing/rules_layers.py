@@ -10,9 +10,9 @@ from typing import Callable, Dict, Optional
 import torch.fx
 from torch import nn
 
-from ..ops.attention import WINDOW_ATTENTION_OPS, attention_heads
+from ..ops.attention import WINDOW_ATTENTION_OPS
 from ..ops.layernorm import is_channels_first_layer_norm
-from ..ops.registry import is_prunable_layer, registered_base
+from ..ops.registry import is_prunable_layer, layer_kind, registered_base
 from .channel_space import ChannelSpace
 from .context import PropagationContext, shapes
 from .spec import ChannelRef
@@ -174,7 +174,7 @@ def window_attention(ctx: PropagationContext, node, module: nn.Module):
     space = _input(ctx, node)
     if not one_group_last(ctx, space):
         return ctx.unknown(node, type(module).__name__, "its input is not one whole channel group")
-    ctx.table.constrain_groups(space.segments[0].gid, attention_heads(module))
+    ctx.table.constrain_groups(space.segments[0].gid, layer_kind(module).selection_groups(module))
     layer_inputs(ctx, node, space, space.ndim - 1, True)
     return space
 
