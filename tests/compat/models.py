@@ -231,24 +231,32 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
+def _divisible(channels: float, divisor: int = 8) -> int:
+    """mmcls's make_divisible for widths: nearest multiple of 8, never below 90 % of the asked width."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
 class _MobileNetV2Backbone(nn.Module):
-    """mmcls's MobileNetV2 (widen_factor 1): conv1, layer1..layer7, conv2 (1280 channels)."""
+    """mmcls's MobileNetV2: conv1, layer1..layer7, conv2 (1280 channels, ``1280 * widen_factor`` above 1)."""
 
     # expand ratio, channels, blocks, stride
     ARCH = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
             (6, 320, 1, 1)]
 
-    def __init__(self):
+    def __init__(self, widen_factor: float = 1.0):
         super().__init__()
-        self.conv1 = ConvModule(3, 32, 3, stride=2)
-        in_channels = 32
+        in_channels = _divisible(32 * widen_factor)
+        self.conv1 = ConvModule(3, in_channels, 3, stride=2)
         for index, (expand, channels, blocks, stride) in enumerate(self.ARCH, 1):
+            channels = _divisible(channels * widen_factor)
             layer = []
             for block in range(blocks):
                 layer.append(InvertedResidual(in_channels, channels, stride if block == 0 else 1, expand))
                 in_channels = channels
             setattr(self, f"layer{index}", nn.Sequential(*layer))
-        self.conv2 = ConvModule(in_channels, 1280, 1)
+        self.out_channels = int(1280 * widen_factor) if widen_factor > 1.0 else 1280
+        self.conv2 = ConvModule(in_channels, self.out_channels, 1)
 
     def forward(self, x):
         x = self.conv1(x)
@@ -258,6 +266,7 @@ class _MobileNetV2Backbone(nn.Module):
 
 
 @MODELS.register_module()
-def MMClsMobileNetV2(num_classes: int = 1000) -> nn.Module:
+def MMClsMobileNetV2(num_classes: int = 1000, widen_factor: float = 1.0) -> nn.Module:
     """An mmcls ``ImageClassifier`` with a ``MobileNetV2`` backbone."""
-    return ImageClassifier(_MobileNetV2Backbone(), 1280, num_classes)
+    backbone = _MobileNetV2Backbone(widen_factor)
+    return ImageClassifier(backbone, backbone.out_channels, num_classes)

@@ -3,7 +3,8 @@ models named the way mmcls names them: unit names, the choices they set, and the
 
 ResNet-34 l1-norm a/b/c (ItePruneAlgorithm, L1 units in ratio mode), GroupFisher ResNet-50 / MobileNetV2 deploy
 ``fix_subnet`` (SequentialMutableChannelUnit, number mode), DMCP MobileNetV2-100M / ResNet-50-2G and DCFF ResNet-18
-mutator configs (their mutator / unit type names registered as aliases, as a user of the registry does).
+mutator configs (their mutator / unit type names registered as aliases, as a user of the registry does), and
+AutoSlim's slimmable MobileNetV2 1.5x units.
 """
 import json
 import warnings
@@ -14,7 +15,7 @@ import torch
 
 from compat.models import MMClsMobileNetV2, MMClsResNet
 from pyprune import MODELS, ChannelMutator, ItePruneAlgorithm, SequentialMutableChannelUnit
-from pyprune.errors import ConfigError
+from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.units.leniency import ConfigLeniencyWarning
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -155,3 +156,29 @@ def test_dmcp_resnet50_and_dcff_resnet18_subnets_load():
     # ratio-mode choices k / C give k back: 0.640625 of 64 = 41, 0.59375 of 128 = 76, 0.69921875 of 512 = 358
     assert (small.layer1[0].conv1.out_channels, small.layer2[0].conv2.out_channels,
             small.layer2[0].downsample[0].out_channels, small.layer4[1].conv1.out_channels) == (41, 76, 76, 358)
+
+
+# ------------------------------------------------------------------------------------------------ slimmable
+def test_slimmable_mobilenet_v2_units_and_their_subnets():
+    """AutoSlim's slimmable MobileNetV2 1.5x: SlimmableChannelUnits from a units file, each subnet one candidate
+    index (mmrazor's candidate lists repeat widths; pyprune keeps each width once)."""
+    units = fixture("slimmable_mbv2_1.5x.json")["units"]
+    model = MMClsMobileNetV2(widen_factor=1.5).eval()
+    mutator = ChannelMutator(dict(type="SlimmableChannelUnit", units=units), parse_cfg=dict(PARSE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mutator.prepare_from_supernet(model)
+    assert {u.name for u in mutator.mutable_units} == set(units)
+    assert mutator.current_choices == {name: cfg["choice"] for name, cfg in units.items()}
+    first = mutator._by_name["backbone.conv1.conv_(0, 48)_48"]
+    assert first.candidate_choices == [8, 32]
+    with pytest.raises(ChannelSelectionError, match="candidate"):
+        first.current_choice = 16
+    x = torch.randn(1, 3, 64, 64)
+    for subnet, expected in ((0, (8, 48, 720)), (1, (8, 56, 1440))):
+        mutator.set_choices({name: cfg["init_args"]["candidate_choices"][subnet] for name, cfg in units.items()})
+        small = mutator.export(model).eval()
+        backbone = small.backbone
+        assert (backbone.conv1.conv.out_channels, backbone.layer4[0].conv[2].conv.out_channels,
+                backbone.layer6[1].conv[0].conv.out_channels) == expected
+        torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-4)
