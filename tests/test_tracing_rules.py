@@ -142,13 +142,13 @@ def test_count_attribute_binds_only_one_public_int(ints, expected):
 
 
 # ---- adding a rule -------------------------------------------------------------------------------------------
-class Rolled(nn.Module):
+class Cleaned(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.b(torch.roll(self.a(x), 1, 1))
+        return self.b(torch.nan_to_num(self.a(x)))
 
 
 def unit_after_a(model):
@@ -157,14 +157,40 @@ def unit_after_a(model):
 
 
 def test_a_new_op_rule_is_one_table_entry(monkeypatch):
-    assert not unit_after_a(Rolled()).fixed  # no rule for roll: the generic rule passes the channels on
+    assert not unit_after_a(Cleaned()).fixed  # no rule for nan_to_num: the generic rule passes the channels on
 
-    def roll(ctx, node, name):
-        """roll along the channel dim reorders channels: a pruned tensor would roll differently."""
+    def nan_to_num(ctx, node, name):
+        """A rule that (for the sake of the example) keeps the channels it meets whole."""
         space = ctx.space(node.args[0])
-        ctx.fix_space(space, "rolled along the channels")
+        ctx.fix_space(space, "kept whole by the new rule")
         return space
 
-    monkeypatch.setitem(OP_RULES, "roll", roll)
-    unit = unit_after_a(Rolled())
-    assert unit.fixed and unit.reason == "rolled along the channels"
+    monkeypatch.setitem(OP_RULES, "nan_to_num", nan_to_num)
+    unit = unit_after_a(Cleaned())
+    assert unit.fixed and unit.reason == "kept whole by the new rule"
+
+
+class _Reorder(nn.Module):
+    """conv (8 channels) -> an op that may move values along a dim -> conv."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.b, self.op = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), op
+
+    def forward(self, x):
+        return self.b(self.op(self.a(x)))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "torch_function"])
+@pytest.mark.parametrize("op, reorders", [
+    (lambda y: torch.roll(y, 1, 1), True), (lambda y: y.roll(3), True), (lambda y: torch.roll(y, 1, 2), False),
+    (lambda y: y.flip(1), True), (lambda y: torch.flip(y, [3]), False),
+    (lambda y: y.cumsum(1), True), (lambda y: torch.cumsum(y, dim=2), False),
+    (lambda y: y.sort(1)[0], True), (lambda y: y.sort(-1)[0], False)])
+def test_ops_that_reorder_along_the_channel_dim_fix_the_group(op, reorders, tracer):
+    """Channel c before ``roll`` / ``flip`` / ``cumsum`` / ``sort`` over channels is not channel c after it: a
+    pruned index would name other channels. Over other dims the channels pass through."""
+    with pytest.warns(PruningTraceWarning) if reorders else nullcontext():
+        specs = trace_channel_units(_Reorder(op), torch.randn(1, 3, 4, 4), tracer=tracer)
+    unit = next(s for s in specs if s.num_channels == 8)
+    assert unit.fixed == reorders

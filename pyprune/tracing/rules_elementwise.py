@@ -107,3 +107,26 @@ def _mentions(node: torch.fx.Node, width: int) -> bool:
     found = []
     torch.fx.node.map_aggregate((node.args, node.kwargs), lambda v: found.append(type(v) is int and v == width) or v)
     return width > 1 and any(found)
+
+
+# Ops that keep every dim's size but move values along the dims they are given: along the channel dim they reorder
+# (or mix in order) the channels, so a pruned channel index would no longer name the same channel afterwards.
+ALONG_DIMS = {"roll": (2, "dims"), "flip": (1, "dims"), "cumsum": (1, "dim"), "cumprod": (1, "dim"),
+              "logcumsumexp": (1, "dim"), "sort": (1, "dim"), "argsort": (1, "dim")}
+
+
+@op_rule(*ALONG_DIMS)
+def along_dims(ctx: PropagationContext, node: torch.fx.Node, name: str):
+    """``roll`` / ``flip`` / ``cumsum`` / ``sort`` ... over the channel dim (or, for ``roll`` without dims, over
+    the flattened tensor) fix the group; over other dims the channels pass through (``sort`` returns its values and
+    indices both on the input's channels)."""
+    space = ctx.space(node.args[0]) if node.args else None
+    if space is None:
+        return generic(ctx, node, name)
+    index, keyword = ALONG_DIMS[name]
+    default = -1 if name in ("sort", "argsort") else None
+    dims = node.args[index] if len(node.args) > index else node.kwargs.get(keyword, default)
+    dims = [] if dims is None else (list(dims) if isinstance(dims, (list, tuple)) else [dims])
+    if not dims or any(not isinstance(d, int) or d % space.ndim == space.dim for d in dims):
+        return ctx.unknown(node, name, "it reorders values along the channel dim")
+    return (space, space) if name == "sort" else generic(ctx, node, name)
