@@ -33,6 +33,7 @@ from pyprune.training.loop import cosine_lr, evaluate, set_lr, train_iteration
 from pyprune.training.models import build_model
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
+DEFAULT_ALLOCATIONS = ("uniform", "global", "global:floor=0.25", "global:cost_power=0")
 FINETUNE_LR_FRACTION = 0.25
 
 
@@ -40,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    parser.add_argument("--allocations", nargs="+", default=["uniform", "global"], choices=["uniform", "global"])
+    parser.add_argument("--allocations", nargs="+", type=allocation_spec, default=list(DEFAULT_ALLOCATIONS),
+                        help="'uniform' or 'global', optionally with planner options: 'global:floor=0.25', "
+                             "'global:cost_power=0'")
     parser.add_argument("--target-flops", type=float, default=0.5, help="kept fraction of the full model's FLOPs")
     parser.add_argument("--floor", type=float, default=None,
                         help="fewest channels a unit keeps, as a fraction (default: one channel / one group)")
@@ -63,6 +66,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table (markdown) to this file")
     return parser.parse_args(argv)
+
+
+def allocation_spec(text: str) -> str:
+    """``uniform`` | ``global`` [``:key=value,...``] with keys floor / cost_power / normalization (checked)."""
+    allocation_options(text)
+    return text
+
+
+def allocation_options(text: str) -> dict:
+    name, _, rest = text.partition(":")
+    if name not in ("uniform", "global"):
+        raise argparse.ArgumentTypeError(f"allocation must start with 'uniform' or 'global', got {text!r}")
+    options = {"allocation": name}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("floor", "cost_power", "normalization"):
+            raise argparse.ArgumentTypeError(f"unknown allocation option {key!r} in {text!r}")
+        options[key] = value if key == "normalization" else float(value)
+    return options
 
 
 def train(model: nn.Module, loader: DataLoader, steps: int, lr: float, device, desc: str, optimizer_name: str) -> None:
@@ -111,7 +133,7 @@ def bench_model(name: str, args, train_set, val_set, num_classes: int, device) -
     reference = measure(full, val_set, device, latency_input)
     print(f"{name}: full model top-1 {reference['top1']:.3f} after {args.pretrain_steps} steps "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
-    rows = [dict(model=name, allocation="full", pruned_top1=reference["top1"], **reference)]
+    rows = [dict(model=name, allocation="full", pruned_top1=reference["top1"], narrowest=1.0, **reference)]
     exported = [full]
     for allocation in args.allocations:
         model = copy.deepcopy(full)
@@ -119,14 +141,16 @@ def bench_model(name: str, args, train_set, val_set, num_classes: int, device) -
         mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=shape))
         mutator.prepare_from_supernet(model)
         planned = time.perf_counter()
-        result = prune_to_budget(model, mutator, flops=args.target_flops, allocation=allocation, floor=args.floor)
+        options = {"floor": args.floor, **allocation_options(allocation)}
+        result = prune_to_budget(model, mutator, flops=args.target_flops, **options)
         plan_s = time.perf_counter() - planned
         small = mutator.export(model)
         pruned_top1 = evaluate(small, val_set, 128, device)
         torch.manual_seed(args.seed)
         train(small, loader, args.finetune_steps, args.lr * FINETUNE_LR_FRACTION, device,
               f"{name}: {allocation} finetune", args.optimizer)
-        row = dict(model=name, allocation=allocation, pruned_top1=pruned_top1, plan_s=plan_s,
+        narrowest = min(u.active_channels / u.num_channels for u in mutator.mutable_units)
+        row = dict(model=name, allocation=allocation, pruned_top1=pruned_top1, plan_s=plan_s, narrowest=narrowest,
                    **measure(small, val_set, device, latency_input))
         exported.append(small)
         print(f"{name}: {allocation}: planned in {plan_s:.1f} s, FLOPs kept {result.kept('flops'):.1%}, top-1 "
@@ -145,12 +169,13 @@ def bench_model(name: str, args, train_set, val_set, num_classes: int, device) -
 
 def table(rows) -> str:
     lines = ["| model | allocation | top-1 after pruning | top-1 after finetune | FLOPs (M) | FLOPs kept | "
-             "params (M) | params kept | latency (ms) | latency kept |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "params (M) | params kept | latency (ms) | latency kept | narrowest unit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['allocation']} | {r['pruned_top1']:.3f} | {r['top1']:.3f} | "
                      f"{r['flops'] / 1e6:.1f} | {r['flops_kept']:.1%} | {r['params'] / 1e6:.2f} | "
-                     f"{r['params_kept']:.1%} | {r['latency_s'] * 1e3:.2f} | {r['latency_kept']:.1%} |")
+                     f"{r['params_kept']:.1%} | {r['latency_s'] * 1e3:.2f} | {r['latency_kept']:.1%} | "
+                     f"{r['narrowest']:.1%} |")
     return "\n".join(lines)
 
 

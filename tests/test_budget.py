@@ -232,7 +232,8 @@ def test_malformed_budgets_are_refused(bad, match):
 @pytest.mark.parametrize("option,value,match", [("allocation", "random", "allocation"),
                                                 ("importance", "fisher", "importance"),
                                                 ("normalization", "sum", "normalization"),
-                                                ("floor", {"nope": 2}, "unknown unit"), ("floor", 1.5, "floor")])
+                                                ("floor", {"nope": 2}, "unknown unit"), ("floor", 1.5, "floor"),
+                                                ("cost_power", -1, "cost_power")])
 def test_bad_planner_options_are_refused(option, value, match):
     model, mutator, x = prepared("conv")
     with pytest.raises(BudgetError, match=match):
@@ -261,10 +262,12 @@ def test_global_allocation_drops_unimportant_channels_first():
     assert all(u.active_channels < u.num_channels for u in mutator.mutable_units)
 
 
-@pytest.mark.parametrize("normalization", ["mean", "max", "group_size", "none"])
-def test_normalizations_all_meet_the_target(normalization):
+@pytest.mark.parametrize("options", [dict(normalization="mean"), dict(normalization="max"),
+                                     dict(normalization="group_size"), dict(normalization="none"),
+                                     dict(cost_power=0), dict(cost_power=0.5)])
+def test_normalizations_and_cost_powers_all_meet_the_target(options):
     model, mutator, x = prepared("conv")
-    result = prune_to_budget(model, mutator, flops=0.5, example_inputs=x, normalization=normalization)
+    result = prune_to_budget(model, mutator, flops=0.5, example_inputs=x, **options)
     assert exported_cost(model, mutator, x)[0] <= 0.5 * result.full.flops
 
 

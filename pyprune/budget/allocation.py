@@ -166,22 +166,24 @@ def allocate_uniform(cost_model: CostModel, ladders: Sequence[Ladder], limits: M
 # ---------------------------------------------------------------------------------------------------- global
 def allocate_global(cost_model: CostModel, ladders: Sequence[Ladder], rankings: Mapping[int, UnitRanking],
                     limits: Mapping[str, float], base: Sequence[int], rank_metric: str,
-                    passes: int = 2) -> Allocation:
+                    passes: int = 2, cost_power: float = 1.0) -> Allocation:
     """Drop the lowest-scoring ladder steps (importance / channel cost) until ``limits`` are met.
 
     ``rankings``: per unit position, its :class:`UnitRanking`. ``rank_metric``: the cost a channel's importance is
-    divided by (``'flops'`` or ``'params'``). ``base``: counts of the units without a ladder (fixed ones).
+    divided by (``'flops'`` or ``'params'``), raised to ``cost_power`` (1: importance per cost, mmrazor's
+    GroupFisher; 0: importance alone, Torch-Pruning's global ranking). ``base``: counts of the units without a
+    ladder (fixed ones).
     """
     reference = counts_at(base, ladders, "top")
     allocation = None
     for _ in range(max(1, passes)):
-        steps = _scored_steps(cost_model, ladders, rankings, reference, rank_metric)
+        steps = _scored_steps(cost_model, ladders, rankings, reference, rank_metric, cost_power)
         allocation = _cheapest_prefix(cost_model, ladders, steps, limits, base)
         reference = allocation.counts
     return allocation
 
 
-def _scored_steps(cost_model, ladders, rankings, reference, metric) -> List[Tuple[int, int]]:
+def _scored_steps(cost_model, ladders, rankings, reference, metric, cost_power) -> List[Tuple[int, int]]:
     """Every ladder step as ``(unit position, count after the step)``, lowest score first."""
     keyed = []
     for ladder in ladders:
@@ -195,7 +197,7 @@ def _scored_steps(cost_model, ladders, rankings, reference, metric) -> List[Tupl
             high, low = counts[high_index], counts[high_index - 1]
             dropped = ranking.scores[num_channels - high:num_channels - low]
             running = max(running, float(dropped.mean()))  # never before a step of the same unit that precedes it
-            score = running / channel_cost if channel_cost > 0 else math.inf
+            score = running / channel_cost ** cost_power if channel_cost > 0 else math.inf
             keyed.append(((score, pos, order), (pos, low)))
     keyed.sort(key=lambda item: item[0])
     return [step for _, step in keyed]

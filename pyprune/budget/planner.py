@@ -37,6 +37,8 @@ class BudgetPlanner:
         importance, normalization: the channel scores of global allocation; see :mod:`pyprune.budget.importance`.
         floor: the fewest channels a unit keeps: None (one channel / one per group, or what the unit's rounding
             allows), a fraction, a count, or a dict per unit name.
+        cost_power: global allocation scores a channel by ``importance / cost ** cost_power``: 1 (default) ranks
+            by importance per FLOP (or parameter), 0 by importance alone, values between soften the cost.
         rank_metric: the cost a channel's importance is divided by in global allocation; default the budget's
             ``flops`` if it has one (latency budgets are planned on FLOPs), else ``params``.
 
@@ -44,9 +46,12 @@ class BudgetPlanner:
     """
 
     def __init__(self, model: nn.Module, mutator, *, example_inputs=None, allocation: str = "global",
-                 importance=None, normalization: str = "mean", floor=None, rank_metric: Optional[str] = None):
+                 importance=None, normalization: str = "mean", floor=None, rank_metric: Optional[str] = None,
+                 cost_power: float = 1.0):
         if allocation not in ALLOCATIONS:
             raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if isinstance(cost_power, bool) or not isinstance(cost_power, (int, float)) or not 0 <= cost_power <= 4:
+            raise BudgetError(f"cost_power must be a number in [0, 4], got {cost_power!r}")
         if rank_metric is not None and rank_metric not in METRICS:
             raise BudgetError(f"rank_metric must be one of {METRICS}, got {rank_metric!r}")
         check_importance(importance)
@@ -54,7 +59,7 @@ class BudgetPlanner:
         check_floor(floor, {u.name for u in mutator.units})
         self.model, self.mutator = model, mutator
         self.allocation, self.importance, self.normalization = allocation, importance, normalization
-        self.floor, self.rank_metric = floor, rank_metric
+        self.floor, self.rank_metric, self.cost_power = floor, rank_metric, float(cost_power)
         self.cost_model = CostModel.from_model(model, mutator, example_inputs)
         self.full: Cost = self.cost_model.full()
 
@@ -86,7 +91,8 @@ class BudgetPlanner:
             rankings = {ladder.pos: rank_unit(self.model, ladder.unit, self.importance, self.normalization)
                         for ladder in ladders}
             metric = self.rank_metric or ("flops" if "flops" in limits or budget.latency else "params")
-            allocation = allocate_global(self.cost_model, ladders, rankings, limits, base, metric)
+            allocation = allocate_global(self.cost_model, ladders, rankings, limits, base, metric,
+                                         cost_power=self.cost_power)
         return self._plan_from(allocation, ladders, rankings, limits)
 
     def _start_counts(self, start: str) -> List[int]:

@@ -65,6 +65,7 @@ class BudgetResult:
 
 def prune_to_budget(model: nn.Module, mutator, *, flops=None, params=None, latency=None, example_inputs=None,
                     allocation: str = "global", importance=None, normalization: str = "mean", floor=None,
+                    cost_power: float = 1.0,
                     latency_settings: LatencySettings = LatencySettings()) -> BudgetResult:
     """Set the kept channels of every mutable unit so that ``model`` meets the budget, in one shot.
 
@@ -75,7 +76,7 @@ def prune_to_budget(model: nn.Module, mutator, *, flops=None, params=None, laten
         latency: a fraction in (0, 1] of the full model's *measured* latency on the model's device: the exported
             subnet is timed (see :class:`LatencySettings`) for up to 8 FLOPs budgets found by bisection and the
             largest that meets the target is kept.
-        allocation, importance, normalization, floor: see :class:`BudgetPlanner`.
+        allocation, importance, normalization, floor, cost_power: see :class:`BudgetPlanner`.
 
     Returns a :class:`BudgetResult` (``print()`` it for a table). The units are changed; export with
     ``mutator.export(model)``. A target that cannot be met raises BudgetError naming the floor, with nothing
@@ -83,7 +84,8 @@ def prune_to_budget(model: nn.Module, mutator, *, flops=None, params=None, laten
     """
     budget = Budget(flops=flops, params=params, latency=latency)
     planner = BudgetPlanner(model, mutator, example_inputs=example_inputs, allocation=allocation,
-                            importance=importance, normalization=normalization, floor=floor)
+                            importance=importance, normalization=normalization, floor=floor,
+                            cost_power=cost_power)
     return apply_budget(planner, budget, start="full", latency_settings=latency_settings,
                         example_inputs=example_inputs)
 
