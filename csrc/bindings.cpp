@@ -15,8 +15,14 @@
 TORCH_LIBRARY(pyprune, m) {
   m.set_python_module("pyprune.kernels._ext_backend");  // where the fake kernels are registered
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
-  m.def("channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx) -> Tensor", tags);
-  m.def("channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape) -> Tensor", tags);
+  // dtype / memory_format: write the result in that dtype and layout in the same pass (autocast, channels_last);
+  // None = the input's dtype, contiguous.
+  m.def("channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx, ScalarType? dtype=None, "
+        "MemoryFormat? memory_format=None) -> Tensor",
+        tags);
+  m.def("channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape, ScalarType? dtype=None, "
+        "MemoryFormat? memory_format=None) -> Tensor",
+        tags);
   m.def("update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor idx, Tensor mean, "
         "Tensor var) -> ()",
         tags);

@@ -9,9 +9,12 @@ namespace ops {
 namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
-using GatherSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&);
+using OptionalDtype = std::optional<at::ScalarType>;
+using OptionalFormat = std::optional<at::MemoryFormat>;
+using GatherSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, OptionalDtype,
+                                   OptionalFormat);
 using ScatterSignature = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                                    c10::SymIntArrayRef);
+                                    c10::SymIntArrayRef, OptionalDtype, OptionalFormat);
 using GatherManySignature = std::vector<at::Tensor>(at::TensorList, const OptionalTensorList&,
                                                     const OptionalTensorList&);
 using ScatterManySignature = std::vector<at::Tensor>(at::TensorList, const OptionalTensorList&,
@@ -30,20 +33,21 @@ const c10::TypedOperatorHandle<RunningStatsSignature>& running_stats_op() {
 
 }  // namespace
 
-at::Tensor channel_gather(const at::Tensor& weight, const OptionalTensor& out_idx, const OptionalTensor& in_idx) {
+at::Tensor channel_gather(const at::Tensor& weight, const OptionalTensor& out_idx, const OptionalTensor& in_idx,
+                          OptionalDtype dtype, OptionalFormat memory_format) {
   static const auto op = find_op<GatherSignature>("pyprune::channel_gather");
-  return op.call(weight, out_idx, in_idx);
+  return op.call(weight, out_idx, in_idx, dtype, memory_format);
 }
 
 at::Tensor channel_scatter_symint(const at::Tensor& grad, const OptionalTensor& out_idx, const OptionalTensor& in_idx,
-                                  c10::SymIntArrayRef full_shape) {
+                                  c10::SymIntArrayRef full_shape, OptionalDtype dtype, OptionalFormat memory_format) {
   static const auto op = find_op<ScatterSignature>("pyprune::channel_scatter");
-  return op.call(grad, out_idx, in_idx, full_shape);
+  return op.call(grad, out_idx, in_idx, full_shape, dtype, memory_format);
 }
 
 at::Tensor channel_scatter(const at::Tensor& grad, const OptionalTensor& out_idx, const OptionalTensor& in_idx,
-                           c10::IntArrayRef full_shape) {
-  return channel_scatter_symint(grad, out_idx, in_idx, c10::fromIntArrayRefSlow(full_shape));
+                           c10::IntArrayRef full_shape, OptionalDtype dtype, OptionalFormat memory_format) {
+  return channel_scatter_symint(grad, out_idx, in_idx, c10::fromIntArrayRefSlow(full_shape), dtype, memory_format);
 }
 
 void update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,

@@ -169,6 +169,43 @@ void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& 
               " but running_mean is on ", running_mean.device());
 }
 
+StridedLayout strided_layout(const at::Tensor& tensor) {
+  StridedLayout layout;
+  const int64_t rank = tensor.dim();
+  layout.row = tensor.stride(0);
+  layout.col = rank >= 2 ? tensor.stride(1) : 0;
+  layout.inner = rank >= 3 ? tensor.stride(rank - 1) : 0;
+  return layout;
+}
+
+at::Tensor readable_strided(const at::Tensor& tensor) {
+  for (int64_t d = 2; d + 1 < tensor.dim(); ++d) {
+    if (tensor.size(d) != 1 && tensor.stride(d) != tensor.stride(d + 1) * tensor.size(d + 1)) {
+      return tensor.contiguous();
+    }
+  }
+  return tensor;
+}
+
+Conversion check_conversion(const at::Tensor& data, std::optional<at::ScalarType> dtype,
+                            std::optional<at::MemoryFormat> memory_format, int64_t rank, const char* op) {
+  Conversion conversion{dtype.value_or(data.scalar_type()), memory_format.value_or(at::MemoryFormat::Contiguous),
+                        false};
+  conversion.changes_dtype = conversion.dtype != data.scalar_type();
+  auto convertible = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  };
+  TORCH_CHECK(!conversion.changes_dtype || (convertible(data.scalar_type()) && convertible(conversion.dtype)), op,
+              ": dtype converts between float32, float64, float16 and bfloat16 only, got ", data.scalar_type(),
+              " to ", conversion.dtype);
+  const at::MemoryFormat format = conversion.memory_format;
+  TORCH_CHECK(format == at::MemoryFormat::Contiguous || (format == at::MemoryFormat::ChannelsLast && rank == 4) ||
+                  (format == at::MemoryFormat::ChannelsLast3d && rank == 5),
+              op, ": memory_format must be contiguous_format, channels_last (rank 4) or channels_last_3d (rank 5); ",
+              "got ", format, " for a tensor of rank ", rank);
+  return conversion;
+}
+
 void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, const char* op, const char* name) {
   // A branch-free min / max pass (vectorises); the slow search for the culprit runs only when one exists.
   int64_t low = 0, high = 0;

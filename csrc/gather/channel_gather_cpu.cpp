@@ -217,14 +217,30 @@ at::Tensor scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& 
   return result;
 }
 
+// The plain kernels above serve the default (same dtype, contiguous in and out); anything else takes the
+// converting kernels of channel_gather_cast_cpu.cpp, which read through strides and convert while copying.
 at::Tensor channel_gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
-                              const std::optional<at::Tensor>& in_idx) {
-  return gather_cpu(weight, out_idx, in_idx, check_gather_args(weight, out_idx, in_idx), "channel_gather");
+                              const std::optional<at::Tensor>& in_idx, std::optional<at::ScalarType> dtype,
+                              std::optional<at::MemoryFormat> memory_format) {
+  const char* op = "channel_gather";
+  const ChannelGeometry geo = check_gather_args(weight, out_idx, in_idx);
+  const Conversion to = check_conversion(weight, dtype, memory_format, weight.dim(), op);
+  if (!to.changes_dtype && to.memory_format == at::MemoryFormat::Contiguous && weight.is_contiguous()) {
+    return gather_cpu(weight, out_idx, in_idx, geo, op);
+  }
+  return gather_converting_cpu(weight, out_idx, in_idx, geo, to.dtype, to.memory_format, op);
 }
 
 at::Tensor channel_scatter_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
-  return scatter_cpu(grad, out_idx, in_idx, check_scatter_args(grad, out_idx, in_idx, full_shape), "channel_scatter");
+                               const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape,
+                               std::optional<at::ScalarType> dtype, std::optional<at::MemoryFormat> memory_format) {
+  const char* op = "channel_scatter";
+  const ChannelGeometry geo = check_scatter_args(grad, out_idx, in_idx, full_shape);
+  const Conversion to = check_conversion(grad, dtype, memory_format, static_cast<int64_t>(full_shape.size()), op);
+  if (!to.changes_dtype && to.memory_format == at::MemoryFormat::Contiguous) {
+    return scatter_cpu(grad, out_idx, in_idx, geo, op);
+  }
+  return scatter_converting_cpu(grad, out_idx, in_idx, geo, to.dtype, to.memory_format, op);
 }
 
 }  // namespace pyprune

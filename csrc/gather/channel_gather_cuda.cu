@@ -119,8 +119,13 @@ const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, 
 }  // namespace
 
 at::Tensor channel_gather_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
-                               const std::optional<at::Tensor>& in_idx) {
+                               const std::optional<at::Tensor>& in_idx, std::optional<at::ScalarType> dtype,
+                               std::optional<at::MemoryFormat> memory_format) {
   const ChannelGeometry geo = check_gather_args(weight, out_idx, in_idx);
+  const Conversion to = check_conversion(weight, dtype, memory_format, weight.dim(), "channel_gather");
+  if (to.changes_dtype || to.memory_format != at::MemoryFormat::Contiguous || !weight.is_contiguous()) {
+    return gather_converting_cuda(weight, out_idx, in_idx, geo, to.dtype, to.memory_format);  // (cast_cuda.cu)
+  }
   const c10::cuda::CUDAGuard guard(weight.device());
   at::Tensor out_holder, in_holder;
   const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
@@ -149,8 +154,14 @@ at::Tensor channel_gather_cuda(const at::Tensor& weight, const std::optional<at:
 }
 
 at::Tensor channel_scatter_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                                const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape) {
+                                const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape,
+                                std::optional<at::ScalarType> dtype, std::optional<at::MemoryFormat> memory_format) {
   const ChannelGeometry geo = check_scatter_args(grad, out_idx, in_idx, full_shape);
+  const Conversion to = check_conversion(grad, dtype, memory_format, static_cast<int64_t>(full_shape.size()),
+                                         "channel_scatter");
+  if (to.changes_dtype || to.memory_format != at::MemoryFormat::Contiguous) {
+    return scatter_converting_cuda(grad, out_idx, in_idx, geo, to.dtype, to.memory_format);  // (cast_cuda.cu)
+  }
   const c10::cuda::CUDAGuard guard(grad.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index());
   at::Tensor out_holder, in_holder;

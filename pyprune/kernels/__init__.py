@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Iterator, List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import _torch_backend
@@ -80,21 +81,33 @@ def use_backend(name: str) -> Iterator[str]:
         set_backend(previous)
 
 
-def gather_channels(tensor: Tensor, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> Tensor:
+def gather_channels(tensor: Tensor, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None,
+                    dtype: Optional[torch.dtype] = None, memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """New contiguous ``tensor[out_index][:, in_index]``, differentiable w.r.t. ``tensor``.
 
     tensor: ``[C_out, C_in, *rest]`` (rank >= 1). out_index: int64 ``[K_out]`` or None (all). in_index: int64
     ``[K_in]``, or ``[G, K_in]`` per-group local indices (compact row r uses ``in_index[r // (K_out // G)]``), or
     None. Returns ``[K_out, K_in, *rest]`` (``[K_out]`` for 1-D). Index values are trusted (not range-checked on GPU).
+
+    ``dtype`` (float32 / float64 / float16 / bfloat16 from one of those) and ``memory_format`` (``channels_last`` for
+    rank 4, ``channels_last_3d`` for rank 5) write the result in that form in the same pass, e.g. the bf16
+    channels_last compact weight of a conv under autocast; the gradient still comes back in ``tensor``'s dtype (and
+    channels_last layout, when ``tensor`` has it). None: ``tensor``'s dtype, contiguous.
     """
-    return _active.gather_channels(tensor, out_index, in_index)
+    if dtype is None and memory_format is None:
+        return _active.gather_channels(tensor, out_index, in_index)  # the hot path: no keyword handling
+    return _active.gather_channels(tensor, out_index, in_index, dtype=dtype, memory_format=memory_format)
 
 
 def scatter_channels(grad: Tensor, out_index: Optional[Tensor], in_index: Optional[Tensor],
-                     full_shape: Sequence[int]) -> Tensor:
+                     full_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                     memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """Inverse of :func:`gather_channels`: zeros of ``full_shape`` with ``grad`` ``[K_out, K_in, *rest]`` at the
-    selected places (one pass, no accumulation, no host sync)."""
-    return _active.scatter_channels(grad, out_index, in_index, full_shape)
+    selected places (one pass, no accumulation, no host sync), of ``dtype`` in ``memory_format`` (default: grad's
+    dtype, contiguous)."""
+    if dtype is None and memory_format is None:
+        return _active.scatter_channels(grad, out_index, in_index, full_shape)
+    return _active.scatter_channels(grad, out_index, in_index, full_shape, dtype=dtype, memory_format=memory_format)
 
 
 def gather_channels_many(tensors: Sequence[Tensor], out_indices: Optional[Sequence[Optional[Tensor]]] = None,

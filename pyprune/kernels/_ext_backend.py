@@ -46,17 +46,43 @@ def _compact_shape(full_shape: Sequence[int], out_idx: Optional[Tensor], in_idx:
     return shape
 
 
+_CONVERTIBLE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CHANNELS_LAST_RANK = {torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
+def _converted_empty(like: Tensor, shape: Sequence, dtype: Optional[torch.dtype],
+                     memory_format: Optional[torch.memory_format]) -> Tensor:
+    """The uninitialised output of a converting gather / scatter (checks as csrc/common/geometry.cpp's)."""
+    dtype = like.dtype if dtype is None else dtype
+    torch._check(dtype == like.dtype or (like.dtype in _CONVERTIBLE and dtype in _CONVERTIBLE),
+                 lambda: f"dtype converts between float32, float64, float16 and bfloat16 only, got {like.dtype} to "
+                         f"{dtype}")
+    memory_format = torch.contiguous_format if memory_format is None else memory_format
+    torch._check(memory_format == torch.contiguous_format or _CHANNELS_LAST_RANK.get(memory_format) == len(shape),
+                 lambda: f"memory_format must be contiguous_format, channels_last (rank 4) or channels_last_3d "
+                         f"(rank 5); got {memory_format} for a tensor of rank {len(shape)}")
+    return like.new_empty(list(shape), dtype=dtype).contiguous(memory_format=memory_format)
+
+
 @torch.library.register_fake("pyprune::channel_gather")
-def _channel_gather_fake(w: Tensor, out_idx: Optional[Tensor], in_idx: Optional[Tensor]) -> Tensor:
-    return w.new_empty(_compact_shape(w.shape, out_idx, in_idx))
+def _channel_gather_fake(w: Tensor, out_idx: Optional[Tensor], in_idx: Optional[Tensor],
+                         dtype: Optional[torch.dtype] = None,
+                         memory_format: Optional[torch.memory_format] = None) -> Tensor:
+    shape = _compact_shape(w.shape, out_idx, in_idx)
+    if dtype is None and memory_format is None:
+        return w.new_empty(shape)
+    return _converted_empty(w, shape, dtype, memory_format)
 
 
 @torch.library.register_fake("pyprune::channel_scatter")
 def _channel_scatter_fake(grad: Tensor, out_idx: Optional[Tensor], in_idx: Optional[Tensor],
-                          full_shape: Sequence[int]) -> Tensor:
+                          full_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                          memory_format: Optional[torch.memory_format] = None) -> Tensor:
     compact = _compact_shape(full_shape, out_idx, in_idx)
     torch._check(list(grad.shape) == compact, lambda: f"grad has shape {list(grad.shape)}, expected {compact}")
-    return grad.new_empty(list(full_shape))
+    if dtype is None and memory_format is None:
+        return grad.new_empty(list(full_shape))
+    return _converted_empty(grad, full_shape, dtype, memory_format)
 
 
 @torch.library.register_fake("pyprune::update_running_stats_")

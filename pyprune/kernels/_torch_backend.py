@@ -19,21 +19,30 @@ def _select_rows_per_group(tensor: Tensor, in_index: Tensor) -> Tensor:
     return torch.gather(blocks, 2, index).reshape(tensor.shape[0], per_group, *tensor.shape[2:])
 
 
-def gather_channels(tensor: Tensor, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> Tensor:
-    """Return contiguous ``tensor[out_index][:, in_index]``; see docs/ARCHITECTURE.md for the grouped form."""
+def gather_channels(tensor: Tensor, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None,
+                    dtype: Optional[torch.dtype] = None, memory_format: Optional[torch.memory_format] = None) -> Tensor:
+    """Return ``tensor[out_index][:, in_index]`` as a new tensor of ``dtype`` in ``memory_format`` (default: the
+    input's dtype, contiguous); see docs/ARCHITECTURE.md for the grouped form."""
     out = tensor if out_index is None else tensor.index_select(0, out_index)
     if in_index is not None:
         out = out.index_select(1, in_index) if in_index.dim() == 1 else _select_rows_per_group(out, in_index)
+    if dtype is not None or memory_format is not None:  # a cast and a copy (the compiled kernel does it in one pass)
+        converted = out.to(dtype=dtype or out.dtype, memory_format=memory_format or torch.contiguous_format)
+        return converted if converted is not tensor else converted.clone()
     return out.contiguous() if out is not tensor else out.clone()
 
 
 def scatter_channels(grad: Tensor, out_index: Optional[Tensor], in_index: Optional[Tensor],
-                     full_shape: Sequence[int]) -> Tensor:
-    """Inverse of :func:`gather_channels`: a zero tensor of ``full_shape`` with ``grad`` at the selected places."""
+                     full_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                     memory_format: Optional[torch.memory_format] = None) -> Tensor:
+    """Inverse of :func:`gather_channels`: a zero tensor of ``full_shape`` (of ``dtype``, in ``memory_format``;
+    default grad's dtype, contiguous) with ``grad`` at the selected places."""
     full = torch.zeros(full_shape, dtype=grad.dtype, device=grad.device)
     template = torch.arange(full.numel(), device=grad.device).reshape(full_shape)
     positions = gather_channels(template, out_index, in_index)
     full.view(-1)[positions.reshape(-1)] = grad.reshape(-1)
+    if dtype is not None or memory_format is not None:
+        full = full.to(dtype=dtype or full.dtype, memory_format=memory_format or torch.contiguous_format)
     return full
 
 

@@ -29,6 +29,17 @@ __all__ = ["DynamicChannelMixin"]
 _EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for get_extra_state() in a state_dict
 
 
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast computes in for ``x``'s device type, or None when autocast is off there."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_eligible(tensor: Tensor) -> bool:
+    """Whether autocast would cast ``tensor`` to its lower-precision dtype (floating, not float64)."""
+    return tensor.is_floating_point() and tensor.dtype != torch.float64
+
+
 class DynamicChannelMixin(MutableAttrs):
     """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
 
@@ -225,6 +236,7 @@ class DynamicChannelMixin(MutableAttrs):
         state = self.__dict__  # as in _set_index
         state["_selection_version"] += 1
         state["_eval_cache"] = None
+        state.pop("_batched_compact", None)  # gathered for the old selection (pyprune.ops.batched)
         self._after_selection_change()
         compact = self.__dict__.get("_compact")
         if compact is not None:  # compact training mode: write the old selection back, hold the new one
@@ -253,51 +265,78 @@ class DynamicChannelMixin(MutableAttrs):
                 f"{self.pyprune_name} ({type(self).__name__}): input has {x.shape[dim]} {word} (dim {dim}), but the "
                 f"layer's active input channels are {self.active_in_channels} of {self._full_channels()[1]}")
 
-    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
-        """Fresh compact copies of ``_channel_tensors`` (the full tensors themselves when nothing is pruned)."""
+    def _gather_compact(self, form: Optional[Tuple[Optional[torch.dtype], Optional[torch.memory_format]]] = None
+                        ) -> Tuple[Optional[Tensor], ...]:
+        """Fresh compact copies of ``_channel_tensors`` (the full tensors themselves when nothing is pruned).
+
+        ``form``: (dtype, memory format) to write them in, in the gather's one pass (conv / linear under autocast
+        or with a channels_last input, see :meth:`_gather_form`); the memory format applies to the tensors of its
+        rank (the conv weight) only. Ops that override this method are never given a ``form``.
+        """
         out_index, in_index = self._kernel_indices()
         compact = []
         for name in self._channel_tensors:
             tensor = getattr(self, name)
             if tensor is None or (out_index is None and in_index is None):
                 compact.append(tensor)
+                continue
+            cols = in_index if tensor.dim() > 1 else None
+            if form is None:
+                compact.append(kernels.gather_channels(tensor, out_index, cols))
             else:
-                compact.append(kernels.gather_channels(tensor, out_index, in_index if tensor.dim() > 1 else None))
+                dtype, memory_format = form
+                rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
+                compact.append(kernels.gather_channels(
+                    tensor, out_index, cols, dtype=dtype if _autocast_eligible(tensor) else None,
+                    memory_format=memory_format if tensor.dim() == rank else None))
         return tuple(compact)
 
-    def _compact_tensors(self) -> Tuple[Optional[Tensor], ...]:
-        """``_gather_compact()``, served from a cache in eval mode when no gradient is needed.
+    def _gather_form(self, x: Tensor) -> Optional[Tuple[Optional[torch.dtype], Optional[torch.memory_format]]]:
+        """The (dtype, memory format) this op's compact tensors should be gathered in for input ``x``, or None for
+        the plain form: the autocast dtype when autocast is on for ``x``'s device (so autocast finds them already
+        cast: no separate cast kernel), and ``x``'s channels_last layout for a conv. Subclasses opt in."""
+        return None
 
-        The cache key is (selection version, each source tensor's identity and ``_version``, device, dtype), so an
-        in-place update (optimizer step, ``load_state_dict``, ``copy_`` under no_grad) or a new selection
+    def _compact_tensors(self, form=None) -> Tuple[Optional[Tensor], ...]:
+        """``_gather_compact(form)``, served from a cache in eval mode when no gradient is needed.
+
+        The cache key is (selection version, each source tensor's identity and ``_version``, device, dtype, form),
+        so an in-place update (optimizer step, ``load_state_dict``, ``copy_`` under no_grad) or a new selection
         invalidates it. Writes through ``tensor.data`` bypass autograd's version counter: call
-        :meth:`clear_cache` after those. Training and ``torch.compile`` always gather (the compiled graph owns it).
+        :meth:`clear_cache` after those. Training and ``torch.compile`` always gather (the compiled graph owns it),
+        unless :func:`pyprune.ops.batched_gather` already gathered this forward's tensors with every other op's in
+        one call (then they are used once, for the plain form).
         In compact training mode the channel tensors already are the compact ones and are returned as they are.
         """
+        if "_batched_compact" in self.__dict__:  # set by pyprune.ops.batched for this forward only
+            batched = self.__dict__.pop("_batched_compact")
+            if form is None:
+                return batched
         compact = self.__dict__.get("_compact")
         if compact is not None and compact.held:
             return compact.tensors if compact.tensors_of is self else tuple(self._source_tensors())
         if self.training or torch.compiler.is_compiling():
-            return self._gather_compact()
+            return self._gather_compact() if form is None else self._gather_compact(form)
         sources = self._source_tensors()
         key = [self._selection_version]
         needs_grad = torch.is_grad_enabled()
+        gather = self._gather_compact if form is None else lambda: self._gather_compact(form)
         try:
             for tensor in sources:
                 if tensor is not None:
                     if needs_grad and tensor.requires_grad:
-                        return self._gather_compact()  # a cached compact tensor would carry a stale graph
+                        return gather()  # a cached compact tensor would carry a stale graph
                     key += (id(tensor), tensor._version)
         except RuntimeError:  # inference tensors have no version counter: never cache them
-            return self._gather_compact()
+            return gather()
         if len(key) == 1:
-            return self._gather_compact()  # nothing to gather (e.g. LayerNorm without affine)
+            return gather()  # nothing to gather (e.g. LayerNorm without affine)
         first = next(tensor for tensor in sources if tensor is not None)
-        key += (first.device, first.dtype)
+        key += (first.device, first.dtype, form)
         cache = self._eval_cache
         if cache is not None and cache[0] == key:
             return cache[2]
-        compact = self._gather_compact()
+        compact = gather()
         # the sources are held with the key so that their ids cannot be reused by other tensors meanwhile
         self._eval_cache = (key, sources, compact)
         return compact

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DynamicChannelMixin
+from .base import DynamicChannelMixin, autocast_dtype
 
 __all__ = ["DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
@@ -76,9 +76,19 @@ class _DynamicConvNd(DynamicChannelMixin):
     def _kernel_indices(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         return self._out_index, self._grouped_in_index
 
+    def _gather_form(self, x: Tensor):
+        """(autocast dtype or None, channels_last(_3d) when ``x`` is in it, else None), or None for the plain form:
+        the compact weight comes out as the convolution wants it, without a separate cast or layout copy."""
+        dtype = autocast_dtype(x)
+        memory_format = None
+        if x.dim() in (4, 5) and not x.is_contiguous():
+            layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            memory_format = layout if x.is_contiguous(memory_format=layout) else None
+        return None if dtype is None and memory_format is None else (dtype, memory_format)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self._compact_tensors()
+        weight, bias = self._compact_tensors(self._gather_form(x))
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.active_groups)

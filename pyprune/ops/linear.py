@@ -4,7 +4,7 @@ from typing import Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DynamicChannelMixin
+from .base import DynamicChannelMixin, autocast_dtype
 
 __all__ = ["DynamicLinear"]
 
@@ -27,9 +27,14 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return x.dim() - 1, "features"
 
+    def _gather_form(self, x: Tensor):
+        """(autocast dtype, None) under autocast, so the compact weight is gathered straight into it; else None."""
+        dtype = autocast_dtype(x)
+        return None if dtype is None else (dtype, None)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self._compact_tensors()
+        weight, bias = self._compact_tensors(self._gather_form(x))
         return F.linear(x, weight, bias)
 
     def _static_module(self) -> nn.Linear:

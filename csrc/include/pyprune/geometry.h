@@ -64,6 +64,30 @@ std::string list_item_name(const char* op, const char* list, size_t n);
 void check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& idx,
                               const at::Tensor& mean, const at::Tensor& var);
 
+// Where element (row, column, s) of a [C_out, C_in, *rest] tensor lies, s running over prod(rest) in order:
+// offset = row * this.row + column * this.col + s * this.inner. Holds when the rest dims are dense among themselves,
+// as in contiguous and channels_last(_3d) tensors (readable_strided makes a copy otherwise).
+struct StridedLayout {
+  int64_t row = 0;
+  int64_t col = 0;
+  int64_t inner = 0;
+};
+StridedLayout strided_layout(const at::Tensor& tensor);
+// `tensor` itself when strided_layout can address it, else a contiguous copy.
+at::Tensor readable_strided(const at::Tensor& tensor);
+
+// The dtype / memory format a converting gather or scatter writes (the optional arguments of channel_gather /
+// channel_scatter resolved against the tensor `data` they read). Checks: a conversion between two dtypes needs both
+// floating (float, double, half, bfloat16); memory_format is contiguous_format, channels_last (rank-4 output) or
+// channels_last_3d (rank 5). `rank` is the output's rank.
+struct Conversion {
+  at::ScalarType dtype;
+  at::MemoryFormat memory_format;
+  bool changes_dtype;
+};
+Conversion check_conversion(const at::Tensor& data, std::optional<at::ScalarType> dtype,
+                            std::optional<at::MemoryFormat> memory_format, int64_t rank, const char* op);
+
 // Host-side range check of index values; only for CPU tensors (free there, a sync on a GPU).
 void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, const char* op, const char* name);
 

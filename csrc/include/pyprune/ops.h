@@ -2,8 +2,10 @@
 // The C++ front door of the pyprune channel ops: one typed function per op, as torchvision's vision::ops. Each
 // calls the dispatcher (its typed handle is looked up once), so the device kernel, autograd and every other
 // registered dispatch key apply, exactly as for torch.ops.pyprune.* in Python. Schemas (csrc/bindings.cpp):
-//   pyprune::channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx) -> Tensor
-//   pyprune::channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape) -> Tensor
+//   pyprune::channel_gather(Tensor w, Tensor? out_idx, Tensor? in_idx, ScalarType? dtype=None,
+//                           MemoryFormat? memory_format=None) -> Tensor
+//   pyprune::channel_scatter(Tensor grad, Tensor? out_idx, Tensor? in_idx, SymInt[] full_shape,
+//                            ScalarType? dtype=None, MemoryFormat? memory_format=None) -> Tensor
 //   pyprune::update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor idx, Tensor mean,
 //                                  Tensor var) -> ()
 //   pyprune::channel_gather_many(Tensor[] tensors, Tensor?[] out_idx, Tensor?[] in_idx) -> Tensor[]
@@ -15,6 +17,8 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/DispatchKeySet.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/core/ScalarType.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <c10/util/ArrayRef.h>
 #include <optional>
@@ -26,16 +30,25 @@ using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 
 namespace ops {
 
-// weight [C_out, C_in, *rest] -> new contiguous [K_out, K_in, *rest] = weight[out_idx][:, in_idx]; in_idx is
-// [K_in] or, for grouped convolutions, [G, K_in] per-group local columns. Differentiable w.r.t. weight.
+// weight [C_out, C_in, *rest] -> new [K_out, K_in, *rest] = weight[out_idx][:, in_idx]; in_idx is [K_in] or, for
+// grouped convolutions, [G, K_in] per-group local columns. The result has `dtype` (a conversion between float32,
+// float64, float16 and bfloat16; default weight's) and `memory_format` (contiguous by default; channels_last(_3d)
+// for rank 4 (5)), written in one pass. Differentiable w.r.t. weight (the gradient comes back in weight's dtype).
 at::Tensor channel_gather(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx = std::nullopt,
-                          const std::optional<at::Tensor>& in_idx = std::nullopt);
+                          const std::optional<at::Tensor>& in_idx = std::nullopt,
+                          std::optional<at::ScalarType> dtype = std::nullopt,
+                          std::optional<at::MemoryFormat> memory_format = std::nullopt);
 
-// Inverse of channel_gather: zeros of full_shape holding grad [K_out, K_in, *rest] at the gathered places.
+// Inverse of channel_gather: zeros of full_shape holding grad [K_out, K_in, *rest] at the gathered places, of
+// `dtype` and in `memory_format` (default: grad's dtype, contiguous).
 at::Tensor channel_scatter(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                           const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape);
+                           const std::optional<at::Tensor>& in_idx, c10::IntArrayRef full_shape,
+                           std::optional<at::ScalarType> dtype = std::nullopt,
+                           std::optional<at::MemoryFormat> memory_format = std::nullopt);
 at::Tensor channel_scatter_symint(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
-                                  const std::optional<at::Tensor>& in_idx, c10::SymIntArrayRef full_shape);
+                                  const std::optional<at::Tensor>& in_idx, c10::SymIntArrayRef full_shape,
+                                  std::optional<at::ScalarType> dtype = std::nullopt,
+                                  std::optional<at::MemoryFormat> memory_format = std::nullopt);
 
 // In place: running_mean[idx] = mean; running_var[idx] = var (1-D; idx int64 [K]; mean / var [K]).
 void update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& idx,

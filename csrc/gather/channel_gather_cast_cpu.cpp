@@ -1,0 +1,153 @@
+// CPU kernels of the "converting" forms of pyprune::channel_gather / channel_scatter: the gather writes its compact
+// copy in another dtype and / or memory format (bf16 under autocast, channels_last for a channels_last model) in the
+// same pass, and the scatter (its backward) writes the compact gradient of that dtype / format back into a zero
+// full-size gradient of the full tensor's dtype / format. The plain forms (same dtype, contiguous) keep the raw-copy
+// kernels of channel_gather_cpu.cpp; the dispatch between the two happens in channel_gather_cpu / scatter_cpu.
+//
+// Tensors are addressed through strides (strided_layout in geometry.h), so a channels_last source is read where it
+// lies instead of being made contiguous first.
+#include "pyprune/geometry.h"
+#include "pyprune/kernels.h"
+#include "pyprune/raw_types.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+namespace pyprune {
+namespace {
+
+constexpr int64_t kGrainElements = 32768;
+
+// Calls fn(From{}, To{}): the same type when the dtypes agree (any element size, moved as raw bytes), else a pair of
+// floating types converted with static_cast (c10::Half / c10::BFloat16 convert through float).
+template <typename Fn>
+void dispatch_conversion(at::ScalarType from, at::ScalarType to, const char* op, Fn&& fn) {
+  if (from == to) {
+    dispatch_by_size(c10::elementSize(from), op, [&](auto tag) { fn(tag, tag); });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, from, "pyprune converting copy", [&] {
+    using From = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to, "pyprune converting copy",
+                                    [&] { fn(From{}, scalar_t{}); });
+  });
+}
+
+// Compact element (r, c, s) = full element (out[r], in[g(r)][c], s), for every r in [begin, end).
+template <typename From, typename To>
+void gather_rows_strided(const From* src, To* dst, const ChannelGeometry& geo, const StridedLayout& from,
+                         const StridedLayout& to, const int64_t* out, const int64_t* in, int64_t begin, int64_t end) {
+  const bool cols_innermost = to.col < to.inner;  // channels_last: walk the columns inside, so writes are in order
+  for (int64_t r = begin; r < end; ++r) {
+    const From* src_row = src + (out ? out[r] : r) * from.row;
+    To* dst_row = dst + r * to.row;
+    const int64_t* cols = in ? in + (r / geo.rows_per_group) * geo.cols : nullptr;
+    if (cols_innermost) {
+      for (int64_t s = 0; s < geo.inner; ++s) {
+        for (int64_t c = 0; c < geo.cols; ++c) {
+          const int64_t source = (cols ? cols[c] : c) * from.col + s * from.inner;
+          dst_row[c * to.col + s * to.inner] = static_cast<To>(src_row[source]);
+        }
+      }
+    } else {
+      for (int64_t c = 0; c < geo.cols; ++c) {
+        const From* src_block = src_row + (cols ? cols[c] : c) * from.col;
+        To* dst_block = dst_row + c * to.col;
+        for (int64_t s = 0; s < geo.inner; ++s) {
+          dst_block[s * to.inner] = static_cast<To>(src_block[s * from.inner]);
+        }
+      }
+    }
+  }
+}
+
+// Inverse: full element (out[r], in[g(r)][c], s) = compact element (r, c, s). Rows are distinct (sorted unique
+// indices), so row ranges never write the same element.
+template <typename From, typename To>
+void scatter_rows_strided(const From* src, To* dst, const ChannelGeometry& geo, const StridedLayout& from,
+                          const StridedLayout& to, const int64_t* out, const int64_t* in, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const From* src_row = src + r * from.row;
+    To* dst_row = dst + (out ? out[r] : r) * to.row;
+    const int64_t* cols = in ? in + (r / geo.rows_per_group) * geo.cols : nullptr;
+    for (int64_t c = 0; c < geo.cols; ++c) {
+      const From* src_block = src_row + c * from.col;
+      To* dst_block = dst_row + (cols ? cols[c] : c) * to.col;
+      for (int64_t s = 0; s < geo.inner; ++s) {
+        dst_block[s * to.inner] = static_cast<To>(src_block[s * from.inner]);
+      }
+    }
+  }
+}
+
+const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
+  if (!present) {
+    return nullptr;
+  }
+  holder = index->contiguous();
+  return holder.const_data_ptr<int64_t>();
+}
+
+int64_t rows_per_task(const ChannelGeometry& geo) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, geo.cols * geo.inner));
+}
+
+}  // namespace
+
+at::Tensor gather_converting_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
+                                 const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo,
+                                 at::ScalarType dtype, at::MemoryFormat memory_format, const char* op) {
+  at::Tensor out_holder, in_holder;
+  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
+  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+
+  at::Tensor result = at::empty(geo.compact_shape, weight.options().dtype(dtype).memory_format(memory_format));
+  if (result.numel() == 0) {
+    return result;
+  }
+  const at::Tensor src = readable_strided(weight);
+  const StridedLayout from = strided_layout(src), to = strided_layout(result);
+  dispatch_conversion(src.scalar_type(), dtype, op, [&](auto from_tag, auto to_tag) {
+    using From = decltype(from_tag);
+    using To = decltype(to_tag);
+    const auto* s = static_cast<const From*>(src.const_data_ptr());
+    auto* d = static_cast<To*>(result.mutable_data_ptr());
+    at::parallel_for(0, geo.rows, rows_per_task(geo), [&](int64_t begin, int64_t end) {
+      gather_rows_strided<From, To>(s, d, geo, from, to, out, in, begin, end);
+    });
+  });
+  return result;
+}
+
+at::Tensor scatter_converting_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
+                                  const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo,
+                                  at::ScalarType dtype, at::MemoryFormat memory_format, const char* op) {
+  at::Tensor out_holder, in_holder;
+  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
+  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
+  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
+  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+
+  // (at::zeros would drop the memory format)
+  at::Tensor result = at::empty(geo.full_shape, grad.options().dtype(dtype).memory_format(memory_format)).zero_();
+  if (grad.numel() == 0) {
+    return result;
+  }
+  const at::Tensor src = readable_strided(grad);
+  const StridedLayout from = strided_layout(src), to = strided_layout(result);
+  dispatch_conversion(src.scalar_type(), dtype, op, [&](auto from_tag, auto to_tag) {
+    using From = decltype(from_tag);
+    using To = decltype(to_tag);
+    const auto* s = static_cast<const From*>(src.const_data_ptr());
+    auto* d = static_cast<To*>(result.mutable_data_ptr());
+    at::parallel_for(0, geo.rows, rows_per_task(geo), [&](int64_t begin, int64_t end) {
+      scatter_rows_strided<From, To>(s, d, geo, from, to, out, in, begin, end);
+    });
+  });
+  return result;
+}
+
+}  // namespace pyprune
