@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=None)
     m.add_argument("--ratios", nargs="+", type=kept_ratio, default=None, help="kept ratios, each in (0, 1]")
     m.add_argument("--image-size", type=int_at_least(8), default=None)
-    m.add_argument("--backends", nargs="+", choices=model_bench.BACKENDS + model_bench.GRAPH_BACKENDS, default=None,
-                   help="default: all of BACKENDS, plus pyprune-graph / dense-graph on CUDA")
+    m.add_argument("--backends", nargs="+", default=None,
+                   choices=model_bench.BACKENDS + model_bench.GRAPH_BACKENDS + model_bench.OPTIONAL_BACKENDS,
+                   help="default: all of BACKENDS, plus pyprune-graph / dense-graph on CUDA (pyprune-batched: only "
+                        "when named)")
     m.add_argument("--compile-models", nargs="*", type=_model_name, default=None,
                    help="models that also run under torch.compile (default: resnet18+50 on CUDA, resnet18 on CPU)")
     m.add_argument("--compile-batch-sizes", nargs="*", type=int_at_least(1), default=None,

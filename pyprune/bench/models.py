@@ -9,6 +9,8 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
 * ``mmrazor-ref``   : the same subnet on mmrazor-style boolean-slicing layers (:mod:`.mmrazor_reference`),
 * ``dense``         : ``mutator.export(model)``, plain torch layers with compact weights,
 * ``pyprune-compile``: the dynamic model under ``torch.compile``,
+* ``pyprune-batched`` (opt-in, :data:`OPTIONAL_BACKENDS`): the ``pyprune-ext`` model with
+  :func:`pyprune.ops.batched_gather` on, so a training step gathers every op's tensors in one call (eval is unchanged),
 * ``pyprune-graph`` / ``dense-graph`` (CUDA only, :data:`GRAPH_BACKENDS`): the dynamic / exported dense model with
   the whole step (train: forward, loss, backward, SGD step; eval: forward) replayed from one CUDA graph per subnet
   (:mod:`pyprune.graphs`; warm-up and capture happen in the untimed warm-up calls). Skipped ("needs CUDA") on CPU.
@@ -40,6 +42,7 @@ from .timing import Measurement, measure
 
 BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense", "pyprune-compile")
 GRAPH_BACKENDS = ("pyprune-graph", "dense-graph")  # CUDA only; in the CUDA default config, not in BACKENDS
+OPTIONAL_BACKENDS = ("pyprune-batched",)  # only when asked for (--backends)
 WORKLOADS = ("eval", "train")
 MODEL_NAMES = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 NUM_CLASSES = 1000
@@ -178,6 +181,24 @@ class Runner:
             self.optimizer.step()
 
 
+class BatchedRunner(Runner):
+    """A runner on a model shared with others, with :func:`pyprune.ops.batched_gather` switched on only during its
+    own training steps."""
+
+    def __init__(self, model: nn.Module, kernel_backend: str):
+        from ..ops import batched_gather
+        super().__init__(model, kernel_backend)
+        self.batched = batched_gather(model)
+        self.batched.enabled = False
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.batched.enabled = True
+        try:
+            super().train_step(x, y)
+        finally:
+            self.batched.enabled = False
+
+
 class GraphRunner:
     """A runner whose steps replay CUDA graphs (:mod:`pyprune.graphs`): one graph per subnet and input shape. A
     subnet's first call also runs its eager warm-up step and the capture, so the timed calls are replays."""
@@ -303,6 +324,8 @@ def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: Model
         runners["pyprune-compile"] = Runner(model, dynamic_backend_name(), forward=compiled)
     if device.type == "cuda" and "pyprune-graph" in backends:
         runners["pyprune-graph"] = GraphRunner(model, mutator, dynamic_backend_name())
+    if "pyprune-batched" in backends:
+        runners["pyprune-batched"] = BatchedRunner(model, dynamic_backend_name())
     if device.type == "cuda" and "dense-graph" in backends:
         runners["dense-graph"] = GraphRunner(copy.deepcopy(runners["dense"].model), None, "torch")
     return runners
@@ -420,6 +443,9 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
         steps["pyprune-compact"] = lambda: (_set_paused(compact, compact_mutator, subnets[next_index()]),
                                             compact.train_step(x, y))
 
+    if "pyprune-batched" in cfg.backends:
+        batched = BatchedRunner(model, dynamic_backend_name())
+        steps["pyprune-batched"] = lambda: (mutator.set_choices(subnets[next_index()]), batched.train_step(x, y))
     if cfg.device.type == "cuda" and "pyprune-graph" in cfg.backends:
         graph_runner = GraphRunner(model, mutator, dynamic_backend_name(), cache_size=len(subnets))
         steps["pyprune-graph"] = lambda: (mutator.set_choices(subnets[next_index()]), graph_runner.train_step(x, y))
@@ -428,7 +454,7 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
         steps["dense-graph"] = lambda: dense_graphs[next_index()].train_step(x, y)
 
     rows = []
-    for name in SWITCH_BACKENDS + GRAPH_BACKENDS:
+    for name in SWITCH_BACKENDS + GRAPH_BACKENDS + OPTIONAL_BACKENDS:
         if name not in steps:
             if name in cfg.backends:
                 rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None, _skip_reason(name)))
