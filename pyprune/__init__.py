@@ -20,8 +20,8 @@ _EXPORTS: Dict[str, str] = {
     "BaseAlgorithm": "pyprune.algorithms", "ItePruneAlgorithm": "pyprune.algorithms",
     "ItePruneConfigManager": "pyprune.algorithms",
     # units and what they are built from
-    "MutableChannelUnit": "pyprune.units", "SequentialMutableChannelUnit": "pyprune.units", "L1MutableChannelUnit": "pyprune.units",
-    "L2MutableChannelUnit": "pyprune.units", "BNScaleMutableChannelUnit": "pyprune.units",
+    "MutableChannelUnit": "pyprune.units", "SequentialMutableChannelUnit": "pyprune.units",
+    "L1MutableChannelUnit": "pyprune.units", "L2MutableChannelUnit": "pyprune.units", "BNScaleMutableChannelUnit": "pyprune.units",
     "TaylorMutableChannelUnit": "pyprune.units", "OneShotMutableChannelUnit": "pyprune.units",
     "SlimmableChannelUnit": "pyprune.units", "register_unit": "pyprune.units", "make_divisible": "pyprune.units",
     "ChannelUnit": "pyprune.units", "ChannelAnalyzer": "pyprune.units", "DefaultDemoInput": "pyprune.units",

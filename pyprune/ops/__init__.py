@@ -15,9 +15,8 @@ from .compact import CompactTraining, compact_training
 from .batched import BatchedGather, batched_gather
 
 __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "DynamicLinear",
-           "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d",
-           "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "layer_kind",
-           "registered_base", "is_prunable_layer",
+           "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d", "DynamicLayerNorm", "DynamicGroupNorm",
+           "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
            "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "attention_heads",
            "attention_width", "CompactTraining", "compact_training", "BatchedGather", "batched_gather"]
