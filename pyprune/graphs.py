@@ -231,11 +231,19 @@ class _SubnetGraphs:
             static.copy_(tensor)
 
     def _capture(self, entry: _Entry, body: Callable[[], Any]) -> None:
+        """Capture ``body`` for ``entry``'s subnet; a failed capture drops the entry (the next call warms up again)
+        and says which subnet failed."""
+        self._ops = _dynamic_ops(self.model)
         if any(op._holds_compact() for op in self._ops if hasattr(op, "_holds_compact")):
             raise RuntimeError(f"{type(self).__name__}: a layer is in compact training mode, whose tensors are "
                                f"swapped per subnet; leave it (or do not graph that model)")
-        self._ops = _dynamic_ops(self.model)
-        entry.captured = _Captured(body, self.device, self.backend)
+        try:
+            entry.captured = _Captured(body, self.device, self.backend)
+        except Exception as error:
+            key = next((k for k, e in self._graphs.items() if e is entry), None)
+            self._graphs.pop(key, None)
+            raise RuntimeError(f"{type(self).__name__}: capturing the step of subnet {key!r} failed (a host sync or "
+                               f"a CPU tensor in the step?): {type(error).__name__}: {error}") from error
         entry.held = _held_tensors(self.model)
         self.stats["captures"] += 1
 

@@ -324,3 +324,21 @@ def test_cuda_prune_job_with_cuda_graphs(tmp_path):
                  "--output-dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["accuracy_exported"] <= 1.0 and summary["params_after"] < summary["params_before"]
+
+
+def test_a_failed_capture_names_the_subnet_and_drops_its_entry(monkeypatch):
+    import pyprune.graphs as graphs
+    model, mutator = prepared_tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = GraphedTrainStep(model, F.cross_entropy, optimizer, batch(), mutator=mutator, backend="eager")
+    step(*batch())  # warm-up
+
+    def failing_capture(body, device, backend):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphs, "_Captured", failing_capture)
+    with pytest.raises(RuntimeError, match=r"capturing the step of subnet .* failed.*not permitted"):
+        step(*batch())
+    assert len(step) == 0 and step.stats["captures"] == 0
+    monkeypatch.undo()
+    step(*batch())  # the subnet starts over: warm-up again
+    assert step.stats["warmup"] == 2 and len(step) == 1

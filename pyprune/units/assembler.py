@@ -84,10 +84,10 @@ class _HostToDevice:
 
     def copy(self) -> None:
         for device, pieces in self._pieces.items():
-            buffer = torch.empty(sum([p.shape[0] for p in pieces]), dtype=torch.int64,
-                                 pin_memory=device.type == "cuda")
+            pinned = device.type == "cuda"
+            buffer = torch.empty(sum([p.shape[0] for p in pieces]), dtype=torch.int64, pin_memory=pinned)
             torch.cat(pieces, out=buffer)
-            moved = buffer.to(device, non_blocking=buffer.is_pinned())
+            moved = buffer.to(device, non_blocking=pinned)
             self._moved[device] = moved.split([p.shape[0] for p in pieces])
         self._pieces = {}
 
