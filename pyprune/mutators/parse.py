@@ -70,6 +70,8 @@ def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
         parse_cfg = dict(type="ChannelAnalyzer", demo_input=parse_cfg.demo_input, tracer_type=parse_cfg.tracer_type)
     parse_cfg = dict(parse_cfg or {})
     parse_cfg.pop("_scope_", None)  # mmengine's registry scope ('mmrazor' in mmrazor's defaults): one registry here
+    # mmrazor's "trace, then take the units' init args and choices from the config" is what ChannelAnalyzer does here
+    parse_cfg.pop("from_cfg", None)
     parse_cfg.setdefault("type", "ChannelAnalyzer")
     if parse_cfg["type"] not in PARSE_TYPES:
         raise ConfigError(f"parse_cfg: unknown type {parse_cfg['type']!r}; known: {list(PARSE_TYPES)}")

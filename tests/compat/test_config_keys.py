@@ -32,6 +32,10 @@ def test_mmrazor_default_parse_cfg_with_scope_and_init_cfg():
     assert "_scope_" not in mutator.config_template()["parse_cfg"]
     again = ChannelMutator.from_config({**mutator.config_template(), "_scope_": "mmrazor", "init_cfg": None})
     assert again.parse_cfg["tracer_type"] == "BackwardTracer"
+    from_cfg = ChannelMutator(dict(type="SequentialMutableChannelUnit", units={"net.0_(0, 8)_8": {"choice": 3}}),
+                              parse_cfg=dict(MMRAZOR_PARSE_CFG, from_cfg=True))  # mmrazor: units from the config
+    from_cfg.prepare_from_supernet(SingleLineModel())
+    assert from_cfg.current_choices["net.0_(0, 8)_8"] == 3
 
 
 def test_mmrazor_unit_config_with_expand_ratio_and_a_norm_on_both_sides():
