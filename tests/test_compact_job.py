@@ -91,3 +91,33 @@ def test_prune_job_trains_compact_by_default_and_says_so(tmp_path, capsys):
     assert "compact training off (--no-compact)" in capsys.readouterr().out
     checkpoint = torch.load(tmp_path / "gather" / "checkpoint.pt", weights_only=True)
     assert checkpoint["position"] == 1
+
+
+class _SilentBar:
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_model_bench_compact_backend_rows():
+    from pyprune.bench import models as bench
+    cfg = bench.ModelBenchConfig(device=torch.device("cpu"), models=("tiny",), batch_sizes=(2,), ratios=(0.5,),
+                                 image_size=16, warmup=1, reps=3, backends=("pyprune-compact", "dense"),
+                                 switch_subnets=2, switch_passes=1, clock="thread")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    with pytest.raises(ValueError, match="--threads 1"):
+        bench.check_clock(cfg)
+    torch.set_num_threads(1)
+    try:
+        rows = bench.run(cfg, lambda total, desc: (_SilentBar(), lambda n: None))
+    finally:
+        torch.set_num_threads(threads)
+    cells = {(r["backend"], r["workload"]) for r in rows if r["status"] == "ok"}
+    assert {("pyprune-compact", w) for w in ("eval", "train", "enter+exit", "switch")} <= cells
+    train = next(r for r in rows if r["backend"] == "pyprune-compact" and r["workload"] == "train")
+    assert len(train["times_ms"]) == 3 and train["vs_dense"] > 0
+    target = next(t for t in bench.evaluate_targets(rows) if "compact train" in t["target"])
+    assert target["result"] in ("met", "MISSED") and "tiny b2 r0.5" in target["numbers"]

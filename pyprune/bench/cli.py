@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile backend (default inductor)")
     m.add_argument("--switch-subnets", type=int_at_least(1), default=None,
                    help="random subnets in the switch workload")
+    m.add_argument("--clock", choices=model_bench.CLOCKS, default=None,
+                   help="eval / train timing: wall (default) or thread (the CPU time of the one thread, --threads 1: "
+                        "what other processes on a shared machine take is not counted)")
     s = sub.add_parser("sweep", help="coverage: every torchvision classifier parsed, pruned, exported, compared")
     s.add_argument("--models", nargs="+", default=None, help="default: all torchvision classification models")
     s.add_argument("--ratio", type=float, default=0.5, help="kept ratio of every unit (default 0.5)")
@@ -143,7 +146,7 @@ def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
     cfg = model_bench.quick_config(device) if args.quick else model_bench.default_config(device)
     overrides = {"models": args.models, "batch_sizes": args.batch_sizes, "ratios": args.ratios,
                  "image_size": args.image_size, "warmup": args.warmup, "reps": args.reps, "backends": args.backends,
-                 "compile_backend": args.compile_backend, "switch_subnets": args.switch_subnets}
+                 "compile_backend": args.compile_backend, "switch_subnets": args.switch_subnets, "clock": args.clock}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -152,6 +155,10 @@ def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value or None)
+    try:
+        model_bench.check_clock(cfg)
+    except ValueError as error:
+        build_parser().error(str(error))
     return cfg
 
 
@@ -162,7 +169,7 @@ def _run_models(args, device: torch.device) -> List[Dict[str, object]]:
                         warmup=cfg.warmup, reps=cfg.reps, compile_backend=cfg.compile_backend,
                         compile_models=cfg.compile_models or "all",
                         compile_batch_sizes=cfg.compile_batch_sizes or "all",
-                        compile_ratios=cfg.compile_ratios or "all", note=args.note)
+                        compile_ratios=cfg.compile_ratios or "all", clock=cfg.clock, note=args.note)
     rows = model_bench.run(cfg, _progress_bar)
     targets = model_bench.evaluate_targets(rows)
     paths = {

@@ -28,6 +28,7 @@ import copy
 import math
 import random
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -44,6 +45,7 @@ BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "d
 GRAPH_BACKENDS = ("pyprune-graph", "dense-graph")  # CUDA only; in the CUDA default config, not in BACKENDS
 OPTIONAL_BACKENDS = ("pyprune-batched",)  # only when asked for (--backends)
 WORKLOADS = ("eval", "train")
+CLOCKS = ("wall", "thread")
 MODEL_NAMES = ("resnet18", "resnet50", "mobilenet_v2", "vit_b_16")
 NUM_CLASSES = 1000
 
@@ -71,6 +73,7 @@ class ModelBenchConfig:
     switch_subnets: int = 4
     switch_passes: int = 3
     seed: int = 0
+    clock: str = "wall"  # CLOCKS; "thread": CPU time of the calling thread (CPU, one intra-op thread)
     extra: Dict[str, object] = field(default_factory=dict)
 
 
@@ -372,8 +375,7 @@ def _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y)
     for repetition in range(-1, cfg.reps):  # -1: each backend's warm-up and sync count
         for backend, step in list(steps.items()):
             try:
-                result = measure(step, cfg.device, warmup=cfg.warmup if repetition < 0 else 0, reps=1,
-                                 syncs=repetition < 0)
+                result = _measure_once(step, cfg, warmup=cfg.warmup if repetition < 0 else 0, syncs=repetition < 0)
             except Exception as error:  # one failing backend (e.g. a compile error) must not hide the others'
                 failed[backend] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
                 del steps[backend]
@@ -392,6 +394,28 @@ def _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y)
             result = Measurement(times_s=times[backend], syncs_per_call=syncs[backend])
             rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, result))
     return rows
+
+
+def _measure_once(step: Callable[[], None], cfg: ModelBenchConfig, warmup: int, syncs: bool) -> Measurement:
+    """One timed call of ``step`` after ``warmup`` untimed ones. ``cfg.clock == "thread"`` times the calling
+    thread's CPU time: with one intra-op thread on the CPU the whole step (autograd's CPU backward included) runs on
+    it, and time other processes take from the core is not counted, which wall time on a shared machine is."""
+    if cfg.clock == "wall":
+        return measure(step, cfg.device, warmup=warmup, reps=1, syncs=syncs)
+    for _ in range(warmup):
+        step()
+    start = time.thread_time()
+    step()
+    return Measurement(times_s=[time.thread_time() - start])
+
+
+def check_clock(cfg: ModelBenchConfig) -> None:
+    """ValueError when ``cfg.clock`` cannot time this configuration."""
+    if cfg.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {cfg.clock!r}")
+    if cfg.clock == "thread" and (cfg.device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError(f"--clock thread times one CPU thread: it needs --device cpu and --threads 1 (got "
+                         f"{cfg.device.type}, {torch.get_num_threads()} threads)")
 
 
 def _step(runner, workload: str, x, y) -> Callable[[], None]:
@@ -496,6 +520,7 @@ def _unit_prefix_counts(mutator) -> Dict[str, int]:
 # -------------------------------------------------------------------------------------------------------------- run
 def run(cfg: ModelBenchConfig, progress_factory: Callable) -> List[Dict[str, object]]:
     """The whole grid; ``progress_factory(total, desc)`` returns a callable advancing a progress bar by n."""
+    check_clock(cfg)
     total = sum(len(WORKLOADS) * len(_backends_for(cfg, m, r, b))
                 for m in cfg.models for r in cfg.ratios for b in cfg.batch_sizes)
     rows = []
