@@ -16,9 +16,9 @@ from .. import ops
 from ..channels import ChannelRef
 from ..errors import ConfigError
 from ..units import MutableChannelUnit
+from ..ops.selection import EXTRA_STATE_KEY as _EXTRA_STATE
 from ..units.modules import get_layer, has_one_selection
 
-_EXTRA_STATE = "_extra_state"
 _MISSING = object()
 
 

@@ -22,11 +22,10 @@ from .. import kernels
 from ..errors import ChannelSelectionError, ConfigError
 from .compact_state import ChannelSlice
 from .mutable_attrs import MutableAttrs
-from .selection import check_index, choice_to_index
+from .selection import SavedSelectionMixin, check_index, choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
 
-_EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for get_extra_state() in a state_dict
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
@@ -40,7 +39,7 @@ def _autocast_eligible(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and tensor.dtype != torch.float64
 
 
-class DynamicChannelMixin(MutableAttrs):
+class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
     """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
@@ -465,17 +464,8 @@ class DynamicChannelMixin(MutableAttrs):
             indices[key] = index
         return indices
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """Validate the saved selection before any tensor is copied, so a bad one leaves the layer unchanged.
-        A state_dict without a selection (e.g. the plain layer's) loads too and keeps the current one."""
-        key = prefix + _EXTRA_STATE_KEY
-        if key in state_dict:
-            self._validated_selection(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key not in state_dict and key in missing_keys:
-            missing_keys.remove(key)
+    def _validate_saved_selection(self, state) -> None:
+        self._validated_selection(state)
 
     def extra_repr(self) -> str:
         active = f"active_out={self.active_out_channels}"

@@ -14,13 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ChannelSelectionError, ConfigError
-from .selection import check_index
+from .selection import SavedSelectionMixin, check_index
 
 __all__ = ["ChannelParameter", "ChannelCount", "channel_parameter", "channel_parameters", "export_channel_parameters",
            "resolve_tensor"]
 
 _SLOTS = "_pyprune_channel_parameters"  # owner.__dict__ key: {attribute: ChannelParameter}
-_EXTRA_STATE_KEY = "_extra_state"
 
 
 def _owner_of(model: nn.Module, path: str) -> Tuple[Optional[nn.Module], str]:
@@ -183,7 +182,7 @@ class ChannelCount(ChannelParameter):
         return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels})"
 
 
-class _ServesChannelParameters:
+class _ServesChannelParameters(SavedSelectionMixin):
     """Mixed in front of an owner's class: attached tensors are read at their kept channels."""
 
     def __getattr__(self, name: str):
@@ -207,15 +206,8 @@ class _ServesChannelParameters:
         for slot, index in _validated(self, state).items():
             slot.set_out_index(index)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + _EXTRA_STATE_KEY
-        if key in state_dict:
-            _validated(self, state_dict[key])  # before any tensor is copied
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key not in state_dict and key in missing_keys:  # a plain model's state_dict keeps the selection
-            missing_keys.remove(key)
+    def _validate_saved_selection(self, state) -> None:
+        _validated(self, state)
 
 
 def _validated(owner: nn.Module, state) -> Dict[ChannelParameter, Optional[Tensor]]:
