@@ -18,9 +18,10 @@ from ..tracing import trace_channel_units
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
 from ..units.base import init_args_from_mutable
+from ..units.channel_config import config_channels
 from ..units.leniency import LenientReport
 from ..units.predefined import predefined_units
-from .parse import (TRACER_TYPES, config_channels, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
+from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
 from .state_sync import saved_unit_selections
 from .summary import PruningSummary, make_summary

@@ -11,7 +11,7 @@ from ..channels import UnitSpec
 from ..errors import ConfigError
 from ..units import unit_class
 from ..units.analyzer import DEFAULT_DEMO_INPUT, TRACER_TYPES, ChannelAnalyzer, demo_input_maker
-from ..units.channel_config import channel_refs, config_channels, repeats_a_shared_layer
+from ..units.channel_config import channel_refs, repeats_a_shared_layer
 from ..units.leniency import LenientReport
 
 PARSE_TYPES = ("ChannelAnalyzer", "Config", "Predefined")
