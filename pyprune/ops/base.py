@@ -472,3 +472,17 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         if not self._one_selection():
             active = f"active_in={self.active_in_channels}, {active}"
         return f"{super().extra_repr()}, {active}"
+
+
+class NormLayerKind:
+    """Layer-kind answers every norm layer shares (mixed in before :class:`DynamicChannelMixin`): one channel dim,
+    so in and out are one selection, and the affine scale ``[C]`` ranks channels (network slimming)."""
+
+    @classmethod
+    def shares_selection(cls, module: nn.Module) -> bool:
+        return True
+
+    @classmethod
+    def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
+        return cls.full_tensor(module, "weight")
+

@@ -1,16 +1,16 @@
 """DynamicBatchNorm1d / 2d / 3d: batch norm over the active channels, running stats updated in place."""
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .base import DynamicChannelMixin
+from .base import DynamicChannelMixin, NormLayerKind
 
 __all__ = ["DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d"]
 
 
-class _DynamicBatchNorm(DynamicChannelMixin):
+class _DynamicBatchNorm(NormLayerKind, DynamicChannelMixin):
     """Batch norm over the active channels ``K``: x ``[N, K, *]``; one selection (in == out).
 
     Eval: normalises with the running stats of the active channels (compact copies, cached like the weights).
@@ -33,14 +33,6 @@ class _DynamicBatchNorm(DynamicChannelMixin):
     @classmethod
     def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
         return module.num_features, module.num_features
-
-    @classmethod
-    def shares_selection(cls, module: nn.Module) -> bool:
-        return True
-
-    @classmethod
-    def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
-        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"

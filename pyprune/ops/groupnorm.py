@@ -1,15 +1,15 @@
 """DynamicGroupNorm: nn.GroupNorm over the active channels, keeping ``num_groups``."""
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DynamicChannelMixin
+from .base import DynamicChannelMixin, NormLayerKind
 
 __all__ = ["DynamicGroupNorm"]
 
 
-class DynamicGroupNorm(DynamicChannelMixin, nn.GroupNorm):
+class DynamicGroupNorm(NormLayerKind, DynamicChannelMixin, nn.GroupNorm):
     """``nn.GroupNorm`` over the active channels: x ``[N, K, *]``, ``num_groups`` unchanged.
 
     A selection must keep the same number of channels in each of the ``num_groups`` groups, so that every
@@ -25,16 +25,8 @@ class DynamicGroupNorm(DynamicChannelMixin, nn.GroupNorm):
         return module.num_channels, module.num_channels
 
     @classmethod
-    def shares_selection(cls, module: nn.GroupNorm) -> bool:
-        return True
-
-    @classmethod
     def selection_groups(cls, module: nn.GroupNorm) -> int:
         return module.num_groups
-
-    @classmethod
-    def norm_scale(cls, module: nn.GroupNorm) -> Optional[Tensor]:
-        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"

@@ -1,13 +1,13 @@
 """DynamicLayerNorm: nn.LayerNorm over the active channels, channels last or (ConvNeXt's LayerNorm2d) first."""
 import weakref
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import DynamicChannelMixin
+from .base import DynamicChannelMixin, NormLayerKind
 
 __all__ = ["DynamicLayerNorm", "is_channels_first_layer_norm"]
 
@@ -40,7 +40,7 @@ def _probe_channels_first(module: nn.LayerNorm) -> bool:
     return isinstance(got, Tensor) and got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
 
 
-class DynamicLayerNorm(DynamicChannelMixin, nn.LayerNorm):
+class DynamicLayerNorm(NormLayerKind, DynamicChannelMixin, nn.LayerNorm):
     """``nn.LayerNorm`` with one normalized dim (the channel dim): x ``[*, K]`` is normalised over its ``K`` active
     channels, with the compact affine weight / bias ``[K]``. One selection (in == out).
 
@@ -76,14 +76,6 @@ class DynamicLayerNorm(DynamicChannelMixin, nn.LayerNorm):
     @classmethod
     def channel_counts(cls, module: nn.LayerNorm) -> Tuple[int, int]:
         return module.normalized_shape[-1], module.normalized_shape[-1]
-
-    @classmethod
-    def shares_selection(cls, module: nn.LayerNorm) -> bool:
-        return True
-
-    @classmethod
-    def norm_scale(cls, module: nn.LayerNorm) -> Optional[Tensor]:
-        return cls.full_tensor(module, "weight")
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (1 if self.channels_first else x.dim() - 1), "channels"
