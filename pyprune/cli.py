@@ -143,6 +143,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay each training step from a CUDA graph captured per subnet (pyprune.graphs); "
                              "needs a CUDA device, one process and --no-compact; pruning-phase steps of units that "
                              "learn importance from gradients (taylor) stay eager")
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="train under torch.autocast in this dtype (fp16 with a GradScaler, CUDA only; bf16 on "
+                             "CPU or CUDA); pruned layers gather their compact weights straight into it")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and training batches in channels_last memory format (pruned convs gather "
+                             "channels_last compact weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +190,8 @@ def resolve_arguments(args: argparse.Namespace, argv: Sequence[str]) -> argparse
         args.data = os.path.abspath(args.data)
     if args.cuda_graphs:
         _check_cuda_graphs(args)
+    if args.amp:
+        _check_amp(args)
     _check_output_dir(args.output_dir)
     if args.resume == "auto":
         args.resume = os.path.join(args.output_dir, "checkpoint.pt")
@@ -201,6 +209,17 @@ def _check_cuda_graphs(args: argparse.Namespace) -> None:
         raise ValueError(f"--cuda-graphs needs a CUDA device (--device {args.device} runs on the CPU here)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--cuda-graphs runs in one process only (not under torchrun with several ranks)")
+
+
+def _check_amp(args: argparse.Namespace) -> None:
+    """--amp: fp16 needs CUDA (its GradScaler and kernels); neither is captured into --cuda-graphs steps yet."""
+    import torch
+    if args.cuda_graphs:
+        raise ValueError("--amp and --cuda-graphs cannot be combined yet: the captured steps run without autocast")
+    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if args.amp == "fp16" and not on_cuda:
+        raise ValueError(f"--amp fp16 needs a CUDA device (--device {args.device} runs on the CPU here); use "
+                         f"--amp bf16 on the CPU")
 
 
 def _check_output_dir(path: str) -> None:

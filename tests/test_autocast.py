@@ -4,6 +4,7 @@ the autocast dtype / channels_last in one pass, its backward scatters the gradie
 the per-op path followed by a cast / layout copy, value for value."""
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -275,3 +276,33 @@ def test_cuda_model_under_autocast_equals_gather_then_cast(monkeypatch, dtype):
         y_ref = reference(x)
     assert y.dtype == dtype
     torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)  # cuDNN may pick other algorithms per layout
+
+
+# ------------------------------------------------------------------------------------------ pyprune prune --amp
+def test_prune_job_with_bf16_autocast_and_channels_last(tmp_path, monkeypatch):
+    from pyprune import cli
+    from pyprune.ops.conv import _DynamicConvNd
+    forms = []
+    original = _DynamicConvNd._gather_form
+    monkeypatch.setattr(_DynamicConvNd, "_gather_form", lambda self, x: forms.append(f := original(self, x)) or f)
+    out = tmp_path / "out"
+    assert cli.main(["prune", "--quick", "--no-progress", "--no-compact", "--amp", "bf16", "--channels-last",
+                     "--epochs", "0", "--train-samples", "64", "--val-samples", "32", "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_after"] < summary["params_before"] and summary["reload_max_abs_diff"] <= 1e-4
+    assert (torch.bfloat16, torch.channels_last) in forms  # training steps gathered bf16 channels_last weights
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    (["--amp", "fp32"], "invalid choice"),
+])
+def test_bad_arguments_amp(args, message, tmp_path, capsys):
+    from pyprune import cli
+    out = tmp_path / "out"
+    try:
+        code = cli.main(["prune", "--output-dir", str(out), *args])
+    except SystemExit as done:  # argparse's own refusals
+        code = done.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -63,6 +63,8 @@ class Run:
         self.input_shape = (1, 3, args.image_size, args.image_size)
 
         self.model = build_model(args.model, self.num_classes).to(self.device)
+        if getattr(args, "channels_last", False):  # (the DynamicOps share these parameters, layout included)
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.mutator = ChannelMutator(channel_unit_cfg=dict(type=args.unit_type, default_args=dict(
             choice_mode="ratio")), parse_cfg=dict(type="ChannelAnalyzer", demo_input=self.input_shape))
         self.mutator.prepare_from_supernet(self.model)
@@ -86,6 +88,7 @@ class Run:
         self.full_params, self.full_flops = count_params(full), count_flops(full, (self.example,))
         self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
         self.graphed = None                                   # --cuda-graphs: the GraphedTrainStep, made lazily
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=getattr(args, "amp", None) == "fp16")
         self.elapsed_before = 0.0                             # wall time of earlier (resumed) sessions
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -212,6 +215,8 @@ class Run:
         step changes the subnet key, so the next step captures anew). Pruning-phase steps of units that learn
         importance from gradients stay eager: they read the gradients after backward."""
         from ..algorithms.unit_state import learns_importance
+        if getattr(self.args, "amp", None) or getattr(self.args, "channels_last", False):
+            return self.mixed_precision_step(images, labels, pruning)
         if not getattr(self.args, "cuda_graphs", False) or (
                 pruning and any(learns_importance(u) for u in self.mutator.mutable_units)):
             return train_iteration(self.wrapped, images, labels, self.optimizer, self.algorithm if pruning else None)
@@ -323,6 +328,27 @@ class Run:
             raise RuntimeError(f"the reloaded pruned model differs from the trained one by {difference:.3g} "
                                f"(tolerance {tolerance:.3g})")
         return difference
+
+
+    def mixed_precision_step(self, images: torch.Tensor, labels: torch.Tensor, pruning: bool) -> torch.Tensor:
+        """One iteration with --amp (forward and loss under torch.autocast; fp16 scales the loss with a GradScaler
+        and unscales the gradients before the algorithm reads them) and / or --channels-last (the batch in
+        channels_last). Returns the loss (float32, not synced)."""
+        if getattr(self.args, "channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        amp = getattr(self.args, "amp", None)
+        self.wrapped.train()
+        with torch.autocast(self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                            enabled=amp is not None):
+            loss = F.cross_entropy(self.wrapped(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if pruning:
+            self.scaler.unscale_(self.optimizer)  # importance from true gradients (no-op without a scaler)
+            self.algorithm.after_backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach().float()
 
 
 def run_prune_job(args) -> Dict[str, Any]:
