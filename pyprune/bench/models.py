@@ -368,14 +368,16 @@ def _time_enter_exit(cfg, runner: Runner, model_name: str, batch: int, ratio) ->
 def _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y) -> List[Dict[str, object]]:
     """Rows of one (model, batch, ratio, workload) cell, in ``backends`` order. After each backend's warm-up, the
     repetitions go round the backends one at a time, so that other load on a shared machine hits them alike (timed
-    back to back, a burst of load lands on one backend's whole run)."""
+    back to back, a burst of load lands on one backend's whole run). Each timed call follows an untimed call of the
+    same backend: its caches are as warm as in a training loop, not cold from the previous backend's model (which
+    cost a small compact model 10 % after the full-size gather-mode one)."""
     steps = {b: _step(runners[b], workload, x, y) for b in backends if b in runners}
     times: Dict[str, List[float]] = {b: [] for b in steps}
     syncs, failed = {}, {}
     for repetition in range(-1, cfg.reps):  # -1: each backend's warm-up and sync count
         for backend, step in list(steps.items()):
             try:
-                result = _measure_once(step, cfg, warmup=cfg.warmup if repetition < 0 else 0, syncs=repetition < 0)
+                result = _measure_once(step, cfg, warmup=cfg.warmup if repetition < 0 else 1, syncs=repetition < 0)
             except Exception as error:  # one failing backend (e.g. a compile error) must not hide the others'
                 failed[backend] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
                 del steps[backend]
