@@ -2,7 +2,7 @@
 and measured latency of the exported models, side by side.
 
     .venv/bin/python benchmarks/bench_budget.py                       # ResNet-18/50, MobileNetV2 at 50 % FLOPs
-    .venv/bin/python benchmarks/bench_budget.py --models resnet18 --pretrain-steps 200 --finetune-steps 100
+    .venv/bin/python benchmarks/bench_budget.py --models resnet18 --pretrain-steps 400 --finetune-steps 150
     .venv/bin/python benchmarks/bench_budget.py --data /path/to/imagefolder --image-size 64 --device cuda
 
 Per model: train the full model ``--pretrain-steps`` steps (so L1 importance means something), then for each
@@ -11,8 +11,10 @@ importance normalised per unit by its mean), export it, finetune the exported mo
 the same optimiser, schedule and batches, and measure top-1 on the validation split, FLOPs / params of the exported
 model (``FlopCounterMode`` / ``count_params``) and its latency on ``--device`` at ``--latency-batch`` (the full and
 pruned models timed in turn for ``--latency-rounds`` rounds, each a ``pyprune.budget.measure_latency`` median of 3
-eval forwards after a warm-up; the median over rounds is reported). The default run (32 px synthetic
-images, a few hundred steps in all) takes minutes on a 2-core CPU.
+eval forwards after a warm-up; the median over rounds is reported). Allocations: ``uniform``, ``global`` and
+``global:key=value,...`` with planner options (``floor``, ``cost_power``, ``normalization``). The default run
+(32 px synthetic images, 150 + 60 steps per allocation, one CPU thread) is about 20 minutes on a 2-core CPU, most of
+it ResNet-50; ``--models resnet18`` about 5. benchmarks/RESULTS.md has the longer run.
 """
 import argparse
 import copy
@@ -33,7 +35,7 @@ from pyprune.training.loop import cosine_lr, evaluate, set_lr, train_iteration
 from pyprune.training.models import build_model
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
-DEFAULT_ALLOCATIONS = ("uniform", "global", "global:floor=0.25", "global:cost_power=0")
+DEFAULT_ALLOCATIONS = ("uniform", "global", "global:cost_power=0")
 FINETUNE_LR_FRACTION = 0.25
 
 
@@ -52,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--val-samples", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--finetune-steps", type=int, default=60)
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                         help="AdamW learns the synthetic shapes in fewer steps than SGD")
     parser.add_argument("--lr", type=float, default=2e-3, help=f"pretraining learning rate; finetuning uses "
