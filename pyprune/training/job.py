@@ -42,7 +42,7 @@ METRICS_CSV, METRICS_JSON, PLOT_FILE = "metrics.csv", "metrics.json", "pruning_c
 RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params", "target_latency", "allocation",
                "prune_times", "step_freq", "unit_type", "epochs",
                "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
-               "val_samples")
+               "val_samples", "amp", "channels_last")
 PRUNE_LR_FRACTION = 0.1  # pruning and finetuning run at a tenth of the pretraining learning rate
 
 
@@ -144,7 +144,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def resume_signature(self) -> Dict[str, Any]:
-        signature = {key: getattr(self.args, key) for key in RESUME_KEYS}
+        signature = {key: getattr(self.args, key, None) for key in RESUME_KEYS}
         signature["world_size"] = self.context.world_size
         return signature
 
@@ -154,7 +154,7 @@ class Run:
         state = {"signature": self.resume_signature(), "position": self.position, "rows": self.rows,
                  "pending": self.pending, "wall_s": self.wall(), "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
-                 "rng": torch.get_rng_state()}
+                 "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state()}
         atomic_torch_save(state, self.out / CHECKPOINT_FILE)  # a kill mid-write leaves the previous one
 
     def load_checkpoint(self, path: str) -> None:
@@ -169,6 +169,8 @@ class Run:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.algorithm.load_state_dict(state["algorithm"])
+            if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{path} does not fit this run: {reason}") from None
@@ -310,7 +312,8 @@ class Run:
             "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
             "flops_before": self.full_flops, "flops_after": last["flops"], "params_kept": last["params_kept"],
             "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
-            "compact_training": self.algorithm.compact_training,
+            "compact_training": self.algorithm.compact_training, "amp": getattr(self.args, "amp", None),
+            "channels_last": bool(getattr(self.args, "channels_last", False)),
             "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
         }
         write_json(summary, str(self.out / SUMMARY_FILE))  # atomic, last: its presence marks a complete run
