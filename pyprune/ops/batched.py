@@ -63,6 +63,8 @@ class BatchedGather:
     def _before_forward(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling() or not (self.enabled and torch.is_grad_enabled()):
             return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # the many-op reads a pinned host table per call, which a graph replay would read stale
         plan = self._plan(_first_tensor(args))
         if not plan:
             return
