@@ -97,7 +97,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "the training device at each pruning step")
     parser.add_argument("--allocation", choices=("global", "uniform"), default=None,
                         help="how a --target-flops / --target-params / --target-latency budget is spread over the "
-                             "units: global (by importance per cost, the default) or uniform (one ratio for all)")
+                             "units: uniform (one ratio for all, the default: with magnitude importance it was the "
+                             "more accurate at equal FLOPs in benchmarks/RESULTS.md) or global (by importance per "
+                             "cost; see docs/BUDGETS.md for floors and cost_power)")
     parser.add_argument("--prune-times", type=int_at_least(1), default=None, help="pruning steps (default 4)")
     parser.add_argument("--step-freq", type=int_at_least(1), default=None,
                         help="training iterations between pruning steps (default: one epoch)")

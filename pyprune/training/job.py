@@ -75,7 +75,7 @@ class Run:
         budget = budget_of(args)
         self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, None if budget else args.target_ratio,
                                            step_freq=self.step_freq, prune_times=args.prune_times, budget=budget,
-                                           budget_cfg=dict(allocation=args.allocation or "global") if budget else None)
+                                           budget_cfg=dict(allocation=args.allocation or "uniform") if budget else None)
         self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                          weight_decay=args.weight_decay)
         if not getattr(args, "no_compact", False):  # pruned layers train compact between steps and in finetuning
@@ -386,7 +386,7 @@ def target_text(args) -> str:
     if budget is None:
         return f"kept ratio {args.target_ratio}"
     limits = ", ".join(f"{k} {v:.0%}" if v <= 1 else f"{k} {v:,.0f}" for k, v in budget.items())
-    return f"budget {limits} ({args.allocation or 'global'} allocation)"
+    return f"budget {limits} ({args.allocation or 'uniform'} allocation)"
 
 
 def _run(args, context: DistributedContext, threads: int) -> Dict[str, Any]:
