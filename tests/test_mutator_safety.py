@@ -109,3 +109,23 @@ def test_number_mode_takes_counts():
     unit = mutator.mutable_units[0]
     mutator.set_choices({unit.name: 32})
     assert unit.active_channels == 32
+
+
+def test_count_flops_sees_multihead_attention_and_restores_the_fast_path():
+    """The eval fast path of nn.MultiheadAttention is one fused op FlopCounterMode does not count."""
+    from torch import nn
+
+    from pyprune.mutators import count_flops
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    batch, tokens, width = 2, 5, 16
+    projections = 2 * batch * tokens * (3 * width * width + width * width)  # q/k/v in, out: 2 per multiply-add
+    assert count_flops(Attend(), (torch.randn(batch, tokens, width),)) >= projections
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -11,13 +11,19 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, inputs) -> int:
-    """FLOPs of one eval-mode forward (``FlopCounterMode``: 2 per multiply-add of conv / matmul)."""
-    was_training = model.training
+    """FLOPs of one eval-mode forward (``FlopCounterMode``: 2 per multiply-add of conv / matmul).
+
+    ``nn.MultiheadAttention``'s eval fast path is one fused op the counter does not see, so it is switched off while
+    counting (a plain model's attention would otherwise count as free and an exported ViT look cheaper than it is).
+    """
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(*inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return int(counter.get_total_flops())
 
