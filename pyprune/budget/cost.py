@@ -276,22 +276,12 @@ def _layer_cost(name: str, layer, in_side: _Side, out_side: _Side, calls: list) 
 
 
 def _full_widths(layer) -> Tuple[int, int]:
-    if isinstance(layer, ops.ChannelParameter):
-        return layer.num_channels, layer.num_channels
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.in_channels, layer.out_channels
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if isinstance(layer, nn.modules.batchnorm._NormBase):
-        return layer.num_features, layer.num_features
-    if isinstance(layer, nn.GroupNorm):
-        return layer.num_channels, layer.num_channels
-    if isinstance(layer, nn.LayerNorm):
-        return layer.normalized_shape[-1], layer.normalized_shape[-1]
-    if isinstance(layer, ops.ATTENTION_TYPES):
-        width = ops.attention_width(layer)
-        return width, width
-    return 0, 0
+    """(input, output) channels of the full layer, as its layer kind says (0, 0 for layers pyprune cannot prune)."""
+    kind = ops.layer_kind(layer)
+    if kind is None:
+        return 0, 0
+    out_channels, in_channels = kind.channel_counts(layer)
+    return in_channels, out_channels
 
 
 def _one_selection(name, kind, in_side, out_side, flops, params) -> LayerCost:
@@ -335,7 +325,8 @@ def _probed_cost(name, layer, in_side, out_side, calls) -> LayerCost:
     ``scaled_dot_product_attention`` backend (the CPU kernels are not counted); the fit is exact because the cost
     of attention is quadratic in its width.
     """
-    width, heads = ops.attention_width(layer), ops.attention_heads(layer)
+    kind = ops.layer_kind(layer)
+    width, heads = kind.channel_counts(layer)[0], kind.selection_groups(layer)
     device = ops_device(layer)
     active = layer.active_out_channels
     per_head = width // heads

@@ -2,7 +2,7 @@
 
 See docs/ARCHITECTURE.md ("pyprune.ops") for the contract and ``base.DynamicChannelMixin`` for the shared state.
 """
-from .attention import ATTENTION_TYPES, DynamicMultiheadAttention, attention_heads, attention_width
+from .attention import ATTENTION_TYPES, DynamicMultiheadAttention
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d
 from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
@@ -18,5 +18,4 @@ __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv
            "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d", "DynamicLayerNorm", "DynamicGroupNorm",
            "DynamicMultiheadAttention", "DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
-           "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "attention_heads",
-           "attention_width", "CompactTraining", "compact_training", "BatchedGather", "batched_gather"]
+           "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "CompactTraining", "compact_training", "BatchedGather", "batched_gather"]

@@ -10,8 +10,7 @@ from ..errors import ConfigError
 from .base import DynamicChannelMixin
 from .compact_state import ChannelSlice
 
-__all__ = ["DynamicMultiheadAttention", "attention_forward", "ATTENTION_TYPES", "WINDOW_ATTENTION_OPS",
-           "attention_heads", "attention_width"]
+__all__ = ["DynamicMultiheadAttention", "attention_forward", "ATTENTION_TYPES", "WINDOW_ATTENTION_OPS"]
 
 
 def attention_forward(module: nn.MultiheadAttention, tensors, query: Tensor, key: Tensor, value: Tensor,
@@ -209,13 +208,3 @@ WINDOW_ATTENTION_OPS = {base: type(f"Dynamic{base.__name__}", (_DynamicWindowAtt
                                    {"_torch_type": base, "__module__": __name__})
                         for base in _window_attention_types()}
 ATTENTION_TYPES: Tuple[type, ...] = (nn.MultiheadAttention,) + tuple(WINDOW_ATTENTION_OPS)
-
-
-def attention_heads(module: nn.Module) -> int:
-    """Heads of an attention layer pyprune prunes (the blocks a selection keeps balanced), else 1."""
-    return module.num_heads if isinstance(module, ATTENTION_TYPES) else 1
-
-
-def attention_width(module: nn.Module) -> int:
-    """Embedding width of an attention layer pyprune prunes."""
-    return module.embed_dim if isinstance(module, nn.MultiheadAttention) else module.qkv.in_features
