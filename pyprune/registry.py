@@ -62,6 +62,10 @@ class Registry:
 
         return register if module is None else register(module)
 
+    def remove_module(self, name: str) -> None:
+        """Forget ``name`` (e.g. an alias a test or plugin registered for a while); unknown names are ignored."""
+        self._module_dict.pop(name, None)
+
     # ----------------------------------------------------------------------------------------------------- lookup
     @property
     def module_dict(self) -> Dict[str, Callable]:

@@ -126,7 +126,11 @@ def test_mutator_config_round_trip_through_the_registry():
 
 def test_a_mutator_type_registered_under_another_name_loads():
     MODELS.register_module(name="CompatAliasChannelMutator", module=ChannelMutator, force=True)
-    mutator = ChannelMutator.from_config(dict(type="CompatAliasChannelMutator", parse_cfg=dict(MMRAZOR_PARSE_CFG)))
-    assert type(mutator) is ChannelMutator
+    try:
+        mutator = ChannelMutator.from_config(dict(type="CompatAliasChannelMutator",
+                                                  parse_cfg=dict(MMRAZOR_PARSE_CFG)))
+    finally:
+        MODELS.remove_module("CompatAliasChannelMutator")
+    assert type(mutator) is ChannelMutator and "CompatAliasChannelMutator" not in MODELS
     with pytest.raises(ConfigError, match="not a ChannelMutator"):
         ChannelMutator.from_config(dict(type="SequentialMutableChannelUnit"))

@@ -22,10 +22,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PARSE = dict(type="ChannelAnalyzer", demo_input=(1, 3, 32, 32), tracer_type="BackwardTracer")
 
 # mmrazor's DMCP / DCFF mutators and units train differently; for their subnets only the structure matters
-for alias in ("DMCPChannelMutator", "DCFFChannelMutator"):
-    MODELS.register_module(name=alias, module=ChannelMutator, force=True)
-for alias in ("DMCPChannelUnit", "DCFFChannelUnit"):
-    MODELS.register_module(name=alias, module=SequentialMutableChannelUnit, force=True)
+ALIASES = {"DMCPChannelMutator": ChannelMutator, "DCFFChannelMutator": ChannelMutator,
+           "DMCPChannelUnit": SequentialMutableChannelUnit, "DCFFChannelUnit": SequentialMutableChannelUnit}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mmrazor_aliases():
+    """Registered for this module's tests only: other test modules see the registry as pyprune ships it."""
+    for alias, cls in ALIASES.items():
+        MODELS.register_module(name=alias, module=cls, force=True)
+    yield
+    for alias in ALIASES:
+        MODELS.remove_module(alias)
 
 
 def fixture(name):
