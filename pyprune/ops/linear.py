@@ -34,7 +34,8 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self._compact_tensors(self._gather_form(x))
+        # compact training mode holds the weight as it is: no gather, so no form to ask for
+        weight, bias = self._compact_tensors(None if self._holds_compact() else self._gather_form(x))
         return F.linear(x, weight, bias)
 
     def _static_module(self) -> nn.Linear:
