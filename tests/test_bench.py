@@ -13,8 +13,8 @@ from torch import nn
 
 from models import TinyTransformer
 from pyprune.bench import mmrazor_reference as ref
-from pyprune.bench import models as model_bench
-from pyprune.bench import ops as op_bench
+from pyprune.bench import model_bench
+from pyprune.bench import kernel_bench as op_bench
 from pyprune.bench.timing import count_syncs, measure
 from pyprune.errors import ConfigError
 

@@ -254,7 +254,7 @@ def test_bench_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsy
 
 
 def test_bench_run_with_errored_rows_exits_1(tmp_path, capsys, monkeypatch):
-    from pyprune.bench import models as model_bench
+    from pyprune.bench import model_bench
 
     def failing_eval_step(self, x):
         raise RuntimeError("injected eval failure")

@@ -102,7 +102,7 @@ class _SilentBar:
 
 
 def test_model_bench_compact_backend_rows():
-    from pyprune.bench import models as bench
+    from pyprune.bench import model_bench as bench
     cfg = bench.ModelBenchConfig(device=torch.device("cpu"), models=("tiny",), batch_sizes=(2,), ratios=(0.5,),
                                  image_size=16, warmup=1, reps=3, backends=("pyprune-compact", "dense"),
                                  switch_subnets=2, switch_passes=1, clock="thread")

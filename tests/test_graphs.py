@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune.bench.models import TinyNet, prepare
+from pyprune.bench.model_bench import TinyNet, prepare
 from pyprune.graphs import GraphedEval, GraphedTrainStep
 from pyprune.mutators import ChannelMutator
 
@@ -287,7 +287,7 @@ def test_cuda_reduce_overhead_compile_of_a_prepared_model_matches_eager():
 def test_benchmark_graph_runner_times_replays_only():
     """The model benchmark's pyprune-graph runner: every timed call is a replay (warm-up and capture of a new subnet
     or input shape happen inside its first call); checked with the eager graph backend."""
-    from pyprune.bench.models import GraphRunner
+    from pyprune.bench.model_bench import GraphRunner
     model, mutator = prepared_tiny()
     runner = GraphRunner(model, mutator, "torch", cache_size=2, graph_backend="eager")
     for ratio in (0.5, 0.75, 0.5):

@@ -2,6 +2,6 @@
 
 ``pyprune bench ops`` / ``pyprune bench models`` (see :func:`main`); ``--quick`` runs in seconds.
 """
-from .cli import main
+from .command import main
 
 __all__ = ["main"]

@@ -7,10 +7,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..cli import OneLineArgumentParser, int_at_least, kept_ratio
-from . import models as model_bench
-from . import ops as op_bench
+from . import model_bench
+from . import kernel_bench as op_bench
 from . import sweep as sweep_bench
-from .report import (format_header, format_table, plot_time_vs_ratio, run_header, write_csv, write_json)
+from .tables import (format_header, format_table, plot_time_vs_ratio, run_header, write_csv, write_json)
 
 
 def _progress_iter(iterable, desc: str):
