@@ -129,3 +129,24 @@ def test_count_flops_sees_multihead_attention_and_restores_the_fast_path():
     projections = 2 * batch * tokens * (3 * width * width + width * width)  # q/k/v in, out: 2 per multiply-add
     assert count_flops(Attend(), (torch.randn(batch, tokens, width),)) >= projections
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_a_prepared_model_pickles_and_its_copy_does_not_drive_the_mutator(tmp_path):
+    """The load hooks are picklable objects holding the mutator weakly; a copy (export deep-copies) or an unpickled
+    model carries inert hooks, while the original keeps following its loads."""
+    import copy
+    import io
+
+    model, mutator = prepared(ratio=0.5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    duplicate = copy.deepcopy(model)
+    fresh, _ = prepared()
+    duplicate.load_state_dict(fresh.state_dict())  # full width into the copy: the mutator is not told
+    assert set(mutator.current_choices.values()) == {0.5}
+    model.load_state_dict(fresh.state_dict())      # into the mutator's own model: it follows
+    assert set(mutator.current_choices.values()) == {1.0}

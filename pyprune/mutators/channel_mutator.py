@@ -1,7 +1,6 @@
 """ChannelMutator: owns a model's channel units, their choices and the pruning structure config (mmrazor API)."""
 import copy
 import math
-import weakref
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from ..units.leniency import LenientReport
 from ..units.predefined import predefined_units
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
-from .state_sync import saved_unit_selections
+from .state_sync import SelectionFollower
 from .summary import PruningSummary, make_summary
 
 
@@ -125,30 +124,9 @@ class ChannelMutator:
         """Make ``model.load_state_dict`` keep the units in step with the selections it loads into the layers
         (validated before any tensor is copied; see :mod:`pyprune.mutators.state_sync`). The hooks hold the
         mutator weakly: the model does not keep it alive."""
-        mutator = weakref.ref(self)
-        pending: List = []
-
-        def before_load(module, state_dict, prefix, *args):
-            owner = mutator()
-            if owner is not None:
-                pending[:] = saved_unit_selections(module, owner.units, state_dict, prefix)
-
-        def after_load(module, incompatible_keys):
-            owner = mutator()
-            if owner is None or not pending:
-                return
-            with owner._assembler.deferred():
-                for unit, index in pending:
-                    if not unit.is_mutable:
-                        continue
-                    if index is None:
-                        unit.apply_count(unit.num_channels)
-                    else:
-                        unit.apply_index(index.to(unit.device))
-            pending.clear()
-
-        model.register_load_state_dict_pre_hook(before_load)
-        model.register_load_state_dict_post_hook(after_load)
+        follower = SelectionFollower(self)
+        model.register_load_state_dict_pre_hook(follower.before_load)
+        model.register_load_state_dict_post_hook(follower.after_load)
 
     def _check_fixed_names(self, model: nn.Module) -> None:
         names = {name for name, _ in model.named_modules()}

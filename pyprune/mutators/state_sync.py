@@ -7,6 +7,7 @@ read, for every unit, the channels each of its layers keeps inside the unit's ra
 agree (else the state_dict was made for another coupling), and fixed units must keep everything. After the load,
 the units adopt those selections.
 """
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -87,3 +88,46 @@ def saved_unit_selections(model: nn.Module, units: Sequence[MutableChannelUnit],
 
 def _count(index: Optional[Tensor], unit: MutableChannelUnit) -> int:
     return unit.num_channels if index is None else int(index.numel())
+
+
+class SelectionFollower:
+    """The ``load_state_dict`` hooks a prepared model carries for its mutator: before the load, read and check the
+    state_dict's selections per unit (:func:`saved_unit_selections`); after it, the units adopt them.
+
+    The mutator is held weakly (the model does not keep it alive). A deep copy or pickle of the model carries an
+    inert follower: the copy is not the mutator's model (``mutator.export`` deep-copies), and a pickled model
+    must not drag the mutator along.
+    """
+
+    def __init__(self, mutator):
+        self._mutator = weakref.ref(mutator)
+        self._pending: List[Tuple[MutableChannelUnit, Optional[Tensor]]] = []
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state) -> None:
+        self._mutator, self._pending = None, []
+
+    def _owner(self):
+        return None if self._mutator is None else self._mutator()
+
+    def before_load(self, module: nn.Module, state_dict, prefix: str, *args) -> None:
+        owner = self._owner()
+        if owner is not None:
+            self._pending = saved_unit_selections(module, owner.units, state_dict, prefix)
+
+    def after_load(self, module: nn.Module, incompatible_keys) -> None:
+        owner, pending = self._owner(), self._pending
+        self._pending = []
+        if owner is None or not pending:
+            return
+        with owner._assembler.deferred():
+            for unit, index in pending:
+                if not unit.is_mutable:
+                    continue
+                if index is None:
+                    unit.apply_count(unit.num_channels)
+                else:
+                    unit.apply_index(index.to(unit.device))
+
