@@ -247,6 +247,32 @@ class _SubnetGraphs:
         entry.held = _held_tensors(self.model)
         self.stats["captures"] += 1
 
+    def _run(self, batch: Sequence[Tensor]) -> Tuple[Any, bool]:
+        """One call on ``batch``: eager when it does not fit the static buffers; for a new subnet, eager warm-up
+        steps (on a side stream) and then its capture (:meth:`_capture_new`); afterwards a replay. Returns (the
+        output, whether it came from a replay: then it lives in the graph's static memory)."""
+        if not self._fits(batch):
+            self.stats["eager"] += 1
+            return self._eager(batch), False
+        entry = self._entry(self._key())
+        if entry.captured is None:
+            if entry.warm < self.warmup_steps:
+                entry.warm += 1
+                self.stats["warmup"] += 1
+                with _side_stream(self.device, self.backend):
+                    output = self._eager(batch)
+                return _used_here(output), False
+            self._load(batch)
+            self._capture_new(entry)
+        else:
+            self._load(batch)
+        output = entry.captured.replay()
+        self.stats["replays"] += 1
+        return output, True
+
+    def _capture_new(self, entry: "_Entry") -> None:
+        raise NotImplementedError
+
     def _drop_eval_caches(self) -> None:
         for op in self._ops:
             if op._eval_cache is not None:
@@ -292,28 +318,16 @@ class GraphedTrainStep(_SubnetGraphs):
         return super()._key() + (hyper,)
 
     def __call__(self, inputs: Inputs, target: Tensor) -> Tensor:
-        batch = _as_tuple(inputs) + (target,)
         self._lrs.sync(self.optimizer)
-        if not self._fits(batch):
-            self.stats["eager"] += 1
-            return self._eager(batch)
-        entry = self._entry(self._key())
-        if entry.captured is None:
-            if entry.warm < self.warmup_steps:
-                entry.warm += 1
-                self.stats["warmup"] += 1
-                with _side_stream(self.device, self.backend):
-                    loss = self._eager(batch)
-                return _used_here(loss)
-            self._load(batch)
-            with _mode(self.model, True):
-                self._capture(entry, self._body)
-        else:
-            self._load(batch)
-        loss = entry.captured.replay()
-        self.stats["replays"] += 1
+        loss, replayed = self._run(_as_tuple(inputs) + (target,))
+        if not replayed:
+            return loss
         self._drop_eval_caches()
         return loss.detach().clone()
+
+    def _capture_new(self, entry: "_Entry") -> None:
+        with _mode(self.model, True):
+            self._capture(entry, self._body)
 
     def _body(self) -> Tensor:
         # Grads set to None here: a captured backward then allocates its grads in the graph's pool and writes
@@ -349,28 +363,15 @@ class GraphedEval(_SubnetGraphs):
         super().__init__(model, _as_tuple(example_input), mutator, cache_size, warmup_steps, backend)
 
     def __call__(self, *inputs: Tensor) -> Tensor:
-        if not self._fits(inputs):
-            self.stats["eager"] += 1
-            return self._eager(inputs)
-        entry = self._entry(self._key())
-        if entry.captured is None:
-            if entry.warm < self.warmup_steps:
-                entry.warm += 1
-                self.stats["warmup"] += 1
-                with _side_stream(self.device, self.backend):
-                    output = self._eager(inputs)
-                return _used_here(output)
-            self._load(inputs)
-            self._drop_eval_caches()  # so that the graph gathers the weights instead of reading a cached copy
-            with _mode(self.model, False), torch.no_grad():
-                self._capture(entry, lambda: self.model(*self._static))
-            self._drop_eval_caches()  # the capture filled them with tensors that hold values only after a replay
-        else:
-            self._load(inputs)
         with torch.no_grad():
-            output = entry.captured.replay()
-        self.stats["replays"] += 1
-        return output.clone()
+            output, replayed = self._run(tuple(inputs))
+        return output.clone() if replayed else output
+
+    def _capture_new(self, entry: "_Entry") -> None:
+        self._drop_eval_caches()  # so that the graph gathers the weights instead of reading a cached copy
+        with _mode(self.model, False), torch.no_grad():
+            self._capture(entry, lambda: self.model(*self._static))
+        self._drop_eval_caches()  # the capture filled them with tensors that hold values only after a replay
 
     def _eager(self, inputs: Sequence[Tensor]) -> Tensor:
         with _mode(self.model, False), torch.no_grad():
