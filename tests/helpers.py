@@ -4,15 +4,21 @@ boolean-slicing (mmrazor-style) references the DynamicOps are checked against.
 Import by module name (``from helpers import CASES``); see tests/models.py for the shared models.
 """
 import copy
+import os
+import socket
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import pyprune.ops as ops
+from models import ZooNet
+from pyprune.mutators import ChannelMutator
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -172,3 +178,47 @@ def reference_batch_norm(bn, mask, x):
         bn.running_mean.masked_scatter_(mask, running_mean)
         bn.running_var.masked_scatter_(mask, running_var)
     return out
+
+
+# ---- compact-mode and multi-process test helpers -------------------------------------------------------------
+def prepared_zoo_net(unit_type="L1MutableChannelUnit", model_type=None):
+    """A prepared :class:`models.ZooNet` (or ``model_type``) with ratio-mode units of ``unit_type``, seed 0."""
+    torch.manual_seed(0)
+    model = (model_type or ZooNet)()
+    mutator = ChannelMutator(channel_unit_cfg=dict(type=unit_type, default_args=dict(choice_mode="ratio")),
+                             parse_cfg=dict(demo_input=(1, 3, 6, 6)))
+    mutator.prepare_from_supernet(model)
+    return model, mutator
+
+
+def batches(count, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 6, 6, generator=generator), torch.randint(0, 10, (4,), generator=generator))
+            for _ in range(count)]
+
+
+def logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a gloo rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(worker, out_dir, timeout_s: float = 120.0):
+    """Spawn ``worker(rank, port, out_dir)`` on 2 processes, fail the test if they take longer than ``timeout_s``,
+    and return what each rank saved as ``out_dir/rank{r}.pt`` (loaded with ``weights_only=True``)."""
+    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the 2-process gloo run did not finish within {timeout_s} s")
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt"), weights_only=True) for r in (0, 1)]

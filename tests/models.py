@@ -118,3 +118,27 @@ class TinyTransformer(nn.Module):
         tokens = tokens + self.attention(y, y, y, need_weights=False)[0]
         tokens = tokens + self.mlp(self.norm2(tokens))
         return self.head(tokens.mean(1))
+
+
+class ZooNet(nn.Module):
+    """Every layer kind compact mode covers: plain / grouped / depthwise conv, BatchNorm 1d / 2d, GroupNorm,
+    Linear, LayerNorm and MultiheadAttention (with bias_k / bias_v). x ``[N, 3, 6, 6]`` -> logits ``[N, 10]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.group, self.gn = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(4, 16)
+        self.dw, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.proj, self.ln = nn.Linear(24, 32), nn.LayerNorm(32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True)
+        self.fc, self.bn1d = nn.Linear(32, 20), nn.BatchNorm1d(20)
+        self.head = nn.Linear(20, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.gn(self.group(x)))
+        x = x + F.relu(self.bn2(self.dw(x)))
+        tokens = self.ln(self.proj(self.pw(x).flatten(2).transpose(1, 2)))
+        tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
+        return self.head(F.relu(self.bn1d(self.fc(tokens.mean(1)))))

@@ -15,52 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import batches, logits
+from helpers import prepared_zoo_net as prepared
+from models import ZooNet
 from pyprune.errors import ConfigError
-from pyprune.mutators import ChannelMutator
 from pyprune.ops import CompactTraining, DynamicChannelMixin, channel_parameters, compact_training, to_dynamic
 from pyprune.ops.compact import release_compact
 from pyprune.ops.compact_state import gather_slice
 
 EQUAL = dict(rtol=1e-6, atol=1e-6)
-
-
-class ZooNet(nn.Module):
-    """Every layer kind compact mode covers: plain / grouped / depthwise conv, BatchNorm 1d / 2d, GroupNorm,
-    Linear, LayerNorm and MultiheadAttention (with bias_k / bias_v). x ``[N, 3, 6, 6]`` -> logits ``[N, 10]``."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.group, self.gn = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.GroupNorm(4, 16)
-        self.dw, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
-        self.pw = nn.Conv2d(16, 24, 1)
-        self.proj, self.ln = nn.Linear(24, 32), nn.LayerNorm(32)
-        self.attn = nn.MultiheadAttention(32, 4, batch_first=True, add_bias_kv=True)
-        self.fc, self.bn1d = nn.Linear(32, 20), nn.BatchNorm1d(20)
-        self.head = nn.Linear(20, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(self.gn(self.group(x)))
-        x = x + F.relu(self.bn2(self.dw(x)))
-        tokens = self.ln(self.proj(self.pw(x).flatten(2).transpose(1, 2)))
-        tokens = tokens + self.attn(tokens, tokens, tokens, need_weights=False)[0]
-        return self.head(F.relu(self.bn1d(self.fc(tokens.mean(1)))))
-
-
-def prepared(unit_type="L1MutableChannelUnit", model_type=ZooNet):
-    torch.manual_seed(0)
-    model = model_type()
-    mutator = ChannelMutator(channel_unit_cfg=dict(type=unit_type, default_args=dict(choice_mode="ratio")),
-                             parse_cfg=dict(demo_input=(1, 3, 6, 6)))
-    mutator.prepare_from_supernet(model)
-    return model, mutator
-
-
-def batches(count, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 6, 6, generator=generator), torch.randint(0, 10, (4,), generator=generator))
-            for _ in range(count)]
 
 
 def train(model, optimizer, data):
@@ -69,12 +32,6 @@ def train(model, optimizer, data):
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-
-
-def logits(model, x):
-    model.eval()
-    with torch.no_grad():
-        return model(x)
 
 
 def assert_same_subnet(compact_pair, gather_pair, x):

@@ -6,28 +6,21 @@ changes the selection (with the session paused, rank 0's selection broadcast) an
 so the ranks must end with identical weights, optimizer state and exported models.
 """
 import os
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from helpers import run_two_ranks
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from test_compact import prepared
+    from helpers import prepared_zoo_net as prepared
 
     from pyprune.algorithms.unit_state import broadcast_selections
     from pyprune.ops import compact_training
@@ -70,15 +63,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ranks_stay_identical_across_two_pruning_steps(tmp_path):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process gloo run did not finish within {TIMEOUT_S} s")
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = run_two_ranks(_worker, tmp_path, TIMEOUT_S)
     # compact all along: the parameters (and so the all-reduced gradients) shrink at each step
     assert rank0["shapes"] == [((16, 3, 3, 3), (16, 3, 3, 3)), ((12, 3, 3, 3), (12, 3, 3, 3)),
                                ((8, 3, 3, 3), (8, 3, 3, 3))]

@@ -14,7 +14,8 @@ from pyprune import cli
 from pyprune.algorithms import ItePruneAlgorithm
 from pyprune.errors import ConfigError
 
-from test_compact import batches, logits, prepared
+from helpers import batches, logits
+from helpers import prepared_zoo_net as prepared
 
 
 @pytest.mark.parametrize("unit_type", ["TaylorMutableChannelUnit", "L1MutableChannelUnit"])

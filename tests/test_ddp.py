@@ -8,31 +8,23 @@ under torchrun.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import free_port, run_two_ranks
 from models import SmallNet
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
 RESIDUAL = "conv0_(0, 8)_8"  # conv0 / bn0 / conv1 / bn1 around the residual add
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _prepared(unit_type):
@@ -92,15 +84,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def _spawn(tmp_path):
-    context = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process gloo run did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return run_two_ranks(_worker, tmp_path, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +114,7 @@ def test_torchrun_main_job(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "pyprune", "prune", "--quick",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "pyprune", "prune", "--quick",
                "--unit-type", "taylor", "--no-progress", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
