@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import pyprune.kernels as kernels
-from helpers import requires_cuda  # noqa: F401  (tests/test_kernels.py still imports it from here)
 
 BACKENDS = ("ext", "torch")
 

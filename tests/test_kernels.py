@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pyprune.kernels as kernels
-from conftest import requires_cuda
+from helpers import requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
