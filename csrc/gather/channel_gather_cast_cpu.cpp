@@ -8,7 +8,7 @@
 // lies instead of being made contiguous first.
 #include "pyprune/geometry.h"
 #include "pyprune/kernels.h"
-#include "pyprune/raw_types.h"
+#include "pyprune/conversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,21 +22,6 @@ namespace pyprune {
 namespace {
 
 constexpr int64_t kGrainElements = 32768;
-
-// Calls fn(From{}, To{}): the same type when the dtypes agree (any element size, moved as raw bytes), else a pair of
-// floating types converted with static_cast (c10::Half / c10::BFloat16 convert through float).
-template <typename Fn>
-void dispatch_conversion(at::ScalarType from, at::ScalarType to, const char* op, Fn&& fn) {
-  if (from == to) {
-    dispatch_by_size(c10::elementSize(from), op, [&](auto tag) { fn(tag, tag); });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, from, "pyprune converting copy", [&] {
-    using From = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to, "pyprune converting copy",
-                                    [&] { fn(From{}, scalar_t{}); });
-  });
-}
 
 // Compact row r = full row out[r] at columns in[g(r)], written in the compact tensor's memory order (a compact row is
 // one contiguous run in both contiguous and channels_last layouts).

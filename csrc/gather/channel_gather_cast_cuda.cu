@@ -7,7 +7,7 @@
 #include "pyprune/cuda_launch.h"
 #include "pyprune/geometry.h"
 #include "pyprune/kernels.h"
-#include "pyprune/raw_types.h"
+#include "pyprune/conversion.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -82,20 +82,6 @@ __global__ void scatter_converting_kernel(const From* __restrict__ src, To* __re
     source_of(w, out_idx, in_idx, r, c, o, i);
     dst[o * to.row + i * to.col + s * to.inner] = static_cast<To>(src[r * from.row + c * from.col + s * from.inner]);
   }
-}
-
-// As the CPU file: raw bytes for the same dtype, a static_cast between two floating types otherwise.
-template <typename Fn>
-void dispatch_conversion(at::ScalarType from, at::ScalarType to, const char* op, Fn&& fn) {
-  if (from == to) {
-    dispatch_by_size(c10::elementSize(from), op, [&](auto tag) { fn(tag, tag); });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, from, "pyprune converting copy", [&] {
-    using From = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, to, "pyprune converting copy",
-                                    [&] { fn(From{}, scalar_t{}); });
-  });
 }
 
 const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
