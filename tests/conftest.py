@@ -1,7 +1,8 @@
 """Shared pytest fixtures: run kernel-backed tests on every backend, seed every test.
 
-The "ext" backend is skipped when the extension is not built, unless PYPRUNE_REQUIRE_EXT=1 (set by .ci/run), where a
-missing extension is a failure rather than a silent skip.
+The "ext" backend is skipped when the extension is not built, unless PYPRUNE_REQUIRE_EXT=1, where a missing
+extension is a failure rather than a silent skip (scripts/setup.sh, which .ci/run runs, already refuses to finish
+without the extension).
 
 Where shared test code lives: models that several test files build in tests/models.py, other shared helpers
 (markers, the layer-case table, slicing references) in tests/helpers.py, fixtures here. Test files import those by
