@@ -414,3 +414,24 @@ def test_compact_steps_and_switches_do_not_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     assert model.stem.weight.shape == (16, 3, 3, 3)
+
+
+def test_taylor_importance_in_compact_mode_names_the_layer_and_works_when_paused():
+    """Compact gradients do not line up with a unit's full channel ranges: Taylor refuses them clearly, and inside
+    ``paused()`` (full-size tensors and gradients) it accumulates as usual."""
+    from pyprune.errors import ChannelSelectionError
+
+    model, mutator = prepared("TaylorMutableChannelUnit")
+    mutator.set_global_ratio(0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    with compact_training(model, optimizer) as session:
+        model.train()
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ChannelSelectionError, match=r"unit .*layer '.*' is in compact training mode.*paused"):
+            mutator.update_importance()
+        optimizer.zero_grad()
+        with session.paused():
+            F.cross_entropy(model(x), y).backward()
+            mutator.update_importance()
+    assert all(u.num_updates == 1 for u in mutator.mutable_units)

@@ -32,7 +32,7 @@ from .compact_state import ChannelSlice, CompactOpState, HeldTensor, gather_slic
 from .parameter import channel_parameters
 from .registry import DYNAMIC_OPS
 
-__all__ = ["CompactTraining", "compact_training", "release_compact", "rebuild_ddp"]
+__all__ = ["CompactTraining", "compact_training", "release_compact", "rebuild_ddp", "holds_compact"]
 
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer], None]
 
@@ -95,6 +95,12 @@ def _check_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     parameters (its state would not follow the selection)."""
     for session in list(_ACTIVE):
         session._check_step(optimizer)
+
+
+def holds_compact(layer) -> bool:
+    """Whether ``layer``'s channel tensors (and so their ``.grad``) are the compact ones right now."""
+    holds = getattr(layer, "_holds_compact", None)
+    return bool(holds is not None and holds())
 
 
 def release_compact(model: nn.Module) -> None:

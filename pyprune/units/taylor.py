@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..errors import ConfigError
 from .importance import ImportanceMutableChannelUnit, per_unit_channel
 from .registry import register_unit
@@ -32,6 +33,10 @@ class TaylorMutableChannelUnit(ImportanceMutableChannelUnit):
         """Add this backward pass's ``|sum(grad * param)|`` per channel (layers without gradients are skipped)."""
         step = None
         for ref, module in self.output_layers():
+            if ops.holds_compact(module):  # its gradients are compact: rows would not line up with the unit's channels
+                self._fail(f"layer {ref.name!r} is in compact training mode; Taylor importance needs full-size "
+                           f"gradients: update it inside the session's paused() block or outside compact mode "
+                           f"(ItePruneAlgorithm does this itself)")
             for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
                 if param is None or param.grad is None:
                     continue
