@@ -39,3 +39,14 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch CPU thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``),
+    restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -69,13 +69,8 @@ def prepared(kind="conv", unit="L1MutableChannelUnit", **unit_args):
     return model, mutator, torch.randn(shape)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models gain nothing from a second thread, and lose much on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -29,13 +29,8 @@ class SuperNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models gain nothing from a second thread, and lose much on a shared, oversubscribed CPU
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 SHAPE = (1, 3, 12, 12)
