@@ -25,22 +25,22 @@ def _create_temporary(path: Path) -> "tuple[int, Path]":
             continue
 
 
-def fsync_directory(directory: PathLike) -> None:
-    """Make the directory's entries (a rename, a deletion) durable."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_file(path: PathLike) -> None:
-    """Flush a file that was written and closed elsewhere (e.g. by a library) to the disk."""
+def _fsync_path(path: PathLike) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_directory(directory: PathLike) -> None:
+    """Make the directory's entries (a rename, a deletion) durable."""
+    _fsync_path(directory)
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a file that was written and closed elsewhere (e.g. by a library) to the disk."""
+    _fsync_path(path)
 
 
 @contextlib.contextmanager
