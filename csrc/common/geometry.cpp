@@ -225,4 +225,22 @@ void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, c
   }
 }
 
+const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
+  if (!present) {
+    return nullptr;
+  }
+  holder = index->contiguous();
+  return holder.const_data_ptr<int64_t>();
+}
+
+IndexData checked_indices_cpu(const std::optional<at::Tensor>& out_idx, const std::optional<at::Tensor>& in_idx,
+                              const ChannelGeometry& geo, const char* op) {
+  IndexData data;
+  data.out = index_data(out_idx, geo.has_out, data.out_holder);
+  data.in = index_data(in_idx, geo.has_in, data.in_holder);
+  if (data.out) check_index_range_cpu(data.out, geo.rows, geo.full_rows, op, "out_idx");
+  if (data.in) check_index_range_cpu(data.in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+  return data;
+}
+
 }  // namespace pyprune

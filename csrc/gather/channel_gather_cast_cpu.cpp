@@ -108,14 +108,6 @@ void scatter_rows_strided(const From* src, To* dst, const ChannelGeometry& geo, 
   }
 }
 
-const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
-  if (!present) {
-    return nullptr;
-  }
-  holder = index->contiguous();
-  return holder.const_data_ptr<int64_t>();
-}
-
 int64_t rows_per_task(const ChannelGeometry& geo) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, geo.cols * geo.inner));
 }
@@ -125,11 +117,9 @@ int64_t rows_per_task(const ChannelGeometry& geo) {
 at::Tensor gather_converting_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
                                  const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo,
                                  at::ScalarType dtype, at::MemoryFormat memory_format, const char* op) {
-  at::Tensor out_holder, in_holder;
-  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
-  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
-  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
-  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+  const IndexData indices = checked_indices_cpu(out_idx, in_idx, geo, op);
+  const int64_t* out = indices.out;
+  const int64_t* in = indices.in;
 
   at::Tensor result = at::empty(geo.compact_shape, weight.options().dtype(dtype).memory_format(memory_format));
   if (result.numel() == 0) {
@@ -152,11 +142,9 @@ at::Tensor gather_converting_cpu(const at::Tensor& weight, const std::optional<a
 at::Tensor scatter_converting_cpu(const at::Tensor& grad, const std::optional<at::Tensor>& out_idx,
                                   const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo,
                                   at::ScalarType dtype, at::MemoryFormat memory_format, const char* op) {
-  at::Tensor out_holder, in_holder;
-  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
-  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
-  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
-  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+  const IndexData indices = checked_indices_cpu(out_idx, in_idx, geo, op);
+  const int64_t* out = indices.out;
+  const int64_t* in = indices.in;
 
   // (at::zeros would drop the memory format)
   at::Tensor result = at::empty(geo.full_shape, grad.options().dtype(dtype).memory_format(memory_format)).zero_();

@@ -84,14 +84,6 @@ __global__ void scatter_converting_kernel(const From* __restrict__ src, To* __re
   }
 }
 
-const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
-  if (!present) {
-    return nullptr;
-  }
-  holder = index->contiguous();
-  return holder.const_data_ptr<int64_t>();
-}
-
 Walk walk_of(const ChannelGeometry& geo, const StridedLayout& compact) {
   return Walk{geo.rows * geo.cols * geo.inner, geo.cols, geo.inner, geo.rows_per_group, geo.full_rows,
               geo.full_cols, geo.inner > 1 && compact.col < compact.inner};

@@ -78,15 +78,6 @@ inline void move_blocks(const T* src, T* dst, const int64_t* cols, int64_t count
   }
 }
 
-// Contiguous int64 view of an optional index (nullptr when absent). `holder` keeps a copy alive if one was needed.
-const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
-  if (!present) {
-    return nullptr;
-  }
-  holder = index->contiguous();
-  return holder.const_data_ptr<int64_t>();
-}
-
 // One element per row (bias, norm statistics): a plain indexed copy, threaded only when it is large.
 template <typename T>
 void gather_elements(const T* __restrict__ src, T* __restrict__ dst, const int64_t* __restrict__ out,
@@ -160,11 +151,9 @@ void scatter_rows(const T* src, T* dst, const ChannelGeometry& geo, const int64_
 
 at::Tensor gather_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,
                       const std::optional<at::Tensor>& in_idx, const ChannelGeometry& geo, const char* op) {
-  at::Tensor out_holder, in_holder;
-  const int64_t* out = index_data(out_idx, geo.has_out, out_holder);
-  const int64_t* in = index_data(in_idx, geo.has_in, in_holder);
-  if (out) check_index_range_cpu(out, geo.rows, geo.full_rows, op, "out_idx");
-  if (in) check_index_range_cpu(in, geo.groups * geo.cols, geo.full_cols, op, "in_idx");
+  const IndexData indices = checked_indices_cpu(out_idx, in_idx, geo, op);
+  const int64_t* out = indices.out;
+  const int64_t* in = indices.in;
 
   at::Tensor result = at::empty(geo.compact_shape, weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (result.numel() == 0) {

@@ -108,14 +108,6 @@ void launch_scatter(const ChannelGeometry& geo, const void* src, void* dst, cons
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder) {
-  if (!present) {
-    return nullptr;
-  }
-  holder = index->contiguous();
-  return holder.const_data_ptr<int64_t>();
-}
-
 }  // namespace
 
 at::Tensor channel_gather_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& out_idx,

@@ -91,4 +91,19 @@ Conversion check_conversion(const at::Tensor& data, std::optional<at::ScalarType
 // Host-side range check of index values; only for CPU tensors (free there, a sync on a GPU).
 void check_index_range_cpu(const int64_t* index, int64_t count, int64_t limit, const char* op, const char* name);
 
+// Contiguous int64 data of an optional index (nullptr when `present` is false). `holder` keeps a copy alive if one
+// was needed.
+const int64_t* index_data(const std::optional<at::Tensor>& index, bool present, at::Tensor& holder);
+
+// A kernel's out / in index data (nullptr = all) with the tensors that keep it alive.
+struct IndexData {
+  at::Tensor out_holder, in_holder;
+  const int64_t* out = nullptr;
+  const int64_t* in = nullptr;
+};
+
+// index_data of both indices, each range-checked against `geo` on the host (CPU kernels).
+IndexData checked_indices_cpu(const std::optional<at::Tensor>& out_idx, const std::optional<at::Tensor>& in_idx,
+                              const ChannelGeometry& geo, const char* op);
+
 }  // namespace pyprune
