@@ -120,13 +120,8 @@ def _used_here(tensor: Tensor) -> Tensor:
 def _held_tensors(model: nn.Module) -> List[Tensor]:
     """Every tensor the DynamicOps and channel tensors of ``model`` hold besides parameters and buffers (indices,
     derived indices, caches): what a captured graph reads at fixed addresses and must keep alive."""
-    held = []
-    for module in model.modules():
-        if not isinstance(module, ops.DynamicChannelMixin):
-            continue
-        for value in module.__dict__.values():
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            held += [v for v in values if isinstance(v, Tensor)]
+    held = [t for module in model.modules() if isinstance(module, ops.DynamicChannelMixin)
+            for t in module.held_tensors()]
     held += [slot.out_index for slot in ops.channel_parameters(model) if slot.out_index is not None]
     return held
 
@@ -234,7 +229,7 @@ class _SubnetGraphs:
         """Capture ``body`` for ``entry``'s subnet; a failed capture drops the entry (the next call warms up again)
         and says which subnet failed."""
         self._ops = _dynamic_ops(self.model)
-        if any(op._holds_compact() for op in self._ops if hasattr(op, "_holds_compact")):
+        if any(ops.holds_compact(op) for op in self._ops):
             raise RuntimeError(f"{type(self).__name__}: a layer is in compact training mode, whose tensors are "
                                f"swapped per subnet; leave it (or do not graph that model)")
         try:
@@ -275,8 +270,7 @@ class _SubnetGraphs:
 
     def _drop_eval_caches(self) -> None:
         for op in self._ops:
-            if op._eval_cache is not None:
-                op.clear_cache()
+            op.clear_cache()
 
 
 # ------------------------------------------------------------------------------------------------ train step

@@ -191,7 +191,7 @@ def test_conv_channels_last_input(backend, layout):
     expected = F.conv2d(x, conv.weight[conv.out_index][:, conv.in_index], conv.bias[conv.out_index], padding=1)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    weight, _ = conv._compact_tensors(conv._gather_form(x))
+    weight, _ = conv.active_tensors(x)
     assert weight.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
     y = conv(x)
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")

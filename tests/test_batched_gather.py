@@ -96,7 +96,7 @@ def test_one_batched_call_replaces_the_per_op_gathers(monkeypatch):
     counter = CountingGathers(monkeypatch)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     assert (counter.many, counter.single) == (1, 0)
-    pending = [op for op in handle.ops if "_batched_compact" in op.__dict__]
+    pending = [op for op in handle.ops if op.tensor_provider.handed is not None]
     assert pending == []  # everything gathered was used, or dropped after the forward
 
     counter.many = counter.single = 0
@@ -123,7 +123,7 @@ def test_unused_tensors_do_not_leak_into_the_next_forward():
     with pytest.raises(RuntimeError, match="stop"):
         model(torch.randn(2, 3, 8, 8))
     hook.remove()
-    assert "_batched_compact" not in skipped.__dict__ and handle.gathers == 1
+    assert skipped.tensor_provider.handed is None and handle.gathers == 1
     with torch.no_grad():
         skipped.weight.add_(1.0)  # a stale compact weight would not see this
     z = torch.randn(3, skipped.active_in_channels)
@@ -161,7 +161,7 @@ def test_autocast_leaves_conv_and_linear_to_their_own_gather(monkeypatch):
         model(torch.randn(2, 3, 8, 8)).float().sum().backward()
     assert counter.many == 1  # the batch norms still come in one call
     assert counter.single > 0  # conv / linear gather straight into bf16
-    assert all("_batched_compact" not in op.__dict__ for op in handle.ops)
+    assert all(op.tensor_provider.handed is None for op in handle.ops)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -176,5 +176,5 @@ def test_compile_fullgraph_with_batched_gather(name):
     y.sum().backward()
     assert counter.frame_count == 1
     torch.testing.assert_close(y, reference(x), rtol=0, atol=1e-5)
-    assert all("_batched_compact" not in op.__dict__ for op in model.modules()
+    assert all(op.tensor_provider.handed is None for op in model.modules()
                if isinstance(op, DynamicChannelMixin))

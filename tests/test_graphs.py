@@ -151,9 +151,9 @@ def test_eval_caches_are_dropped_after_a_replay():
     model.eval()
     with torch.no_grad():
         model(batch()[0])
-    assert model.expand[0]._eval_cache is not None
+    assert model.expand[0].tensor_provider.cache is not None
     step(*batch())
-    assert model.expand[0]._eval_cache is None
+    assert model.expand[0].tensor_provider.cache is None
 
 
 def test_graphed_eval_eager_backend_follows_subnets_and_training():

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
 from ..errors import ConfigError
 from .base import DynamicChannelMixin
 from .compact_state import ChannelSlice
@@ -59,19 +58,10 @@ class _EmbeddingSelection(DynamicChannelMixin):
         index, width = self._out_index, self._embedding_width()
         self._qkv_rows = None if index is None else torch.cat([index, index + width, index + 2 * width])
 
-    def _gather_projections(self, qkv_w: Tensor, qkv_b: Optional[Tensor], out_w: Tensor,
-                            out_b: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        """Compact (qkv weight ``[3K, K]``, qkv bias ``[3K]``, output weight ``[K, K]``, output bias ``[K]``); the
-        full tensors themselves when every channel is kept."""
-        index = self._out_index
-        if index is None:
-            return qkv_w, qkv_b, out_w, out_b
-        gather = kernels.gather_channels
-        return (gather(qkv_w, self._qkv_rows, index), None if qkv_b is None else gather(qkv_b, self._qkv_rows),
-                gather(out_w, index, index), None if out_b is None else gather(out_b, index))
-
     def _projection_layout(self) -> List[ChannelSlice]:
-        """Compact training mode: the slices ``_gather_projections`` takes of the first four channel tensors."""
+        """The slices of the first four channel tensors: qkv weight rows ``idx | E+idx | 2E+idx`` and columns
+        ``idx`` (compact ``[3K, K]``), qkv bias rows (``[3K]``), output weight rows and columns ``idx``
+        (``[K, K]``), output bias ``idx`` (``[K]``)."""
         index = self._out_index
         if index is None:
             return []
@@ -114,16 +104,6 @@ class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
         return [self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias, self.bias_k,
                 self.bias_v]
 
-    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
-        in_w, in_b, out_w, out_b, bias_k, bias_v = self._source_tensors()
-        index = self._out_index
-
-        def per_channel(bias):  # bias_k / bias_v are [1, 1, E]
-            if bias is None or index is None:
-                return bias
-            return kernels.gather_channels(bias.reshape(-1), index).reshape(1, 1, -1)
-        return self._gather_projections(in_w, in_b, out_w, out_b) + (per_channel(bias_k), per_channel(bias_v))
-
     def _compact_layout(self) -> List[ChannelSlice]:
         layout = self._projection_layout()
         if self._out_index is not None:  # bias_k / bias_v [1, 1, E]: channels on dim 2
@@ -136,7 +116,7 @@ class DynamicMultiheadAttention(_EmbeddingSelection, nn.MultiheadAttention):
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         for x in (query, key, value):
             self._check_input(x)
-        return attention_forward(self, self._compact_tensors(), query, key, value, key_padding_mask=key_padding_mask,
+        return attention_forward(self, self.active_tensors(), query, key, value, key_padding_mask=key_padding_mask,
                                  need_weights=need_weights, attn_mask=attn_mask,
                                  average_attn_weights=average_attn_weights, is_causal=is_causal)
 
@@ -174,16 +154,13 @@ class _DynamicWindowAttention(_EmbeddingSelection):
     def _source_tensors(self):
         return [self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias]
 
-    def _gather_compact(self) -> Tuple[Optional[Tensor], ...]:
-        return self._gather_projections(*self._source_tensors())
-
     def _compact_layout(self) -> List[ChannelSlice]:
         return self._projection_layout()
 
     def forward(self, x: Tensor) -> Tensor:
         from torchvision.models.swin_transformer import shifted_window_attention
         self._check_input(x)
-        qkv_w, qkv_b, proj_w, proj_b = self._compact_tensors()
+        qkv_w, qkv_b, proj_w, proj_b = self.active_tensors()
         return shifted_window_attention(
             x, qkv_w, proj_w, self.get_relative_position_bias(), self.window_size, self.num_heads,
             shift_size=self.shift_size, attention_dropout=self.attention_dropout, dropout=self.dropout,
@@ -193,7 +170,7 @@ class _DynamicWindowAttention(_EmbeddingSelection):
         """The torchvision class at ``dim=K`` with the compact qkv / proj and everything else copied."""
         with torch.no_grad():
             state = {k: v.detach().clone() for k, v in self.state_dict().items() if isinstance(v, Tensor)}
-            state.update({k: v.detach().clone() for k, v in zip(self._channel_tensors, self._compact_or_gathered())
+            state.update({k: v.detach().clone() for k, v in zip(self._channel_tensors, self.tensor_provider.tensors_to_export(self))
                           if v is not None})
         with torch.device("meta"):
             static = self._torch_type(self.active_out_channels, list(self.window_size), list(self.shift_size),

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..errors import ChannelSelectionError, ConfigError
-from .compact_state import ChannelSlice
+from .compact_state import ChannelSlice, gather_slice
 from .mutable_attrs import MutableAttrs
+from .provider import TensorProvider
 from .selection import SavedSelectionMixin, check_index, choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
@@ -91,7 +92,7 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         self._in_index: Optional[Tensor] = None
         self._active_out, self._active_in = full_out, full_in
         self._selection_version = 0
-        self._eval_cache = None
+        self.__dict__["_provider"] = TensorProvider()  # a plain attribute, not a submodule
         self._after_selection_change()
 
     # ------------------------------------------------------------------------------------------------- layer kind
@@ -234,12 +235,8 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
     def _selection_changed(self) -> None:
         state = self.__dict__  # as in _set_index
         state["_selection_version"] += 1
-        state["_eval_cache"] = None
-        state.pop("_batched_compact", None)  # gathered for the old selection (pyprune.ops.batched)
         self._after_selection_change()
-        compact = self.__dict__.get("_compact")
-        if compact is not None:  # compact training mode: write the old selection back, hold the new one
-            compact.selection_changed(self)
+        state["_provider"].selection_changed(self)  # drops what was gathered for the old selection
 
     def _where(self, is_output: bool) -> str:
         side = "" if self._one_selection() else (" output channels" if is_output else " input channels")
@@ -264,30 +261,45 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
                 f"{self.pyprune_name} ({type(self).__name__}): input has {x.shape[dim]} {word} (dim {dim}), but the "
                 f"layer's active input channels are {self.active_in_channels} of {self._full_channels()[1]}")
 
-    def _gather_compact(self, form: Optional[Tuple[Optional[torch.dtype], Optional[torch.memory_format]]] = None
-                        ) -> Tuple[Optional[Tensor], ...]:
-        """Fresh compact copies of ``_channel_tensors`` (the full tensors themselves when nothing is pruned).
+    def active_tensors(self, x: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
+        """The ``_channel_tensors`` at the active width, for input ``x``: what every forward computes with.
 
-        ``form``: (dtype, memory format) to write them in, in the gather's one pass (conv / linear under autocast
-        or with a channels_last input, see :meth:`_gather_form`); the memory format applies to the tensors of its
-        rank (the conv weight) only. Ops that override this method are never given a ``form``.
+        Answered by the op's :class:`~pyprune.ops.provider.TensorProvider` (a batched hand-off, the held tensors of
+        compact training mode, or a gather served from the eval cache); the forward does not need to know which.
+        ``x`` lets conv / linear ops have them gathered in the autocast dtype / channels_last layout
+        (:meth:`_gather_form`)."""
+        return self.__dict__["_provider"].tensors(self, x)
+
+    def carry_writes(self, written: Dict[str, Optional[Tensor]]) -> None:
+        """A forward wrote into these tensors of :meth:`active_tensors` in place (``F.batch_norm``'s running
+        statistics): carry the values into the full tensors where they were gathered copies."""
+        self.__dict__["_provider"].carry_writes(self, written)
+
+    @property
+    def tensor_provider(self) -> TensorProvider:
+        """The object :meth:`active_tensors` asks (compact training and the batched gather install into it)."""
+        return self.__dict__["_provider"]
+
+    def _gather_compact(self, form=None) -> Tuple[Optional[Tensor], ...]:
+        """Fresh compact copies of ``_channel_tensors``: each slice of :meth:`_compact_layout` gathered, the other
+        tensors (nothing pruned in them) returned as they are.
+
+        ``form``: (dtype, memory format) to write them in, in the gather's one pass (see :meth:`_gather_form`);
+        the dtype applies to autocast-eligible tensors, the memory format to tensors of its rank (the conv weight).
         """
-        out_index, in_index = self._kernel_indices()
+        slices = {piece.name: piece for piece in self._compact_layout()}
+        dtype, memory_format = form if form is not None else (None, None)
+        rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
         compact = []
-        for name in self._channel_tensors:
-            tensor = getattr(self, name)
-            if tensor is None or (out_index is None and in_index is None):
+        for name, tensor in zip(self._channel_tensors, self._source_tensors()):
+            piece = slices.get(name)
+            if piece is None:
                 compact.append(tensor)
-                continue
-            cols = in_index if tensor.dim() > 1 else None
-            if form is None:
-                compact.append(kernels.gather_channels(tensor, out_index, cols))
+            elif form is None:
+                compact.append(gather_slice(piece, tensor))
             else:
-                dtype, memory_format = form
-                rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
-                compact.append(kernels.gather_channels(
-                    tensor, out_index, cols, dtype=dtype if _autocast_eligible(tensor) else None,
-                    memory_format=memory_format if tensor.dim() == rank else None))
+                compact.append(gather_slice(piece, tensor, dtype if _autocast_eligible(tensor) else None,
+                                            memory_format if tensor.dim() == rank else None))
         return tuple(compact)
 
     def _gather_form(self, x: Tensor) -> Optional[Tuple[Optional[torch.dtype], Optional[torch.memory_format]]]:
@@ -296,65 +308,28 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         cast: no separate cast kernel), and ``x``'s channels_last layout for a conv. Subclasses opt in."""
         return None
 
-    def _compact_tensors(self, form=None) -> Tuple[Optional[Tensor], ...]:
-        """``_gather_compact(form)``, served from a cache in eval mode when no gradient is needed.
-
-        The cache key is (selection version, each source tensor's identity and ``_version``, device, dtype, form),
-        so an in-place update (optimizer step, ``load_state_dict``, ``copy_`` under no_grad) or a new selection
-        invalidates it. Writes through ``tensor.data`` bypass autograd's version counter: call
-        :meth:`clear_cache` after those. Training and ``torch.compile`` always gather (the compiled graph owns it),
-        unless :func:`pyprune.ops.batched_gather` already gathered this forward's tensors with every other op's in
-        one call (then they are used once, for the plain form).
-        In compact training mode the channel tensors already are the compact ones and are returned as they are.
-        """
-        if "_batched_compact" in self.__dict__:  # set by pyprune.ops.batched for this forward only
-            batched = self.__dict__.pop("_batched_compact")
-            if form is None:
-                return batched
-        compact = self.__dict__.get("_compact")
-        if compact is not None and compact.held:
-            return compact.tensors if compact.tensors_of is self else tuple(self._source_tensors())
-        if self.training or torch.compiler.is_compiling():
-            return self._gather_compact() if form is None else self._gather_compact(form)
-        sources = self._source_tensors()
-        key = [self._selection_version]
-        needs_grad = torch.is_grad_enabled()
-        gather = self._gather_compact if form is None else lambda: self._gather_compact(form)
-        try:
-            for tensor in sources:
-                if tensor is not None:
-                    if needs_grad and tensor.requires_grad:
-                        return gather()  # a cached compact tensor would carry a stale graph
-                    key += (id(tensor), tensor._version)
-        except RuntimeError:  # inference tensors have no version counter: never cache them
-            return gather()
-        if len(key) == 1:
-            return gather()  # nothing to gather (e.g. LayerNorm without affine)
-        first = next(tensor for tensor in sources if tensor is not None)
-        key += (first.device, first.dtype, form)
-        cache = self._eval_cache
-        if cache is not None and cache[0] == key:
-            return cache[2]
-        compact = gather()
-        # the sources are held with the key so that their ids cannot be reused by other tensors meanwhile
-        self._eval_cache = (key, sources, compact)
-        return compact
-
     def _source_tensors(self) -> List[Optional[Tensor]]:
-        """The full tensors ``_gather_compact`` reads, in ``_channel_tensors`` order (keys the eval cache)."""
+        """The full tensors the gather reads, in ``_channel_tensors`` order (keys the eval cache)."""
         params, buffers = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow
         return [params[name] if name in params else buffers.get(name) for name in self._channel_tensors]
 
     def clear_cache(self) -> None:
         """Drop the eval-mode compact-weight cache (needed only after writing weights through ``.data``)."""
-        self._eval_cache = None
+        self.__dict__["_provider"].clear_cache()
 
-    # ------------------------------------------------------------------------------------- compact training mode
-    # pyprune.ops.compact swaps the pruned channel tensors for their compact copies (pyprune/ops/compact_state.py);
-    # the op only has to say where the copies come from and use the tensors as they are while they are held.
+    def held_tensors(self) -> List[Tensor]:
+        """Every tensor the op holds besides its parameters and buffers (indices, derived indices, cached compact
+        copies): what a captured CUDA graph reads at fixed addresses and must keep alive."""
+        held = []
+        for value in self.__dict__.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            held += [v for v in values if isinstance(v, Tensor)]
+        return held + self.__dict__["_provider"].held_device_tensors()
+
     def _compact_layout(self) -> List[ChannelSlice]:
-        """Each pruned channel tensor and the channels its compact copy keeps, as ``_gather_compact`` gathers
-        them (tensors it returns unchanged are left out). Ops that override ``_gather_compact`` override this too."""
+        """Each pruned channel tensor and the channels its compact copy keeps (tensors kept whole are left out):
+        the one description of the slices, from which the gather, compact training mode and the batched gather
+        all work. Ops whose tensors are not sliced as (out index rows, in index columns) override it."""
         out_index, in_index = self._kernel_indices()
         if out_index is None and in_index is None:
             return []
@@ -369,32 +344,26 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
     def full_tensor(module: nn.Module, name: str) -> Optional[Tensor]:
         """``module``'s parameter / buffer ``name`` at full size (detached): in compact training mode the full data
         with the current compact values written back (in place, no sync), otherwise the tensor itself."""
-        compact = module.__dict__.get("_compact")
-        if compact is not None and compact.held:
-            full = compact.full_tensors().get(name)
-            if full is not None:
-                return full
+        provider = module.__dict__.get("_provider")
+        if provider is not None:
+            return provider.full_tensor(module, name)
         tensor = getattr(module, name)
         return None if tensor is None else tensor.detach()
 
     def _holds_compact(self) -> bool:
         """Whether the op's channel tensors are the compact ones right now (compact training mode)."""
-        compact = self.__dict__.get("_compact")
-        return compact is not None and bool(compact.held)
-
-    def _compact_or_gathered(self) -> Tuple[Optional[Tensor], ...]:
-        """The compact channel tensors: held ones as they are, otherwise freshly gathered."""
-        return tuple(self._source_tensors()) if self._holds_compact() else self._gather_compact()
+        return self.__dict__["_provider"].holds(self)
 
     def _apply(self, fn, *args, **kwargs):
         """Keep the indices on the layer's device through ``.to()`` / ``.cuda()`` / ``.half()`` ..."""
-        compact = self.__dict__.get("_compact") if self._holds_compact() else None
+        provider = self.__dict__["_provider"]
+        compact = provider.source if provider.holds(self) else None
         if compact is not None:  # compact mode: convert the full tensors, then take the compact copies again
             compact.release(self, with_optimizer=False)
         result = super()._apply(fn, *args, **kwargs)
         self._out_index = self._moved(self._out_index, fn)
         self._in_index = self._moved(self._in_index, fn)
-        self._eval_cache = None
+        provider.clear_cache()
         self._after_selection_change()
         if compact is not None:
             compact.compact(self, with_optimizer=False)
@@ -414,7 +383,8 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         """The plain torch layer (exact type ``_torch_type``) with compact copies of every parameter and buffer
         and the active channel counts; in the same train / eval mode. The DynamicOp is left unchanged."""
         with torch.no_grad():
-            state = {name: t for name, t in zip(self._channel_tensors, self._compact_or_gathered()) if t is not None}
+            state = {name: t for name, t in zip(self._channel_tensors, self._provider.tensors_to_export(self))
+                     if t is not None}
             for name, tensor in list(self._parameters.items()) + list(self._buffers.items()):
                 if tensor is None:
                     continue

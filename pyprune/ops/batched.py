@@ -4,8 +4,8 @@ Per-op gathering costs one dispatcher call and one autograd node per pruned tens
 training step, each 20-28 us of host time on a GPU for 2-4 us of copying (benchmarks, issue 9). ``batched_gather``
 puts a forward pre-hook on the model's root that, in a training forward with grad, gathers the pruned channel tensors
 of every DynamicOp in one :func:`pyprune.kernels.gather_channels_many` call (one launch on CUDA; its backward is one
-``channel_scatter_many``) and hands each op its compact tensors for this forward; the op's ``_compact_tensors()``
-returns them once. Everything else keeps the per-op path:
+``channel_scatter_many``) and hands each op its compact tensors for this forward; the op's tensor provider
+(:class:`~pyprune.ops.provider.TensorProvider`) serves them to its next ``active_tensors()`` once. Everything else keeps the per-op path:
 
 * eval or no-grad forwards (the eval cache already serves those), and ``torch.compile`` (the compiled graph has its
   own gathers; ``fullgraph=True`` still compiles);
@@ -28,8 +28,6 @@ from .. import kernels
 from .base import DynamicChannelMixin
 
 __all__ = ["BatchedGather", "batched_gather"]
-
-_PENDING = "_batched_compact"  # the op's __dict__ key DynamicChannelMixin._compact_tensors looks for
 
 
 class BatchedGather:
@@ -74,8 +72,8 @@ class BatchedGather:
         compact = iter(kernels.gather_channels_many(tensors, rows, cols))
         for op, sources, slices in plan:
             gathered = {piece.name: next(compact) for piece in slices}
-            op.__dict__[_PENDING] = tuple(gathered.get(name, source)
-                                          for name, source in zip(op._channel_tensors, sources))
+            op.tensor_provider.hand(tuple(gathered.get(name, source)
+                                          for name, source in zip(op._channel_tensors, sources)))
         self.gathers += 1
 
     def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
@@ -84,7 +82,7 @@ class BatchedGather:
 
     def _drop_pending(self) -> None:
         for op in self.ops:
-            op.__dict__.pop(_PENDING, None)
+            op.tensor_provider.drop_handed()
 
     # ------------------------------------------------------------------------------------------------------- plan
     def _plan(self, x: Optional[Tensor]) -> List[Tuple[DynamicChannelMixin, list, list]]:
@@ -94,7 +92,7 @@ class BatchedGather:
         channels_last = x is not None and x.dim() in (4, 5) and not x.is_contiguous()
         plan = []
         for op in self.ops:
-            if not op.training or op._holds_compact() or not _batchable_type(type(op)):
+            if not op.training or op._holds_compact():
                 continue
             if (autocast or channels_last) and type(op)._gather_form is not DynamicChannelMixin._gather_form:
                 continue  # gathers in the autocast dtype / layout on its own
@@ -112,13 +110,6 @@ def batched_gather(model: nn.Module) -> BatchedGather:
     a GPU. Install it after ``prepare_from_supernet`` (the ops must exist); it works with DDP wrapping ``model``.
     """
     return BatchedGather(model)
-
-
-def _batchable_type(op_type: type) -> bool:
-    """Whether an op's compact tensors are exactly its ``_compact_layout`` slices gathered (else its own gather
-    must run): ops that override ``_gather_compact`` must override ``_compact_layout`` to match."""
-    gathers_own = op_type._gather_compact is not DynamicChannelMixin._gather_compact
-    return not gathers_own or op_type._compact_layout is not DynamicChannelMixin._compact_layout
 
 
 def _first_tensor(args: Sequence) -> Optional[Tensor]:

@@ -4,7 +4,6 @@ from typing import Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import kernels
 from .base import DynamicChannelMixin, NormLayerKind
 
 __all__ = ["DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d"]
@@ -46,15 +45,13 @@ class _DynamicBatchNorm(NormLayerKind, DynamicChannelMixin):
             # as nn.BatchNorm: momentum=None means a cumulative moving average
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        weight, bias, running_mean, running_var = self._compact_tensors()
+        weight, bias, running_mean, running_var = self.active_tensors()
         tracking = not self.training or self.track_running_stats
         out = F.batch_norm(x, running_mean if tracking else None, running_var if tracking else None, weight, bias,
                            use_batch_stats, factor, self.eps)
-        if self.training and self.track_running_stats and self._out_index is not None and not self._holds_compact():
-            # F.batch_norm updated the compact copies; carry the update into the full buffers (in compact training
-            # mode the buffers themselves are compact: F.batch_norm updated them in place)
-            kernels.update_running_stats_(self.running_mean, self.running_var, self._out_index, running_mean,
-                                          running_var)
+        if self.training and self.track_running_stats:
+            # F.batch_norm updated the compact statistics in place: into the full buffers with them
+            self.carry_writes({"running_mean": running_mean, "running_var": running_var})
         return out
 
     def _static_module(self) -> nn.Module:

@@ -40,6 +40,14 @@ _ACTIVE: "weakref.WeakSet[CompactTraining]" = weakref.WeakSet()  # sessions in c
 _STEP_HOOK = None                                                # the global optimizer step pre-hook's handle
 
 
+def _state(module: nn.Module) -> Optional[CompactOpState]:
+    """The compact-mode state installed in ``module``'s tensor provider, or None (not a DynamicOp, or not in
+    compact mode)."""
+    provider = module.__dict__.get("_provider")
+    source = None if provider is None else provider.source
+    return source if isinstance(source, CompactOpState) else None
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
@@ -64,7 +72,7 @@ def _as_list(optimizers: Optimizers) -> List[torch.optim.Optimizer]:
 # carry no reference to the session. Each reads the op's own CompactOpState.
 def _full_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """state_dict in compact mode: the full-size tensors (compact values written back), same keys as always."""
-    state = module.__dict__.get("_compact")
+    state = _state(module)
     if state is None or not state.held:
         return
     for name, full in state.full_tensors().items():
@@ -75,7 +83,7 @@ def _full_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_meta
 def _release_before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
                          unexpected_keys, error_msgs) -> None:
     """load_state_dict: the checkpoint holds full-size tensors, so load them into the full data."""
-    state = module.__dict__.get("_compact")
+    state = _state(module)
     if state is not None:
         state.loading = True
         state.release(module)
@@ -83,7 +91,7 @@ def _release_before_load(module: nn.Module, state_dict, prefix, local_metadata, 
 
 def _compact_after_load(module: nn.Module, incompatible_keys) -> None:
     """After the op and its submodules loaded: hold the (possibly new) selection's compact tensors again."""
-    state = module.__dict__.get("_compact")
+    state = _state(module)
     if state is not None and state.loading:
         state.loading = False
         if not state.suspended:
@@ -107,11 +115,11 @@ def release_compact(model: nn.Module) -> None:
     """Leave compact form for good in every op of ``model`` that holds compact tensors without a session (a deep
     copy or an unpickled model made in compact mode): values written back, full tensors swapped in."""
     for module in _unwrapped(model).modules():
-        state = module.__dict__.get("_compact")
+        state = _state(module)
         if state is not None and state.session is None:
             state.suspended = True
             state.release(module)
-            del module.__dict__["_compact"]
+            module.tensor_provider.install(None)
 
 
 def rebuild_ddp(wrapper: nn.parallel.DistributedDataParallel) -> nn.parallel.DistributedDataParallel:
@@ -178,7 +186,7 @@ class CompactTraining:
         ops = self._compactable_ops()
         self._check_optimizers(ops)
         for name, op in ops:
-            op.__dict__["_compact"] = CompactOpState(self)
+            op.tensor_provider.install(CompactOpState(self))
             self._handles += [op.register_state_dict_post_hook(_full_state_dict_hook),
                               op.register_load_state_dict_pre_hook(_release_before_load),
                               op.register_load_state_dict_post_hook(_compact_after_load)]
@@ -189,7 +197,7 @@ class CompactTraining:
         _activate(self)
         try:
             for _, op in ops:
-                op.__dict__["_compact"].compact(op)
+                _state(op).compact(op)
         except Exception:
             self.exit()
             raise
@@ -202,13 +210,14 @@ class CompactTraining:
             return
         try:
             for _, op in self._ops:
-                state = op.__dict__.get("_compact")
+                state = _state(op)
                 if state is not None:
                     state.suspended = True
                     state.release(op)
         finally:
             for _, op in self._ops:
-                op.__dict__.pop("_compact", None)
+                if _state(op) is not None:
+                    op.tensor_provider.install(None)
             for handle in self._handles:
                 handle.remove()
             self._handles, self._ops, self._state_aside, self._held_params = [], [], {}, {}
@@ -230,7 +239,7 @@ class CompactTraining:
         try:
             if self._pause_depth == 1:
                 for _, op in self._ops:
-                    state = op.__dict__["_compact"]
+                    state = _state(op)
                     state.suspended = True
                     state.release(op)
             yield self
@@ -248,7 +257,7 @@ class CompactTraining:
 
     def _compact_all(self) -> None:
         for _, op in self._ops:
-            state = op.__dict__["_compact"]
+            state = _state(op)
             state.suspended, state.loading = False, False
             state.compact(op)
 
@@ -260,7 +269,7 @@ class CompactTraining:
     @property
     def compact_parameters(self) -> int:
         """Elements of all compact tensors held (what the optimizer steps instead of the full ones)."""
-        return sum(held.piece.tensor.numel() for _, op in self._ops for held in op.__dict__["_compact"].held)
+        return sum(held.piece.tensor.numel() for _, op in self._ops for held in _state(op).held)
 
     def __repr__(self) -> str:
         state = f"on, {len(self.layers)} of {len(self._ops)} layers compact" if self.active else "off"
@@ -281,7 +290,7 @@ class CompactTraining:
             raise ConfigError(f"compact_training: the model is not prepared for pruning ({where}); call "
                               f"ChannelMutator.prepare_from_supernet(model) first")
         for name, op in ops:
-            if op.__dict__.get("_compact") is not None:
+            if _state(op) is not None:
                 raise ConfigError(f"compact_training: layer {name!r} ({type(op).__name__}) is already in compact "
                                   f"training mode (another session, or a deep copy made in compact mode: "
                                   f"pyprune.ops.compact.release_compact(model) releases a copy)")
@@ -295,13 +304,8 @@ class CompactTraining:
 
     @staticmethod
     def _can_hold(name: str, op: DynamicChannelMixin, users: Dict[int, List[str]]) -> bool:
-        """Ops stay in gather mode when compact copies would be wrong: a subclass that gathers differently but does
-        not describe its layout, or a tensor shared with another layer / a ChannelParameter."""
-        own_gather = type(op)._gather_compact is not DynamicChannelMixin._gather_compact
-        if own_gather and type(op)._compact_layout is DynamicChannelMixin._compact_layout:
-            warnings.warn(f"compact_training: {name} ({type(op).__name__}) overrides _gather_compact but not "
-                          f"_compact_layout; it stays in gather mode", stacklevel=4)
-            return False
+        """Ops stay in gather mode when compact copies would be wrong: a tensor shared with another layer / a
+        ChannelParameter."""
         shared = sorted({other for t in op._source_tensors() if t is not None for other in users[id(t)]} - {name})
         if shared:
             warnings.warn(f"compact_training: {name} shares tensors with {shared}; it stays in gather mode",
@@ -413,7 +417,7 @@ class CompactTraining:
                         state[key] = gather_slice(entry.piece, value)
 
     def _held_by_tensor(self) -> Dict[int, HeldTensor]:
-        return {id(held.piece.tensor): held for _, op in self._ops for held in op.__dict__["_compact"].held}
+        return {id(held.piece.tensor): held for _, op in self._ops for held in _state(op).held}
 
     # ------------------------------------------------------------------------------------------- step checks
     def _held_changed(self, op: DynamicChannelMixin, held: Iterable[HeldTensor],

@@ -35,12 +35,17 @@ class ChannelSlice(NamedTuple):
     dim: int = 0
 
 
-def gather_slice(piece: ChannelSlice, source: Tensor) -> Tensor:
+def gather_slice(piece: ChannelSlice, source: Tensor, dtype: Optional[torch.dtype] = None,
+                 memory_format: Optional[torch.memory_format] = None) -> Tensor:
     """The compact copy of ``source`` (shaped like ``piece.tensor``'s full data: the data itself, its gradient or an
-    optimizer state tensor); a new contiguous tensor."""
+    optimizer state tensor); a new tensor, differentiable w.r.t. ``source``. ``dtype`` / ``memory_format``: write
+    it in that dtype / layout (the kernel's converting form: one pass)."""
     if piece.dim:
-        return source.index_select(piece.dim, piece.rows)
-    return kernels.gather_channels(source, piece.rows, piece.cols)
+        compact = source.index_select(piece.dim, piece.rows)
+        return compact if dtype is None else compact.to(dtype)
+    if dtype is None and memory_format is None:
+        return kernels.gather_channels(source, piece.rows, piece.cols)  # the plain form: no keyword handling
+    return kernels.gather_channels(source, piece.rows, piece.cols, dtype=dtype, memory_format=memory_format)
 
 
 def scatter_slice_(full: Tensor, compact: Tensor, piece: ChannelSlice) -> None:
@@ -100,7 +105,8 @@ class HeldTensor:
 
 
 class CompactOpState:
-    """The compact-mode state of one DynamicOp (stored as ``op.__dict__["_compact"]``).
+    """The compact-mode state of one DynamicOp: the source installed in its tensor provider
+    (:class:`~pyprune.ops.provider.TensorProvider`) while a compact training session is on.
 
     ``held``: the op's tensors in compact form (empty when its selection keeps every channel, or while paused /
     loading). ``suspended``: set by the session while paused, so a selection change leaves the op full-size.
@@ -120,6 +126,12 @@ class CompactOpState:
     def __getstate__(self):
         return {"session": None, "held": self.held, "tensors": self.tensors, "tensors_of": self.tensors_of,
                 "suspended": False, "loading": False}
+
+    def held_tensors(self, op) -> Optional[tuple]:
+        """The op's channel tensors as they are (they are the compact ones) while held, else None."""
+        if not self.held:
+            return None
+        return self.tensors if self.tensors_of is op else tuple(op._source_tensors())
 
     # --------------------------------------------------------------------------------------------------- moves
     def compact(self, op, with_optimizer: bool = True) -> None:

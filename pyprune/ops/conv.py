@@ -88,8 +88,7 @@ class _DynamicConvNd(DynamicChannelMixin):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        # compact training mode holds the weight as it is: no gather, so no form to ask for
-        weight, bias = self._compact_tensors(None if self._holds_compact() else self._gather_form(x))
+        weight, bias = self.active_tensors(x)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return self._conv(x, weight, bias, self.stride, 0, self.dilation, self.active_groups)

@@ -33,7 +33,7 @@ class DynamicGroupNorm(NormLayerKind, DynamicChannelMixin, nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self._compact_tensors()
+        weight, bias = self.active_tensors()
         return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
     def _static_module(self) -> nn.GroupNorm:

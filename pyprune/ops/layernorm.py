@@ -82,7 +82,7 @@ class DynamicLayerNorm(NormLayerKind, DynamicChannelMixin, nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        weight, bias = self._compact_tensors()
+        weight, bias = self.active_tensors()
         if self.channels_first:
             return F.layer_norm(x.movedim(1, -1), (self.active_out_channels,), weight, bias, self.eps).movedim(-1, 1)
         return F.layer_norm(x, (self.active_out_channels,), weight, bias, self.eps)

@@ -34,8 +34,7 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        # compact training mode holds the weight as it is: no gather, so no form to ask for
-        weight, bias = self._compact_tensors(None if self._holds_compact() else self._gather_form(x))
+        weight, bias = self.active_tensors(x)
         return F.linear(x, weight, bias)
 
     def _static_module(self) -> nn.Linear:
