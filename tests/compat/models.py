@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pyprune.registry import MODELS
+from pyprune.compat.mmrazor import MODELS
 
 
 class LinearHead(nn.Module):

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from compat.models import SingleLineModel
-from pyprune import (MODELS, ChannelAnalyzer, ChannelMutator, ChannelUnit, DefaultDemoInput, DynamicBatchNorm2d,
-                     DynamicConv2d, DynamicLinear, L1MutableChannelUnit, MutableValue, OneShotMutableChannel,
-                     OneShotMutableChannelUnit, OneShotMutableValue, SequentialMutableChannelUnit,
-                     SimpleMutableChannel, SquentialMutableChannel)
+from pyprune.compat.mmrazor import (MODELS, ChannelAnalyzer, ChannelMutator, ChannelUnit, DefaultDemoInput,
+                                    DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, L1MutableChannelUnit,
+                                    MutableValue, OneShotMutableChannel, OneShotMutableChannelUnit,
+                                    OneShotMutableValue, SequentialMutableChannelUnit, SimpleMutableChannel,
+                                    SquentialMutableChannel)
 from pyprune.errors import ChannelSelectionError, ConfigError
 
 SMALL = (1, 3, 16, 16)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compat.models import SingleLineModel
-from pyprune import (ChannelMutator, ItePruneAlgorithm, ItePruneConfigManager, OneShotMutableChannelUnit,
-                     SequentialMutableChannelUnit, SlimmableChannelUnit)
+from pyprune.compat.mmrazor import (ChannelMutator, ItePruneAlgorithm, ItePruneConfigManager,
+                                    OneShotMutableChannelUnit, SequentialMutableChannelUnit, SlimmableChannelUnit)
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.units.leniency import ConfigLeniencyWarning
 

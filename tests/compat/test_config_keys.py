@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compat.models import ExpandLineModel, SingleLineModel
-from pyprune import MODELS, ChannelMutator
+from pyprune.compat.mmrazor import MODELS, ChannelMutator
 from pyprune.errors import ConfigError
 from pyprune.units.leniency import ConfigLeniencyWarning
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyprune.channels import ChannelRef, UnitSpec
-from pyprune.registry import MODELS
+from pyprune.compat.mmrazor import MODELS
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "CUSTOM_ALGORITHM.md"
 

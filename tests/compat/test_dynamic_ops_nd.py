@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyprune.ops as ops
-from pyprune import ChannelMutator, L1MutableChannelUnit
+from pyprune.compat.mmrazor import ChannelMutator, L1MutableChannelUnit
 from pyprune.channels import ChannelRef, UnitSpec
 
 KEEP_OUT, KEEP_IN = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 3, 4, 5])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compat.models import MMRAZOR_TEST_MODELS, MultipleUseModel
-from pyprune import ChannelAnalyzer, ChannelMutator
+from pyprune.compat.mmrazor import ChannelAnalyzer, ChannelMutator
 
 SIZE = 16
 

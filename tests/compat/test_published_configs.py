@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from compat.models import MMClsMobileNetV2, MMClsResNet
-from pyprune import MODELS, ChannelMutator, ItePruneAlgorithm, SequentialMutableChannelUnit
+from pyprune.compat.mmrazor import MODELS, ChannelMutator, ItePruneAlgorithm, SequentialMutableChannelUnit
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.units.leniency import ConfigLeniencyWarning
 

@@ -1,36 +1,17 @@
-"""The registry configs use (``dict(type=...)``) and the top-level imports mmrazor users reach for."""
-import subprocess
-import sys
-
+"""The registry configs use (``dict(type=...)``): mmrazor's and mmengine's ``MODELS.build`` and ``Registry``."""
 import pytest
 import torch
 from torch import nn
 
-import pyprune
+from pyprune.compat.mmrazor import MODELS, ChannelMutator, ItePruneAlgorithm, L1MutableChannelUnit, Registry
 from pyprune.errors import ConfigError
-from pyprune.registry import MODELS, Registry
-
-
-def test_import_pyprune_is_light_and_main_classes_are_top_level():
-    code = ("import sys, pyprune; assert 'torch' not in sys.modules, 'torch imported'; "
-            "from pyprune import ChannelMutator, ItePruneAlgorithm, SequentialMutableChannelUnit; "
-            "print(ChannelMutator.__module__, ItePruneAlgorithm.__module__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["pyprune.mutators.channel_mutator", "pyprune.algorithms.ite_prune"]
-
-
-def test_every_top_level_name_resolves():
-    for name in pyprune.__all__:
-        assert getattr(pyprune, name) is not None, name
-    with pytest.raises(AttributeError, match="NoSuchThing"):
-        pyprune.NoSuchThing
 
 
 def test_builtin_classes_are_built_by_name_and_scope_is_ignored():
     mutator = MODELS.build(dict(_scope_="mmrazor", type="ChannelMutator",
                                 channel_unit_cfg=dict(type="L1MutableChannelUnit")))
-    assert isinstance(mutator, pyprune.ChannelMutator) and mutator.unit_class is pyprune.L1MutableChannelUnit
-    assert MODELS.get("mmrazor.ItePruneAlgorithm") is pyprune.ItePruneAlgorithm
+    assert isinstance(mutator, ChannelMutator) and mutator.unit_class is L1MutableChannelUnit
+    assert MODELS.get("mmrazor.ItePruneAlgorithm") is ItePruneAlgorithm
     assert "SequentialMutableChannelUnit" in MODELS
 
 
