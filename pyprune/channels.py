@@ -2,12 +2,21 @@
 
 They sit on the ground floor (no pyprune imports) because every layer above speaks them: the tracer produces
 :class:`UnitSpec` lists, units are built from them, the mutator reads and writes them as config dicts (mmrazor's
-layout: ``{"name", "start", "end", "is_output_channel"}`` per channel range).
+layout: ``{"name", "start", "end", "is_output_channel"}`` per channel range). The one rule that turns a kept
+ratio into a channel count, :func:`ratio_to_count`, lives here too, so that layers, units, the mutator, the budget
+planner and the command line all keep the same width for the same ratio.
 """
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["ChannelRef", "UnitSpec", "unit_name", "ref_to_dict", "ref_from_dict"]
+__all__ = ["ChannelRef", "UnitSpec", "unit_name", "ref_to_dict", "ref_from_dict", "ratio_to_count",
+           "RATIO_TOLERANCE"]
+
+# Channels a product ``ratio * num_channels`` may fall short of a whole count and still give it: a ratio written as
+# ``k / num_channels`` lands a few ulps below ``k`` (0.57 * 100 = 56.99999999999999), which must not cost a channel.
+RATIO_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -70,3 +79,26 @@ def ref_to_dict(ref: ChannelRef) -> Dict[str, Any]:
 def ref_from_dict(entry: Mapping[str, Any]) -> ChannelRef:
     """The inverse of :func:`ref_to_dict`; a missing or unknown key raises TypeError (callers name the unit)."""
     return ChannelRef(**entry)
+
+
+def ratio_to_count(ratio: float, num_channels: int) -> int:
+    """The number of channels a kept ``ratio`` of ``num_channels`` names: ``max(1, floor(ratio * num_channels +
+    1e-6))``, at most ``num_channels``.
+
+    This is mmrazor's rule for a float choice (``max(1, int(ratio * num_channels))``: truncation, 0.7 of 64 is 44,
+    0.5 of 9 is 4) with a tolerance of :data:`RATIO_TOLERANCE` channels for float noise, so ``k / num_channels``
+    always gives ``k`` back (plain ``int()`` gives ``k - 1`` when the product lands just below ``k``). Every entry
+    point that takes a ratio calls it: ``op.set_out_channels(r)``, a unit's ``current_choice = r``,
+    ``mutator.set_global_ratio(r)``, a one-float ``target_pruning_ratio`` (``pyprune prune --target-ratio``) and the
+    budget planner's uniform allocation. What a unit does next (``divisor`` / ``min_value`` / ``min_ratio``
+    rounding, a multiple of ``groups``) is a second step on the count this returns.
+
+    ratio: the kept fraction, a finite number in (0, 1]. num_channels: the full width, an int >= 1.
+    Raises ValueError for anything else (callers check first and name their layer or unit).
+    """
+    if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral) or num_channels < 1:
+        raise ValueError(f"ratio_to_count: num_channels must be an int >= 1, got {num_channels!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not math.isfinite(ratio) \
+            or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"ratio_to_count: the ratio must be a number in (0, 1], got {ratio!r}")
+    return max(1, min(int(num_channels), math.floor(float(ratio) * int(num_channels) + RATIO_TOLERANCE)))

@@ -69,9 +69,9 @@ class ItePruneAlgorithm(BaseAlgorithm):
             choice}`` (a float is a kept ratio, an int a kept channel count; units not named keep their width), as
             :attr:`ChannelMutator.choice_template` writes it; ``None`` (mmrazor's default) keeps the current
             structure; or one float for every mutable unit (pyprune's shorthand: ``ratio`` of each unit's channels,
-            rounded to the nearest count). Names of units the model lacks or that cannot be pruned, and counts above
-            a unit's width, are skipped / clamped with one warning, as mmrazor skips them silently (``strict=True``
-            raises instead).
+            the count :func:`pyprune.channels.ratio_to_count` names, as a float choice of that ratio keeps). Names
+            of units the model lacks or that cannot be pruned, and counts above a unit's width, are skipped /
+            clamped with one warning, as mmrazor skips them silently (``strict=True`` raises instead).
         step_freq: iterations (``by_epoch=False``) or epochs (``by_epoch=True``) between pruning steps.
         prune_times: number of pruning steps.
         linear_schedule: see :class:`ItePruneConfigManager` (the schedule's arithmetic is mmrazor's).

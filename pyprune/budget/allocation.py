@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence, Tuple
 
+from ..channels import ratio_to_count
 from .cost import METRICS, CostModel
 from .errors import BudgetError
 from .importance import UnitRanking
@@ -136,6 +137,14 @@ def _granularity(cost_model: CostModel, chosen: Sequence[int], larger: Sequence[
 
 
 # --------------------------------------------------------------------------------------------------- uniform
+def count_at_ratio(ladder: Ladder, ratio: float) -> int:
+    """What uniform allocation keeps of ``ladder``'s unit at kept ``ratio`` in (0, 1]: the largest ladder count at
+    most the count :func:`pyprune.channels.ratio_to_count` names (the rule every ratio entry point uses), or the
+    ladder's floor when even that is more."""
+    named = ratio_to_count(ratio, ladder.unit.num_channels)
+    return ladder.counts[max(bisect.bisect_right(ladder.counts, named) - 1, 0)]
+
+
 def allocate_uniform(cost_model: CostModel, ladders: Sequence[Ladder], limits: Mapping[str, float],
                      base: Sequence[int]) -> Allocation:
     """The largest common ratio whose counts meet ``limits`` (the floors must meet them; callers check)."""
@@ -146,8 +155,7 @@ def allocate_uniform(cost_model: CostModel, ladders: Sequence[Ladder], limits: M
     def counts_for(ratio: float) -> List[int]:
         counts = list(base)
         for ladder in ladders:
-            index = bisect.bisect_right(ladder.counts, ratio * ladder.unit.num_channels + 1e-9) - 1
-            counts[ladder.pos] = ladder.counts[max(index, 0)]
+            counts[ladder.pos] = count_at_ratio(ladder, ratio)
         return counts
 
     low, high = 0, len(ratios) - 1  # ratios[low] meets the limits (it gives the floors), find the last that does
@@ -228,5 +236,5 @@ def _cheapest_prefix(cost_model, ladders, steps, limits, base) -> Allocation:
     return Allocation(chosen, _granularity(cost_model, chosen, after(high - 1)))
 
 
-__all__ = ["ALLOCATIONS", "Ladder", "Allocation", "reachable_counts", "floor_count", "check_floor",
+__all__ = ["ALLOCATIONS", "Ladder", "Allocation", "reachable_counts", "floor_count", "check_floor", "count_at_ratio",
            "build_ladders", "counts_at", "meets", "allocate_uniform", "allocate_global"]

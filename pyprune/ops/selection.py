@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..channels import ratio_to_count
 from ..errors import ChannelSelectionError
 
 __all__ = ["choice_to_index", "check_index", "prefix_index"]
@@ -32,7 +33,7 @@ def choice_to_index(choice, num_channels: int, groups: int, device: Optional[tor
                     where: str) -> Optional[Tensor]:
     """A validated, sorted, unique int64 index ``[K]`` on ``device`` for ``choice``; ``None`` = all channels.
 
-    choice: a ratio ``float`` in (0, 1] (the first ``max(1, round(ratio * num_channels))`` channels), an ``int``
+    choice: a ratio ``float`` in (0, 1] (the first ``ratio_to_count(ratio, num_channels)`` channels), an ``int``
     count in ``[1, num_channels]``, a bool mask ``[num_channels]`` (tensor or list), or indices (int64 tensor or a
     list of ints, any order). ``groups > 1``: the selection must keep the same count in each of ``groups`` equal
     blocks of channels; a ratio / count then keeps the first ``count // groups`` channels of every block.
@@ -90,7 +91,7 @@ def _count_to_index(count: int, num_channels: int, groups: int, device, where: s
 def _ratio_to_index(ratio: float, num_channels: int, groups: int, device, where: str) -> Optional[Tensor]:
     if not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
         raise _error(where, f"channel ratio {ratio!r} is not in (0, 1]")
-    count = max(1, round(ratio * num_channels))
+    count = ratio_to_count(ratio, num_channels)  # the one rule every ratio entry point uses (pyprune.channels)
     if count % groups:
         raise _error(where, f"channel ratio {ratio!r} keeps {count} channels, which cannot be split evenly over "
                             f"the layer's {groups} groups")

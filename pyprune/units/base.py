@@ -8,13 +8,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..channels import UnitSpec, ref_to_dict
+from ..channels import UnitSpec, ratio_to_count, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
 from .assembler import LayerIndexAssembler
 from .channel_unit import ChannelUnit
 from .modules import (get_layer, module_channel_count, module_device, plan_dynamic_conversion, replace_modules,
                       selection_groups)
-from .rounding import kept_channel_count, ratio_to_count
+from .rounding import kept_channel_count
 
 CHOICE_MODES = ("ratio", "number")
 
@@ -30,7 +30,8 @@ class MutableChannelUnit(ChannelUnit):
     Init args (the ones configs carry), with mmrazor's defaults: ``num_channels``, ``choice_mode`` (``'number'``:
     :attr:`current_choice` reads as a channel count and an int choice is a count in [1, num_channels];
     ``'ratio'``: it reads as the kept fraction and int choices are refused; in both modes a float choice is a ratio
-    in (0, 1], turned into ``max(1, int(ratio * num_channels))`` channels as mmrazor does), ``divisor`` (kept
+    in (0, 1], turned into ``ratio_to_count(ratio, num_channels)`` channels: mmrazor's ``max(1, int(ratio *
+    num_channels))``, see :func:`pyprune.channels.ratio_to_count`), ``divisor`` (kept
     counts are rounded to a multiple of it), ``min_value`` (never keep fewer), ``min_ratio`` (never round below
     this fraction of the asked count).
 
@@ -168,10 +169,12 @@ class MutableChannelUnit(ChannelUnit):
         return count / self.num_channels if self.choice_mode == "ratio" else int(count)
 
     def choice_from_ratio(self, ratio: float):
-        """A valid choice in this unit's mode that keeps ``ratio`` of the channels rounded to the nearest count
-        (what :meth:`ChannelMutator.set_global_ratio` asks for; a float choice itself truncates, as mmrazor's)."""
-        count = max(1, min(self.num_channels, math.floor(ratio * self.num_channels + 0.5)))
-        return count / self.num_channels if self.choice_mode == "ratio" else count
+        """A choice in this unit's mode for a kept ``ratio`` in (0, 1]: the count :func:`ratio_to_count` names (an
+        int in number mode, ``count / num_channels`` in ratio mode), so it keeps what ``current_choice = ratio``
+        keeps. What :meth:`ChannelMutator.set_global_ratio` and a one-float ``target_pruning_ratio`` ask for."""
+        if not _is_real(ratio) or not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
+            self._fail(f"a kept ratio must be a number in (0, 1], got {ratio!r}")
+        return self.count_to_choice(ratio_to_count(float(ratio), self.num_channels))
 
     # --------------------------------------------------------------------------------------------------- choices
     def fix_chosen(self, choice=None) -> None:

@@ -13,14 +13,15 @@ keeps its mutable's ``mask`` in step with its selection; set widths through the 
 * ``mutable.expand_mutable_channel(k)``: the same choice seen by a layer that has ``k`` features per channel
   (flatten -> Linear); register it on that layer.
 """
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..channels import ratio_to_count
 from ..errors import ChannelSelectionError
 from ..registry import MODELS
-from .rounding import ratio_to_count
 
 __all__ = ["SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
            "ExpandedMutableChannel"]
@@ -109,7 +110,7 @@ class SquentialMutableChannel(SimpleMutableChannel):
         self.mask = mask
 
     def _to_count(self, choice) -> int:
-        if isinstance(choice, float):
+        if isinstance(choice, float) and math.isfinite(choice) and 0.0 < choice <= 1.0:
             choice = ratio_to_count(choice, self.num_channels)
         if not isinstance(choice, int) or isinstance(choice, bool) or not 1 <= choice <= self.num_channels:
             raise ChannelSelectionError(f"{type(self).__name__}: a choice must be a count in [1, "

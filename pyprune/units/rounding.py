@@ -1,6 +1,15 @@
-"""How a unit turns a requested width into a kept channel count (divisor, minimum, groups)."""
+"""How a unit turns a requested width into a kept channel count (divisor, minimum, groups).
+
+A ratio first becomes a count by :func:`pyprune.channels.ratio_to_count` (the one rule, re-exported here so
+``pyprune.units.ratio_to_count`` keeps working); :func:`kept_channel_count` is the second step, the unit's own
+rounding of that count.
+"""
 import math
 from typing import Optional
+
+from ..channels import ratio_to_count
+
+__all__ = ["make_divisible", "ratio_to_count", "kept_channel_count"]
 
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None, min_ratio: float = 0.9) -> int:
@@ -14,13 +23,6 @@ def make_divisible(value: float, divisor: int, min_value: Optional[int] = None, 
     if rounded < min_ratio * value:
         rounded += divisor
     return rounded
-
-
-def ratio_to_count(ratio: float, num_channels: int) -> int:
-    """The channel count a float choice names, as mmrazor computes it: ``max(1, int(ratio * num_channels))``
-    (truncation: 0.7 of 64 is 44). A hair of tolerance keeps float noise from costing a channel: a ratio written as
-    ``k / num_channels`` always gives ``k`` back (mmrazor's plain ``int()`` can give ``k - 1`` there)."""
-    return max(1, math.floor(ratio * num_channels + 1e-6))
 
 
 def kept_channel_count(value: float, num_channels: int, divisor: int = 1, min_value: int = 1,
