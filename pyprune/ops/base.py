@@ -127,6 +127,23 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         """A norm layer's affine scale ``[C]`` (detached; network slimming ranks channels by ``|gamma|``), or None."""
         return None
 
+    @classmethod
+    def channelwise(cls, module: nn.Module) -> bool:
+        """True when each output channel depends on the same input channel only (batch norm, depthwise conv), so
+        the layer at kept channels computes exactly the full layer's outputs there."""
+        return False
+
+    @classmethod
+    def probe_inputs(cls, module: nn.Module) -> List[Tuple[Tuple[int, ...], int]]:
+        """Small inputs ``(shape, channel dim)`` the layer type takes (probing a layer with its own forward, see
+        ``pyprune.ops.served``); the first that works decides the layer's channel dim."""
+        raise NotImplementedError
+
+    def active_attributes(self) -> Dict[str, object]:
+        """The module attributes that hold its widths, at their active values (``num_features``, ``out_channels``,
+        ...): what a layer's own forward reads while it runs at the active width, and what its export keeps."""
+        return {}
+
     # ------------------------------------------------------------------------------------------- what subclasses say
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         """(dim of ``x`` that holds the input channels, a word for the error message)."""

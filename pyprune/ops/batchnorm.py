@@ -33,6 +33,19 @@ class _DynamicBatchNorm(NormLayerKind, DynamicChannelMixin):
     def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
         return module.num_features, module.num_features
 
+    _probe_ranks: Tuple[int, ...] = (4,)  # input ranks the type takes
+
+    @classmethod
+    def channelwise(cls, module: nn.Module) -> bool:
+        return True
+
+    @classmethod
+    def probe_inputs(cls, module: nn.Module):
+        return [((4, module.num_features) + (3,) * (rank - 2), 1) for rank in cls._probe_ranks]
+
+    def active_attributes(self):
+        return {"num_features": self.active_out_channels}
+
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"
 
@@ -63,6 +76,7 @@ class DynamicBatchNorm1d(_DynamicBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over the active channels: x ``[N, K]`` or ``[N, K, L]``. See ``_DynamicBatchNorm``."""
 
     _torch_type = nn.BatchNorm1d
+    _probe_ranks = (2, 3)
 
 
 class DynamicBatchNorm2d(_DynamicBatchNorm, nn.BatchNorm2d):
@@ -75,3 +89,4 @@ class DynamicBatchNorm3d(_DynamicBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` over the active channels: x ``[N, K, D, H, W]``. See ``_DynamicBatchNorm``."""
 
     _torch_type = nn.BatchNorm3d
+    _probe_ranks = (5,)

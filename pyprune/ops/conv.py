@@ -50,6 +50,19 @@ class _DynamicConvNd(DynamicChannelMixin):
     def importance_rows(cls, module: nn.Module) -> Optional[Tensor]:
         return cls.full_tensor(module, "weight").flatten(1)
 
+    @classmethod
+    def channelwise(cls, module: nn.Module) -> bool:
+        return _is_depthwise(module)
+
+    @classmethod
+    def probe_inputs(cls, module: nn.Module):
+        spatial = tuple(k * d + s + 2 for k, d, s in zip(module.kernel_size, module.dilation, module.stride))
+        return [((2, module.in_channels) + spatial, 1)]
+
+    def active_attributes(self):
+        return {"out_channels": self.active_out_channels, "in_channels": self.active_in_channels,
+                "groups": self.active_groups}
+
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         unbatched = x.dim() == len(self.kernel_size) + 1  # torch convs also take unbatched [C, *spatial]
         return (0 if unbatched else 1), "channels"

@@ -28,6 +28,13 @@ class DynamicGroupNorm(NormLayerKind, DynamicChannelMixin, nn.GroupNorm):
     def selection_groups(cls, module: nn.GroupNorm) -> int:
         return module.num_groups
 
+    @classmethod
+    def probe_inputs(cls, module: nn.GroupNorm):
+        return [((2, module.num_channels, 3, 3), 1)]
+
+    def active_attributes(self):
+        return {"num_channels": self.active_out_channels}
+
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return 1, "channels"
 

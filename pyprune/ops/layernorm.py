@@ -56,12 +56,13 @@ class DynamicLayerNorm(NormLayerKind, DynamicChannelMixin, nn.LayerNorm):
         if len(module.normalized_shape) != 1:
             raise ConfigError(f"{cls.__name__}: only a LayerNorm over one (the channel) dim can be pruned, "
                               f"got normalized_shape={tuple(module.normalized_shape)}")
-        if type(module).forward is not nn.LayerNorm.forward and not is_channels_first_layer_norm(module):
-            raise ConfigError(f"{cls.__name__}: {type(module).__name__} overrides forward in a way pyprune does not "
-                              f"recognise as a channels-last or channels-first LayerNorm")
 
     @classmethod
     def convert_from(cls, module: nn.Module) -> "DynamicLayerNorm":
+        if type(module).forward is not nn.LayerNorm.forward and not is_channels_first_layer_norm(module):
+            raise ConfigError(f"{cls.__name__}: {type(module).__name__} overrides forward in a way pyprune does not "
+                              f"recognise as a channels-last or channels-first LayerNorm (pyprune.ops.to_dynamic "
+                              f"serves such layers through their own forward)")
         channels_first = is_channels_first_layer_norm(module)
         op = super().convert_from(module)
         op._export_type = type(module) if channels_first else nn.LayerNorm  # its forward is the one to keep
@@ -76,6 +77,15 @@ class DynamicLayerNorm(NormLayerKind, DynamicChannelMixin, nn.LayerNorm):
     @classmethod
     def channel_counts(cls, module: nn.LayerNorm) -> Tuple[int, int]:
         return module.normalized_shape[-1], module.normalized_shape[-1]
+
+    @classmethod
+    def probe_inputs(cls, module: nn.LayerNorm):
+        channels = module.normalized_shape[-1]
+        other = 5 if channels != 5 else 6  # a size that cannot be mistaken for the channels
+        return [((2, other, channels), -1), ((2, channels, other, other), 1)]
+
+    def active_attributes(self):
+        return {"normalized_shape": (self.active_out_channels,)}
 
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return (1 if self.channels_first else x.dim() - 1), "channels"

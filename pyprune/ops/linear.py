@@ -24,6 +24,13 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
     def importance_rows(cls, module: nn.Linear) -> Optional[Tensor]:
         return cls.full_tensor(module, "weight")
 
+    @classmethod
+    def probe_inputs(cls, module: nn.Linear):
+        return [((2, 3, module.in_features), -1)]
+
+    def active_attributes(self):
+        return {"out_features": self.active_out_channels, "in_features": self.active_in_channels}
+
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
         return x.dim() - 1, "features"
 

@@ -19,8 +19,9 @@ from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
 from .parameter import ChannelParameter
+from .served import has_own_forward, served_class, serving_probe
 
-__all__ = ["DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer"]
+__all__ = ["DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer", "unservable_reason"]
 
 # torch layer type -> DynamicOp type. Subclasses of these map through their nearest listed base (MRO order).
 DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
@@ -57,11 +58,22 @@ def layer_kind(layer) -> Optional[type]:
 
 def is_prunable_layer(module: nn.Module) -> bool:
     """A layer the tracer keeps opaque and the units can convert: a listed type (or subclass) that keeps its base's
-    ``forward``, or a channels-first LayerNorm subclass (ConvNeXt's ``LayerNorm2d``)."""
+    ``forward``, a channels-first LayerNorm subclass (torchvision's ``LayerNorm2d``), or a subclass whose own
+    ``forward`` can be served at the active width (``pyprune.ops.served``: timm's ``BatchNormAct2d``, ...)."""
     base = registered_base(module)
     if base is None:
         return False
-    return type(module).forward is base.forward or is_channels_first_layer_norm(module)
+    if not has_own_forward(module, base) or is_channels_first_layer_norm(module):
+        return True
+    return serving_probe(module).ok
+
+
+def unservable_reason(module: nn.Module) -> str:
+    """Why a subclass of a listed layer type cannot be pruned ('' when it can, or is no such subclass)."""
+    base = registered_base(module)
+    if base is None or is_prunable_layer(module):
+        return ""
+    return f"{type(module).__name__} overrides forward and {serving_probe(module).reason}"
 
 
 def to_dynamic(module: nn.Module) -> Optional[DynamicChannelMixin]:
@@ -73,6 +85,10 @@ def to_dynamic(module: nn.Module) -> Optional[DynamicChannelMixin]:
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return None
     kind = layer_kind(module)
-    if kind is None:
+    if kind is None or not kind.can_convert(module):
         return None
-    return kind.convert_from(module) if kind.can_convert(module) else None
+    if has_own_forward(module, registered_base(module)) and not is_channels_first_layer_norm(module):
+        if not serving_probe(module).ok:
+            return None
+        return served_class(type(module), kind).convert_from(module)
+    return kind.convert_from(module)

@@ -62,7 +62,10 @@ def test_channels_first_layer_norm_subclass_is_recognised_by_behaviour():
     assert ops.is_channels_first_layer_norm(ChannelsFirstLayerNorm(6))
     assert not ops.is_channels_first_layer_norm(nn.LayerNorm(6))  # the plain one is channels-last
     assert not ops.is_channels_first_layer_norm(NotALayerNorm(6))
-    assert ops.to_dynamic(NotALayerNorm(6)) is None
+    op = ops.to_dynamic(NotALayerNorm(6))  # not a LayerNorm pyprune knows: served through its own forward
+    op.set_out_channels([0, 2, 5])
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(op(x), 2 * F.layer_norm(x, (3,), op.weight[[0, 2, 5]], op.bias[[0, 2, 5]], op.eps))
 
 
 def test_channels_first_layer_norm_matches_slicing_and_exports_to_its_own_type():
