@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .record import forward_capture
+from ..ops.registry import registered_base
 from .rules_layers import is_prunable_layer
 from .shape_pass import MAX_SEARCH_SIDE, ForwardFailure, larger_input_that_runs, run_shapes, shape_text, training_mode
 
@@ -41,7 +42,8 @@ class _PathTracer(torch.fx.Tracer):
                 wrapped.update(saved)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_prunable_layer(m) or super().is_leaf_module(m, qualname)
+        # a subclass of a known layer whose own forward cannot be served stays opaque too: its groups get fixed
+        return registered_base(m) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         outer, self._path = self._path, self.path_of_module(m)

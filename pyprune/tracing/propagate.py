@@ -15,6 +15,7 @@ from torch import nn
 from . import rules_elementwise, rules_shape
 from .channel_tensors import check_bound_tensors
 from .context import OP_RULES, PropagationContext, op_name, shapes
+from ..ops.registry import unservable_reason
 from .rules_layers import apply_layer_rule, is_prunable_layer
 from .rules_elementwise import generic, no_tensor
 from .sizes import check_sizes, size_value
@@ -53,7 +54,7 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
         if is_prunable_layer(module):
             return apply_layer_rule(ctx, node, module)
         if any(True for _ in module.parameters(recurse=True)) or any(True for _ in module.buffers()):
-            return ctx.unknown(node, name)  # a module with state we have no DynamicOp for
+            return ctx.unknown(node, name, unservable_reason(module))  # state we have no DynamicOp for
     if name == "getitem":  # indexes tuples of spaces and of sizes too: before the ints are looked at
         return OP_RULES["getitem"](ctx, node, name)
     if shapes(node) is None and node.op != "call_module":

@@ -13,6 +13,7 @@ from torch import nn
 from ..ops.attention import WINDOW_ATTENTION_OPS
 from ..ops.layernorm import is_channels_first_layer_norm
 from ..ops.registry import is_prunable_layer, layer_kind, registered_base
+from ..ops.served import has_own_forward, serving_probe
 from .channel_space import ChannelSpace
 from .context import PropagationContext, shapes
 from .spec import ChannelRef
@@ -124,9 +125,21 @@ def layer_norm(ctx: PropagationContext, node, module: nn.LayerNorm):
     space, ndim = _input(ctx, node), len(shapes(node))
     if len(module.normalized_shape) != 1:
         return ctx.unknown(node, "LayerNorm", "normalized over more than one dim")
-    dim = 1 if is_channels_first_layer_norm(module) else ndim - 1
+    dim = _layer_norm_dim(module, ndim)
     layer_inputs(ctx, node, space, dim, True)
     return _passes_on(space, dim)
+
+
+def _layer_norm_dim(module: nn.LayerNorm, ndim: int) -> int:
+    """The channel dim of a LayerNorm: last, 1 for channels-first subclasses, or the dim its own forward was found
+    to normalise (a served layer)."""
+    if is_channels_first_layer_norm(module):
+        return 1
+    if has_own_forward(module, nn.LayerNorm):
+        dim = serving_probe(module).channel_dim
+        if dim is not None:
+            return dim % ndim
+    return ndim - 1
 
 
 @layer_rule(nn.GroupNorm)
