@@ -84,7 +84,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["pyprune", "pyprune.*"]),
     install_requires=["torch", "tqdm", "matplotlib", "numpy"],
-    extras_require={"test": ["pytest", "torchvision"]},
+    extras_require={"test": ["pytest", "torchvision", "timm==1.0.31", "transformers>=5,<6"]},
     entry_points={"console_scripts": ["pyprune = pyprune.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
