@@ -3,7 +3,8 @@
 ``test_ddp_ranks_prune_identically`` trains SmallNet (tests/models.py) under DistributedDataParallel with
 Taylor units on *different* data per rank;
 ``test_ranks_follow_rank0_selection`` makes the ranks' L1 rankings differ on purpose (no DDP) and checks that the
-algorithm's broadcast leaves rank 1 with rank 0's channels. ``test_torchrun_main_job`` runs ``pyprune prune --quick``
+algorithm's broadcast leaves rank 1 with rank 0's channels; ``test_group_fisher_ranks_sum_their_fisher_...`` runs a
+GroupFisher step under DDP on different data per rank. ``test_torchrun_main_job`` runs ``pyprune prune --quick``
 under torchrun.
 """
 import json
@@ -78,7 +79,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         algorithm.step()
         follow_result = {"local_ranking": {RESIDUAL: local},
                          "indices": {u.name: u.current_index.tolist() for u in mutator.mutable_units}}
-        torch.save({"ddp": ddp_result, "follow": follow_result}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # 3. GroupFisher under DDP, each rank on its own data: the Fisher information is summed over the ranks
+        #    before the global ranking, so both prune the same channel.
+        from pyprune.algorithms import GroupFisherAlgorithm
+        torch.manual_seed(0)
+        model = SmallNet()
+        algorithm = GroupFisherAlgorithm(model, dict(type="GroupFisherChannelMutator",
+                                                     parse_cfg=dict(demo_input=(1, 3, 8, 8))), interval=1)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        generator = torch.Generator().manual_seed(200 + rank)
+        images, labels = torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 5, (4,), generator=generator)
+        F.cross_entropy(ddp(images), labels).backward()
+        units = algorithm.mutator.mutable_units
+        local = {u.name: u.normalized(u.batch_fisher()) for u in units}
+        algorithm.after_backward()
+        summed = {u.name: u.normalized_fisher_info.clone() for u in units}
+        assert algorithm.step()
+        pruned = algorithm.mutator._by_name[algorithm.history[-1]["unit"]]
+        fisher_result = {"local": local, "summed": summed, "pruned_groups": pruned.groups,
+                         "indices": {u.name: u.current_index.tolist() for u in units}}
+        torch.save({"ddp": ddp_result, "follow": follow_result, "fisher": fisher_result},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -108,6 +129,19 @@ def test_ranks_follow_rank0_selection(results):
     assert rank1["local_ranking"][RESIDUAL] != rank0["local_ranking"][RESIDUAL], "the ranks must disagree locally"
     assert rank0["indices"] == rank1["indices"]
     assert rank1["indices"][RESIDUAL] == rank0["local_ranking"][RESIDUAL]
+
+
+def test_group_fisher_ranks_sum_their_fisher_and_prune_the_same_channel(results):
+    rank0, rank1 = results[0]["fisher"], results[1]["fisher"]
+    assert rank0["local"].keys() == rank0["summed"].keys() and len(rank0["local"]) >= 2
+    for name, local in rank0["local"].items():
+        assert not torch.allclose(local, rank1["local"][name])  # each rank its own data
+        torch.testing.assert_close(rank0["summed"][name], local + rank1["local"][name])
+        torch.testing.assert_close(rank1["summed"][name], rank0["summed"][name])
+    assert rank0["indices"] == rank1["indices"]
+    widths = {name: len(index) for name, index in rank0["indices"].items()}
+    # one channel went (one per group of a grouped conv's unit)
+    assert sum(widths.values()) == sum(len(i) for i in rank0["local"].values()) - rank0["pruned_groups"]
 
 
 def test_torchrun_main_job(tmp_path):

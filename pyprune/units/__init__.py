@@ -4,6 +4,7 @@ from .assembler import LayerIndexAssembler
 from .base import MutableChannelUnit
 from .bn_scale import BNScaleMutableChannelUnit
 from .channel_unit import ChannelUnit
+from .group_fisher import GroupFisherChannelUnit
 from .importance import ImportanceMutableChannelUnit
 from .l1 import L1MutableChannelUnit
 from .l2 import L2MutableChannelUnit
@@ -23,7 +24,7 @@ __all__ = [
     "LayerIndexAssembler", "ChannelUnit",
     "MutableChannelUnit", "ImportanceMutableChannelUnit", "SequentialMutableChannelUnit", "L1MutableChannelUnit",
     "L2MutableChannelUnit", "BNScaleMutableChannelUnit", "TaylorMutableChannelUnit", "OneShotMutableChannelUnit",
-    "SlimmableChannelUnit", "ChannelAnalyzer", "DefaultDemoInput", "ConfigLeniencyWarning",
+    "SlimmableChannelUnit", "GroupFisherChannelUnit", "ChannelAnalyzer", "DefaultDemoInput", "ConfigLeniencyWarning",
     "SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
     "MutableValue", "OneShotMutableValue",
 ]
