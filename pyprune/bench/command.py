@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clock", choices=model_bench.CLOCKS, default=None,
                    help="eval / train timing: wall (default) or thread (the CPU time of the one thread, --threads 1: "
                         "what other processes on a shared machine take is not counted)")
-    s = sub.add_parser("sweep", help="coverage: every torchvision classifier parsed, pruned, exported, compared")
-    s.add_argument("--models", nargs="+", default=None, help="default: all torchvision classification models")
+    s = sub.add_parser("sweep", help="coverage: every model of a zoo parsed, pruned, exported, compared")
+    s.add_argument("--zoo", choices=sorted(sweep_bench.zoos.ZOOS), default="torchvision-classifiers",
+                   help="torchvision-classifiers (default: the 80 classifiers), torchvision (every task: "
+                        "detection, segmentation, video, optical flow too), timm (the smallest model of every module)")
+    s.add_argument("--models", nargs="+", default=None, help="default: every model of the zoo")
     s.add_argument("--ratio", type=float, default=0.5, help="kept ratio of every unit (default 0.5)")
     s.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV / JSON")
     s.add_argument("--note", default="", help="free text stored in the header")
@@ -193,9 +196,9 @@ def _run_sweep(args) -> int:
     """One row per model; exit status 1 when any model failed."""
     if not 0.0 < args.ratio <= 1.0:
         raise SystemExit(f"pyprune bench sweep: --ratio must be in (0, 1], got {args.ratio}")
-    names = args.models or sweep_bench.torchvision_models()
-    header = run_header(torch.device("cpu"), benchmark="sweep", ratio=args.ratio, note=args.note)
-    rows = [sweep_bench.sweep_model(name, args.ratio) for name in _progress_iter(names, "sweep")]
+    names = args.models or sweep_bench.zoos.zoo_names(args.zoo)
+    header = run_header(torch.device("cpu"), benchmark="sweep", zoo=args.zoo, ratio=args.ratio, note=args.note)
+    rows = [sweep_bench.sweep_model(name, args.ratio, args.zoo) for name in _progress_iter(names, "sweep")]
     write_csv(args.out / "sweep.csv", rows, sweep_bench.SWEEP_COLUMNS)
     write_json(args.out / "sweep.json", header, rows)
     failed = [row for row in rows if row["status"] != "ok"]

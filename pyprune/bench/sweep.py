@@ -1,10 +1,13 @@
-"""Coverage sweep: every torchvision classifier through parse -> prune -> export, one table row each.
+"""Coverage sweep: every model of a zoo through parse -> prune -> export, one table row each.
 
-``pyprune bench sweep`` prints the support table kept in the README. Per model: parse time, units (mutable / all),
-the share of channels that may be pruned, params and FLOPs kept at the ratio, and the largest difference between
-the exported and the dynamic model's logits (relative to the logits' scale). A model that fails is a row with
-``status`` = the exception, never a crash of the sweep.
+``pyprune bench sweep [--zoo torchvision|timm|torchvision-classifiers]`` prints the support tables kept in the
+README. Per model (built by :mod:`pyprune.bench.zoos`, random init, no download): parse time, units (mutable / all),
+the share of channels that may be pruned, params and FLOPs kept at the ratio, and the largest difference between the
+exported and the dynamic model's outputs (relative to their scale) at the ratio and at a randomly sampled subnet;
+then one training step of the exported model where the model trains on its input alone. A model that fails is a row
+with ``status`` = the exception, never a crash of the sweep.
 """
+import random
 import time
 import traceback
 import warnings
@@ -14,37 +17,23 @@ import torch
 from torch import Tensor, nn
 
 from ..mutators import ChannelMutator, count_flops, count_params
+from ..tracing.example_inputs import call_model, tensor_leaves
+from . import zoos
 
 SWEEP_COLUMNS = ("model", "status", "parse_s", "units", "mutable", "prunable_channels", "params_M",
-                 "params_kept", "flops_kept", "max_rel_diff")
-NUM_CLASSES = 10
+                 "params_kept", "flops_kept", "max_rel_diff", "sampled_rel_diff", "trained")
+NUM_CLASSES = zoos.NUM_CLASSES
 
 
 def torchvision_models() -> List[str]:
-    import torchvision
-    return torchvision.models.list_models(module=torchvision.models)
+    return zoos.torchvision_classifiers()
 
 
 def example_model(name: str, seed: int = 0) -> Tuple[nn.Module, Tensor]:
-    """A randomly initialised torchvision classifier (no download) and the smallest input ``[2, 3, S, S]`` it takes.
-
-    ViTs are built for a 2x2 patch grid; MaxViT needs 224 px (every stage's grid splits into 7x7 windows);
-    Inception-v3's train-mode aux head needs 299 px (a 5x5 pool and a 5x5 conv on Mixed_6e).
-    """
-    import torchvision
-    kwargs, size = {}, 64
-    if name.startswith("vit_"):
-        patch = 14 if name.endswith("_14") else int(name[-2:])
-        kwargs["image_size"] = size = 2 * patch
-    elif name == "maxvit_t":
-        size = 224
-    elif name == "inception_v3":
-        size = 299
-    if name in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = False  # scipy's truncated-normal init is slow; the aux heads stay
-    torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
-    return model, torch.randn(2, 3, size, size)
+    """A randomly initialised torchvision classifier (no download) and the smallest input ``[2, 3, S, S]`` it takes
+    (see :mod:`pyprune.bench.zoos`)."""
+    built = zoos.build("torchvision-classifiers", name, seed)
+    return built.model, built.inputs.args[0]
 
 
 def logits(output) -> Tensor:
@@ -57,36 +46,70 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
 
 
+def output_difference(a, b) -> float:
+    """:func:`relative_difference` over every tensor of two outputs of the same structure (detection's lists of
+    dicts, segmentation's dicts, optical flow's lists); a structure or shape mismatch raises."""
+    left, right = tensor_leaves(a), tensor_leaves(b)
+    if len(left) != len(right) or any(x.shape != y.shape for x, y in zip(left, right)):
+        raise AssertionError(f"the exported model's outputs have another structure: {[tuple(x.shape) for x in left]}"
+                             f" vs {[tuple(y.shape) for y in right]}")
+    floats = [(x, y) for x, y in zip(left, right) if x.is_floating_point()]
+    exact = all(torch.equal(x, y) for x, y in zip(left, right) if not x.is_floating_point())
+    if not exact:
+        raise AssertionError("the exported model's integer outputs (labels, indices) differ")
+    return max((relative_difference(x.float(), y.float()) for x, y in floats if x.numel()), default=0.0)
+
+
 def prunable_share(mutator: ChannelMutator) -> float:
     """Channels in mutable units / channels in all units."""
     total = sum(u.num_channels for u in mutator.units)
     return sum(u.num_channels for u in mutator.mutable_units) / total if total else 0.0
 
 
-def sweep_model(name: str, ratio: float = 0.5) -> Dict[str, object]:
-    """Parse, set every unit to ``ratio``, export, compare; one row of :data:`SWEEP_COLUMNS`."""
+def _exported_output(model: nn.Module, mutator: ChannelMutator, inputs):
+    with torch.no_grad():
+        dynamic = call_model(model, inputs)
+    pruned = mutator.export(model).eval()
+    with torch.no_grad():
+        exported = call_model(pruned, inputs)
+    return pruned, output_difference(exported, dynamic)
+
+
+def _train_step(pruned: nn.Module, inputs) -> None:
+    """One forward + backward of the exported model in training mode (aux heads included)."""
+    pruned.train()
+    loss = sum(t.float().mean() for t in tensor_leaves(call_model(pruned, inputs)) if t.is_floating_point())
+    loss.backward()
+    if not any(p.grad is not None for p in pruned.parameters()):
+        raise AssertionError("no gradient reached the exported model's parameters")
+
+
+def sweep_model(name: str, ratio: float = 0.5, zoo: str = "torchvision-classifiers") -> Dict[str, object]:
+    """Parse, set every unit to ``ratio``, export, compare; then a sampled subnet; one row of :data:`SWEEP_COLUMNS`."""
     row: Dict[str, object] = {"model": name}
     try:
-        model, x = example_model(name)
+        model, inputs, trains = zoos.build(zoo, name)
         model.eval()
-        flops_before, params_before = count_flops(model, (x,)), count_params(model)
-        mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=x))
+        flops_before, params_before = count_flops(model, inputs), count_params(model)
+        mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=inputs))
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mutator.prepare_from_supernet(model)
         row["parse_s"] = time.perf_counter() - start
         mutator.set_global_ratio(ratio)
-        with torch.no_grad():
-            dynamic = logits(model(x))
-        pruned = mutator.export(model).eval()
-        with torch.no_grad():
-            exported = logits(pruned(x))
+        pruned, difference = _exported_output(model, mutator, inputs)
         row.update(units=len(mutator.units), mutable=len(mutator.mutable_units),
                    prunable_channels=prunable_share(mutator), params_M=params_before / 1e6,
                    params_kept=count_params(pruned) / params_before,
-                   flops_kept=count_flops(pruned, (x,)) / flops_before,
-                   max_rel_diff=f"{relative_difference(exported, dynamic):.1e}", status="ok")
+                   flops_kept=count_flops(pruned, inputs) / flops_before,
+                   max_rel_diff=f"{difference:.1e}")
+        random.seed(0)
+        mutator.set_choices(mutator.sample_choices())
+        row["sampled_rel_diff"] = f"{_exported_output(model, mutator, inputs)[1]:.1e}"
+        if trains:
+            _train_step(pruned, inputs)
+        row.update(trained="yes" if trains else "eval only", status="ok")
     except Exception as error:  # a row per model, whatever happens
         row["status"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         row["traceback"] = traceback.format_exc()
