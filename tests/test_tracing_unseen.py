@@ -130,7 +130,8 @@ def test_a_layer_the_code_never_calls_is_not_reported():
 def test_a_model_that_cannot_run_at_all_is_refused_with_one_message(tracer):
     model = nn.Sequential(nn.Conv2d(3, 8, 5), nn.Conv2d(8, 4, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = r"input of shape \(1, 3, 2, 2\): layer '0' \(Conv2d\) raised RuntimeError: Calculated padded input"
+    expected = (r"input \(tensor of shape \(1, 3, 2, 2\), dtype float32\): layer '0' \(Conv2d\) raised RuntimeError: "
+                r"Calculated padded input")
     if tracer != "torch_function":  # the symbolic graph can be run at other sizes
         expected += r".*; an example input of shape \(1, 3, 8, 8\) runs every layer"
     with pytest.raises(ConfigError, match=expected):

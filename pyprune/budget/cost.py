@@ -29,8 +29,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import ops
+from ..errors import ConfigError
 from ..mutators.parse import demo_inputs
 from ..mutators.summary import count_params
+from ..tracing.example_inputs import CallArgs, as_call_args, call_model
 from ..units.modules import get_layer
 from .errors import BudgetError
 
@@ -81,22 +83,20 @@ class LayerCost:
         return a * w_in * w_out + b * w_in + c * w_out + d
 
 
-def example_inputs_for(model: nn.Module, mutator, example_inputs=None) -> Tuple[torch.Tensor, ...]:
-    """A tuple of input tensors on the model's device: ``example_inputs`` (a tensor, a tuple of tensors or a shape)
-    or, when it is None, the mutator's ``parse_cfg`` demo input."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def example_inputs_for(model: nn.Module, mutator, example_inputs=None) -> CallArgs:
+    """The call ``(args, kwargs)`` one counted forward runs, tensors on the model's device: ``example_inputs`` in any
+    form :func:`pyprune.tracing.example_inputs.as_call_args` takes (a tensor, a shape, a tuple of positional
+    inputs, a list of images, a dict of keyword inputs, a DemoInput or callable) or, when it is None, the mutator's
+    ``parse_cfg`` demo input."""
     if example_inputs is None:
-        if "demo_input" not in mutator.parse_cfg and "_demo_tensor" not in mutator.parse_cfg:
+        if "demo_input" not in mutator.parse_cfg:
             raise BudgetError("counting FLOPs needs an example input: pass example_inputs= (the mutator was built "
                               "from a config and has no demo_input)")
-        return (demo_inputs(mutator.parse_cfg, model),)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs.to(device),)
-    if isinstance(example_inputs, Sequence) and example_inputs and all(isinstance(d, int) for d in example_inputs):
-        return (torch.randn(tuple(example_inputs), device=device),)
-    if isinstance(example_inputs, Sequence) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(t.to(device) for t in example_inputs)
-    raise BudgetError(f"example_inputs must be a tensor, a tuple of tensors or a shape, got {example_inputs!r}")
+        example_inputs = demo_inputs(mutator.parse_cfg, model)
+    try:
+        return as_call_args(example_inputs, model=model)
+    except ConfigError as error:
+        raise BudgetError(f"example_inputs: {error}") from None
 
 
 class CostModel:
@@ -241,7 +241,7 @@ def _record_calls(model: nn.Module, inputs, names: List[str]) -> Dict[str, list]
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            call_model(model, inputs)
     finally:
         model.train(was_training)
         for handle in handles:

@@ -2,10 +2,10 @@
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 from torch import nn
+
+from ..tracing.example_inputs import as_call_args, call_model, model_device, tensor_leaves
 
 DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 10
@@ -23,28 +23,30 @@ class LatencySettings:
         if self.warmup < 0 or self.repeats < 1:
             raise ValueError(f"latency: need warmup >= 0 and repeats >= 1, got {self.warmup}, {self.repeats}")
 
-    def describe(self, device: torch.device, inputs: Sequence[torch.Tensor]) -> str:
-        shapes = ", ".join("x".join(str(d) for d in t.shape) for t in inputs)
+    def describe(self, device: torch.device, inputs) -> str:
+        """The method in words; ``inputs`` (any form of :mod:`pyprune.tracing.example_inputs`) by shapes."""
+        shapes = ", ".join("x".join(str(d) for d in t.shape) for t in tensor_leaves(as_call_args(inputs)))
         sync = "; torch.cuda.synchronize around each" if device.type == "cuda" else ""
         return (f"median of {self.repeats} timed eval forwards (no_grad, input {shapes}) after {self.warmup} "
                 f"warm-up forwards on {device}{sync}")
 
 
-def measure_latency(model: nn.Module, inputs: Sequence[torch.Tensor],
-                    settings: LatencySettings = LatencySettings()) -> float:
-    """Seconds per forward of ``model(*inputs)``: the median over ``settings.repeats`` timed forwards."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def measure_latency(model: nn.Module, inputs, settings: LatencySettings = LatencySettings()) -> float:
+    """Seconds per forward of ``model`` on ``inputs`` (any form :func:`pyprune.tracing.example_inputs.as_call_args`
+    takes; ``(x,)`` is ``model(x)``): the median over ``settings.repeats`` timed forwards."""
+    device = model_device(model)
+    call = as_call_args(inputs, device)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for _ in range(settings.warmup):
-                model(*inputs)
+                call_model(model, call)
             times = []
             for _ in range(settings.repeats):
                 _synchronize(device)
                 start = time.perf_counter()
-                model(*inputs)
+                call_model(model, call)
                 _synchronize(device)
                 times.append(time.perf_counter() - start)
     finally:

@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import ops
 from ..mutators import export_static
+from ..tracing.example_inputs import model_device
 from .cost import METRICS, Cost, example_inputs_for
 from .errors import BudgetError
 from .latency import LatencySettings, measure_latency
@@ -118,7 +119,7 @@ def _meet_latency(planner: BudgetPlanner, budget: Budget, start: str, inputs,
     timed. On failure the units are restored and BudgetError says what the floor measured.
     """
     device_model = planner.model
-    method = settings.describe(inputs[0].device, inputs)
+    method = settings.describe(model_device(device_model), inputs)
     full_s = measure_latency(full_width_export(device_model), inputs, settings)
     counted = {k: v for k, v in budget.as_dict().items() if k != "latency"}
     saved = planner.selection_state()

@@ -14,6 +14,7 @@ from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
 from ..registry import MODELS
 from ..tracing import trace_channel_units
+from ..tracing.example_inputs import as_call_args
 from ..units import LayerIndexAssembler, MutableChannelUnit
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
 from ..units.base import init_args_from_mutable
@@ -341,15 +342,10 @@ class ChannelMutator:
     def summary(self, model: nn.Module, example_input) -> PruningSummary:
         """Params and FLOPs of the full model and of the current subnet (``print()`` it for a table).
 
-        ``example_input``: a tensor, a tuple of tensors, or a shape.
+        ``example_input``: in any form :func:`pyprune.tracing.example_inputs.as_call_args` takes (a tensor, a
+        shape, a tuple of positional inputs, a list of images, a dict of keyword inputs, a DemoInput or callable).
         """
-        if isinstance(example_input, torch.Tensor):
-            inputs = (example_input,)
-        elif isinstance(example_input, Sequence) and example_input and all(isinstance(d, int) for d in example_input):
-            device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            inputs = (torch.randn(tuple(example_input), device=device),)
-        else:
-            inputs = tuple(example_input)
+        inputs = as_call_args(example_input, model=model)
         full = copy.deepcopy(model)
         for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
                 list(ops.channel_parameters(full)):

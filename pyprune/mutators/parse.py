@@ -9,8 +9,10 @@ from torch import nn
 
 from ..channels import UnitSpec
 from ..errors import ConfigError
+from ..registry import TASK_UTILS
 from ..units import unit_class
-from ..units.analyzer import DEFAULT_DEMO_INPUT, TRACER_TYPES, ChannelAnalyzer, demo_input_maker
+from ..tracing.example_inputs import StructuredDemoInput, check_demo_input, input_config, is_shape, resolve
+from ..units.analyzer import DEFAULT_DEMO_INPUT, TRACER_TYPES, ChannelAnalyzer
 from ..units.channel_config import channel_refs, repeats_a_shared_layer
 from ..units.leniency import LenientReport
 
@@ -64,11 +66,13 @@ def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
     """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input``; returns a JSON-friendly dict.
 
     ``parse_cfg`` may also be a :class:`~pyprune.units.ChannelAnalyzer` (as mmrazor allows), and ``demo_input`` a
-    shape, a tensor or a DemoInput (object or config dict).
+    shape, a tensor, a tuple of positional inputs, a list (of images), a dict of keyword inputs, a DemoInput (object
+    or config dict) or a callable returning one of those (see :mod:`pyprune.tracing.example_inputs`).
     """
     if isinstance(parse_cfg, ChannelAnalyzer):
         parse_cfg = dict(type="ChannelAnalyzer", demo_input=parse_cfg.demo_input, tracer_type=parse_cfg.tracer_type)
     parse_cfg = dict(parse_cfg or {})
+    demo = parse_cfg.pop("_demo_input", None)  # a parse_cfg normalised before (a mutator's own) keeps its input
     parse_cfg.pop("_scope_", None)  # mmengine's registry scope ('mmrazor' in mmrazor's defaults): one registry here
     # mmrazor's "trace, then take the units' init args and choices from the config" is what ChannelAnalyzer does here
     parse_cfg.pop("from_cfg", None)
@@ -84,30 +88,54 @@ def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
     if parse_cfg["tracer_type"] not in TRACER_TYPES:
         raise ConfigError(f"parse_cfg: unknown tracer_type {parse_cfg['tracer_type']!r}; known: "
                           f"{sorted(TRACER_TYPES)}")
-    demo = parse_cfg.setdefault("demo_input", DEFAULT_DEMO_INPUT)
+    if demo is None:
+        demo = parse_cfg.setdefault("demo_input", DEFAULT_DEMO_INPUT)
     try:
-        shape, make = demo_input_maker(demo)
+        check_demo_input(demo)
+        parse_cfg["demo_input"] = demo_description(demo)
     except ConfigError as error:
         raise ConfigError(f"parse_cfg: {error}") from None
-    if not (isinstance(demo, Sequence) and not isinstance(demo, str)):
-        parse_cfg["_make_demo_input"] = make  # a tensor or DemoInput: the config records its shape
-    parse_cfg["demo_input"] = shape
+    parse_cfg["_demo_input"] = demo  # what is run; "demo_input" is what a config file records
     return parse_cfg
+
+
+def demo_description(demo) -> Any:
+    """What a config file records of a demo input: its shape where it is one float tensor of a known shape (as
+    mmrazor writes it), else a StructuredDemoInput config of its shapes and dtypes; None for a maker (a DemoInput
+    or callable) whose output is known only once it is called with the model (:func:`demo_inputs` records it)."""
+    if isinstance(demo, Mapping) and demo.get("type") in ("StructuredDemoInput", StructuredDemoInput):
+        return {**dict(demo), "type": "StructuredDemoInput"}
+    if is_shape(demo):
+        return tuple(demo)
+    if isinstance(demo, Mapping) and "type" in demo:
+        demo = TASK_UTILS.build(dict(demo))
+    if isinstance(demo, StructuredDemoInput):
+        return {"type": "StructuredDemoInput", "args": demo.args, "kwargs": demo.kwargs}
+    if hasattr(demo, "get_data") and is_shape(getattr(demo, "input_shape", None)):  # mmrazor's DefaultDemoInput
+        return tuple(demo.input_shape)
+    if hasattr(demo, "get_data") or callable(demo):
+        return None
+    return input_config(demo)
 
 
 def jsonable_parse_cfg(parse_cfg: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in parse_cfg.items() if not k.startswith("_")}
     if "demo_input" in out:
-        out["demo_input"] = list(out["demo_input"])
+        if out["demo_input"] is None:  # a maker not called yet: the reloaded config traces the default input
+            del out["demo_input"]
+        elif is_shape(out["demo_input"]):
+            out["demo_input"] = list(out["demo_input"])
     return out
 
 
 def demo_inputs(parse_cfg: Dict[str, Any], model: nn.Module):
-    """The example input the tracer runs, on the model's device."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    make = parse_cfg.get("_make_demo_input")
-    tensor = torch.randn(parse_cfg["demo_input"]) if make is None else make(model)
-    return tensor.to(device)
+    """The example input the tracer runs (tensors on the model's device where it makes them); a maker's output is
+    recorded in ``parse_cfg['demo_input']`` for the config file."""
+    demo = parse_cfg.get("_demo_input", parse_cfg["demo_input"])
+    value = resolve(demo, model)
+    if parse_cfg.get("demo_input") is None:
+        parse_cfg["demo_input"] = input_config(value)
+    return value
 
 
 def specs_from_channels(units_cfg: Dict[str, Dict[str, Any]], model: Optional[nn.Module] = None) -> List:

@@ -5,23 +5,27 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..tracing.example_inputs import as_call_args, call_model
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def count_flops(model: nn.Module, inputs) -> int:
-    """FLOPs of one eval-mode forward (``FlopCounterMode``: 2 per multiply-add of conv / matmul).
+    """FLOPs of one eval-mode forward (``FlopCounterMode``: 2 per multiply-add of conv / matmul) on ``inputs``, in
+    any form :func:`pyprune.tracing.example_inputs.as_call_args` takes (``(x,)``: ``model(x)``).
 
     ``nn.MultiheadAttention``'s eval fast path is one fused op the counter does not see, so it is switched off while
     counting (a plain model's attention would otherwise count as free and an exported ViT look cheaper than it is).
     """
+    call = as_call_args(inputs, model=model)
     was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
+            call_model(model, call)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)

@@ -1,11 +1,12 @@
 """Parse a model into coupled channel groups (UnitSpecs): torch.fx first, a recorded real forward as fallback."""
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ConfigError
 from .capture import capture
+from .example_inputs import as_call_args
 from .propagate import fix_modules, propagate
 from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
@@ -16,13 +17,15 @@ TRACERS = ("auto", "fx", "torch_function")
 __all__ = ["trace_channel_units", "ChannelRef", "UnitSpec", "PruningTraceWarning", "is_prunable_layer", "TRACERS"]
 
 
-def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence[Tensor]], *,
+def trace_channel_units(model: nn.Module, example_inputs, *,
                         fixed: Iterable[str] = (), strict: bool = False, tracer: str = "auto") -> List[UnitSpec]:
     """Find the groups of coupled channels of ``model``.
 
     Args:
         model: any ``nn.Module``; it is not modified (buffers a traced forward updates are restored).
-        example_inputs: a tensor (e.g. ``[1, 3, H, W]``) or a tuple of the model's positional inputs.
+        example_inputs: what the model is run on, in any form of :mod:`pyprune.tracing.example_inputs`: a tensor
+            (e.g. ``[1, 3, H, W]``), a shape, a tuple of positional inputs, a list (detection's list of ``[3, H, W]``
+            images, passed as one argument), a dict of keyword inputs, a DemoInput or a callable making one.
         fixed: module names whose input and output channels must not be pruned (submodules included).
         strict: raise :class:`~pyprune.errors.UntraceableOpError` on an op that cannot be mapped, or on layers the
             example input does not reach, instead of fixing the groups they touch with a
@@ -45,7 +48,7 @@ def trace_channel_units(model: nn.Module, example_inputs: Union[Tensor, Sequence
     missing = [name for name in fixed if name not in known]
     if missing:
         raise ConfigError(f"fixed: the model has no modules named {missing}")
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    inputs = as_call_args(example_inputs, model=model)
     saved = {name: b.clone() for name, b in model.named_buffers()}  # a recorded train-mode forward updates BN stats
     try:
         captured = capture(model, inputs, tracer)

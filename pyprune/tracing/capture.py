@@ -7,17 +7,19 @@ does not take); the capture then says which ones the model's code calls, and kee
 what they read, so the propagation can keep those channels whole (:mod:`.unseen`).
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.fx
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import ConfigError
+from .example_inputs import CallArgs, describe_call
 from .record import forward_capture
 from ..ops.registry import registered_base
 from .rules_layers import is_prunable_layer
-from .shape_pass import MAX_SEARCH_SIDE, ForwardFailure, larger_input_that_runs, run_shapes, shape_text, training_mode
+from .shape_pass import (MAX_SEARCH_SIDE, ForwardFailure, larger_input_that_runs, placeholder_values, run_shapes,
+                         shape_text, training_mode)
 
 
 class _PathTracer(torch.fx.Tracer):
@@ -86,8 +88,9 @@ class Capture:
     source: str = "the traced graph"
 
 
-def capture(model: nn.Module, inputs: Tuple[Tensor, ...], tracer: str) -> Capture:
-    """Capture with ``tracer`` "fx" | "torch_function" | "auto" (fx, then the real-forward recording).
+def capture(model: nn.Module, inputs: CallArgs, tracer: str) -> Capture:
+    """Capture with ``tracer`` "fx" | "torch_function" | "auto" (fx, then the real-forward recording), for the call
+    ``model(*inputs.args, **inputs.kwargs)``.
 
     Where the train-mode fx graph does not run on ``inputs`` (a train-only head the input is too small for), the
     eval-mode graph is analysed and the head's layers are ``unseen``. Raises :class:`ConfigError` naming the failing
@@ -103,16 +106,25 @@ def capture(model: nn.Module, inputs: Tuple[Tensor, ...], tracer: str) -> Captur
         note = f"torch.fx could not trace the model ({type(error).__name__}: {error}); recorded a real forward"
         return _recorded(model, inputs, note=note)
     try:
-        run_shapes(gm, inputs)
+        values = placeholder_values(gm, inputs)
+    except ValueError as error:  # e.g. forward(*args): the graph's inputs cannot be matched to the call's
+        if tracer == "fx":
+            raise ConfigError(f"the example input ({describe_call(inputs)}) does not fit the traced forward: "
+                              f"{error}") from None
+        return _recorded(model, inputs, note=f"the example input does not fit the fx graph's inputs ({error}); "
+                                             f"recorded a real forward")
+    try:
+        run_shapes(gm, values)
         return Capture(gm.graph)
     except ForwardFailure as failure:
         return _eval_graph(model, inputs, gm, failure, tracer)
 
 
-def _eval_graph(model: nn.Module, inputs: Tuple[Tensor, ...], train_gm: torch.fx.GraphModule,
+def _eval_graph(model: nn.Module, inputs: CallArgs, train_gm: torch.fx.GraphModule,
                 failure: ForwardFailure, tracer: str) -> Capture:
     """The eval-mode fx graph with shapes, where the train-mode one failed with ``failure``; layers only the train
-    mode calls are unseen. The model running in neither mode is a :class:`ConfigError`."""
+    mode calls are unseen. Where the eval graph fails too, ``tracer`` "auto" records a real forward instead; the
+    model running in no way is a :class:`ConfigError`."""
     try:
         gm = symbolic_capture(model, training=False)
     except Exception as error:  # noqa: BLE001 - code only eval mode runs is not traceable: record instead
@@ -121,10 +133,16 @@ def _eval_graph(model: nn.Module, inputs: Tuple[Tensor, ...], train_gm: torch.fx
         return _recorded(model, inputs, note=f"torch.fx could not trace the model in eval mode "
                                                f"({type(error).__name__}: {error}); recorded a real forward")
     try:
-        run_shapes(gm, inputs)
+        run_shapes(gm, placeholder_values(gm, inputs))
     except ForwardFailure as eval_failure:
-        raise ConfigError(f"the model does not run on the example input of shape {shape_text(x.shape for x in inputs)}"
-                          f": {eval_failure}; {_larger_input_hint(train_gm, inputs)}") from eval_failure
+        if tracer != "fx":  # fx's graph may not be the model's code for this input (``if y is not None``, a Proxy)
+            try:
+                return _recorded(model, inputs, note=f"the torch.fx graph does not run on the example input "
+                                                     f"({eval_failure}); recorded a real forward")
+            except ConfigError:
+                pass
+        raise ConfigError(f"the model does not run on the example input ({describe_call(inputs)}): {eval_failure}; "
+                          f"{_larger_input_hint(train_gm, inputs)}") from eval_failure
     ran = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     unseen = list(dict.fromkeys(node.target for node in train_gm.graph.nodes if node.op == "call_module"
                                 and node.target not in ran and is_prunable_layer(model.get_submodule(node.target))))
@@ -132,13 +150,13 @@ def _eval_graph(model: nn.Module, inputs: Tuple[Tensor, ...], train_gm: torch.fx
     return Capture(gm.graph, "", unseen, train_gm.graph, hint, source="the eval-mode graph")
 
 
-def _recorded(model: nn.Module, inputs: Tuple[Tensor, ...], note: str) -> Capture:
+def _recorded(model: nn.Module, inputs: CallArgs, note: str) -> Capture:
     """The recorded forward, with the layers it never ran that the model's code calls (per the symbolic graph)."""
     try:
         recording = forward_capture(model, inputs)
     except ForwardFailure as failure:
-        raise ConfigError(f"the model does not run on the example input of shape "
-                          f"{shape_text(x.shape for x in inputs)}: {failure}") from failure
+        raise ConfigError(f"the model does not run on the example input ({describe_call(inputs)}): "
+                          f"{failure}") from failure
     unseen, structure = recording.missed, None
     if unseen:
         try:
@@ -153,8 +171,8 @@ def _recorded(model: nn.Module, inputs: Tuple[Tensor, ...], note: str) -> Captur
     return Capture(recording.graph, note, unseen, structure, hint, source="the recorded forward")
 
 
-def _larger_input_hint(gm: torch.fx.GraphModule, inputs: Tuple[Tensor, ...]) -> str:
-    shapes = larger_input_that_runs(gm, inputs)
+def _larger_input_hint(gm: torch.fx.GraphModule, inputs: CallArgs) -> str:
+    shapes = larger_input_that_runs(gm, placeholder_values(gm, inputs))
     if shapes is None:
         return f"nor does any input with its spatial dims doubled (up to {MAX_SEARCH_SIDE})"
     return f"an example input of shape {shape_text(shapes)} runs every layer"

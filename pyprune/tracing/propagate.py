@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import rules_elementwise, rules_shape
+from . import rules_elementwise, rules_shape, rules_writes
 from .channel_tensors import check_bound_tensors
 from .context import OP_RULES, PropagationContext, op_name, shapes
 from ..ops.registry import unservable_reason
@@ -21,7 +21,7 @@ from .rules_elementwise import generic, no_tensor
 from .sizes import check_sizes, size_value
 
 # The modules whose ``@op_rule`` functions fill OP_RULES (importing them registers the rules).
-RULE_MODULES = (rules_elementwise, rules_shape)
+RULE_MODULES = (rules_elementwise, rules_shape, rules_writes)
 NO_TENSOR = {"size", "dim", "numel", "getattr"}
 
 
@@ -39,8 +39,8 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
     """The value of ``node`` from the values of its inputs: the dispatch from node to rule."""
     if node.op == "placeholder":
         shape = shapes(node)
-        if not isinstance(shape, torch.Size) or len(shape) < 2:
-            return None
+        if not isinstance(shape, torch.Size) or len(shape) < 2 or node.meta.get("nested_input"):
+            return None  # no channel dim known (inside a list of inputs): untracked, pinning what it meets
         return ctx.new_space(shape[1], 1, len(shape), "model input")
     if node.op == "get_attr":
         return None
@@ -55,8 +55,8 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
             return apply_layer_rule(ctx, node, module)
         if any(True for _ in module.parameters(recurse=True)) or any(True for _ in module.buffers()):
             return ctx.unknown(node, name, unservable_reason(module))  # state we have no DynamicOp for
-    if name == "getitem":  # indexes tuples of spaces and of sizes too: before the ints are looked at
-        return OP_RULES["getitem"](ctx, node, name)
+    if name in ("getitem", "setitem"):  # getitem indexes tuples of spaces and sizes too; setitem returns nothing
+        return OP_RULES[name](ctx, node, name)
     if shapes(node) is None and node.op != "call_module":
         size = size_value(ctx, node, name)
         if size is not None:

@@ -3,14 +3,16 @@
 A ``TorchFunctionMode`` sees every torch call; calls made outside prunable layers become fx nodes, each prunable
 layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths.
 """
+import operator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .example_inputs import CallArgs, call_model, tensor_leaves
 from .rules_layers import is_prunable_layer
 from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
 
@@ -23,7 +25,7 @@ class Recording:
     train_failure: Optional[ForwardFailure] = None
 
 
-def forward_capture(model: nn.Module, inputs: Tuple[Tensor, ...]) -> Recording:
+def forward_capture(model: nn.Module, inputs: CallArgs) -> Recording:
     """Record a real forward (no grad) in train mode, so train-only branches (auxiliary heads) are seen; where a
     train-mode forward cannot run on the example (batch norm on a batch of one, a head the input is too small
     for), in eval mode. Raises :class:`ForwardFailure` if neither runs."""
@@ -82,7 +84,8 @@ class _Recorder(TorchFunctionMode):
         elif isinstance(out, (list, tuple)):
             for i, item in enumerate(out):
                 if isinstance(item, Tensor):
-                    getter = self.graph.create_node("call_function", _getitem, (node, i))
+                    # operator.getitem, as fx writes it: the getitem rule hands on the item's channel space
+                    getter = self.graph.create_node("call_function", operator.getitem, (node, i))
                     _set_meta(getter, item, node.meta["module_path"])
                     self.producers[id(item)] = getter
                     self._keep.append(item)
@@ -93,10 +96,6 @@ class _Recorder(TorchFunctionMode):
         if self.inside_layer == 0 and not _is_metadata_call(func):
             self.record("call_function", func, args, kwargs, out)
         return out
-
-
-def _getitem(value, index):
-    return value[index]
 
 
 def _is_metadata_call(func) -> bool:
@@ -114,17 +113,26 @@ def _set_meta(node, value, path):
                                          for v in value)
 
 
-def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> torch.fx.Graph:
-    """One recorded forward in train or eval mode; :class:`ForwardFailure` names the module that failed."""
+def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Graph:
+    """One recorded forward in train or eval mode; :class:`ForwardFailure` names the module that failed.
+
+    Every input tensor is a placeholder. Tensors passed directly (``model(x)``, ``model(x=x)``) carry their
+    channels on dim 1 as the model input; tensors inside a list or dict (detection's unbatched ``[3, H, W]``
+    images) have no known channel dim and are marked ``nested_input`` (untracked: whatever they meet is pinned
+    as a channel-sized constant would be)."""
     graph = torch.fx.Graph()
     producers: Dict[int, torch.fx.Node] = {}
     names = {m: n for n, m in model.named_modules()}
     stack = [""]
     tensor_names = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     recorder = _Recorder(graph, producers, lambda: stack[-1], tensor_names)
-    for i, x in enumerate(inputs):
+    direct = {id(v) for v in list(inputs.args) + list(inputs.kwargs.values()) if isinstance(v, Tensor)}
+    for i, x in enumerate(tensor_leaves(inputs)):
+        if id(x) in producers:  # one tensor passed twice
+            continue
         node = graph.placeholder(f"input_{i}")
         _set_meta(node, x, "")
+        node.meta["nested_input"] = id(x) not in direct
         producers[id(x)] = node
         recorder._keep.append(x)
 
@@ -146,7 +154,7 @@ def _record(model: nn.Module, inputs: Tuple[Tensor, ...], training: bool) -> tor
         handles.append(module.register_forward_hook(post_hook))
     try:
         with training_mode(model, training), torch.no_grad(), recorder:
-            out = model(*inputs)
+            out = call_model(model, inputs)
     except Exception as error:  # the innermost module entered and not left is the one that failed
         raise ForwardFailure(describe_module(model, stack[-1]), error) from error
     finally:

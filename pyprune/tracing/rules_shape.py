@@ -2,7 +2,7 @@
 split / chunk and indexing. A segment cut inside a flattened channel, or a channel dim split by a reshape, cannot be
 mapped and fixes its groups."""
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.fx
@@ -158,37 +158,49 @@ def getitem(ctx: PropagationContext, node: torch.fx.Node, name: str):
     space = ctx.space(source)
     if space is None:
         return None
+    result = index_space(space, index)
+    return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
+
+
+def index_space(space: ChannelSpace, index) -> Union[ChannelSpace, str]:
+    """The channel space of ``x[index]`` for ``x`` holding ``space``, or why it cannot be mapped (a str).
+
+    Basic indexing only: ints drop dims, None adds one, ``...`` stands for the dims not named; at the channel dim a
+    contiguous slice keeps a slice of the segments."""
     items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, bool) for i in items):
+        return "indexing with a bool"
     if any(isinstance(i, torch.fx.Node) or not isinstance(i, (int, slice, type(None), type(Ellipsis)))
            for i in items) or any(isinstance(getattr(i, a, None), torch.fx.Node) for i in items
                                   if isinstance(i, slice) for a in ("start", "stop", "step")):
-        return ctx.unknown(node, "getitem", "indexing with tensors")
+        return "indexing with tensors"
     consumed = sum(1 for i in items if isinstance(i, (int, slice)))
     expanded = []
     for i in items:
         expanded += [slice(None)] * (space.ndim - consumed) if i is Ellipsis else [i]
+    out_ndim = space.ndim - sum(1 for i in items if isinstance(i, int)) + sum(1 for i in items if i is None)
     in_dim = out_dim = 0
     for i in expanded:
         if i is None:
             out_dim += 1
             continue
         if in_dim == space.dim:
-            return _index_channel_dim(ctx, node, space, i, out_dim)
+            return _index_channel_dim(space, i, out_dim, out_ndim)
         in_dim += 1
         out_dim += 0 if isinstance(i, int) else 1
-    return space.with_dim(out_dim + space.dim - in_dim, len(shapes(node)))
+    return space.with_dim(out_dim + space.dim - in_dim, out_ndim)
 
 
-def _index_channel_dim(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpace, index, out_dim: int):
+def _index_channel_dim(space: ChannelSpace, index, out_dim: int, out_ndim: int) -> Union[ChannelSpace, str]:
     """``x[..., index, ...]`` with ``index`` at the channel dim (which lands on ``out_dim``)."""
     if isinstance(index, int):
-        return ctx.unknown(node, "getitem", "selects single channels")
+        return "selects single channels"
     lo, hi, step = index.indices(space.width)
     if step != 1:
-        return ctx.unknown(node, "getitem", "strided channel slice")
+        return "strided channel slice"
     if (lo, hi) == (0, space.width):
-        return space.with_dim(out_dim, len(shapes(node)))
+        return space.with_dim(out_dim, out_ndim)
     segments = slice_space(space, lo, hi)
     if segments is None:
-        return ctx.unknown(node, "getitem", "slice inside a flattened channel")
-    return ChannelSpace(out_dim, len(shapes(node)), segments)
+        return "slice inside a flattened channel"
+    return ChannelSpace(out_dim, out_ndim, segments)

@@ -1,11 +1,14 @@
 """Run a captured fx graph on example inputs to stamp output shapes on its nodes; say where and why a run fails,
 and find a larger input that runs when the example is too small (e.g. a train-only head needs 299 px)."""
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .example_inputs import CallArgs, tensor_leaves
 
 # Doubling the spatial dims of a too-small example input stops before a side exceeds this.
 MAX_SEARCH_SIDE = 1024
@@ -81,28 +84,55 @@ def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
             module.training = training
 
 
-def run_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Tensor]) -> None:
-    """Stamp output shapes on the nodes of ``gm``, running it in eval mode without grad; :class:`ForwardFailure`
-    if a node fails. The graph itself may hold train-only branches (aux heads): they run too."""
+def placeholder_values(gm: torch.fx.GraphModule, inputs: CallArgs) -> list:
+    """The value of each placeholder of ``gm`` (one per parameter of the traced ``forward``) for the call ``inputs``:
+    positional inputs in order, then keyword inputs by name, then the parameter's default. ValueError where the
+    call does not fit (``*args`` / ``**kwargs`` parameters, an unknown or missing input)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    positional, keywords, values = list(inputs.args), dict(inputs.kwargs), []
+    for node in placeholders:
+        if node.target.startswith("*"):
+            raise ValueError(f"forward takes {node.target}")
+        if positional:
+            values.append(positional.pop(0))
+        elif node.target in keywords:
+            values.append(keywords.pop(node.target))
+        elif node.args:  # the parameter's default, as fx recorded it
+            values.append(node.args[0])
+        else:
+            raise ValueError(f"no input for forward's parameter {node.target!r}")
+    if positional or keywords:
+        raise ValueError(f"forward takes no more inputs (left: {len(positional)} positional, keywords "
+                         f"{sorted(keywords)})")
+    return values
+
+
+def run_shapes(gm: torch.fx.GraphModule, values: Sequence) -> None:
+    """Stamp output shapes on the nodes of ``gm``, running it on its placeholder ``values`` in eval mode without
+    grad; :class:`ForwardFailure` if a node fails. The graph itself may hold train-only branches (aux heads): they
+    run too."""
     with training_mode(gm, False), torch.no_grad():  # eval: batch norm runs on a batch of one
-        ShapePass(gm).run(*inputs)
+        ShapePass(gm).run(*values)
 
 
-def larger_input_that_runs(gm: torch.fx.GraphModule, inputs: Sequence[Tensor]) -> Optional[Tuple[torch.Size, ...]]:
-    """Shapes of the smallest input that runs ``gm`` among the example's spatial dims (dims 2.. of inputs with 3 or
-    more dims) doubled, quadrupled, ... up to :data:`MAX_SEARCH_SIDE`; None if none does or nothing can grow.
-    Deterministic: zeros of those shapes are run (the graph has no data-dependent branches)."""
-    if not any(x.dim() >= 3 for x in inputs):
+def larger_input_that_runs(gm: torch.fx.GraphModule, values: Sequence) -> Optional[List[torch.Size]]:
+    """Shapes of the input tensors of the smallest input that runs ``gm`` among the example's spatial dims (dims
+    2.. of tensors with 3 or more dims) doubled, quadrupled, ... up to :data:`MAX_SEARCH_SIDE`; None if none does
+    or nothing can grow. Deterministic: zeros of those shapes are run (the graph has no data-dependent branches)."""
+    if not any(x.dim() >= 3 for x in tensor_leaves(list(values))):
         return None
     factor = 2
     while True:
-        shapes = tuple(torch.Size(list(x.shape[:2]) + [d * factor for d in x.shape[2:]]) if x.dim() >= 3
-                       else x.shape for x in inputs)
-        if max(max(s[2:], default=0) for s in shapes) > MAX_SEARCH_SIDE:
+        def grown(x):
+            if not isinstance(x, Tensor) or x.dim() < 3:
+                return x
+            return torch.zeros(list(x.shape[:2]) + [d * factor for d in x.shape[2:]], dtype=x.dtype, device=x.device)
+        trial = pytree.tree_map(grown, list(values))
+        if max(max(t.shape[2:], default=0) for t in tensor_leaves(trial)) > MAX_SEARCH_SIDE:
             return None
         try:
-            run_shapes(gm, [torch.zeros(s, dtype=x.dtype, device=x.device) for s, x in zip(shapes, inputs)])
-            return shapes
+            run_shapes(gm, trial)
+            return [t.shape for t in tensor_leaves(trial)]
         except ForwardFailure:
             factor *= 2
 

@@ -27,6 +27,7 @@ from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
 from ..ops.compact import rebuild_ddp
+from ..tracing.example_inputs import as_call_args
 from ..utils.files import atomic_torch_save, replace_durably
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)
@@ -83,9 +84,9 @@ class Run:
         self.pre_end = args.epochs * self.batches
         self.prune_end = self.pre_end + args.prune_times * self.step_freq
         self.total = self.prune_end + args.finetune_epochs * self.batches
-        self.example = torch.zeros(self.input_shape, device=self.device)
+        self.example = as_call_args(self.input_shape, self.device)  # what FLOPs are counted on
         full = build_model(args.model, self.num_classes).to(self.device)
-        self.full_params, self.full_flops = count_params(full), count_flops(full, (self.example,))
+        self.full_params, self.full_flops = count_params(full), count_flops(full, self.example)
         self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
         self.graphed = None                                   # --cuda-graphs: the GraphedTrainStep, made lazily
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=getattr(args, "amp", None) == "fp16")
@@ -111,7 +112,7 @@ class Run:
 
     def size(self) -> Dict[str, Any]:
         exported = self.mutator.export(self.model)
-        params, flops = count_params(exported), count_flops(exported, (self.example,))
+        params, flops = count_params(exported), count_flops(exported, self.example)
         return {"params": params, "params_kept": params / self.full_params, "flops": flops,
                 "flops_kept": flops / self.full_flops}
 

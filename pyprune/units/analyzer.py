@@ -5,8 +5,8 @@ units as configs ``{unit name: {'init_args': {'num_channels': n}, 'channels': {.
 ``MutableChannelUnit.init_from_cfg`` and ``ChannelMutator`` read. It runs :func:`pyprune.tracing.trace_channel_units`
 (mmrazor's ``BackwardTracer`` maps to pyprune's ``'auto'``: torch.fx, then a recorded real forward).
 """
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..channels import UnitSpec, ref_to_dict
 from ..errors import ConfigError
 from ..registry import MODELS, TASK_UTILS
+from ..tracing.example_inputs import check_demo_input, model_device, resolve
 
 __all__ = ["ChannelAnalyzer", "DefaultDemoInput", "TRACER_TYPES", "DEFAULT_DEMO_INPUT", "unique_unit_names",
            "unit_config"]
@@ -44,30 +45,10 @@ class DefaultDemoInput:
 
     def get_data(self, model: Optional[nn.Module] = None, input_shape=None, training=None) -> Tensor:
         """``[*input_shape]`` uniform in [0, 1), on the device of ``model``'s first parameter (cpu without one)."""
-        device = torch.device("cpu")
-        if model is not None:
-            device = next((p.device for p in model.parameters()), device)
-        return torch.rand(tuple(input_shape or self.input_shape), device=device)
+        return torch.rand(tuple(input_shape or self.input_shape), device=model_device(model))
 
     def __call__(self, model: Optional[nn.Module] = None, input_shape=None, training=None) -> Tensor:
         return self.get_data(model, input_shape, training)
-
-
-def demo_input_maker(demo_input) -> Tuple[Tuple[int, ...], Callable[[nn.Module], Tensor]]:
-    """``(shape, make(model) -> tensor)`` for any demo input a config may give: a shape, a tensor, a DemoInput
-    config dict (built through TASK_UTILS) or object (anything with ``get_data(model)``)."""
-    if isinstance(demo_input, Mapping):
-        demo_input = TASK_UTILS.build(demo_input)
-    if isinstance(demo_input, Tensor):
-        return tuple(demo_input.shape), lambda model: demo_input
-    if hasattr(demo_input, "get_data"):
-        return tuple(demo_input.input_shape), demo_input.get_data
-    if isinstance(demo_input, Sequence) and demo_input and all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in demo_input):
-        maker = DefaultDemoInput(tuple(demo_input))
-        return maker.input_shape, maker.get_data
-    raise ConfigError(f"demo_input must be a shape (positive ints), a tensor or a DemoInput (config), got "
-                      f"{demo_input!r}")
 
 
 def unique_unit_names(specs: List[UnitSpec]) -> List[str]:
@@ -99,7 +80,9 @@ class ChannelAnalyzer:
     """Finds a model's coupled channel groups (mmrazor's ChannelAnalyzer).
 
     Args:
-        demo_input: the input shape, a tensor, or a DemoInput (object or config dict).
+        demo_input: the example input, in any form :func:`pyprune.tracing.example_inputs.as_call_args` takes (a
+            shape, a tensor, a tuple of positional inputs, a list of images, a dict of keyword inputs, a DemoInput
+            object or config dict, a callable).
         tracer_type: ``'BackwardTracer'`` (mmrazor's default) / ``'auto'``, ``'FxTracer'`` / ``'fx'``,
             ``'TorchFunctionTracer'``.
         fixed, strict: as :class:`~pyprune.mutators.ChannelMutator` passes them to the tracer.
@@ -110,7 +93,7 @@ class ChannelAnalyzer:
                  strict: bool = False, trace_fn: Optional[Callable[..., List[UnitSpec]]] = None):
         if tracer_type not in TRACER_TYPES:
             raise ConfigError(f"ChannelAnalyzer: unknown tracer_type {tracer_type!r}; known: {sorted(TRACER_TYPES)}")
-        self.input_shape, self._make_input = demo_input_maker(demo_input)
+        check_demo_input(demo_input)
         self.demo_input, self.tracer_type = demo_input, tracer_type
         self.fixed, self.strict, self.trace_fn = tuple(fixed), bool(strict), trace_fn
 
@@ -120,7 +103,7 @@ class ChannelAnalyzer:
         if trace_fn is None:
             from ..tracing import trace_channel_units
             trace_fn = trace_channel_units
-        return trace_fn(model, self._make_input(model), fixed=self.fixed, strict=self.strict,
+        return trace_fn(model, resolve(self.demo_input, model), fixed=self.fixed, strict=self.strict,
                         tracer=TRACER_TYPES[self.tracer_type])
 
     def analyze(self, model: nn.Module) -> Dict[str, Dict[str, Any]]:
