@@ -1,12 +1,10 @@
 """Prune a model to a budget in one shot: ``prune_to_budget(model, mutator, flops=0.5)``."""
-import copy
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from torch import nn
 
-from .. import ops
-from ..mutators import export_static
+from ..mutators import full_width_export
 from ..tracing.example_inputs import model_device
 from .cost import METRICS, Cost, example_inputs_for
 from .errors import BudgetError
@@ -153,16 +151,6 @@ def _meet_latency(planner: BudgetPlanner, budget: Budget, start: str, inputs,
     plan, ratio = best
     planner.apply(plan)
     return plan, LatencyReport(full_s=full_s, pruned_s=ratio * full_s, target=budget.latency, method=method)
-
-
-def full_width_export(model: nn.Module) -> nn.Module:
-    """A plain copy of the prepared ``model`` with every channel (its dynamic layers reset to full width)."""
-    full = copy.deepcopy(model)
-    for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
-            list(ops.channel_parameters(full)):
-        layer.set_out_index(None)
-        layer.set_in_index(None)
-    return export_static(full)
 
 
 __all__ = ["prune_to_budget", "apply_budget", "BudgetResult", "LatencyReport", "full_width_export"]

@@ -12,6 +12,7 @@ from torch import nn
 from .. import ops
 from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
+from ..utils.copying import copy_module
 from ..registry import MODELS
 from ..tracing import trace_channel_units
 from ..tracing.example_inputs import as_call_args
@@ -337,7 +338,7 @@ class ChannelMutator:
     def export(self, model: nn.Module) -> nn.Module:
         """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept."""
         self._require_prepared()  # an unprepared mutator would hand back the full model as if it were pruned
-        return export_static(copy.deepcopy(model))
+        return export_static(copy_module(model))
 
     def summary(self, model: nn.Module, example_input) -> PruningSummary:
         """Params and FLOPs of the full model and of the current subnet (``print()`` it for a table).
@@ -346,16 +347,22 @@ class ChannelMutator:
         shape, a tuple of positional inputs, a list of images, a dict of keyword inputs, a DemoInput or callable).
         """
         inputs = as_call_args(example_input, model=model)
-        full = copy.deepcopy(model)
-        for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
-                list(ops.channel_parameters(full)):
-            layer.set_out_index(None)
-            layer.set_in_index(None)
-        return make_summary(export_static(full), self.export(model), inputs)
+        return make_summary(full_width_export(model), self.export(model), inputs)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.unit_class.__name__}, {len(self.mutable_units)} mutable of "
                 f"{len(self.units)} units)")
+
+
+def full_width_export(model: nn.Module) -> nn.Module:
+    """A plain copy of the prepared ``model`` with every channel (its dynamic layers reset to full width); ``model``
+    is kept."""
+    full = copy_module(model)
+    for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
+            list(ops.channel_parameters(full)):
+        layer.set_out_index(None)
+        layer.set_in_index(None)
+    return export_static(full)
 
 
 def export_static(model: nn.Module) -> nn.Module:
