@@ -1,5 +1,6 @@
 """docs/CUSTOM_ALGORITHM.md runs: its python blocks, in order, in one namespace (a custom unit and a custom
-algorithm registered by name, built from a config dict, trained a few steps, exported, reloaded)."""
+algorithm registered by name, built from a config dict, trained a few steps, exported, reloaded; then the GroupFisher
+walk-through, whose short version prunes what the library's GroupFisherAlgorithm prunes)."""
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pyprune.channels import ChannelRef, UnitSpec
 from pyprune.compat.mmrazor import MODELS
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "CUSTOM_ALGORITHM.md"
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # the page trains small nets: 1 thread is the fast one here
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +45,12 @@ def test_the_custom_unit_keeps_the_rows_with_the_largest_entry(page):
     unit.prepare_for_pruning(model)
     unit.current_choice = 2
     assert unit.current_index.tolist() == [1, 4]
+
+
+def test_the_group_fisher_walkthrough_prunes_what_the_library_prunes(page):
+    mini, library = page["mini"], page["library"]
+    assert type(mini).__name__ == "MiniFisherAlgorithm" and type(library).__name__ == "GroupFisherAlgorithm"
+    library_kept = {u.name: u.current_index.tolist() for u in library.mutator.mutable_units}
+    assert page["kept"] == library_kept == {u.name: u.current_index.tolist() for u in mini.mutator.mutable_units}
+    assert mini.done and library.done and len(library.history) > 1
+    assert library.cost().flops <= 0.5 * library.full_cost.flops < library.history[-2]["flops"]
