@@ -1,7 +1,7 @@
 """Batched gather: every DynamicOp's compact tensors of a training step in one kernel call (and one scatter back).
 
 Per-op gathering costs one dispatcher call and one autograd node per pruned tensor: ~300 calls for a ResNet-50
-training step, each 20-28 us of host time on a GPU for 2-4 us of copying (benchmarks, issue 9). ``batched_gather``
+training step, each 20-28 us of host time on a GPU for 2-4 us of copying (benchmarks/RESULTS.md). ``batched_gather``
 puts a forward pre-hook on the model's root that, in a training forward with grad, gathers the pruned channel tensors
 of every DynamicOp in one :func:`pyprune.kernels.gather_channels_many` call (one launch on CUDA; its backward is one
 ``channel_scatter_many``) and hands each op its compact tensors for this forward; the op's tensor provider
