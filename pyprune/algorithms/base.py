@@ -8,14 +8,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.compact import CompactTraining, Optimizers, compact_training
 from ..registry import MODELS
+from ..utils.modules import unwrap_model  # re-exported here: pyprune.algorithms.unwrap_model
 from .unit_state import importance_state, learns_importance, load_importance_state, restore_selection, selection_state
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``; ``model`` itself otherwise."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 @MODELS.register_module()
