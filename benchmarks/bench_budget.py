@@ -31,8 +31,9 @@ from tqdm import tqdm
 from pyprune.budget import LatencySettings, measure_latency, prune_to_budget
 from pyprune.data import build_datasets, make_train_loader
 from pyprune.mutators import ChannelMutator, count_flops, count_params
-from pyprune.training.loop import cosine_lr, evaluate, set_lr, train_iteration
+from pyprune.training.loop import cosine_lr, evaluate, set_lr
 from pyprune.training.models import build_model
+from pyprune.training.step import TrainStep
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 DEFAULT_ALLOCATIONS = ("uniform", "global", "global:cost_power=0")
@@ -97,6 +98,7 @@ def train(model: nn.Module, loader: DataLoader, steps: int, lr: float, device, d
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
+    train_step = TrainStep(model, optimizer)
     batches = iter(())
     for step in tqdm(range(steps), desc=desc, leave=False, file=sys.stdout):
         try:
@@ -105,7 +107,7 @@ def train(model: nn.Module, loader: DataLoader, steps: int, lr: float, device, d
             batches = iter(loader)
             images, labels = next(batches)
         set_lr(optimizer, cosine_lr(lr, step, steps))
-        train_iteration(model, images.to(device), labels.to(device), optimizer)
+        train_step(images.to(device), labels.to(device))
 
 
 def measure(model: nn.Module, val_set, device, latency_input) -> dict:

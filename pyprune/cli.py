@@ -8,15 +8,11 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import traceback
 from typing import List, Optional, Sequence
 
 UNIT_TYPES = {"l1": "L1MutableChannelUnit", "l2": "L2MutableChannelUnit", "taylor": "TaylorMutableChannelUnit",
               "bn_scale": "BNScaleMutableChannelUnit", "sequential": "SequentialMutableChannelUnit"}
-DEFAULTS = dict(epochs=4, finetune_epochs=3, prune_times=4, train_samples=5000, val_samples=1000, batch_size=64)
-QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samples=256, val_samples=64,
-             batch_size=32, image_size=16)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -77,7 +73,9 @@ def _unit_type(text: str) -> str:
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training.models import DEFAULT_MODEL
+    """The options of ``pyprune prune``; their defaults that depend on other options are filled, and the whole set
+    checked, by :class:`pyprune.training.config.JobConfig`."""
+    from .training.config import DEFAULT_MODEL
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"'{DEFAULT_MODEL}' (built in) or a torchvision classification model name, e.g. "
                              "resnet18 (random init, never downloads weights)")
@@ -163,79 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_arguments(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
-    """Fill defaults that depend on other options (``--quick``, ``--data``); check names, paths, the output dir.
-
-    Raises ``ValueError`` with a one-line message for bad input; creates nothing but the output directory.
-    """
-    from .training.models import classification_model_names
-    presets = dict(DEFAULTS, **(QUICK if args.quick else {}))
-    for key, value in presets.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.image_size is None:
-        args.image_size = 224 if args.data else 32
-    budget = [f"--target-{k}" for k in ("flops", "params", "latency") if getattr(args, f"target_{k}") is not None]
-    if budget and args.target_ratio is not None:
-        raise ValueError(f"--target-ratio and {' / '.join(budget)} are alternatives: give one of them")
-    if args.allocation is not None and not budget:
-        raise ValueError("--allocation needs a budget: --target-flops, --target-params or --target-latency")
-    if not budget and args.target_ratio is None:
-        args.target_ratio = 0.5
-    args.argv = list(argv)
-    if args.model not in classification_model_names():
-        raise ValueError(f"unknown model {args.model!r}: use 'small_resnet' or a torchvision classification model "
-                         f"name (e.g. resnet18, mobilenet_v3_small)")
-    if args.data is not None:
-        if not os.path.isdir(args.data):
-            raise ValueError(f"--data {args.data}: no such directory")
-        args.data = os.path.abspath(args.data)
-    if args.cuda_graphs:
-        _check_cuda_graphs(args)
-    if args.amp:
-        _check_amp(args)
-    _check_output_dir(args.output_dir)
-    if args.resume == "auto":
-        args.resume = os.path.join(args.output_dir, "checkpoint.pt")
-    if args.resume is not None and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume: no checkpoint at {args.resume}")
-    return args
-
-
-def _check_cuda_graphs(args: argparse.Namespace) -> None:
-    """--cuda-graphs: a CUDA device, one process, gather mode (compact training swaps the tensors a graph reads)."""
-    import torch
-    if not args.no_compact:
-        raise ValueError("--cuda-graphs needs --no-compact: compact training swaps the tensors a captured graph reads")
-    if not (args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())):
-        raise ValueError(f"--cuda-graphs needs a CUDA device (--device {args.device} runs on the CPU here)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--cuda-graphs runs in one process only (not under torchrun with several ranks)")
-
-
-def _check_amp(args: argparse.Namespace) -> None:
-    """--amp: fp16 needs CUDA (its GradScaler and kernels); neither is captured into --cuda-graphs steps yet."""
-    import torch
-    if args.cuda_graphs:
-        raise ValueError("--amp and --cuda-graphs cannot be combined yet: the captured steps run without autocast")
-    on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if args.amp == "fp16" and not on_cuda:
-        raise ValueError(f"--amp fp16 needs a CUDA device (--device {args.device} runs on the CPU here); use "
-                         f"--amp bf16 on the CPU")
-
-
-def _check_output_dir(path: str) -> None:
-    """Create ``path`` if needed and prove it is writable (a probe file is written and removed)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output-dir {path}: exists and is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"--output-dir {path}: not writable ({error.strerror or error})") from None
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     if len(text) > 1 and "Original Traceback" in text[1]:
@@ -246,17 +171,18 @@ def _one_line(error: BaseException) -> str:
 
 
 def prune_main(argv: Sequence[str]) -> int:
+    from .training.config import JobConfig
     parser = build_parser()
     args = parser.parse_args(["prune", *argv])
     try:
-        resolve_arguments(args, ["prune", *argv])
+        config = JobConfig.from_arguments(args, ["prune", *argv])
     except ValueError as error:
         print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
         return 2
     from .training.job import run_prune_job
     from .training.run_dir import RunDirectoryError
     try:
-        run_prune_job(args)
+        run_prune_job(config)
     except RunDirectoryError as error:  # refused before anything was written: a usage error
         print(f"pyprune prune: error: {_one_line(error)}", file=sys.stderr)
         return 2

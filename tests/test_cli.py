@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pyprune import cli
+from pyprune.training.config import QUICK
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL_FILES = {"pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png",
@@ -91,7 +92,7 @@ def test_exported_model_reloads_into_a_fresh_model_and_matches(quick_run):
     model = load_pruned_run(out)
     assert not any(type(m).__module__.startswith("pyprune.ops") for m in model.modules())
     assert sum(p.numel() for p in model.parameters()) == summary["params_after"]
-    _, val = synthetic_splits(cli.QUICK["train_samples"], cli.QUICK["val_samples"], cli.QUICK["image_size"], 0)
+    _, val = synthetic_splits(QUICK["train_samples"], QUICK["val_samples"], QUICK["image_size"], 0)
     assert evaluate(model, val, 64, torch.device("cpu")) == pytest.approx(summary["accuracy_exported"])
 
 

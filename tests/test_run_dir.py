@@ -1,9 +1,11 @@
-"""The ``pyprune prune`` output directory as a small database (issue 13, items 1-4).
+"""The ``pyprune prune`` output directory as a small database.
 
 Nothing finished is lost: a failed ``--resume`` changes no file, a fresh run never clobbers a run that is there, two
-runs never share a directory, a process killed while writing a checkpoint leaves the previous one loadable, and a
-broken checkpoint is reported in one line naming the file, never with PyTorch's advice to load it unsafely.
+runs never share a directory, a process killed while writing a checkpoint leaves the previous one loadable, a full
+disk stops the job in one line naming the file (the previous checkpoint stays, ``--resume`` goes on), and a broken
+checkpoint is reported in one line naming the file, never with PyTorch's advice to load it unsafely.
 """
+import errno
 import hashlib
 import os
 import shutil
@@ -19,7 +21,8 @@ import torch
 from pyprune import cli
 from pyprune.training.run_dir import (CheckpointError, RunDirectoryError, RunDirectoryLock, check_start,
                                       load_checkpoint, run_state)
-from pyprune.utils.files import atomic_write, atomic_write_text, remove_stale_temporaries
+from pyprune.utils.files import (DiskFullError, atomic_torch_save, atomic_write, atomic_write_text, is_disk_full,
+                                 remove_stale_temporaries)
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny run: 4 iterations per epoch, 14 in all; checkpoints at iterations 4 (pretrained), 7 and 10 (pruning
@@ -302,3 +305,149 @@ def test_atomic_writes_get_the_umask_permissions_not_mkstemps(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+class _FullAfter:
+    """A file object that takes ``room`` more bytes, then fails every write the way a full device does."""
+
+    def __init__(self, handle, room: int):
+        self._handle, self._room = handle, room
+
+    def write(self, data):
+        size = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
+        if size > self._room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= size
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._handle.close()
+
+
+def _fill_the_disk_at(monkeypatch, call: int, room: int = 1000):
+    """From the ``call``-th file :func:`atomic_write` opens on, the device takes ``room`` bytes and is then full
+    (the write below torch.save fails with ENOSPC, and torch reports it as its zip writer does)."""
+    real_fdopen, calls = os.fdopen, []
+
+    def fdopen(descriptor, *args, **kwargs):
+        calls.append(descriptor)
+        handle = real_fdopen(descriptor, *args, **kwargs)
+        return _FullAfter(handle, room) if len(calls) >= call else handle
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+ZIP_WRITER_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 492992 vs 492880"
+
+
+@pytest.mark.parametrize("how", ["torch_save_enospc", "zip_writer_message", "text_enospc"])
+def test_an_atomic_write_on_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch,
+                                                                                          how):
+    path = tmp_path / ("checkpoint.pt" if how != "text_enospc" else "metrics.json")
+    if how == "text_enospc":
+        atomic_write_text(path, "old")
+    else:
+        atomic_torch_save({"position": 1}, path)
+    before = digests(tmp_path)
+    if how == "zip_writer_message":  # the bare RuntimeError, as from a zip writer that wrote to a path itself
+        def save(*args, **kwargs):
+            raise RuntimeError(ZIP_WRITER_ERROR)
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        _fill_the_disk_at(monkeypatch, call=1)
+    with pytest.raises(DiskFullError) as raised:
+        if how == "text_enospc":
+            atomic_write_text(path, "new " * 1000)
+        else:
+            atomic_torch_save({"position": 2, "weights": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1 and f"cannot write {path}: the disk is full" in message
+    assert "free space" in message and "inline_container" not in message
+    assert raised.value.path == path
+    assert digests(tmp_path) == before  # the old file, unchanged, and no temporary
+    if how != "text_enospc":
+        assert torch.load(path, weights_only=True) == {"position": 1}
+
+
+def test_only_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
+    assert is_disk_full(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_disk_full(RuntimeError("CUDA out of memory"))
+    other = RuntimeError(ZIP_WRITER_ERROR)
+    other.__context__ = OSError(errno.EIO, "Input/output error")  # the write failed, but not for want of space
+    assert not is_disk_full(other)
+
+    def broken_save(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        atomic_torch_save({"position": 1}, tmp_path / "checkpoint.pt")
+    assert not isinstance(raised.value, DiskFullError) and not list(tmp_path.iterdir())
+
+
+def _assert_full_disk_line(capsys, out: Path) -> None:
+    line = one_error_line(capsys)
+    assert f"cannot write {out / 'checkpoint.pt'}: the disk is full" in line, line
+    assert "nothing is lost (the previous checkpoint is unchanged): free space, then continue with --resume" in line
+
+
+def test_a_job_that_fills_the_disk_stops_in_one_line_and_resume_continues(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _fill_the_disk_at(monkeypatch, call=2)  # the job's second checkpoint (iteration 7)
+    assert run_tiny(out) == 1
+    monkeypatch.undo()
+    _assert_full_disk_line(capsys, out)
+    assert load_checkpoint(out / "checkpoint.pt")["position"] == 4  # the first checkpoint, whole
+    assert not _temporaries(out) and not (out / ".lock").exists() and run_state(out) == "unfinished"
+
+    assert run_tiny(out, "--resume", "--max-iterations", "1") == 0  # space again: it goes on where it was
+    assert "resumed from" in capsys.readouterr().out
+    assert load_checkpoint(out / "checkpoint.pt")["position"] == 5
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A tmpfs mounted at ``tmp_path / 'disk'`` (root only; the test is skipped where mounting is not allowed);
+    yields a function that resizes it to a number of KiB."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["mount", "-t", "tmpfs", *options, "tmpfs", str(disk)], capture_output=True,
+                              text=True)
+
+    if shutil.which("mount") is None or mount("-o", "size=64k").returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and permission to mount)")
+
+    def resize(kib: int) -> None:
+        result = mount("-o", f"remount,size={kib}k")
+        assert result.returncode == 0, result.stderr
+
+    try:
+        yield disk, resize
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_a_job_on_a_really_full_tmpfs_keeps_its_checkpoint_and_resumes(small_tmpfs, finished_run, capsys):
+    disk, resize = small_tmpfs
+    checkpoint_kib = (finished_run / "checkpoint.pt").stat().st_size // 1024
+    resize(checkpoint_kib * 3 // 2)  # room for one checkpoint, not for its replacement next to it
+    out = disk / "out"
+    capsys.readouterr()
+    assert run_tiny(out) == 1
+    _assert_full_disk_line(capsys, out)
+    assert load_checkpoint(out / "checkpoint.pt")["position"] == 4
+    assert not _temporaries(out) and not (out / ".lock").exists()
+
+    resize(checkpoint_kib * 6)  # space freed
+    assert run_tiny(out, "--resume", "--max-iterations", "1") == 0
+    assert load_checkpoint(out / "checkpoint.pt")["position"] == 5

@@ -1,4 +1,15 @@
-"""Training helpers for the main job (``pyprune prune``): models, loop pieces, distributed setup, reports."""
-from .pruned_run import load_pruned_run
+"""The main job behind ``pyprune prune``: its typed options (:mod:`.config`), models, training step and loop
+pieces, distributed setup, run directory, reports; :func:`load_pruned_run` reads what a run wrote.
+
+Names load on first access, so that ``pyprune.training.config`` imports without torch (the command line parses
+and checks its options before the job starts).
+"""
+import importlib
 
 __all__ = ["load_pruned_run"]
+
+
+def __getattr__(name: str):
+    if name == "load_pruned_run":
+        return importlib.import_module(".pruned_run", __name__).load_pruned_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,10 @@ step at the end of each interval's first iteration), finetuning ``F*N`` more. Ev
 ``checkpoint.pt`` (weights, optimizer, algorithm, position, metrics, RNG), written at epoch ends and pruning steps.
 Only rank 0 writes files, each atomically, while it holds the output directory's lock (:mod:`.run_dir`); the final
 files are written to a staging folder, reloaded and verified, then moved in, and ``summary.json``, written last,
-marks a complete run.
+marks a complete run. A full disk stops the job with one line naming the file it could not write; the previous
+checkpoint is untouched, so ``--resume`` continues once there is space.
+
+The job reads its options from a :class:`.config.JobConfig` and trains through one :class:`.step.TrainStep`.
 """
 import contextlib
 import hashlib
@@ -18,78 +21,76 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..algorithms import ItePruneAlgorithm
-from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
+from ..budget import full_width_export
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
 from ..mutators import ChannelMutator, count_flops, count_params
+from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ..ops.compact import rebuild_ddp
 from ..tracing.example_inputs import as_call_args
-from ..utils.files import atomic_torch_save, replace_durably
+from ..utils.files import DiskFullError, atomic_torch_save, replace_durably
+from .config import JobConfig
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)
-from .loop import cosine_lr, evaluate, set_lr, train_iteration
+from .loop import cosine_lr, evaluate, set_lr
 from .models import build_model
 from .pruned_run import load_pruned_run
 from .report import plot_metrics, table_header, table_row, write_csv, write_json
 from .run_dir import (CHECKPOINT_FILE, STAGING_PREFIX, SUMMARY_FILE, CheckpointError, RunDirectoryLock, check_start,
                       load_checkpoint, remove_leftovers, unmark_finished)
+from .step import TrainStep
 
 METRICS_CSV, METRICS_JSON, PLOT_FILE = "metrics.csv", "metrics.json", "pruning_curve.png"
-# Options whose values must be the same when a run is resumed.
-RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params", "target_latency", "allocation",
-               "prune_times", "step_freq", "unit_type", "epochs",
-               "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
-               "val_samples", "amp", "channels_last")
 PRUNE_LR_FRACTION = 0.1  # pruning and finetuning run at a tenth of the pretraining learning rate
 
 
 class Run:
     """One ``pyprune prune`` run on one rank (all ranks build the same objects; rank 0 also writes)."""
 
-    def __init__(self, args, context: DistributedContext):
-        self.args, self.context, self.device = args, context, context.device
+    def __init__(self, config: JobConfig, context: DistributedContext):
+        self.config, self.context, self.device = config, context, context.device
         self.start_time = time.perf_counter()
-        self.out = Path(args.output_dir)
-        torch.manual_seed(args.seed)
+        self.out = Path(config.output_dir)
+        torch.manual_seed(config.seed)
         self.train_set, self.val_set, self.num_classes = build_datasets(
-            args.data, args.image_size, args.seed, args.train_samples, args.val_samples)
-        self.loader = make_train_loader(self.train_set, args.batch_size, args.seed, context.rank,
-                                        context.world_size, args.workers)
+            config.data, config.image_size, config.seed, config.train_samples, config.val_samples)
+        self.loader = make_train_loader(self.train_set, config.batch_size, config.seed, context.rank,
+                                        context.world_size, config.workers)
         self.batches = batches_per_epoch(self.loader)
-        self.step_freq = args.step_freq or self.batches
-        self.input_shape = (1, 3, args.image_size, args.image_size)
+        self.step_freq = config.step_freq or self.batches
+        self.input_shape = (1, 3, config.image_size, config.image_size)
 
-        self.model = build_model(args.model, self.num_classes).to(self.device)
-        if getattr(args, "channels_last", False):  # (the DynamicOps share these parameters, layout included)
+        self.model = build_model(config.model, self.num_classes).to(self.device)
+        if config.channels_last:  # (the DynamicOps share these parameters, layout included)
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.mutator = ChannelMutator(channel_unit_cfg=dict(type=args.unit_type, default_args=dict(
+        self.mutator = ChannelMutator(channel_unit_cfg=dict(type=config.unit_type, default_args=dict(
             choice_mode="ratio")), parse_cfg=dict(type="ChannelAnalyzer", demo_input=self.input_shape))
         self.mutator.prepare_from_supernet(self.model)
+        full = full_width_export(self.model)  # the unpruned model, for "kept" fractions (before compact mode)
         self.wrapped: nn.Module = self.model
         if context.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        budget = budget_of(args)
-        self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, None if budget else args.target_ratio,
-                                           step_freq=self.step_freq, prune_times=args.prune_times, budget=budget,
-                                           budget_cfg=dict(allocation=args.allocation or "uniform") if budget else None)
-        self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                         weight_decay=args.weight_decay)
-        if not getattr(args, "no_compact", False):  # pruned layers train compact between steps and in finetuning
+        budget = config.budget
+        self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, None if budget else config.target_ratio,
+                                           step_freq=self.step_freq, prune_times=config.prune_times, budget=budget,
+                                           budget_cfg=dict(allocation=config.allocation or "uniform") if budget
+                                           else None)
+        self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                                         weight_decay=config.weight_decay)
+        if config.compact:  # pruned layers train compact between steps and in finetuning
             self.algorithm.start_compact_training(self.optimizer)
-        self.pre_end = args.epochs * self.batches
-        self.prune_end = self.pre_end + args.prune_times * self.step_freq
-        self.total = self.prune_end + args.finetune_epochs * self.batches
+        self.step = TrainStep(self.wrapped, self.optimizer, amp=config.amp, channels_last=config.channels_last,
+                              cuda_graphs=config.cuda_graphs, mutator=self.mutator, device_type=self.device.type)
+        self.pre_end = config.epochs * self.batches
+        self.prune_end = self.pre_end + config.prune_times * self.step_freq
+        self.total = self.prune_end + config.finetune_epochs * self.batches
         self.example = as_call_args(self.input_shape, self.device)  # what FLOPs are counted on
-        full = build_model(args.model, self.num_classes).to(self.device)
         self.full_params, self.full_flops = count_params(full), count_flops(full, self.example)
         self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
-        self.graphed = None                                   # --cuda-graphs: the GraphedTrainStep, made lazily
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=getattr(args, "amp", None) == "fp16")
         self.elapsed_before = 0.0                             # wall time of earlier (resumed) sessions
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -107,7 +108,7 @@ class Run:
 
     def accuracy(self, model: Optional[nn.Module] = None) -> float:
         broadcast_buffers(self.model)  # every rank scores the same model (rank 0's BN statistics)
-        return evaluate(model or self.model, self.val_set, max(self.args.batch_size, 256), self.device,
+        return evaluate(model or self.model, self.val_set, max(self.config.batch_size, 256), self.device,
                         self.context.rank, self.context.world_size)
 
     def size(self) -> Dict[str, Any]:
@@ -119,13 +120,13 @@ class Run:
     def kept_ratio(self, step: int) -> float:
         """Kept channel fraction at pruning step ``step``: as scheduled with --target-ratio; with a budget, the
         channels the prunable units keep over their channels."""
-        if self.args.target_ratio is not None:
-            return 1 + (self.args.target_ratio - 1) * step / self.args.prune_times
+        if self.config.target_ratio is not None:
+            return 1 + (self.config.target_ratio - 1) * step / self.config.prune_times
         units = self.mutator.mutable_units
         return sum(u.active_channels for u in units) / max(1, sum(u.num_channels for u in units))
 
     def lr_at(self, g: int) -> float:
-        lr = self.args.lr
+        lr = self.config.lr
         if g < self.pre_end:
             return cosine_lr(lr, g, self.pre_end)
         if g < self.prune_end:
@@ -145,7 +146,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def resume_signature(self) -> Dict[str, Any]:
-        signature = {key: getattr(self.args, key, None) for key in RESUME_KEYS}
+        signature = self.config.resume_signature()
         signature["world_size"] = self.context.world_size
         return signature
 
@@ -155,7 +156,7 @@ class Run:
         state = {"signature": self.resume_signature(), "position": self.position, "rows": self.rows,
                  "pending": self.pending, "wall_s": self.wall(), "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "algorithm": self.algorithm.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": torch.get_rng_state()}
+                 "scaler": self.step.scaler.state_dict(), "rng": torch.get_rng_state()}
         atomic_torch_save(state, self.out / CHECKPOINT_FILE)  # a kill mid-write leaves the previous one
 
     def load_checkpoint(self, path: str) -> None:
@@ -171,7 +172,7 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             self.algorithm.load_state_dict(state["algorithm"])
             if state.get("scaler"):  # fp16 runs: the loss scale goes on where it was
-                self.scaler.load_state_dict(state["scaler"])
+                self.step.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"{path} does not fit this run: {reason}") from None
@@ -186,7 +187,7 @@ class Run:
         epoch, offset = divmod(g, self.batches)
         sampler = self.loader.sampler
         while True:
-            sampler.set_position(epoch, offset * self.args.batch_size)
+            sampler.set_position(epoch, offset * self.config.batch_size)
             yield from self.loader
             epoch, offset = epoch + 1, 0
 
@@ -200,9 +201,9 @@ class Run:
             row, self.pending = self.pending, None
             self.add_row({**row, "accuracy": self.accuracy()})
             return True
-        if g == self.total and self.args.finetune_epochs and not any(r["phase"] == "finetuned" for r in self.rows):
-            self.add_row({"step": self.args.prune_times, "phase": "finetuned", "iteration": g,
-                          "kept_ratio": self.kept_ratio(self.args.prune_times), **self.size(),
+        if g == self.total and self.config.finetune_epochs and not any(r["phase"] == "finetuned" for r in self.rows):
+            self.add_row({"step": self.config.prune_times, "phase": "finetuned", "iteration": g,
+                          "kept_ratio": self.kept_ratio(self.config.prune_times), **self.size(),
                           "accuracy": self.accuracy()})
             return True
         return False
@@ -211,53 +212,40 @@ class Run:
         """After a structure change in compact mode the parameters have new shapes: rebuild DDP on them (every
         rank does so at the same iteration)."""
         if self.algorithm.compact_training and isinstance(self.wrapped, nn.parallel.DistributedDataParallel):
-            self.wrapped = rebuild_ddp(self.wrapped)
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, pruning: bool) -> torch.Tensor:
-        """One iteration, eager, or with --cuda-graphs replayed from the current subnet's CUDA graph (a pruning
-        step changes the subnet key, so the next step captures anew). Pruning-phase steps of units that learn
-        importance from gradients stay eager: they read the gradients after backward."""
-        from ..algorithms.unit_state import learns_importance
-        if getattr(self.args, "amp", None) or getattr(self.args, "channels_last", False):
-            return self.mixed_precision_step(images, labels, pruning)
-        if not getattr(self.args, "cuda_graphs", False) or (
-                pruning and any(learns_importance(u) for u in self.mutator.mutable_units)):
-            return train_iteration(self.wrapped, images, labels, self.optimizer, self.algorithm if pruning else None)
-        if self.graphed is None:
-            from ..graphs import GraphedTrainStep
-            self.graphed = GraphedTrainStep(self.wrapped, F.cross_entropy, self.optimizer, (images, labels),
-                                            mutator=self.mutator, cache_size=2)
-        return self.graphed(images, labels)
+            self.wrapped = self.step.model = rebuild_ddp(self.wrapped)
 
     def train(self) -> bool:
         """Run from ``self.position`` to the end; returns False when stopped early by ``--max-iterations``."""
         start = self.position
-        stop_at = self.total if not self.args.max_iterations else min(self.total, start + self.args.max_iterations)
+        limit = self.config.max_iterations
+        stop_at = self.total if not limit else min(self.total, start + limit)
         self.boundary(start)
         stream = self.batch_stream(start)
         bar = tqdm(total=self.total, initial=start, desc=self.phase(start), unit="it", dynamic_ncols=True,
-                   disable=not self.main or self.args.no_progress, mininterval=1.0, file=sys.stderr)
-        for g in range(start, stop_at):
-            images, labels = next(stream)
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            set_lr(self.optimizer, self.lr_at(g))
-            pruning = self.pre_end <= g < self.prune_end
-            loss = self.train_step(images, labels, pruning)
-            if pruning and self.algorithm.step():
-                self.rewrap()
-                step = self.algorithm.steps_done
-                self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
-                                "kept_ratio": self.kept_ratio(step),
-                                **self.size(), "acc_pruned": self.accuracy()}
-            self.position = g + 1
-            bar.update(1)
-            if bar.n % 10 == 0 or g + 1 == stop_at:
-                bar.set_description(self.phase(g))
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr_at(g):.4f}", refresh=False)
-            added = self.boundary(g + 1)
-            if added or (g + 1) % self.batches == 0 or g + 1 == stop_at:
-                self.save_checkpoint()
-        bar.close()
+                   disable=not self.main or self.config.no_progress, mininterval=1.0, file=sys.stderr)
+        try:  # closed however the loop ends, so that an error line is not printed into the bar
+            for g in range(start, stop_at):
+                images, labels = next(stream)
+                images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                set_lr(self.optimizer, self.lr_at(g))
+                pruning = self.pre_end <= g < self.prune_end
+                loss = self.step(images, labels, self.algorithm if pruning else None)
+                if pruning and self.algorithm.step():
+                    self.rewrap()
+                    step = self.algorithm.steps_done
+                    self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
+                                    "kept_ratio": self.kept_ratio(step),
+                                    **self.size(), "acc_pruned": self.accuracy()}
+                self.position = g + 1
+                bar.update(1)
+                if bar.n % 10 == 0 or g + 1 == stop_at:
+                    bar.set_description(self.phase(g))
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{self.lr_at(g):.4f}", refresh=False)
+                added = self.boundary(g + 1)
+                if added or (g + 1) % self.batches == 0 or g + 1 == stop_at:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
         return self.position == self.total
 
     # ---------------------------------------------------------------------------------------------- finishing
@@ -286,35 +274,40 @@ class Run:
         return hasher.hexdigest()
 
     def write_outputs(self, exported: nn.Module, exported_accuracy: float) -> Dict[str, Any]:
+        config = self.config
         staging = self.out / f"{STAGING_PREFIX}{time.time_ns()}"
         staging.mkdir()
         try:
-            model_info = {"name": self.args.model, "num_classes": self.num_classes,
-                          "input_shape": list(self.input_shape), "unit_type": self.args.unit_type}
+            model_info = {"name": config.model, "num_classes": self.num_classes,
+                          "input_shape": list(self.input_shape), "unit_type": config.unit_type}
             save_pruned(staging, self.model, self.mutator, model_info, exported)
             write_csv(self.rows, str(staging / METRICS_CSV))
             write_json(self.rows, str(staging / METRICS_JSON))
             plot_metrics(self.rows, str(staging / PLOT_FILE),
-                         f"{self.args.model}, {self.args.unit_type}, {target_text(self.args)}")
+                         f"{config.model}, {config.unit_type}, {config.target_text()}")
             difference = self.verify_reload(staging)
             names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE)
             unmark_finished(self.out)  # the new files are verified: no summary may describe a mix of old and new
             for name in names:
                 replace_durably(staging / name, self.out / name)
+        except DiskFullError as error:  # name the output it was for, not the staging copy that is removed now
+            if error.path.parent != staging:
+                raise
+            raise DiskFullError(self.out / error.path.name) from error
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         first, last = self.rows[0], self.rows[-1]
         summary = {
-            "command": " ".join(["pyprune"] + list(self.args.argv)), "model": self.args.model,
-            "unit_type": self.args.unit_type, "target_ratio": self.args.target_ratio,
-            "budget": budget_of(self.args), "allocation": self.args.allocation,
+            "command": " ".join(["pyprune"] + list(config.argv)), "model": config.model,
+            "unit_type": config.unit_type, "target_ratio": config.target_ratio,
+            "budget": config.budget, "allocation": config.allocation,
             "world_size": self.context.world_size, "device": str(self.device),
             "accuracy_pretrained": first["accuracy"], "accuracy_final": last["accuracy"],
             "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
             "flops_before": self.full_flops, "flops_after": last["flops"], "params_kept": last["params_kept"],
             "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
-            "compact_training": self.algorithm.compact_training, "amp": getattr(self.args, "amp", None),
-            "channels_last": bool(getattr(self.args, "channels_last", False)),
+            "compact_training": self.algorithm.compact_training, "amp": config.amp,
+            "channels_last": config.channels_last,
             "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
         }
         write_json(summary, str(self.out / SUMMARY_FILE))  # atomic, last: its presence marks a complete run
@@ -334,69 +327,45 @@ class Run:
         return difference
 
 
-    def mixed_precision_step(self, images: torch.Tensor, labels: torch.Tensor, pruning: bool) -> torch.Tensor:
-        """One iteration with --amp (forward and loss under torch.autocast; fp16 scales the loss with a GradScaler
-        and unscales the gradients before the algorithm reads them) and / or --channels-last (the batch in
-        channels_last). Returns the loss (float32, not synced)."""
-        if getattr(self.args, "channels_last", False):
-            images = images.contiguous(memory_format=torch.channels_last)
-        amp = getattr(self.args, "amp", None)
-        self.wrapped.train()
-        with torch.autocast(self.device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                            enabled=amp is not None):
-            loss = F.cross_entropy(self.wrapped(images), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if pruning:
-            self.scaler.unscale_(self.optimizer)  # importance from true gradients (no-op without a scaler)
-            self.algorithm.after_backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.detach().float()
-
-
-def run_prune_job(args) -> Dict[str, Any]:
-    """Run the job described by parsed ``pyprune prune`` arguments; returns the summary (rank 0) or ``{}``.
+def run_prune_job(config: JobConfig) -> Dict[str, Any]:
+    """Run the job ``config`` describes; returns the summary (rank 0) or ``{}``.
 
     Raises ``RunDirectoryError`` before anything is written when the output directory is in use or holds a run
-    this command would clobber (:func:`.run_dir.check_start`).
+    this command would clobber (:func:`.run_dir.check_start`), and ``DiskFullError`` (one line naming the file and
+    saying how to go on) when a write finds no space left: the last checkpoint written is then unchanged.
     """
-    context = setup_distributed(args.device)
-    threads = configure_threads(getattr(args, "threads", None), context.local_world_size)
+    context = setup_distributed(config.device)
+    threads = configure_threads(config.threads, context.local_world_size)
     # Only rank 0 writes, so only rank 0 locks; every rank checks the directory, so all refuse alike.
-    lock = RunDirectoryLock(args.output_dir) if context.is_main else contextlib.nullcontext()
+    lock = RunDirectoryLock(config.output_dir) if context.is_main else contextlib.nullcontext()
     try:
         with lock:
-            check_start(args.output_dir, args.resume, getattr(args, "overwrite", False))
+            check_start(config.output_dir, config.resume, config.overwrite)
             if context.is_main:
-                remove_leftovers(args.output_dir)
-            return _run(args, context, threads)
+                remove_leftovers(config.output_dir)
+            return _run(config, context, threads)
+    except DiskFullError as error:
+        raise DiskFullError(error.path, advice=_after_a_full_disk(error.path, Path(config.output_dir))) from error
     finally:
         teardown_distributed()
 
 
-def budget_of(args) -> Optional[Dict[str, float]]:
-    """``{'flops': ..., 'params': ..., 'latency': ...}`` from --target-flops / --target-params / --target-latency,
-    or None (the run prunes to --target-ratio)."""
-    budget = {k: getattr(args, f"target_{k}", None) for k in ("flops", "params", "latency")}
-    return {k: v for k, v in budget.items() if v is not None} or None
+def _after_a_full_disk(failed: Path, out: Path) -> str:
+    """What to do after writing ``failed`` into ``out`` found the disk full (the failed write left no file)."""
+    checkpoint = out / CHECKPOINT_FILE
+    if not checkpoint.exists():
+        return "no checkpoint was written yet; free space, then run the command again"
+    where = "the previous checkpoint is unchanged" if failed == checkpoint else f"{checkpoint} is unchanged"
+    return f"nothing is lost ({where}): free space, then continue with --resume"
 
 
-def target_text(args) -> str:
-    budget = budget_of(args)
-    if budget is None:
-        return f"kept ratio {args.target_ratio}"
-    limits = ", ".join(f"{k} {v:.0%}" if v <= 1 else f"{k} {v:,.0f}" for k, v in budget.items())
-    return f"budget {limits} ({args.allocation or 'uniform'} allocation)"
-
-
-def _run(args, context: DistributedContext, threads: int) -> Dict[str, Any]:
-    run = Run(args, context)
-    if args.resume:
-        run.load_checkpoint(args.resume)
+def _run(config: JobConfig, context: DistributedContext, threads: int) -> Dict[str, Any]:
+    run = Run(config, context)
+    if config.resume:
+        run.load_checkpoint(config.resume)
         run.rewrap()
-    run.print(f"pyprune prune: {args.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
-              f"{args.unit_type}, {target_text(args)} in {args.prune_times} steps of "
+    run.print(f"pyprune prune: {config.model} ({run.full_params:,} params, {run.full_flops:,} FLOPs), "
+              f"{config.unit_type}, {config.target_text()} in {config.prune_times} steps of "
               f"{run.step_freq} iterations, {run.batches} iterations per epoch, world size "
               f"{context.world_size}, device {context.device}, {threads} CPU threads per process, compact "
               f"training {'on' if run.algorithm.compact_training else 'off (--no-compact)'}")

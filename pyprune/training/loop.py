@@ -1,28 +1,13 @@
-"""The plain PyTorch pieces of the main job: one training iteration, evaluation, the learning-rate schedule."""
+"""The plain PyTorch pieces of the main job: evaluation and the learning-rate schedule (the training iteration is
+:class:`.step.TrainStep`)."""
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.loaders import shard_indices
-
-
-def train_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    algorithm=None) -> torch.Tensor:
-    """Forward, backward, ``algorithm.after_backward()`` (importance), optimizer step; returns the loss (a tensor,
-    not synced to the host). ``images``: ``[N, 3, H, W]``, ``labels``: int64 ``[N]``, both on the model's device."""
-    model.train()
-    loss = F.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if algorithm is not None:
-        algorithm.after_backward()
-    optimizer.step()
-    return loss.detach()
 
 
 @torch.no_grad()
@@ -57,13 +42,3 @@ def cosine_lr(base_lr: float, position: int, length: int, final_fraction: float 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (``model`` itself otherwise)."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
-def first_device(model: nn.Module, default: Optional[torch.device] = None) -> torch.device:
-    return next((p.device for p in model.parameters()), default or torch.device("cpu"))

@@ -4,7 +4,7 @@ from typing import List
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_MODEL = "small_resnet"
+from .config import DEFAULT_MODEL
 
 
 class BasicBlock(nn.Module):

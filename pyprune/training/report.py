@@ -78,5 +78,6 @@ def plot_metrics(rows: List[Dict], path: str, title: str = "") -> None:
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as handle:  # like every output: whole or not at all, a full disk named
+        figure.savefig(handle, format="png", dpi=110)
     plt.close(figure)

@@ -13,6 +13,7 @@ same directory is refused; a fresh run only starts in an ``empty`` directory unl
 (:mod:`pyprune.utils.files`), and ``summary.json`` is removed only once something validated is about to replace
 what it describes.
 """
+import contextlib
 import fcntl
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import PyPruneError
-from ..utils.files import fsync_directory, remove_stale_temporaries
+from ..utils.files import disk_full_reported, fsync_directory, remove_stale_temporaries
 
 CHECKPOINT_FILE, SUMMARY_FILE, LOCK_FILE = "checkpoint.pt", "summary.json", ".lock"
 OUTPUT_FILES = ("pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png")
@@ -63,10 +64,17 @@ class RunDirectoryLock:
             if self._still_at_path(handle):
                 break
             handle.close()  # its holder deleted it after we opened it: lock the current file instead
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:
+            with disk_full_reported(self.path):
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+        except BaseException:
+            self.path.unlink(missing_ok=True)  # still ours (locked): nobody is left holding a half-written lock
+            with contextlib.suppress(OSError):  # closing flushes the unwritten pid again
+                handle.close()
+            raise
         self._handle = handle
         return self
 
