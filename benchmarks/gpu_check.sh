@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 9, item 5): one command, <= 6 minutes on one H100 / H200, nothing downloaded.
+# The prepared GPU check (CUDA build, tests, kernel and model tables): one command, <= 6 minutes on one H100 /
+# H200, nothing downloaded.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR            # on the GPU machine, from anywhere (it cd's to the repository)
 #   bash benchmarks/gpu_check.sh OUTDIR --cpu      # the same stages on the CPU at tiny sizes (< 2 min), to test

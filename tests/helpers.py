@@ -1,5 +1,5 @@
 """Non-model helpers that more than one test file uses: markers, the layer-case table, channel selections and the
-boolean-slicing (mmrazor-style) references the DynamicOps are checked against.
+names of the boolean-slicing (mmrazor-style) reference the DynamicOps are checked against (pyprune.bench's).
 
 Import by module name (``from helpers import CASES``); see tests/models.py for the shared models.
 """
@@ -13,11 +13,11 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import pyprune.ops as ops
 from models import ZooNet
+from pyprune.bench.mmrazor_reference import masked_batch_norm, masked_forward, masked_weight
 from pyprune.mutators import ChannelMutator
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -123,61 +123,12 @@ def same_index(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------ boolean-slicing (mmrazor) reference
-def reference_forward(module: nn.Module, out_mask, in_mask, x):
-    """What mmrazor computes: slice every per-channel tensor of the full ``module`` by boolean masks."""
-    if isinstance(module, nn.Conv2d):
-        return _reference_conv(module, out_mask, in_mask, x)
-    if isinstance(module, nn.Linear):
-        bias = module.bias[out_mask] if module.bias is not None else None
-        return F.linear(x, reference_weight(module, out_mask, in_mask)[0], bias)
-    weight = module.weight[out_mask] if module.weight is not None else None
-    bias = module.bias[out_mask] if module.bias is not None else None
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(x, (int(out_mask.sum()),), weight, bias, module.eps)
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(x, module.num_groups, weight, bias, module.eps)
-    return reference_batch_norm(module, out_mask, x)
-
-
-def reference_weight(module, out_mask, in_mask):
-    """(compact weight, groups) by boolean indexing, as mmrazor slices conv / linear weights."""
-    groups = getattr(module, "groups", 1)
-    if groups == 1:
-        return module.weight[out_mask][:, in_mask], 1
-    if groups == module.in_channels == module.out_channels:
-        return module.weight[out_mask], int(out_mask.sum())
-    # grouped: outer product of the per-group masks over weight.flatten(0, 1)
-    pairs = out_mask.reshape(groups, -1).unsqueeze(-1) & in_mask.reshape(groups, -1).unsqueeze(1)
-    weight = module.weight.flatten(0, 1)[pairs.flatten()]
-    return weight.reshape(int(out_mask.sum()), -1, *module.weight.shape[2:]), groups
-
-
-def _reference_conv(conv, out_mask, in_mask, x):
-    weight, groups = reference_weight(conv, out_mask, in_mask)
-    bias = conv.bias[out_mask] if conv.bias is not None else None
-    if conv.padding_mode != "zeros":
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-def reference_batch_norm(bn, mask, x):
-    """mmrazor's DynamicBatchNorm: copy the masked running stats, let F.batch_norm update the copies, write them
-    back with ``masked_scatter_``; ``num_batches_tracked`` counts every training batch."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    weight = bn.weight[mask] if bn.affine else None
-    bias = bn.bias[mask] if bn.affine else None
-    running_mean = bn.running_mean[mask] if bn.running_mean is not None else None
-    running_var = bn.running_var[mask] if bn.running_var is not None else None
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, bn.eps)
-    if bn.training and bn.track_running_stats:
-        bn.running_mean.masked_scatter_(mask, running_mean)
-        bn.running_var.masked_scatter_(mask, running_var)
-    return out
+# One reference for the whole project: the benchmark's mmrazor-style slicing (pyprune/bench/mmrazor_reference.py).
+# reference_forward(module, out_mask, in_mask, x), reference_weight(module, out_mask, in_mask) -> compact weight,
+# reference_batch_norm(bn, mask, x): what mmrazor computes with the full ``module`` and bool masks.
+reference_forward = masked_forward
+reference_weight = masked_weight
+reference_batch_norm = masked_batch_norm
 
 
 # ---- compact-mode and multi-process test helpers -------------------------------------------------------------

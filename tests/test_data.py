@@ -1,5 +1,5 @@
 """Datasets of the main job: the synthetic shapes are drawn lazily and deterministically; ImageFolder files that
-cannot be decoded stop the job at the start, in one line naming the file (issue 13, items 11 and 13)."""
+cannot be decoded stop the job at the start, in one line naming the file."""
 import time
 from pathlib import Path
 

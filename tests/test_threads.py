@@ -1,5 +1,5 @@
 """CPU threads per process of the main job: a share of the cores per torchrun rank, ``OMP_NUM_THREADS`` respected,
-``--threads`` wins (issue 13, item 13)."""
+``--threads`` wins."""
 import pytest
 import torch
 

@@ -16,6 +16,10 @@ What it reproduces, per forward call, because that is where mmrazor spends its t
   by ``num_batches_tracked + 1`` (a new tensor), as mmrazor does;
 * layer norm slices weight / bias and normalises over the active count.
 
+The slicing itself is a set of functions on a plain layer and its boolean masks (:func:`masked_forward`,
+:func:`masked_weight`, :func:`masked_batch_norm`, ...): the reference layers below call them with their
+containers' masks, and pyprune's tests check every DynamicOp against them.
+
 ``build_reference_model`` swaps every pyprune DynamicOp of a prepared model for the matching layer here, with the
 same selection, so the same subnet runs on both and their outputs can be compared.
 """
@@ -112,7 +116,123 @@ class _ReferenceChannelLayer:
         self.in_container = MaskContainer(in_channels)
         self.out_container = MaskContainer(out_channels)
 
+    def _masks(self, device: torch.device) -> Tuple[Tensor, Tensor]:
+        """(in mask, out mask), assembled on the host and moved to ``device`` (every call, as mmrazor's)."""
+        return self.in_container.current_mask.to(device), self.out_container.current_mask.to(device)
 
+
+# ------------------------------------------------------------------------------- boolean slicing, one layer at a time
+def _layer_name(layer: nn.Module) -> str:
+    return getattr(layer, "pyprune_name", "") or type(layer).__name__
+
+
+def masked_bias(layer: nn.Module, out_mask: Tensor) -> Optional[Tensor]:
+    """``bias[out_mask]`` (``[K_out]``), or None for a layer without bias."""
+    return layer.bias[out_mask].contiguous() if layer.bias is not None else None
+
+
+def masked_weight(layer: nn.Module, out_mask: Tensor, in_mask: Tensor) -> Tensor:
+    """The compact weight of a conv / linear by boolean indexing, as mmrazor slices it.
+
+    ``out_mask`` / ``in_mask``: bool ``[C_out]`` / ``[C_in]`` (global channels). Dense: ``weight[out_mask][:,
+    in_mask]`` -> ``[K_out, K_in, *kernel]``; depthwise (groups = in = out channels): ``weight[out_mask]``;
+    grouped: the outer product of the per-group masks over ``weight.flatten(0, 1)`` -> ``[K_out, K_in / G,
+    *kernel]``, after checking with ``.item()`` (a host sync, as in mmrazor) that every group keeps as many
+    channels (``ConfigError`` naming the layer otherwise).
+    """
+    groups = getattr(layer, "groups", 1)
+    if groups == 1:
+        weight = layer.weight[out_mask][:, in_mask]
+    elif groups == layer.in_channels == layer.out_channels:
+        weight = layer.weight[out_mask]
+    else:
+        out_per_group, in_per_group = out_mask.reshape(groups, -1), in_mask.reshape(groups, -1)
+        kept_out, kept_in = out_per_group.sum(1), in_per_group.sum(1)
+        if (kept_out != kept_out[0]).any().item() or (kept_in != kept_in[0]).any().item():
+            raise ConfigError(f"{_layer_name(layer)}: grouped conv needs the same channel count in each of its "
+                              f"{groups} groups")
+        pair_mask = out_per_group.unsqueeze(-1) & in_per_group.unsqueeze(1)  # [G, O/G, I/G]
+        rows = int(kept_out.sum().item())
+        weight = layer.weight.flatten(0, 1)[pair_mask.flatten()].reshape(rows, -1, *layer.weight.shape[2:])
+    return weight.contiguous()
+
+
+def masked_conv2d(conv: nn.Conv2d, out_mask: Tensor, in_mask: Tensor, x: Tensor) -> Tensor:
+    """``conv`` on the active channels: x ``[N, K_in, H, W]`` -> ``[N, K_out, H', W']`` (a depthwise conv runs with
+    one group per input channel, ``groups = x.size(1)``; padding modes other than zeros pad first)."""
+    groups = x.size(1) if conv.groups == conv.in_channels == conv.out_channels else conv.groups
+    weight, bias = masked_weight(conv, out_mask, in_mask), masked_bias(conv, out_mask)
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def masked_linear(linear: nn.Linear, out_mask: Tensor, in_mask: Tensor, x: Tensor) -> Tensor:
+    """``weight[out_mask][:, in_mask]``, ``bias[out_mask]``: x ``[*, K_in]`` -> ``[*, K_out]``."""
+    return F.linear(x, masked_weight(linear, out_mask, in_mask), masked_bias(linear, out_mask))
+
+
+def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, mask: Tensor, x: Tensor) -> Tensor:
+    """mmrazor's DynamicBatchNorm on the channels in ``mask`` (bool ``[C]``): x ``[N, K, *]`` -> same shape.
+
+    Weight, bias and *copies* of the running stats are sliced with the mask, ``F.batch_norm`` updates the copies,
+    and ``running_*.masked_scatter_(mask, copy)`` writes them back; ``num_batches_tracked`` is replaced by
+    ``num_batches_tracked + 1`` (a new tensor) on every training batch.
+    """
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked = bn.num_batches_tracked + 1
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    weight = bn.weight[mask] if bn.affine else bn.weight
+    bias = bn.bias[mask] if bn.affine else bn.bias
+    if bn.track_running_stats:
+        running_mean, running_var = bn.running_mean[mask], bn.running_var[mask]
+    else:
+        running_mean, running_var = bn.running_mean, bn.running_var
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, bn.eps)
+    if bn.training and bn.track_running_stats:
+        bn.running_mean.masked_scatter_(mask, running_mean)
+        bn.running_var.masked_scatter_(mask, running_var)
+    return out
+
+
+def masked_layer_norm(norm: nn.LayerNorm, mask: Tensor, x: Tensor) -> Tensor:
+    """LayerNorm over the last dim with the active channels only (``normalized_shape = (K,)``); a channels-first
+    norm (``channels_first``, pyprune's DynamicLayerNorm of a LayerNorm2d) over dim 1."""
+    weight = norm.weight[mask] if norm.weight is not None else None
+    bias = norm.bias[mask] if norm.bias is not None else None
+    if getattr(norm, "channels_first", False):
+        return F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, norm.eps).movedim(-1, 1)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, norm.eps)
+
+
+def masked_group_norm(norm: nn.GroupNorm, mask: Tensor, x: Tensor) -> Tensor:
+    """GroupNorm with sliced affine parameters; the group count stays (channels are pruned evenly per group)."""
+    weight = norm.weight[mask] if norm.weight is not None else None
+    bias = norm.bias[mask] if norm.bias is not None else None
+    return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+
+
+def masked_forward(layer: nn.Module, out_mask: Tensor, in_mask: Tensor, x: Tensor) -> Tensor:
+    """What mmrazor computes for a plain ``layer`` (conv, linear, batch / layer / group norm) at the channels of
+    the bool masks: every per-channel tensor of the full layer sliced by them. Norms read ``out_mask`` only."""
+    if isinstance(layer, nn.Conv2d):
+        return masked_conv2d(layer, out_mask, in_mask, x)
+    if isinstance(layer, nn.Linear):
+        return masked_linear(layer, out_mask, in_mask, x)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return masked_batch_norm(layer, out_mask, x)
+    if isinstance(layer, nn.LayerNorm):
+        return masked_layer_norm(layer, out_mask, x)
+    if isinstance(layer, nn.GroupNorm):
+        return masked_group_norm(layer, out_mask, x)
+    raise ConfigError(f"{_layer_name(layer)}: no boolean-slicing reference for {type(layer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- reference layers
 class ReferenceConv2d(nn.Conv2d, _ReferenceChannelLayer):
     """Conv2d that slices its weight by boolean masks on every call; shapes as ``nn.Conv2d`` with active channels."""
 
@@ -122,41 +242,9 @@ class ReferenceConv2d(nn.Conv2d, _ReferenceChannelLayer):
         layer._init_containers(conv.in_channels, conv.out_channels)
         return layer
 
-    def _dynamic_params(self) -> Tuple[Tensor, Optional[Tensor]]:
-        device = self.weight.device
-        in_mask = self.in_container.current_mask.to(device)
-        out_mask = self.out_container.current_mask.to(device)
-        if self.groups == 1:
-            weight = self.weight[out_mask][:, in_mask]
-        elif self.groups == self.in_channels == self.out_channels:
-            weight = self.weight[out_mask]
-        else:
-            weight = self._grouped_weight(in_mask, out_mask)
-        bias = self.bias[out_mask].contiguous() if self.bias is not None else None
-        return weight.contiguous(), bias
-
-    def _grouped_weight(self, in_mask: Tensor, out_mask: Tensor) -> Tensor:
-        groups = self.groups
-        out_per_group = out_mask.reshape(groups, -1)
-        in_per_group = in_mask.reshape(groups, -1)
-        kept_out, kept_in = out_per_group.sum(1), in_per_group.sum(1)
-        if (kept_out != kept_out[0]).any().item() or (kept_in != kept_in[0]).any().item():
-            raise ConfigError(f"{self.pyprune_name or type(self).__name__}: grouped conv needs the same channel "
-                              f"count in each of its {groups} groups")
-        pair_mask = out_per_group.unsqueeze(-1) & in_per_group.unsqueeze(1)  # [G, O/G, I/G]
-        rows = int(kept_out.sum().item())
-        return self.weight.flatten(0, 1)[pair_mask.flatten()].reshape(rows, -1, *self.weight.shape[2:])
-
     def forward(self, x: Tensor) -> Tensor:
-        groups = x.size(1) if self.groups == self.in_channels == self.out_channels else self.groups
-        weight, bias = self._dynamic_params()
-        return self._conv_forward_with(x, weight, bias, groups)
-
-    def _conv_forward_with(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> Tensor:
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups)
+        in_mask, out_mask = self._masks(self.weight.device)
+        return masked_conv2d(self, out_mask, in_mask, x)
 
 
 class ReferenceLinear(nn.Linear, _ReferenceChannelLayer):
@@ -169,12 +257,8 @@ class ReferenceLinear(nn.Linear, _ReferenceChannelLayer):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        device = self.weight.device
-        in_mask = self.in_container.current_mask.to(device)
-        out_mask = self.out_container.current_mask.to(device)
-        weight = self.weight[out_mask][:, in_mask]
-        bias = self.bias[out_mask] if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        in_mask, out_mask = self._masks(self.weight.device)
+        return masked_linear(self, out_mask, in_mask, x)
 
 
 class _ReferenceNorm(_ReferenceChannelLayer):
@@ -184,9 +268,8 @@ class _ReferenceNorm(_ReferenceChannelLayer):
         self.out_container = MaskContainer(num_features)
         self.in_container = self.out_container
 
-    def _feature_mask(self) -> Tensor:
-        return self.out_container.current_mask.to(self.weight.device if self.weight is not None
-                                                  else self.running_mean.device)
+    def _feature_mask(self, device: torch.device) -> Tensor:
+        return self.out_container.current_mask.to(device)
 
 
 class _ReferenceBatchNorm(_ReferenceNorm):
@@ -199,26 +282,8 @@ class _ReferenceBatchNorm(_ReferenceNorm):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked = self.num_batches_tracked + 1
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-
-        mask = self._feature_mask()
-        weight = self.weight[mask] if self.affine else self.weight
-        bias = self.bias[mask] if self.affine else self.bias
-        if self.track_running_stats:
-            running_mean, running_var = self.running_mean[mask], self.running_var[mask]
-        else:
-            running_mean, running_var = self.running_mean, self.running_var
-
-        out = F.batch_norm(x, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps)
-        if self.training and self.track_running_stats:
-            self.running_mean.masked_scatter_(mask, running_mean)
-            self.running_var.masked_scatter_(mask, running_var)
-        return out
+        device = self.weight.device if self.weight is not None else self.running_mean.device
+        return masked_batch_norm(self, self._feature_mask(device), x)
 
 
 class ReferenceBatchNorm1d(_ReferenceBatchNorm, nn.BatchNorm1d):
@@ -241,12 +306,7 @@ class ReferenceLayerNorm(nn.LayerNorm, _ReferenceNorm):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = self.out_container.current_mask.to(x.device)
-        weight = self.weight[mask] if self.weight is not None else None
-        bias = self.bias[mask] if self.bias is not None else None
-        if getattr(self, "channels_first", False):  # converted from a channels-first DynamicLayerNorm (LayerNorm2d)
-            return F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, self.eps).movedim(-1, 1)
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+        return masked_layer_norm(self, self._feature_mask(x.device), x)
 
 
 class ReferenceMultiheadAttention(nn.MultiheadAttention, _ReferenceNorm):
@@ -260,7 +320,7 @@ class ReferenceMultiheadAttention(nn.MultiheadAttention, _ReferenceNorm):
         return layer
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, **options):
-        mask = self.out_container.current_mask.to(query.device)
+        mask = self._feature_mask(query.device)
         rows = torch.cat([mask, mask, mask])
 
         def sliced(tensor, *masks):
@@ -282,10 +342,7 @@ class ReferenceGroupNorm(nn.GroupNorm, _ReferenceNorm):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        mask = self.out_container.current_mask.to(x.device)
-        weight = self.weight[mask] if self.weight is not None else None
-        bias = self.bias[mask] if self.bias is not None else None
-        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return masked_group_norm(self, self._feature_mask(x.device), x)
 
 
 # Most specific first: the swap walks this list and takes the first matching base type.

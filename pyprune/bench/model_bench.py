@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import kernels
 from ..ops.selection import prefix_index
+from ..training.step import TrainStep
 from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure
 
@@ -149,13 +150,15 @@ def _use_backend(name: str):
 
 
 class Runner:
-    """One backend's model, optimizer and kernel backend; ``eval_step`` / ``train_step`` are the timed bodies."""
+    """One backend's model, optimizer and kernel backend; ``eval_step`` / ``train_step`` are the timed bodies (the
+    training step is the job's eager :class:`pyprune.training.step.TrainStep`)."""
 
     def __init__(self, model: nn.Module, kernel_backend: str, forward: Optional[Callable] = None):
         self.model = model
         self.kernel_backend = kernel_backend
         self.forward = model if forward is None else forward
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.step = TrainStep(model, self.optimizer, forward=self.forward)
         self.session = None  # the CompactTraining session of a pyprune-compact runner
 
     @classmethod
@@ -177,11 +180,8 @@ class Runner:
             self.forward(x)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.model.train()
         with _use_backend(self.kernel_backend):
-            self.optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(self.forward(x), y).backward()
-            self.optimizer.step()
+            self.step(x, y)
 
 
 class BatchedRunner(Runner):
@@ -541,7 +541,8 @@ def run(cfg: ModelBenchConfig, progress_factory: Callable) -> List[Dict[str, obj
 
 # ---------------------------------------------------------------------------------------------------------- targets
 def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The performance targets of issue 5, each with the numbers behind met / missed (absent data: "n/a")."""
+    """pyprune's speed targets against the exported dense model and the mmrazor-style reference (benchmarks/
+    RESULTS.md), each with the numbers behind met / missed (absent data: "n/a")."""
     ok = [r for r in rows if r["status"] == "ok"]
     dyn = "pyprune-ext" if any(r["backend"] == "pyprune-ext" for r in ok) else "pyprune-torch"
 
@@ -557,7 +558,7 @@ def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
 
     compact_train = pick(workload="train", backend="pyprune-compact")
     worst = max(compact_train, key=lambda r: r["vs_dense"], default=None)
-    targets.append(_target("compact train step <= 1.03x exported dense (issue 8; every model / batch / ratio)",
+    targets.append(_target("compact train step <= 1.03x exported dense (every model / batch / ratio)",
                            "pyprune-compact", None if worst is None else worst["vs_dense"] <= 1.03,
                            "" if worst is None else f"worst {worst['vs_dense']:.2f}x at {worst['model']} "
                                                     f"b{worst['batch']} r{worst['ratio']}"))
