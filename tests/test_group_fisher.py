@@ -346,9 +346,10 @@ def test_bad_algorithm_arguments_raise_one_config_error(kwargs, match):
 
 
 def test_the_algorithm_needs_a_group_fisher_mutator():
-    mutator = ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+    mutator, model = ChannelMutator(parse_cfg=dict(demo_input=(1, 3, 8, 8))), Wider()
     with pytest.raises(ConfigError, match="must be a GroupFisherChannelMutator"):
-        GroupFisherAlgorithm(Wider(), mutator)
+        GroupFisherAlgorithm(model, mutator)
+    assert not mutator.units and type(model.c0) is nn.Conv2d  # nothing prepared
 
 
 # --------------------------------------------------------------------------------------------------------- DDP

@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
+import torch.distributed as dist
+
 from ..budget.allocation import meets
 from ..budget.cost import Cost, CostModel
 from ..budget.targets import Budget
@@ -15,7 +17,7 @@ from ..mutators.group_fisher import GroupFisherChannelMutator
 from ..mutators.io import save_pruned
 from ..registry import MODELS
 from ..utils.files import atomic_write_text
-from .base import BaseAlgorithm
+from .base import BaseAlgorithm, build_mutator
 from .unit_state import broadcast_selections, distributed_world
 
 DEFAULT_MUTATOR = {"type": "GroupFisherChannelMutator", "channel_unit_cfg": {"type": "GroupFisherChannelUnit"}}
@@ -49,7 +51,8 @@ class GroupFisherAlgorithm(BaseAlgorithm):
     Args:
         architecture: the model (or a config dict building it), as :class:`BaseAlgorithm`.
         mutator: a :class:`~pyprune.mutators.GroupFisherChannelMutator` or its config (mmrazor's keyword; default
-            mmrazor's: ``dict(type='GroupFisherChannelMutator', channel_unit_cfg=dict(type='GroupFisherChannelUnit'))``).
+            mmrazor's: ``dict(type='GroupFisherChannelMutator',
+            channel_unit_cfg=dict(type='GroupFisherChannelUnit'))``).
             ``mutator_cfg`` is accepted as pyprune's other algorithms spell it (give one of the two).
         interval: iterations between two pruned channels (mmrazor's default 10).
         data_preprocessor, init_cfg: mmrazor's; see :class:`BaseAlgorithm`.
@@ -78,11 +81,11 @@ class GroupFisherAlgorithm(BaseAlgorithm):
             raise ConfigError("GroupFisherAlgorithm: budget 'latency' is not supported (channels are pruned one "
                               "at a time against counted costs); give 'flops' and / or 'params'")
         chosen = mutator if mutator is not None else mutator_cfg
-        super().__init__(architecture, dict(DEFAULT_MUTATOR) if chosen is None else chosen,
-                         data_preprocessor=data_preprocessor, init_cfg=init_cfg)
-        if not isinstance(self.mutator, GroupFisherChannelMutator):
+        built = build_mutator(dict(DEFAULT_MUTATOR) if chosen is None else chosen)
+        if not isinstance(built, GroupFisherChannelMutator):  # checked before the model is prepared
             raise ConfigError(f"GroupFisherAlgorithm: mutator must be a GroupFisherChannelMutator (or its config), "
-                              f"got {type(self.mutator).__name__}")
+                              f"got {type(built).__name__}")
+        super().__init__(architecture, built, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.interval = int(interval)
         self.work_dir = work_dir
         self.cost_model = CostModel.from_model(self.model, self.mutator, example_inputs)
@@ -167,10 +170,8 @@ class GroupFisherAlgorithm(BaseAlgorithm):
         """Write ``fix_subnet.json`` (:meth:`deploy_config`) and :func:`pyprune.save_pruned`'s
         ``pruned_model.pt`` + ``structure.json`` into ``directory`` (rank 0 only under DDP; created if missing).
         Returns the paths written (empty on other ranks)."""
-        if distributed_world() > 1:
-            import torch.distributed as dist
-            if dist.get_rank() != 0:
-                return {}
+        if distributed_world() > 1 and dist.get_rank() != 0:
+            return {}
         os.makedirs(directory, exist_ok=True)
         with self.full_size():
             paths = save_pruned(directory, self.model, self.mutator, model_info)

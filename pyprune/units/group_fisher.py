@@ -137,9 +137,10 @@ class GroupFisherChannelUnit(L1MutableChannelUnit):
     Fisher is :attr:`normalized_fisher_info` (float64 ``[num_channels]``), saved by :meth:`importance_state_dict`.
     """
 
-    def __init__(self, num_channels: int, normalization_type: str = "flops", mutate_linear: bool = False, *args,
-                 **kwargs):
-        super().__init__(num_channels, *args, **kwargs)
+    def __init__(self, num_channels: int, normalization_type: str = "flops", mutate_linear: bool = False,
+                 choice_mode: str = "number", divisor: int = 1, min_value: int = 1, min_ratio: float = 0.9, **kwargs):
+        # mmrazor's order: its own two arguments first, then the L1 unit's
+        super().__init__(num_channels, choice_mode, divisor, min_value, min_ratio, **kwargs)
         if normalization_type not in NORMALIZATION_TYPES:
             raise ConfigError(f"unit {self.name}: normalization_type must be one of {list(NORMALIZATION_TYPES)}, "
                               f"got {normalization_type!r}")
