@@ -366,7 +366,8 @@ def full_width_export(model: nn.Module) -> nn.Module:
 
 
 def export_static(model: nn.Module) -> nn.Module:
-    """Replace (in place) every DynamicOp in ``model`` by ``op.export()``; returns ``model``."""
+    """Replace (in place) every DynamicOp in ``model`` by ``op.export()`` (parameters several layers hold and keep
+    the same channels of, such as tied input / output embeddings, stay shared); returns ``model``."""
     mixin = ops.DynamicChannelMixin
     replacements = {}
     for name, module in model.named_modules():
@@ -374,6 +375,7 @@ def export_static(model: nn.Module) -> nn.Module:
             static = module.export()
             static.train(module.training)
             replacements[name] = static
+    ops.retie_exported(model, replacements)  # a tensor several layers hold (tied embeddings) stays one Parameter
     replace_modules(model, replacements)
     ops.export_channel_parameters(model)
     left = [name for name, m in model.named_modules()

@@ -5,8 +5,21 @@ A layer's *kind* is the class that knows the facts about its type: its DynamicOp
 ``DynamicChannelMixin``), :class:`ChannelParameter` for channel-sized tensors. Units, the mutator and the tracer ask
 :func:`layer_kind` instead of testing torch types themselves, so adding a layer type is one DynamicOp class and
 one entry in :data:`DYNAMIC_OPS`.
+
+Two kinds of entries besides torch types known at import:
+
+* **optional libraries** too slow to import with pyprune (transformers takes seconds): :data:`OPTIONAL_OPS` names
+  the pyprune module listing their DynamicOps (``LAYER_OPS``), merged into :data:`DYNAMIC_OPS` at the first lookup
+  after the library's module is imported (a model holding such a layer has imported it). Code that keeps tables
+  keyed like :data:`DYNAMIC_OPS` (the tracer's layer rules) follows with :func:`on_layer_types_added`.
+* **structural kinds** (:data:`STRUCTURAL_KINDS`): layer kinds found by what a module is rather than by its class
+  (:class:`~pyprune.ops.channel_norm.DynamicChannelNorm`: HF's ``*RMSNorm``, T5's norm, timm's ``RmsNorm``, ...).
+  A module with no listed base that the kind's ``matches`` accepts and whose own forward the serving probe accepts
+  is of that kind; the kind itself is its key in :data:`DYNAMIC_OPS` (what :func:`registered_base` returns).
 """
-from typing import Dict, Optional, Type
+import importlib
+import sys
+from typing import Callable, Dict, List, Optional, Type
 
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -14,17 +27,57 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from .attention import WINDOW_ATTENTION_OPS, DynamicMultiheadAttention
 from .base import DynamicChannelMixin
 from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d
+from .channel_norm import DynamicChannelNorm
 from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from .embedding import DynamicEmbedding
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
 from .parameter import ChannelParameter
 from .served import has_own_forward, served_class, serving_probe
 
-__all__ = ["DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer", "unservable_reason"]
+__all__ = ["DYNAMIC_OPS", "STRUCTURAL_KINDS", "OPTIONAL_OPS", "to_dynamic", "layer_kind", "registered_base",
+           "structural_kind", "is_prunable_layer", "unservable_reason", "on_layer_types_added"]
+
+class _LayerTable(dict):
+    """A dict that first merges the DynamicOps of optional libraries imported since (see the module docstring),
+    so every reader sees them: lookups, ``in``, iteration, ``len``, ``keys`` / ``values`` / ``items``."""
+
+    def __getitem__(self, key):
+        _list_optional_ops()
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        _list_optional_ops()
+        return super().__contains__(key)
+
+    def __iter__(self):
+        _list_optional_ops()
+        return super().__iter__()
+
+    def __len__(self):
+        _list_optional_ops()
+        return super().__len__()
+
+    def get(self, key, default=None):
+        _list_optional_ops()
+        return super().get(key, default)
+
+    def keys(self):
+        _list_optional_ops()
+        return super().keys()
+
+    def values(self):
+        _list_optional_ops()
+        return super().values()
+
+    def items(self):
+        _list_optional_ops()
+        return super().items()
+
 
 # torch layer type -> DynamicOp type. Subclasses of these map through their nearest listed base (MRO order).
-DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
+DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = _LayerTable({
     nn.Conv1d: DynamicConv1d,
     nn.Conv2d: DynamicConv2d,
     nn.Conv3d: DynamicConv3d,
@@ -35,15 +88,56 @@ DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = {
     nn.LayerNorm: DynamicLayerNorm,
     nn.GroupNorm: DynamicGroupNorm,
     nn.MultiheadAttention: DynamicMultiheadAttention,
+    nn.Embedding: DynamicEmbedding,
     **WINDOW_ATTENTION_OPS,  # torchvision's Swin attention (v1, v2), when torchvision is installed
-}
+    DynamicChannelNorm: DynamicChannelNorm,  # a structural kind: keyed by itself
+})
+
+# Layer kinds found by a structural test (``kind.matches(module)``) and the serving probe, not by class.
+STRUCTURAL_KINDS = (DynamicChannelNorm,)
+
+# module of an optional library -> the pyprune module whose LAYER_OPS ({layer type: DynamicOp}) join DYNAMIC_OPS
+OPTIONAL_OPS: Dict[str, str] = {"transformers.pytorch_utils": "pyprune.ops.hf_conv1d"}  # GPT-2's Conv1D
+_PENDING: Dict[str, str] = dict(OPTIONAL_OPS)
+_LISTENERS: List[Callable[[Dict[type, type]], None]] = []
+_ADDED: Dict[type, type] = {}
 
 
-def registered_base(module: nn.Module) -> Optional[Type[nn.Module]]:
-    """The nearest base class of ``module`` (itself included) that :data:`DYNAMIC_OPS` lists, or None."""
+def on_layer_types_added(listener: Callable[[Dict[type, type]], None]) -> None:
+    """Call ``listener({layer type: DynamicOp})`` with the optional types listed so far and each time more join."""
+    _LISTENERS.append(listener)
+    if _ADDED:
+        listener(dict(_ADDED))
+
+
+def _list_optional_ops() -> None:
+    """Merge the DynamicOps of optional libraries imported since the last lookup (a dict lookup when none is)."""
+    if not _PENDING:
+        return
+    for library in [name for name in _PENDING if name in sys.modules]:
+        added = importlib.import_module(_PENDING.pop(library)).LAYER_OPS
+        dict.update(DYNAMIC_OPS, added)
+        _ADDED.update(added)
+        for listener in _LISTENERS:
+            listener(dict(added))
+
+
+def registered_base(module: nn.Module) -> Optional[type]:
+    """The nearest base class of ``module`` (itself included) that :data:`DYNAMIC_OPS` lists; for a module
+    without one, the structural kind it is of (see the module docstring); else None."""
     for base in type(module).__mro__:
         if base in DYNAMIC_OPS:
             return base
+    return structural_kind(module)
+
+
+def structural_kind(module: nn.Module) -> Optional[type]:
+    """The structural kind whose test ``module`` passes and whose serving probe accepts it, or None."""
+    if isinstance(module, (DynamicChannelMixin, ChannelParameter)):
+        return None
+    for kind in STRUCTURAL_KINDS:
+        if kind.matches(module) and serving_probe(module, kind).ok:
+            return kind
     return None
 
 
@@ -63,6 +157,8 @@ def is_prunable_layer(module: nn.Module) -> bool:
     base = registered_base(module)
     if base is None:
         return False
+    if base in STRUCTURAL_KINDS:  # found by its probe already
+        return True
     if not has_own_forward(module, base) or is_channels_first_layer_norm(module):
         return True
     return serving_probe(module).ok
@@ -87,6 +183,8 @@ def to_dynamic(module: nn.Module) -> Optional[DynamicChannelMixin]:
     kind = layer_kind(module)
     if kind is None or not kind.can_convert(module):
         return None
+    if kind in STRUCTURAL_KINDS:
+        return kind.convert_from(module)  # served through its own forward (probed by registered_base)
     if has_own_forward(module, registered_base(module)) and not is_channels_first_layer_norm(module):
         if not serving_probe(module).ok:
             return None

@@ -18,8 +18,11 @@ own ``forward``, and while it runs the module's channel tensors and width attrib
 Whether a layer can be served is decided once per module by a probe (:func:`serving_probe`): the served forward
 must run at a reduced selection, give the output shape the kind predicts, and, where the kind's outputs are
 channel-wise (batch norm; conv / linear with only outputs pruned), the values of the full forward at the kept
-channels. A layer that fails is not converted: the tracer fixes its channel groups with a warning naming the class
-and the reason.
+channels; a kind may add a check of its own (``probe_check``: the structurally recognised channel norms of
+:mod:`pyprune.ops.channel_norm` must follow a permutation of their channels and normalise). A layer that fails is
+not converted: the tracer fixes its channel groups with a warning naming the class and the reason. The probe runs
+on a copy without the module's hooks, outside any torch function mode (a recorded forward may be running), and on
+the CPU with random values for a module on the meta device.
 
 ``export()`` returns the layer's own class (not a pyprune type) holding compact copies of its tensors and the
 active width attributes, its submodules copied.
@@ -172,21 +175,24 @@ def _per_channel_extras(module: nn.Module, kind: type) -> Tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------------- probe
-def serving_probe(module: nn.Module) -> ServingProbe:
+def serving_probe(module: nn.Module, kind: Optional[type] = None) -> ServingProbe:
     """Whether ``module`` (a layer with its own forward) can be served, and on which channel dim; probed once per
-    module on a copy (the module itself, its statistics and its random state are not touched)."""
+    module on a copy (the module itself, its statistics and its random state are not touched). ``kind``: the layer
+    kind to probe it as (default: ``layer_kind(module)``; the registry passes the kind a structural test found)."""
     probe = _PROBES.get(module)
     if probe is None:
-        probe = _probe(module)
+        with torch._C.DisableTorchFunction():  # a recorder's TorchFunctionMode must not see the probe's calls
+            probe = _probe(module, kind)
         _PROBES[module] = probe
     return probe
 
 
-def _probe(module: nn.Module) -> ServingProbe:
-    from .registry import layer_kind  # the registry lists this module's classes
-    kind = layer_kind(module)
-    if kind is None or not hasattr(kind, "probe_inputs"):
-        return ServingProbe(None, "its layer kind has no probe")
+def _probe(module: nn.Module, kind: Optional[type]) -> ServingProbe:
+    if kind is None:
+        from .registry import layer_kind  # the registry lists this module's classes
+        kind = layer_kind(module)
+    if kind is None or not kind.probe_inputs(module):  # [] for kinds that take no single input (attention)
+        return ServingProbe(None, "its layer kind has no probe input")
     if not kind.can_convert(module):
         return ServingProbe(None, "its layer kind cannot take this configuration")
     reasons = []
@@ -203,7 +209,7 @@ def _try_dim(module: nn.Module, kind: type, shape: Tuple[int, ...], dim: int) ->
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            copied = copy.deepcopy(module).eval()
+            copied = _probe_copy(module)
             parameter = next(iter(copied.parameters()), None)
             options = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
             x = torch.randn(shape, **options)
@@ -211,9 +217,29 @@ def _try_dim(module: nn.Module, kind: type, shape: Tuple[int, ...], dim: int) ->
             if not isinstance(full, Tensor):
                 return f"its forward returns {type(full).__name__}, not a tensor"
             op = served_class(type(module), kind)._served_from(copied, dim)
-            return _check_reduced(op, kind, x, full, dim)
+            reason = _check_reduced(op, kind, x, full, dim)
+            check = getattr(kind, "probe_check", None)
+            return reason if reason is not None or check is None else check(op, x, dim)
     except Exception as error:  # whatever the module's own code raises: it cannot be served
         return f"{type(error).__name__} at a reduced width: {str(error).splitlines()[0][:160] if str(error) else ''}"
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in eval mode without forward hooks (a recorder's hooks would see it); on the CPU
+    with random values (norm-like: around 1) where ``module`` lives on the meta device."""
+    copied = copy.deepcopy(module).eval()
+    for part in copied.modules():
+        part._forward_hooks.clear()
+        part._forward_pre_hooks.clear()
+    tensors = list(copied.parameters()) + list(copied.buffers())
+    if any(t.is_meta for t in tensors):
+        copied = copied.to_empty(device="cpu")
+        for tensor in list(copied.parameters()) + list(copied.buffers()):
+            if tensor.is_floating_point():
+                tensor.data.uniform_(0.5, 1.5)
+            else:
+                tensor.data.zero_()
+    return copied
 
 
 def _check_reduced(op: "ServedForward", kind: type, x: Tensor, full: Tensor, dim: int) -> Optional[str]:

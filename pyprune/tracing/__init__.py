@@ -10,6 +10,7 @@ from .example_inputs import as_call_args
 from .propagate import fix_modules, propagate
 from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
+from .tied import couple_tied_tensors
 from .unseen import handle_unseen
 
 TRACERS = ("auto", "fx", "torch_function")
@@ -35,7 +36,8 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
     Returns:
         one :class:`UnitSpec` per channel group that touches a prunable layer, in graph order; groups that must
         keep all their channels (model input / output, unmappable ops, ``fixed``, what layers the example input
-        does not reach read or feed) have ``fixed=True`` and a reason.
+        does not reach read or feed) have ``fixed=True`` and a reason. A tensor several layers hold (tied input /
+        output embeddings) is pruned by one unit per dim: their units merge, or are fixed where they cannot.
 
     Raises:
         ConfigError: the model does not run on ``example_inputs``; the message names the failing layer and, where
@@ -61,4 +63,4 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
     propagation = propagate(model, captured.graph, strict=strict)
     fix_modules(propagation, captured.graph, fixed)
     handle_unseen(propagation, captured, strict)
-    return propagation.table.specs()
+    return couple_tied_tensors(model, propagation.table.specs())

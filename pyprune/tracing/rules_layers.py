@@ -2,20 +2,24 @@
 
 A layer (``pyprune.ops.is_prunable_layer``) is an opaque ``call_module`` node in the captured graph. Conv / Linear
 outputs start a new group and record which range of the layer's input channels each group covers; norms and
-attention share one space between their input and output. Whatever a layer cannot take (a partial group, channels
-on the wrong dim) fixes the groups.
+attention share one space between their input and output; embeddings start a group from ids. Whatever a layer
+cannot take (a partial group, channels on the wrong dim) fixes the groups. Layer types of optional libraries
+(GPT-2's ``Conv1D``) get their rule when the registry lists them (``pyprune.ops.registry.on_layer_types_added``).
 """
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch.fx
 from torch import nn
 
 from ..ops.attention import WINDOW_ATTENTION_OPS
+from ..ops.base import DynamicChannelMixin
+from ..ops.channel_norm import DynamicChannelNorm
 from ..ops.layernorm import is_channels_first_layer_norm
-from ..ops.registry import is_prunable_layer, layer_kind, registered_base
+from ..ops.registry import is_prunable_layer, layer_kind, on_layer_types_added, registered_base
 from ..ops.served import has_own_forward, serving_probe
-from .channel_space import ChannelSpace
-from .context import PropagationContext, shapes
+from .channel_space import ChannelSpace, Segment
+from .context import PropagationContext, dim_arg, op_name, shapes
+from .rules_shape import SPLIT
 from .spec import ChannelRef
 
 __all__ = ["LAYER_RULES", "layer_rule", "apply_layer_rule", "is_prunable_layer"]
@@ -191,3 +195,83 @@ def window_attention(ctx: PropagationContext, node, module: nn.Module):
     layer_inputs(ctx, node, space, space.ndim - 1, True)
     return space
 
+
+
+@layer_rule(nn.Embedding)
+def embedding(ctx: PropagationContext, node, module: nn.Embedding):
+    """ids in, the embedding dim a new group on the last dim out. The ids carry no channels: a tracked ids tensor
+    (its positions would follow a pruned group) pins its groups."""
+    ids, ndim = _input(ctx, node), len(shapes(node))
+    if ids is not None:
+        for seg in ids.segments:
+            if not ctx.table.is_fixed(seg.gid):
+                ctx.table.fix(seg.gid, f"ids of embedding {node.target}")
+    return output_group(ctx, node, module.embedding_dim, ndim - 1, ndim)
+
+
+@layer_rule(DynamicChannelNorm)
+def channel_norm(ctx: PropagationContext, node, module: nn.Module):
+    """A norm recognised by structure (``*RMSNorm``, ...): normalises the channel dim its probe found (the last,
+    or 1), channels passed through."""
+    space, ndim = _input(ctx, node), len(shapes(node))
+    found = module.__dict__.get("_served_dim") if isinstance(module, DynamicChannelMixin) else \
+        serving_probe(module).channel_dim
+    dim = found % ndim
+    layer_inputs(ctx, node, space, dim, True)
+    return _passes_on(space, dim)
+
+
+def transposed_linear(ctx: PropagationContext, node, module: nn.Module):
+    """GPT-2's ``Conv1D``: features on the last dim, as for ``nn.Linear`` (its weight is transposed, its channels
+    are not); a fused output that is only ever split (``c_attn``'s q | k | v) is one group per piece."""
+    space, ndim = _input(ctx, node), len(shapes(node))
+    layer_inputs(ctx, node, space, ndim - 1 if space is None else space.ndim - 1, False)
+    return split_output_groups(ctx, node, layer_kind(module).channel_counts(module)[0], ndim - 1, ndim)
+
+
+def split_output_groups(ctx: PropagationContext, node, size: int, dim: int, ndim: int) -> ChannelSpace:
+    """The layer's ``size`` output channels on ``dim``: one new group, or, when every user of the output splits it
+    along ``dim`` (a fused projection: q | k | v in one layer, split right after), one new group per piece, so
+    each piece of the split is a whole group (pruned, or fixed, on its own)."""
+    cuts = _split_points(ctx, node, dim, ndim, size)
+    if not cuts:
+        return output_group(ctx, node, size, dim, ndim)
+    segments = []
+    for lo, hi in zip([0] + cuts, cuts + [size]):
+        gid = ctx.table.new(hi - lo)
+        ctx.table.add_ref(gid, ChannelRef(node.target, lo, hi, True))
+        segments.append(Segment(gid, 0, hi - lo))
+    return ChannelSpace(dim, ndim, tuple(segments))
+
+
+def _split_points(ctx: PropagationContext, node, dim: int, ndim: int, size: int) -> List[int]:
+    """Inner boundaries of the pieces every user of ``node`` splits it into along ``dim``; [] when a user does
+    anything else with it (takes it whole)."""
+    cuts = set()
+    for user in node.users:
+        pieces = shapes(user)
+        split_dim = dim_arg(user, 2, 0)
+        if op_name(user, ctx.model) not in SPLIT or not user.args or user.args[0] is not node or \
+                not isinstance(split_dim, int) or split_dim % ndim != dim or not isinstance(pieces, tuple) or \
+                any(p is None for p in pieces):
+            return []
+        offset = 0
+        for piece in pieces[:-1]:
+            offset += piece[dim]
+            cuts.add(offset)
+    return sorted(c for c in cuts if 0 < c < size)
+
+
+# DynamicOps of optional libraries (by module path and name, so that nothing here imports the library) -> rule
+OPTIONAL_RULES: Dict[str, LayerRule] = {"pyprune.ops.hf_conv1d.DynamicConv1D": transposed_linear}
+
+
+def _optional_rules(added: Dict[type, type]) -> None:
+    """Give the layer types of optional libraries their rules as the registry lists them."""
+    for layer_type, dynamic_type in added.items():
+        rule = OPTIONAL_RULES.get(f"{dynamic_type.__module__}.{dynamic_type.__qualname__}")
+        if rule is not None:
+            LAYER_RULES[layer_type] = rule
+
+
+on_layer_types_added(_optional_rules)
