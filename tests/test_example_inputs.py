@@ -235,3 +235,21 @@ def test_budget_refuses_a_bad_example_input_by_shape():
 def test_input_config_refuses_what_json_cannot_hold():
     with pytest.raises(ConfigError, match="an object of type object cannot be written"):
         input_config((X, object()))
+
+
+class VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, *xs):
+        return self.b(F.relu(self.a(xs[0] + xs[1])))
+
+
+def test_a_forward_with_star_args_is_recorded_and_refused_by_fx_alone():
+    x = (torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4))
+    with pytest.warns(UserWarning, match=r"does not fit the fx graph's inputs \(forward takes \*xs\)"):
+        specs = trace_channel_units(VarArgs(), x)
+    assert [s.name for s in specs if not s.fixed] == ["a_(0, 8)_8"]
+    with pytest.raises(ConfigError, match=r"\(tensor of shape \(1, 3, 4, 4\), dtype float32, tensor of shape"):
+        trace_channel_units(VarArgs(), x, tracer="fx")

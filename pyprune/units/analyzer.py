@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..channels import UnitSpec, ref_to_dict
 from ..errors import ConfigError
 from ..registry import MODELS, TASK_UTILS
-from ..tracing.example_inputs import check_demo_input, model_device, resolve
+from ..tracing.example_inputs import check_demo_input, describe, model_device, resolve
 
 __all__ = ["ChannelAnalyzer", "DefaultDemoInput", "TRACER_TYPES", "DEFAULT_DEMO_INPUT", "unique_unit_names",
            "unit_config"]
@@ -40,7 +40,7 @@ class DefaultDemoInput:
                  scope: Optional[str] = None, kwargs: Optional[Dict] = None):
         shape = tuple(self.default_shape if input_shape is None else input_shape)
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise ConfigError(f"DefaultDemoInput: input_shape must be positive ints, got {input_shape!r}")
+            raise ConfigError(f"DefaultDemoInput: input_shape must be positive ints, got {describe(input_shape)}")
         self.input_shape, self.training, self.scope, self.kwargs = shape, training, scope, dict(kwargs or {})
 
     def get_data(self, model: Optional[nn.Module] = None, input_shape=None, training=None) -> Tensor:
