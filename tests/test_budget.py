@@ -109,6 +109,17 @@ def test_subnet_cost_counts_the_current_choices_without_export():
     assert model.pw.active_out_channels == 12   # still the dynamic model, at the same choices
 
 
+@pytest.mark.parametrize("kind", sorted(NETS))
+def test_a_cost_model_built_at_pruned_choices_counts_every_other_choice_exactly(kind):
+    model, mutator, x = prepared(kind)
+    mutator.set_global_ratio(0.5)
+    cost_model = CostModel.from_model(model, mutator, x)  # every layer's calls are recorded at about half width
+    mutator.set_global_ratio(1.0)
+    assert (cost_model.cost().flops, cost_model.cost().params) == exported_cost(model, mutator, x)
+    mutator.set_choices(mutator.sample_choices())
+    assert (cost_model.cost().flops, cost_model.cost().params) == exported_cost(model, mutator, x)
+
+
 def test_cost_model_counts_a_torchvision_model_exactly():
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=10)

@@ -7,22 +7,23 @@ whose in and out are one selection such as attention). So the whole model's cost
     cost(counts) = base + sum over touched layers of (a * in_w * out_w + b * in_w + c * out_w + d)
 
 where ``in_w`` / ``out_w`` are sums of unit counts (times the ref's ``expand``) plus channels no unit covers, and
-``base`` is everything no unit changes (fixed layers, pooling, heads). Conv, linear, norm and channel-tensor
-coefficients are written out from each layer's shapes, recorded by one forward of the example input; attention
-layers are probed (run alone at three widths, see ``_probed_cost``); ``base`` comes from one ``FlopCounterMode``
-count of that same forward and ``count_params``. Evaluating a subnet is then arithmetic, with no forward, no re-trace and no export,
-and equals ``count_flops`` / ``count_params`` of the exported model (the tests check this on conv, grouped and
-depthwise conv, flatten -> linear, concatenation and attention models).
+``base`` is everything no unit changes (fixed layers, pooling, heads). Each layer's coefficients are its layer
+kind's answer (``pyprune.ops.layer_kind(layer).cost_terms(layer, calls)``, see ``pyprune.ops.cost_terms``) from the
+shapes of its calls in one forward of the example input: the budget knows no layer type itself, so a kind
+registered in ``pyprune.ops.DYNAMIC_OPS`` (or a layer with its own forward served as one) is costed with no change
+here. A parameter several layers hold (a tied embedding) is counted once. ``base`` comes from one
+``FlopCounterMode`` count of that same forward and ``count_params``. Evaluating a subnet is then arithmetic, with no
+forward, no re-trace and no export, and equals ``count_flops`` / ``count_params`` of the exported model (the tests
+check this on conv, grouped and depthwise conv, flatten -> linear, concatenation, attention and served-layer
+models).
 
 FLOPs follow ``torch.utils.flop_counter.FlopCounterMode``: 2 per multiply-add of conv / matmul / attention, nothing
 for norms, activations, pooling or biases, for one forward of the example input (its batch size included). Counting
 an exported ``nn.MultiheadAttention`` in eval mode needs ``torch.backends.mha.set_fastpath_enabled(False)``: its fast
 path is one native op that ``FlopCounterMode`` does not count at all.
 """
-import copy
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import ops
 from ..errors import ConfigError
+from ..ops.cost_terms import LayerCall
 from ..mutators.parse import demo_inputs
 from ..mutators.summary import count_params
 from ..tracing.example_inputs import CallArgs, as_call_args, call_model
@@ -128,16 +130,14 @@ class CostModel:
         inputs = example_inputs_for(model, mutator, example_inputs)
         sides = _layer_sides(units)
         layers = {name: get_layer(model, ref, f"unit {unit}") for name, (ref, unit) in _first_refs(units).items()}
-        calls = _record_calls(model, inputs, [n for n, layer in layers.items() if isinstance(layer, nn.Module)])
+        kinds = {name: _kind_of(name, layer) for name, layer in layers.items()}
+        calls, flops_now = _record_calls(model, inputs, {n: kinds[n] for n, layer in layers.items()
+                                                         if isinstance(layer, nn.Module)})
         current = [unit.active_channels for unit in units]
         full = [unit.num_channels for unit in units]
-        layer_costs: List[LayerCost] = []
-        for name, layer in layers.items():
-            in_side, out_side = sides[name]
-            cost = _layer_cost(name, layer, in_side, out_side, calls.get(name, []))
-            if cost is not None:
-                layer_costs.append(cost)
-        flops_now = calls["<total flops>"]
+        counted: set = set()  # ids of the parameters a layer already counts (tied tensors are counted once)
+        layer_costs = [_layer_cost(name, layer, kinds[name], *sides[name], calls.get(name, []), counted)
+                       for name, layer in layers.items()]
         base = Cost(flops=flops_now - sum(layer.cost(current, "flops") for layer in layer_costs),
                     params=count_params(model) - sum(layer.cost(full, "params") for layer in layer_costs))
         return cls(units, layer_costs, base)
@@ -217,26 +217,18 @@ def _layer_sides(units) -> Dict[str, Tuple[_Side, _Side]]:
     return sides
 
 
-def _record_calls(model: nn.Module, inputs, names: List[str]) -> Dict[str, list]:
-    """Per layer name, ``(args, kwargs, output)`` shapes of each call in one eval forward; also the total FLOPs."""
-    calls: Dict[str, list] = {name: [] for name in names}
+def _record_calls(model: nn.Module, inputs, kinds: Dict[str, type]) -> Tuple[Dict[str, List[LayerCall]], int]:
+    """(per layer name the :class:`LayerCall` shapes of each of its calls in one eval forward, that forward's
+    total FLOPs)."""
+    calls: Dict[str, List[LayerCall]] = {name: [] for name in kinds}
 
-    def shapes(value):
-        if isinstance(value, torch.Tensor):
-            return tuple(value.shape)
-        if isinstance(value, (tuple, list)):
-            return type(value)(shapes(v) for v in value)
-        return value if isinstance(value, (bool, int, float, type(None))) else None
-
-    def hook_for(name):
+    def hook_for(name, kind):
         def hook(module, args, kwargs, output):
-            if isinstance(module, ops.ATTENTION_TYPES):  # probed later with these very inputs
-                calls[name].append((args, kwargs, None, None))
-            else:
-                calls[name].append((shapes(args), {k: shapes(v) for k, v in kwargs.items()}, shapes(output), None))
+            calls[name].append(LayerCall.record(args, kwargs, output, _active_widths(module, kind)))
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(name), with_kwargs=True) for name in names]
+    handles = [model.get_submodule(name).register_forward_hook(hook_for(name, kind), with_kwargs=True)
+               for name, kind in kinds.items()]
     was_training = model.training
     model.eval()
     try:
@@ -246,139 +238,41 @@ def _record_calls(model: nn.Module, inputs, names: List[str]) -> Dict[str, list]
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    calls["<total flops>"] = int(counter.get_total_flops())
-    return calls
+    return calls, int(counter.get_total_flops())
 
 
-# ------------------------------------------------------------------------------------------ per-layer formulas
-def _layer_cost(name: str, layer, in_side: _Side, out_side: _Side, calls: list) -> Optional[LayerCost]:
-    """The bilinear cost of one layer (None when it has none: a channel count attribute)."""
-    if isinstance(layer, ops.ChannelCount):
-        return None
-    full_in, full_out = _full_widths(layer)
-    in_side.rest += full_in
-    out_side.rest += full_out
-    if isinstance(layer, ops.ChannelParameter):
-        return _one_selection(name, "channel tensor", in_side, out_side,
-                              (0, 0, 0, 0), (0, 0, _per_channel_numel(layer), 0))
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return _conv_cost(name, layer, in_side, out_side, calls)
-    if isinstance(layer, nn.Linear):
-        tokens = sum(math.prod(args[0]) // layer.in_features for args, _, _, _ in calls)
-        bias = float(layer.bias is not None)
-        return LayerCost(name, "linear", in_side, out_side, (2.0 * tokens, 0, 0, 0), (1.0, 0, bias, 0))
-    if isinstance(layer, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-        affine = float(getattr(layer, "weight", None) is not None) + float(getattr(layer, "bias", None) is not None)
-        return _one_selection(name, "norm", in_side, out_side, (0, 0, 0, 0), (0, 0, affine, 0))
-    if isinstance(layer, ops.ATTENTION_TYPES):
-        return _probed_cost(name, layer, in_side, out_side, calls)
-    raise BudgetError(f"layer {name!r} ({type(layer).__name__}): no cost model for this layer type")
+def _active_widths(layer, kind) -> Tuple[int, int]:
+    """(output, input) widths ``layer`` runs at: a DynamicOp's active ones, a plain layer's full ones."""
+    if hasattr(layer, "active_out_channels"):
+        return layer.active_out_channels, layer.active_in_channels
+    return kind.channel_counts(layer)
 
 
-def _full_widths(layer) -> Tuple[int, int]:
-    """(input, output) channels of the full layer, as its layer kind says (0, 0 for layers pyprune cannot prune)."""
+# ------------------------------------------------------------------------------------------------ per layer
+def _kind_of(name: str, layer) -> type:
     kind = ops.layer_kind(layer)
     if kind is None:
-        return 0, 0
-    out_channels, in_channels = kind.channel_counts(layer)
-    return in_channels, out_channels
+        raise BudgetError(f"layer {name!r} ({type(layer).__name__}): no cost model, as pyprune knows no layer kind "
+                          f"for this type (see docs/ARCHITECTURE.md, 'How to add a layer type')")
+    return kind
 
 
-def _one_selection(name, kind, in_side, out_side, flops, params) -> LayerCost:
-    """A layer whose in and out channels are one selection: its width is the side that units cover."""
-    side = out_side if out_side.parts else in_side
-    return LayerCost(name, kind, side, side, flops, params)
-
-
-def _per_channel_numel(layer) -> float:
-    tensor = layer.tensor
-    return tensor.numel() / layer.num_channels if isinstance(tensor, nn.Parameter) else 0.0
-
-
-def _conv_cost(name, conv, in_side, out_side, calls) -> LayerCost:
-    """FLOPs ``2 * N * prod(out spatial) * out * (in / groups) * prod(kernel)``; params ``out * in / groups *
-    prod(kernel)`` + bias. A depthwise conv's active groups follow its width, so it costs per channel."""
-    kernel = math.prod(conv.kernel_size)
-    positions = sum(_positions(out, conv) for _, _, out, _ in calls)
-    bias = float(conv.bias is not None)
-    if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
-        return _one_selection(name, "depthwise conv", in_side, out_side, (0, 0, 2.0 * positions * kernel, 0),
-                              (0, 0, kernel + bias, 0))
-    per_weight = kernel / conv.groups
-    return LayerCost(name, "conv", in_side, out_side, (2.0 * positions * per_weight, 0, 0, 0),
-                     (per_weight, 0, bias, 0))
-
-
-def _positions(out_shape, conv) -> int:
-    """Batch x spatial positions of a conv output (``[N, C, *S]`` or unbatched ``[C, *S]``)."""
-    spatial = len(conv.kernel_size)
-    batched = len(out_shape) == spatial + 2
-    return (out_shape[0] if batched else 1) * math.prod(out_shape[-spatial:])
-
-
-def _probed_cost(name, layer, in_side, out_side, calls) -> LayerCost:
-    """Attention layers: run a copy alone at up to three widths (balanced over heads) on the recorded inputs, the
-    tensors carrying the channels (last dim = the recorded active width) replaced by random ones of the probe width,
-    under ``FlopCounterMode``; export the copy to count parameters; fit ``a w^2 + c w + d`` through the points.
-
-    Measured rather than written out because what ``FlopCounterMode`` counts for attention depends on the
-    ``scaled_dot_product_attention`` backend (the CPU kernels are not counted); the fit is exact because the cost
-    of attention is quadratic in its width.
-    """
-    kind = ops.layer_kind(layer)
-    width, heads = kind.channel_counts(layer)[0], kind.selection_groups(layer)
-    device = ops_device(layer)
-    active = layer.active_out_channels
-    per_head = width // heads
-    widths = sorted({heads * k for k in (per_head, max(1, per_head // 2), 1)}, reverse=True)
-    flops, params = [], []
-    for w in widths:
-        probe = copy.deepcopy(layer).eval()
-        probe.set_out_index(None if w == width else _balanced_prefix(width, w, heads, device))
-        total = 0
-        for args, kwargs, _, _ in calls:
-            resized = _resized_inputs(args, kwargs, active, w)
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                probe(*resized[0], **resized[1])
-            total += counter.get_total_flops()
-        flops.append(float(total))
-        params.append(float(count_params(probe.export())))
-    return _one_selection(name, "attention", in_side, out_side, _fit_quadratic(widths, flops),
-                          _fit_quadratic(widths, params))
-
-
-def _resized_inputs(args, kwargs, active: int, width: int):
-    """``(args, kwargs)`` with every float tensor whose last dim is ``active`` replaced by a random one whose last
-    dim is ``width`` (the same replacement for the same tensor, so ``query is key is value`` still holds)."""
-    replaced = {}
-
-    def resize(value):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape[-1] == active:
-            if id(value) not in replaced:
-                replaced[id(value)] = torch.randn(*value.shape[:-1], width, dtype=value.dtype, device=value.device)
-            return replaced[id(value)]
-        return value
-    return tuple(resize(a) for a in args), {k: resize(v) for k, v in kwargs.items()}
-
-
-def ops_device(layer) -> torch.device:
-    return next((p.device for p in layer.parameters()), torch.device("cpu"))
-
-
-def _balanced_prefix(width: int, count: int, groups: int, device) -> torch.Tensor:
-    """The first ``count / groups`` channels of each of ``groups`` equal blocks: sorted int64 ``[count]``."""
-    starts = torch.arange(groups, device=device) * (width // groups)
-    return (starts.unsqueeze(1) + torch.arange(count // groups, device=device)).reshape(-1)
-
-
-def _fit_quadratic(xs: List[int], ys: List[float]) -> Tuple[float, float, float, float]:
-    """``(a, 0, c, d)`` with ``a x^2 + c x + d`` through the points (lower degree when there are fewer)."""
-    degree = min(len(xs), 3) - 1
-    matrix = torch.tensor([[x ** p for p in range(degree, -1, -1)] for x in xs], dtype=torch.float64)
-    solution = torch.linalg.lstsq(matrix, torch.tensor(ys, dtype=torch.float64).unsqueeze(1)).solution.flatten()
-    coefficients = [0.0] * (3 - degree - 1) + solution.tolist()
-    a, c, d = coefficients
-    return a, 0.0, c, d
+def _layer_cost(name: str, layer, kind: type, in_side: _Side, out_side: _Side, calls: List[LayerCall],
+                counted: set) -> LayerCost:
+    """The bilinear cost of one layer, as its kind gives it; parameters in ``counted`` (held by a layer costed
+    before) are left out, and this layer's are added to it."""
+    out_full, in_full = kind.channel_counts(layer)
+    in_side.rest += in_full
+    out_side.rest += out_full
+    terms = kind.cost_terms(layer, calls)
+    params = [0.0, 0.0, 0.0, 0.0]
+    for parameter, count in terms.params:
+        if id(parameter) not in counted:
+            counted.add(id(parameter))
+            params = [total + term for total, term in zip(params, count)]
+    if kind.shares_selection(layer):  # one selection: its width is the side that units cover
+        in_side = out_side = out_side if out_side.parts else in_side
+    return LayerCost(name, kind.__name__, in_side, out_side, tuple(terms.flops), tuple(params))
 
 
 __all__ = ["Cost", "CostModel", "LayerCost", "METRICS", "example_inputs_for", "subnet_cost"]

@@ -12,13 +12,14 @@ from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
 from .parameter import ChannelCount, ChannelParameter, channel_parameter, channel_parameters, export_channel_parameters
-from .registry import DYNAMIC_OPS, is_prunable_layer, layer_kind, registered_base, to_dynamic
+from .layer_kind import LayerKind
+from .registry import DYNAMIC_OPS, is_prunable_layer, layer_kind, register_layer_kind, registered_base, to_dynamic
 from .tied import retie_exported
 from .compact import CompactTraining, compact_training, holds_compact
 from .batched import BatchedGather, batched_gather
 
 __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "DynamicLinear",
            "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d", "DynamicLayerNorm", "DynamicGroupNorm",
-           "DynamicMultiheadAttention", "DynamicEmbedding", "DynamicChannelNorm", "retie_exported", "DYNAMIC_OPS", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer",
+           "DynamicMultiheadAttention", "DynamicEmbedding", "DynamicChannelNorm", "retie_exported", "DYNAMIC_OPS", "LayerKind", "register_layer_kind", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
            "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "CompactTraining", "compact_training", "holds_compact", "BatchedGather", "batched_gather"]

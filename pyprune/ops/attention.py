@@ -1,5 +1,5 @@
 """DynamicMultiheadAttention: nn.MultiheadAttention over the active embedding channels."""
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .base import DynamicChannelMixin
 from .compact_state import ChannelSlice
+from .cost_terms import CostTerms, LayerCall
+from .layer_kind import OneSelectionKind
+from .measured_cost import measured_cost_terms
 
 __all__ = ["DynamicMultiheadAttention", "attention_forward", "ATTENTION_TYPES", "WINDOW_ATTENTION_OPS"]
 
@@ -27,9 +30,11 @@ def attention_forward(module: nn.MultiheadAttention, tensors, query: Tensor, key
     return (out.transpose(1, 0) if module.batch_first and batched else out), weights
 
 
-class _EmbeddingSelection(DynamicChannelMixin):
+class _EmbeddingSelection(OneSelectionKind, DynamicChannelMixin):
     """One selection over an attention layer's embedding width ``E`` (channels last), balanced over its heads; the
-    q / k / v projection rows it implies (``idx | E+idx | 2E+idx``) are derived once per selection."""
+    q / k / v projection rows it implies (``idx | E+idx | 2E+idx``) are derived once per selection. Its cost is
+    measured (``pyprune.ops.measured_cost``): what ``FlopCounterMode`` counts for attention depends on the
+    ``scaled_dot_product_attention`` backend."""
 
     @classmethod
     def embedding_width(cls, module: nn.Module) -> int:
@@ -41,12 +46,16 @@ class _EmbeddingSelection(DynamicChannelMixin):
         return cls.embedding_width(module), cls.embedding_width(module)
 
     @classmethod
-    def shares_selection(cls, module: nn.Module) -> bool:
-        return True
-
-    @classmethod
     def selection_groups(cls, module: nn.Module) -> int:
         return module.num_heads
+
+    @classmethod
+    def cost_terms(cls, module: nn.Module, calls: Sequence[LayerCall]) -> CostTerms:
+        return measured_cost_terms(cls, module, calls)
+
+    @classmethod
+    def probe_inputs(cls, module: nn.Module):
+        return []  # no single input: a subclass with its own forward stays fixed
 
     def _embedding_width(self) -> int:
         return type(self).embedding_width(self)

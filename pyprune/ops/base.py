@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..errors import ChannelSelectionError, ConfigError
 from .compact_state import ChannelSlice, gather_slice
+from .cost_terms import Bilinear, CostTerms, parameter_counts, per_channel_parameters
+from .layer_kind import LayerKind, OneSelectionKind
 from .mutable_attrs import MutableAttrs
 from .provider import TensorProvider
 from .selection import SavedSelectionMixin, check_index, choice_to_index
@@ -40,14 +42,15 @@ def _autocast_eligible(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and tensor.dtype != torch.float64
 
 
-class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
+class DynamicChannelMixin(SavedSelectionMixin, LayerKind, MutableAttrs):
     """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
     per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them),
-    implement ``_channel_dims`` and ``_static_module``, and answer the layer-kind classmethods
-    (``channel_counts``; ``shares_selection``, ``selection_groups``, ``importance_rows``, ``norm_scale`` where the
-    defaults do not fit).
+    implement ``forward``, ``_channel_dims`` (or ``_check_input``) and ``_static_module`` (or ``export``), and answer
+    the layer-kind facts of :class:`~pyprune.ops.layer_kind.LayerKind` (``channel_counts``, ``cost_terms`` and
+    ``probe_inputs`` always; the others where the common answer does not fit): each DynamicOp class is the one
+    place that knows its layer type. Registering it (``pyprune.ops.DYNAMIC_OPS``) checks all of that.
     """
 
     _torch_type: type = nn.Module
@@ -94,55 +97,6 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         self._selection_version = 0
         self.__dict__["_provider"] = TensorProvider()  # a plain attribute, not a submodule
         self._after_selection_change()
-
-    # ------------------------------------------------------------------------------------------------- layer kind
-    # Facts about a layer type, asked of plain torch layers as well (units and the tracer reach them through
-    # ``pyprune.ops.layer_kind``), so they are classmethods taking the module: each DynamicOp class is the one place
-    # that knows its layer type.
-    @classmethod
-    def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
-        """(output channels, input channels) of the full ``module``."""
-        raise NotImplementedError
-
-    @classmethod
-    def shares_selection(cls, module: nn.Module) -> bool:
-        """True when ``module``'s in and out channels are one and the same selection (norms, depthwise conv,
-        attention's embedding width)."""
-        return False
-
-    @classmethod
-    def selection_groups(cls, module: nn.Module) -> int:
-        """Equal channel blocks a selection must keep the same count in (a grouped conv's ``groups``, attention
-        heads, GroupNorm groups); 1 = no constraint."""
-        return 1
-
-    @classmethod
-    def importance_rows(cls, module: nn.Module) -> Optional[Tensor]:
-        """The weight as rows ``[out channels, fan_in]`` whose magnitude ranks the output channels (conv /
-        linear, detached), or None when the layer has no such rows."""
-        return None
-
-    @classmethod
-    def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
-        """A norm layer's affine scale ``[C]`` (detached; network slimming ranks channels by ``|gamma|``), or None."""
-        return None
-
-    @classmethod
-    def channelwise(cls, module: nn.Module) -> bool:
-        """True when each output channel depends on the same input channel only (batch norm, depthwise conv), so
-        the layer at kept channels computes exactly the full layer's outputs there."""
-        return False
-
-    @classmethod
-    def probe_inputs(cls, module: nn.Module) -> List[Tuple[Tuple[int, ...], int]]:
-        """Small inputs ``(shape, channel dim)`` the layer type takes (probing a layer with its own forward, see
-        ``pyprune.ops.served``); the first that works decides the layer's channel dim."""
-        raise NotImplementedError
-
-    def active_attributes(self) -> Dict[str, object]:
-        """The module attributes that hold its widths, at their active values (``num_features``, ``out_channels``,
-        ...): what a layer's own forward reads while it runs at the active width, and what its export keeps."""
-        return {}
 
     # ------------------------------------------------------------------------------------------- what subclasses say
     def _channel_dims(self, x: Tensor) -> Tuple[int, str]:
@@ -461,15 +415,17 @@ class DynamicChannelMixin(SavedSelectionMixin, MutableAttrs):
         return f"{super().extra_repr()}, {active}"
 
 
-class NormLayerKind:
+class NormLayerKind(OneSelectionKind):
     """Layer-kind answers every norm layer shares (mixed in before :class:`DynamicChannelMixin`): one channel dim,
-    so in and out are one selection, and the affine scale ``[C]`` ranks channels (network slimming)."""
-
-    @classmethod
-    def shares_selection(cls, module: nn.Module) -> bool:
-        return True
+    so in and out are one selection; the affine scale ``[C]`` ranks channels (network slimming); no FLOPs (what
+    ``FlopCounterMode`` counts), and per channel its ``[C]`` parameters (weight, bias, a served layer's extras)."""
 
     @classmethod
     def norm_scale(cls, module: nn.Module) -> Optional[Tensor]:
         return cls.full_tensor(module, "weight")
+
+    @classmethod
+    def cost_terms(cls, module: nn.Module, calls) -> CostTerms:
+        counts = per_channel_parameters(module, cls.channel_counts(module)[0])
+        return CostTerms(Bilinear(), parameter_counts(module, counts))
 

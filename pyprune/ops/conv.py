@@ -1,11 +1,13 @@
 """DynamicConv1d / DynamicConv2d / DynamicConv3d: convolutions over the active input / output channels."""
-from typing import Optional, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DynamicChannelMixin, autocast_dtype
+from .cost_terms import Bilinear, CostTerms, LayerCall, parameter_counts, per_channel_parameters
 
 __all__ = ["DynamicConv1d", "DynamicConv2d", "DynamicConv3d"]
 
@@ -58,6 +60,26 @@ class _DynamicConvNd(DynamicChannelMixin):
     def probe_inputs(cls, module: nn.Module):
         spatial = tuple(k * d + s + 2 for k, d, s in zip(module.kernel_size, module.dilation, module.stride))
         return [((2, module.in_channels) + spatial, 1)]
+
+    @classmethod
+    def cost_terms(cls, module: nn.Module, calls: Sequence[LayerCall]) -> CostTerms:
+        """FLOPs ``2 * positions * out * (in / groups) * prod(kernel)`` (positions: batch x output spatial size,
+        summed over calls); params ``out * in / groups * prod(kernel)`` plus per output channel a bias (and any other
+        per-output parameter, e.g. a served layer's gain). Depthwise: the active groups follow the one width ``w``,
+        so both are per channel: ``2 * positions * prod(kernel) * w`` and ``prod(kernel) * w``."""
+        kernel = math.prod(module.kernel_size)
+        spatial = len(module.kernel_size)
+        positions = 0
+        for call in calls:  # output [N, C, *S] or unbatched [C, *S]
+            shape = call.output.shape
+            positions += (shape[0] if len(shape) == spatial + 2 else 1) * math.prod(shape[-spatial:])
+        per_output = per_channel_parameters(module, module.out_channels, skip=("weight",))
+        if _is_depthwise(module):
+            flops, weight = Bilinear(c=2.0 * positions * kernel), Bilinear(c=float(kernel))
+        else:
+            per_weight = kernel / module.groups
+            flops, weight = Bilinear(a=2.0 * positions * per_weight), Bilinear(a=per_weight)
+        return CostTerms(flops, parameter_counts(module, {"weight": weight, **per_output}))
 
     def active_attributes(self):
         return {"out_channels": self.active_out_channels, "in_channels": self.active_in_channels,

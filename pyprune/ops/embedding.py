@@ -1,5 +1,5 @@
 """DynamicEmbedding: nn.Embedding over the active embedding channels (the columns of its table)."""
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ..errors import ChannelSelectionError, ConfigError
 from .base import DynamicChannelMixin
 from .compact_state import ChannelSlice
+from .cost_terms import Bilinear, CostTerms, LayerCall, parameter_counts
 
 __all__ = ["DynamicEmbedding"]
 
@@ -50,6 +51,11 @@ class DynamicEmbedding(DynamicChannelMixin, nn.Embedding):
     def probe_inputs(cls, module: nn.Module):
         return []  # its input is ids, not channels: a subclass with its own forward stays fixed
 
+    @classmethod
+    def cost_terms(cls, module: nn.Module, calls: Sequence[LayerCall]) -> CostTerms:
+        """No FLOPs (a lookup); the table ``[num_embeddings, D]`` is ``in * out`` elements (``in`` is
+        ``num_embeddings``, which no selection prunes)."""
+        return CostTerms(Bilinear(), parameter_counts(module, {"weight": Bilinear(a=1.0)}))
 
     def active_attributes(self):
         return {"embedding_dim": self.active_out_channels}

@@ -6,7 +6,7 @@ transpose of ``nn.Linear``'s) and ``bias`` ``[nf]``, and computes ``addmm(bias, 
 this module imports transformers; the registry lists the type only once transformers is imported (a model holding
 a Conv1D has imported it), so ``import pyprune`` does not pay for it.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .base import DynamicChannelMixin, autocast_dtype
 from .compact_state import ChannelSlice
+from .cost_terms import CostTerms, LayerCall, matmul_cost_terms
 
 __all__ = ["DynamicConv1D", "LAYER_OPS"]
 
@@ -38,6 +39,9 @@ class DynamicConv1D(DynamicChannelMixin, Conv1D):
     def probe_inputs(cls, module: nn.Module):
         return [((2, 3, module.nx), -1)]
 
+    @classmethod
+    def cost_terms(cls, module: nn.Module, calls: Sequence[LayerCall]) -> CostTerms:
+        return matmul_cost_terms(module, calls, module.nf)  # addmm: as nn.Linear, weight stored transposed
 
     def active_attributes(self):
         return {"nf": self.active_out_channels, "nx": self.active_in_channels}

@@ -1,10 +1,11 @@
 """DynamicLinear: nn.Linear over the active input / output features."""
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DynamicChannelMixin, autocast_dtype
+from .cost_terms import CostTerms, LayerCall, matmul_cost_terms
 
 __all__ = ["DynamicLinear"]
 
@@ -27,6 +28,10 @@ class DynamicLinear(DynamicChannelMixin, nn.Linear):
     @classmethod
     def probe_inputs(cls, module: nn.Linear):
         return [((2, 3, module.in_features), -1)]
+
+    @classmethod
+    def cost_terms(cls, module: nn.Linear, calls: Sequence[LayerCall]) -> CostTerms:
+        return matmul_cost_terms(module, calls, module.out_features)
 
     def active_attributes(self):
         return {"out_features": self.active_out_channels, "in_features": self.active_in_channels}

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ChannelSelectionError, ConfigError
+from .cost_terms import NO_COST, Bilinear, CostTerms, ParameterCount
+from .layer_kind import OneSelectionKind
 from .selection import SavedSelectionMixin, check_index
 
 __all__ = ["ChannelParameter", "ChannelCount", "channel_parameter", "channel_parameters", "export_channel_parameters",
@@ -41,9 +43,10 @@ def resolve_tensor(model: nn.Module, path: str) -> Tuple[nn.Module, str, Tensor]
     return owner, attribute, tensor
 
 
-class ChannelParameter:
+class ChannelParameter(OneSelectionKind):
     """The channels ``index`` of dim ``dim`` of the tensor ``path``; behaves like a single-selection DynamicOp for
-    the units (``set_out_index`` / ``set_in_index``, ``out_index``, ``active_out_channels``).
+    the units (``set_out_index`` / ``set_in_index``, ``out_index``, ``active_out_channels``) and is its own layer
+    kind (one channel dim: in and out are one selection).
 
     Built detached (nothing in the model changes); :meth:`attach` makes the owner serve the compact tensor and
     :meth:`export` writes the compact tensor into the owner for good.
@@ -61,26 +64,23 @@ class ChannelParameter:
         self.num_channels = int(num_channels)
         self._index: Optional[Tensor] = None
 
-    # --------------------------------------------------------------------------- layer kind (as the DynamicOps say it)
+    # ------------------------------------------------------------- layer kind (the rest: LayerKind's common answers)
     @classmethod
     def channel_counts(cls, layer: "ChannelParameter") -> Tuple[int, int]:
         return layer.num_channels, layer.num_channels
 
     @classmethod
-    def shares_selection(cls, layer: "ChannelParameter") -> bool:
-        return True  # one channel dim
+    def cost_terms(cls, layer: "ChannelParameter", calls) -> CostTerms:
+        """No FLOPs; a Parameter ``numel / C`` elements per kept channel (a buffer or an int width: nothing)."""
+        tensor = layer.tensor
+        if not isinstance(tensor, nn.Parameter):
+            return NO_COST
+        per_channel = Bilinear(c=float(tensor.numel() // layer.num_channels))
+        return CostTerms(Bilinear(), (ParameterCount(tensor, per_channel),))
 
     @classmethod
-    def selection_groups(cls, layer: "ChannelParameter") -> int:
-        return 1
-
-    @classmethod
-    def importance_rows(cls, layer: "ChannelParameter") -> Optional[Tensor]:
-        return None
-
-    @classmethod
-    def norm_scale(cls, layer: "ChannelParameter") -> Optional[Tensor]:
-        return None
+    def probe_inputs(cls, layer: "ChannelParameter"):
+        return []  # not a layer with a forward
 
     @property
     def tensor(self) -> Tensor:

@@ -1,10 +1,11 @@
 """Which DynamicOp replaces which torch layer, and the one lookup every package asks about a layer's kind.
 
-A layer's *kind* is the class that knows the facts about its type: its DynamicOp class for torch layers
-(``channel_counts``, ``shares_selection``, ``selection_groups``, ``importance_rows``, ``norm_scale``; see
-``DynamicChannelMixin``), :class:`ChannelParameter` for channel-sized tensors. Units, the mutator and the tracer ask
-:func:`layer_kind` instead of testing torch types themselves, so adding a layer type is one DynamicOp class and
-one entry in :data:`DYNAMIC_OPS`.
+A layer's *kind* is the class that knows the facts about its type (:class:`~pyprune.ops.layer_kind.LayerKind`:
+channel counts, selection constraints, importance rows, norm scale, probe inputs, cost terms, ...): its DynamicOp
+class for torch layers, :class:`ChannelParameter` for channel-sized tensors. Units, the mutator, the tracer and the
+budget ask :func:`layer_kind` instead of testing torch types themselves, so adding a layer type is one DynamicOp
+class and one entry in :data:`DYNAMIC_OPS` (or :func:`register_layer_kind`); the table checks each entry as it is
+added (``pyprune.ops.kind_table``), so an incomplete class is refused there with a TypeError naming what it lacks.
 
 Two kinds of entries besides torch types known at import:
 
@@ -31,17 +32,20 @@ from .channel_norm import DynamicChannelNorm
 from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .embedding import DynamicEmbedding
 from .groupnorm import DynamicGroupNorm
+from .kind_table import LayerKindTable
+from .layer_kind import check_layer_kind
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
-from .parameter import ChannelParameter
+from .parameter import ChannelCount, ChannelParameter
 from .served import has_own_forward, served_class, serving_probe
 
-__all__ = ["DYNAMIC_OPS", "STRUCTURAL_KINDS", "OPTIONAL_OPS", "to_dynamic", "layer_kind", "registered_base",
-           "structural_kind", "is_prunable_layer", "unservable_reason", "on_layer_types_added"]
+__all__ = ["DYNAMIC_OPS", "register_layer_kind", "STRUCTURAL_KINDS", "OPTIONAL_OPS", "to_dynamic", "layer_kind",
+           "registered_base", "structural_kind", "is_prunable_layer", "unservable_reason", "on_layer_types_added"]
 
-class _LayerTable(dict):
+class _LayerTable(LayerKindTable):
     """A dict that first merges the DynamicOps of optional libraries imported since (see the module docstring),
-    so every reader sees them: lookups, ``in``, iteration, ``len``, ``keys`` / ``values`` / ``items``."""
+    so every reader sees them: lookups, ``in``, iteration, ``len``, ``keys`` / ``values`` / ``items``; every entry is
+    checked as it is added (:class:`~pyprune.ops.kind_table.LayerKindTable`)."""
 
     def __getitem__(self, key):
         _list_optional_ops()
@@ -92,6 +96,8 @@ DYNAMIC_OPS: Dict[Type[nn.Module], Type[DynamicChannelMixin]] = _LayerTable({
     **WINDOW_ATTENTION_OPS,  # torchvision's Swin attention (v1, v2), when torchvision is installed
     DynamicChannelNorm: DynamicChannelNorm,  # a structural kind: keyed by itself
 })
+for _slot_kind in (ChannelParameter, ChannelCount):  # the kinds of channel slots (found by isinstance, not listed)
+    check_layer_kind(_slot_kind)
 
 # Layer kinds found by a structural test (``kind.matches(module)``) and the serving probe, not by class.
 STRUCTURAL_KINDS = (DynamicChannelNorm,)
@@ -116,10 +122,18 @@ def _list_optional_ops() -> None:
         return
     for library in [name for name in _PENDING if name in sys.modules]:
         added = importlib.import_module(_PENDING.pop(library)).LAYER_OPS
-        dict.update(DYNAMIC_OPS, added)
+        DYNAMIC_OPS.update(added)  # checked like every entry
         _ADDED.update(added)
         for listener in _LISTENERS:
             listener(dict(added))
+
+
+def register_layer_kind(layer_type: Type[nn.Module], op: Type[DynamicChannelMixin]) -> None:
+    """Make ``op`` (a DynamicOp class) the layer kind of ``layer_type`` and its subclasses: ``DYNAMIC_OPS[layer_type]
+    = op``, checked first (TypeError naming ``op`` and each missing method; nothing is registered then). The tracer
+    needs a rule for the type too (``@pyprune.tracing.rules_layers.layer_rule(layer_type)``); without one it fixes
+    the layer's channel groups, saying so."""
+    DYNAMIC_OPS[layer_type] = op
 
 
 def registered_base(module: nn.Module) -> Optional[type]:
