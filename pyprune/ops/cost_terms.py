@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Bilinear", "ParameterCount", "CostTerms", "TensorSpec", "LayerCall", "parameter_counts",
+__all__ = ["Bilinear", "ParameterCount", "CostTerms", "TensorSpec", "LayerCall", "map_nested", "parameter_counts",
            "per_channel_parameters", "matmul_cost_terms", "NO_COST"]
 
 
@@ -77,18 +77,25 @@ class LayerCall(NamedTuple):
                 if id(value) not in specs:
                     specs[id(value)] = TensorSpec(tuple(value.shape), value.dtype, value.device)
                 return specs[id(value)]
-            if isinstance(value, list):
-                return [spec(v) for v in value]
-            if isinstance(value, tuple):
-                return tuple(spec(v) for v in value)
-            if isinstance(value, dict):
-                return {k: spec(v) for k, v in value.items()}
             return value if isinstance(value, (bool, int, float, str, type(None))) else None
-        return cls(spec(tuple(args)), spec(dict(kwargs)), spec(output), (int(active[0]), int(active[1])))
+        return cls(map_nested(tuple(args), spec), map_nested(dict(kwargs), spec), map_nested(output, spec),
+                   (int(active[0]), int(active[1])))
 
     def first_input(self) -> Optional[TensorSpec]:
         """The first tensor among the arguments (positional first): a layer's input."""
         return next((v for v in list(self.args) + list(self.kwargs.values()) if isinstance(v, TensorSpec)), None)
+
+
+def map_nested(value, leaf):
+    """``value`` with ``leaf`` applied to everything in it that is not a list, tuple or dict (a :class:`TensorSpec`
+    is a leaf), the containers rebuilt (tuple subclasses as tuples)."""
+    if isinstance(value, list):
+        return [map_nested(v, leaf) for v in value]
+    if isinstance(value, tuple) and not isinstance(value, TensorSpec):
+        return tuple(map_nested(v, leaf) for v in value)
+    if isinstance(value, dict):
+        return {k: map_nested(v, leaf) for k, v in value.items()}
+    return leaf(value)
 
 
 def parameter_counts(module: nn.Module, counts: Mapping[str, Bilinear]) -> Tuple[ParameterCount, ...]:

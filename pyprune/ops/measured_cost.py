@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .cost_terms import Bilinear, CostTerms, LayerCall, TensorSpec, parameter_counts
+from .cost_terms import Bilinear, CostTerms, LayerCall, TensorSpec, map_nested, parameter_counts
 from .selection import prefix_index
 
 __all__ = ["measured_cost_terms"]
@@ -56,24 +56,18 @@ def _inputs_at(call: LayerCall, width: int) -> Tuple[tuple, dict]:
     made: Dict[int, Tensor] = {}
 
     def build(value):
-        if isinstance(value, TensorSpec):
-            if id(value) not in made:
-                shape = value.shape
-                if value.dtype.is_floating_point:
-                    if shape and shape[-1] == active:
-                        shape = shape[:-1] + (width,)
-                    made[id(value)] = torch.randn(shape, dtype=value.dtype, device=value.device)
-                else:
-                    made[id(value)] = torch.zeros(shape, dtype=value.dtype, device=value.device)
-            return made[id(value)]
-        if isinstance(value, list):
-            return [build(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(build(v) for v in value)
-        if isinstance(value, dict):
-            return {k: build(v) for k, v in value.items()}
-        return value
-    return build(call.args), build(call.kwargs)
+        if not isinstance(value, TensorSpec):
+            return value
+        if id(value) not in made:
+            shape = value.shape
+            if value.dtype.is_floating_point:
+                if shape and shape[-1] == active:
+                    shape = shape[:-1] + (width,)
+                made[id(value)] = torch.randn(shape, dtype=value.dtype, device=value.device)
+            else:
+                made[id(value)] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+        return made[id(value)]
+    return map_nested(call.args, build), map_nested(call.kwargs, build)
 
 
 def _fit_quadratic(xs: List[int], ys: List[float]) -> Bilinear:
