@@ -5,6 +5,7 @@ through the real tracer and DynamicOps.
 """
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -220,6 +221,41 @@ def test_load_state_dict_rejects_other_schedules_and_units():
     del state["selections"][RESIDUAL]
     with pytest.raises(ConfigError, match="missing"):
         algorithm.load_state_dict(state)
+
+
+def test_the_checkpoint_saves_selections_in_the_model_state_dicts_per_unit_form():
+    model, mutator, algorithm = make("L1MutableChannelUnit", step_freq=1, prune_times=2)
+    algorithm.step()
+    assert algorithm.state_dict()["selections"].keys() == model.state_dict()["_pyprune_selection"].keys()
+    for name, index in algorithm.state_dict()["selections"].items():
+        assert _same_index(index, model.state_dict()["_pyprune_selection"][name]), name
+
+
+def _same_index(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def test_an_old_count_and_index_checkpoint_still_loads_with_a_deprecation_warning():
+    _, mutator, algorithm = make("L1MutableChannelUnit", step_freq=1, prune_times=2)
+    algorithm.step()
+    state = algorithm.state_dict()
+    state["selections"] = {u.name: {"count": u.active_channels, "index": u.current_index.clone()}
+                           for u in mutator.mutable_units}  # the form older releases wrote (mutable units only)
+    _, resumed_mutator, resumed = make("L1MutableChannelUnit", step_freq=1, prune_times=2)
+    with pytest.warns(DeprecationWarning, match="'count', 'index'"):
+        resumed.load_state_dict(state)
+    assert indices(resumed_mutator) == indices(mutator) and resumed.steps_done == 1
+
+
+def test_a_bad_checkpoint_selection_names_the_unit_and_changes_nothing():
+    _, mutator, algorithm = make(step_freq=1, prune_times=2)
+    state = algorithm.state_dict()
+    state["selections"][GCONV] = torch.tensor([0, 1, 2])  # 3 of 8 channels: not balanced over the 2 groups
+    algorithm.step()
+    before = indices(mutator)
+    with pytest.raises(ConfigError, match=rf"unit {re.escape(GCONV)}: .*same number of channels"):
+        algorithm.load_state_dict(state)
+    assert indices(mutator) == before and algorithm.steps_done == 1
 
 
 def test_restore_selection_reproduces_an_arbitrary_index():

@@ -1,6 +1,7 @@
 """Channel-sized tensors the model's own code uses (ConvNeXt's layer_scale, ViT-style class token / position
 embedding): pruned with the stream they scale, served at the kept channels, exported compact."""
 import io
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 from models import TokenNet
-from pyprune.errors import ChannelSelectionError
+from pyprune.errors import ConfigError
 from pyprune.mutators import ChannelMutator
 from pyprune.ops import ChannelParameter, channel_parameters
 
@@ -67,11 +68,12 @@ def test_state_dict_round_trip_restores_the_channel_tensor_selection():
 
 
 def test_bad_saved_selection_raises_and_changes_nothing():
-    model, _ = prepared()
+    model, mutator = prepared()
     state = model.state_dict()
-    state["_extra_state"] = {"class_token_index": torch.tensor([0, 0, 1, 2])}
+    stream = stream_unit(mutator).name
+    state["_pyprune_selection"] = {**state["_pyprune_selection"], stream: torch.tensor([0, 0, 1, 2])}
     before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    with pytest.raises(ChannelSelectionError):
+    with pytest.raises(ConfigError, match=rf"unit {re.escape(stream)}: channel index 0 is given more than once"):
         model.load_state_dict(state)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
     assert model.class_token.shape == (1, 1, 4)

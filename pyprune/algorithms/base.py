@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..ops.compact import CompactTraining, Optimizers, compact_training
 from ..registry import MODELS
 from ..utils.modules import unwrap_model  # re-exported here: pyprune.algorithms.unwrap_model
-from .unit_state import importance_state, learns_importance, load_importance_state, restore_selection, selection_state
+from .unit_state import importance_state, learns_importance, load_importance_state, selections_of_old_checkpoint
 
 
 @MODELS.register_module()
@@ -122,28 +122,21 @@ class BaseAlgorithm:
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """Per mutable unit: kept channels and accumulated importance. Tensors, ints and dicts only (loadable with
-        ``torch.load(weights_only=True)``); the model's weights are not included (save ``model.state_dict()``)."""
-        units = self.mutator.mutable_units
-        return {"selections": {u.name: selection_state(u) for u in units},
-                "importance": {u.name: importance_state(u) for u in units}}
+        """``{'selections': every unit's kept channels, in the one saved form the model's state_dict carries too
+        (:meth:`ChannelMutator.selection_state`), 'importance': per mutable unit its accumulated importance}``.
+        Tensors, ints and dicts only (loadable with ``torch.load(weights_only=True)``); the model's weights are not
+        included (save ``model.state_dict()``)."""
+        return {"selections": self.mutator.selection_state(),
+                "importance": {u.name: importance_state(u) for u in self.mutator.mutable_units}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved: every mutable unit must be present, and no other."""
-        units = {u.name: u for u in self.mutator.mutable_units}
-        saved = state.get("selections", {})
-        missing, unknown = sorted(set(units) - set(saved)), sorted(set(saved) - set(units))
-        if missing or unknown:
-            raise ConfigError(f"{type(self).__name__}.load_state_dict: the checkpoint's units do not match the "
-                              f"mutator's (missing: {missing}, unknown: {unknown})")
-        for name, selection in saved.items():
-            if not 1 <= selection["index"].numel() <= units[name].num_channels:
-                raise ConfigError(f"unit {name}: the checkpoint keeps {selection['index'].numel()} channels, the "
-                                  f"unit has {units[name].num_channels}")
-        with self.full_size():
-            for name, selection in saved.items():
-                restore_selection(units[name], selection["index"])
-                load_importance_state(units[name], state.get("importance", {}).get(name))
+        """Restore what :meth:`state_dict` saved: its selections must name the mutator's units, every one and no
+        other, each a sound selection for its unit (else ConfigError naming the unit, nothing changed)."""
+        saved = selections_of_old_checkpoint(self.mutator.units, state.get("selections", {}))
+        with self.full_size():  # validated first (nothing changes on a refusal), then applied in one pass
+            self.mutator.load_selection_state(saved, f"{type(self).__name__}.load_state_dict")
+            for unit in self.mutator.mutable_units:
+                load_importance_state(unit, state.get("importance", {}).get(unit.name))
 
 
 DEFAULT_MUTATOR_CFG = {"type": "ChannelMutator", "channel_unit_cfg": {"type": "SequentialMutableChannelUnit"}}

@@ -1,25 +1,39 @@
-"""Saving, restoring and synchronizing the state that lives in channel units rather than in the model.
+"""Restoring and synchronizing the state that lives in channel units rather than in the model.
 
-A unit's selection (which channels are kept) and, for units that learn importance from gradients, its accumulated
-importance are not parameters of the model, so a checkpoint of the model alone cannot resume a pruning run. These
-helpers put them in plain dicts of tensors / ints (loadable with ``torch.load(weights_only=True)``) and make every
-rank of a distributed run agree on them.
+For units that learn importance from gradients, the accumulated importance is not a parameter of the model, so a
+checkpoint of the model alone cannot resume a pruning run; these helpers put it in plain dicts of tensors / ints
+(loadable with ``torch.load(weights_only=True)``). The selection itself is saved in the one per-unit form
+(:mod:`pyprune.units.saved_selection`). Every rank of a distributed run is made to agree on the selections.
 """
+import warnings
+from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def selection_state(unit) -> Dict[str, Any]:
-    """``{'count': int, 'index': int64 [count] on the CPU}`` for one unit."""
-    return {"count": int(unit.active_channels), "index": unit.current_index.detach().cpu().clone()}
+from ..mutators.legacy_selection import callers_stacklevel
 
 
 def restore_selection(unit, index: Tensor) -> None:
-    """Make ``unit`` keep exactly the channels in ``index`` (sorted int64 ``[K]``, from :func:`selection_state`)."""
+    """Make ``unit`` keep exactly the channels in ``index`` (sorted int64 ``[K]``)."""
     unit.apply_index(index.to(device=unit.device, dtype=torch.int64))
+
+
+def selections_of_old_checkpoint(units, saved):
+    """An algorithm checkpoint's ``'selections'`` in the per-unit form. Older checkpoints held ``{'count', 'index'}``
+    per mutable unit only: read for one release (DeprecationWarning); fixed units then keep every channel."""
+    if not isinstance(saved, Mapping) or not any(isinstance(entry, Mapping) for entry in saved.values()):
+        return saved
+    warnings.warn("the algorithm checkpoint holds selections as {'count', 'index'} per unit (the form of older "
+                  "pyprune releases); save it again to write the per-unit form: the old one will not be read in the "
+                  "next release", DeprecationWarning, stacklevel=callers_stacklevel())
+    converted = {name: entry.get("index") if isinstance(entry, Mapping) else entry for name, entry in saved.items()}
+    for unit in units:
+        if not unit.is_mutable:
+            converted.setdefault(unit.name, None)
+    return converted
 
 
 def learns_importance(unit) -> bool:

@@ -22,9 +22,10 @@ from ..units.base import init_args_from_mutable
 from ..units.channel_config import config_channels
 from ..units.leniency import LenientReport
 from ..units.predefined import predefined_units
+from ..units.saved_selection import apply_selections, checked_selections, selection_state
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
-from .state_sync import SelectionFollower
+from . import selection_hooks
 from .summary import PruningSummary, make_summary
 
 
@@ -120,15 +121,9 @@ class ChannelMutator:
             unit.apply_count(counts.get(unit.name, unit.active_channels))
         assembler.attach(model)
         self.units, self._by_name, self._assembler = units, {u.name: u for u in units}, assembler
-        self._follow_loaded_selections(model)
-
-    def _follow_loaded_selections(self, model: nn.Module) -> None:
-        """Make ``model.load_state_dict`` keep the units in step with the selections it loads into the layers
-        (validated before any tensor is copied; see :mod:`pyprune.mutators.state_sync`). The hooks hold the
-        mutator weakly: the model does not keep it alive."""
-        follower = SelectionFollower(self)
-        model.register_load_state_dict_pre_hook(follower.before_load)
-        model.register_load_state_dict_post_hook(follower.after_load)
+        # model.state_dict() carries the units' selection, model.load_state_dict gives it back to them (validated
+        # before any tensor is copied); the hooks hold the units, not the mutator (pyprune.mutators.selection_hooks)
+        selection_hooks.install(model, units, assembler)
 
     def _check_fixed_names(self, model: nn.Module) -> None:
         names = {name for name, _ in model.named_modules()}
@@ -271,6 +266,19 @@ class ChannelMutator:
                 if unit.is_mutable:
                     unit.apply_count(count)
 
+    def selection_state(self) -> Dict[str, Optional[torch.Tensor]]:
+        """``{unit name: kept unit channels (sorted int64 CPU index) or None = all}`` for every unit: the one saved
+        form of the selection (:mod:`pyprune.units.saved_selection`), in the model's state_dict and in the
+        algorithms' checkpoints."""
+        self._require_prepared()
+        return selection_state(self.units)
+
+    def load_selection_state(self, state, where: str = "load_selection_state") -> None:
+        """Make the units keep what :meth:`selection_state` saved. Every unit is validated first (ConfigError
+        naming the unit, nothing changed), then all are applied in one assembler pass."""
+        self._require_prepared()
+        apply_selections(checked_selections(self.units, state, where), self._assembler)
+
     def subnet_key(self) -> Tuple:
         """A hashable key of the current subnet: equal keys mean the same channels everywhere (what a cache of
         per-subnet work, e.g. :class:`pyprune.graphs.GraphedTrainStep`, is keyed by). Prefix units answer their
@@ -368,6 +376,7 @@ def full_width_export(model: nn.Module) -> nn.Module:
 def export_static(model: nn.Module) -> nn.Module:
     """Replace (in place) every DynamicOp in ``model`` by ``op.export()`` (parameters several layers hold and keep
     the same channels of, such as tied input / output embeddings, stay shared); returns ``model``."""
+    selection_hooks.release(model)  # plain layers now: its state_dict carries no selection any more
     mixin = ops.DynamicChannelMixin
     replacements = {}
     for name, module in model.named_modules():

@@ -10,7 +10,9 @@ holds the same full-size parameters and computes with only the selected ("active
 The input of ``forward`` already has only the active input channels (as in mmrazor): a conv pruned to 3 of 8 input
 channels takes ``x`` ``[N, 3, H, W]``. Selections come in through two doors: the validated public
 ``set_out_channels`` / ``set_in_channels`` (ratio, count, mask or indices; may sync) and the trusted
-``set_out_index`` / ``set_in_index`` units use (no validation, no sync).
+``set_out_index`` / ``set_in_index`` units use (no validation, no sync). In a prepared model the op's indices
+are derived: its units own the selection and push it through the trusted door, and the model's state_dict saves
+it per unit (``pyprune.mutators.selection_hooks``); an op saves no selection of its own.
 """
 import copy
 from typing import Dict, List, Optional, Tuple
@@ -25,7 +27,7 @@ from .cost_terms import Bilinear, CostTerms, parameter_counts, per_channel_param
 from .layer_kind import LayerKind, OneSelectionKind
 from .mutable_attrs import MutableAttrs
 from .provider import TensorProvider
-from .selection import SavedSelectionMixin, check_index, choice_to_index
+from .selection import choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
 
@@ -42,8 +44,8 @@ def _autocast_eligible(tensor: Tensor) -> bool:
     return tensor.is_floating_point() and tensor.dtype != torch.float64
 
 
-class DynamicChannelMixin(SavedSelectionMixin, LayerKind, MutableAttrs):
-    """Channel selection state, validation, the eval cache, state_dict round trip and export plumbing.
+class DynamicChannelMixin(LayerKind, MutableAttrs):
+    """Channel selection state, validation, the eval cache and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
     per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them),
@@ -378,36 +380,8 @@ class DynamicChannelMixin(SavedSelectionMixin, LayerKind, MutableAttrs):
         """Alias of :meth:`export` (mmrazor's name)."""
         return self.export()
 
-    # ------------------------------------------------------------------------------------------------- state_dict
-    def get_extra_state(self) -> Dict[str, Optional[Tensor]]:
-        """The selection, stored in ``state_dict`` as plain tensors (loads with ``torch.load(weights_only=True)``)."""
-        return {"out_index": self._out_index, "in_index": None if self._one_selection() else self._in_index}
-
-    def set_extra_state(self, state) -> None:
-        """Restore a selection saved by :meth:`get_extra_state` (validated; moved to the layer's device)."""
-        indices = self._validated_selection(state)
-        self.set_out_index(indices["out_index"])
-        if not self._one_selection():
-            self.set_in_index(indices["in_index"])
-
-    def _validated_selection(self, state) -> Dict[str, Optional[Tensor]]:
-        if not isinstance(state, dict) or set(state) != {"out_index", "in_index"}:
-            raise ChannelSelectionError(f"{self.pyprune_name} ({type(self).__name__}): the state_dict's channel "
-                                        f"selection is malformed: {state!r}")
-        indices = {}
-        for key, is_output in (("out_index", True), ("in_index", False)):
-            index = state[key]
-            if index is not None:
-                if not isinstance(index, Tensor):
-                    raise ChannelSelectionError(f"{self._where(is_output)}: saved {key} is not a tensor")
-                index = check_index(index.to(self._device() or index.device), self._full_count(is_output),
-                                    self._groups_of(is_output), self._where(is_output))
-            indices[key] = index
-        return indices
-
-    def _validate_saved_selection(self, state) -> None:
-        self._validated_selection(state)
-
+    # No get_extra_state: an op's state_dict holds its full tensors only (same keys as the plain layer). The
+    # selection is the units' and is saved per unit by the mutator's model (pyprune.mutators.selection_hooks).
     def extra_repr(self) -> str:
         active = f"active_out={self.active_out_channels}"
         if not self._one_selection():

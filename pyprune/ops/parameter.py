@@ -6,17 +6,18 @@ owns those channels, so no DynamicOp can serve them. Instead the owning module's
 (as ``torch.nn.utils.parametrize`` does) whose attribute lookup returns ``tensor.index_select(dim, index)`` for the
 attached names, so ``self.layer_scale * x`` in the model's unchanged code sees ``[K, 1, 1]``. The full tensor stays
 registered under its name (``parameters()``, optimizers and ``state_dict`` keys are unchanged; gradients flow back
-into the kept channels), and the selections are stored in the owner's ``state_dict`` extra state.
+into the kept channels). The slot's index is derived: the unit that covers the tensor owns the selection, pushes it
+through ``set_out_index`` and saves it (per unit) in the prepared model's state_dict; the owner's state_dict keys
+and extra state are its own.
 """
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ChannelSelectionError, ConfigError
+from ..errors import ConfigError
 from .cost_terms import NO_COST, Bilinear, CostTerms, ParameterCount
 from .layer_kind import OneSelectionKind
-from .selection import SavedSelectionMixin, check_index
 
 __all__ = ["ChannelParameter", "ChannelCount", "channel_parameter", "channel_parameters", "export_channel_parameters",
            "resolve_tensor"]
@@ -182,7 +183,7 @@ class ChannelCount(ChannelParameter):
         return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels})"
 
 
-class _ServesChannelParameters(SavedSelectionMixin):
+class _ServesChannelParameters:
     """Mixed in front of an owner's class: attached tensors are read at their kept channels."""
 
     def __getattr__(self, name: str):
@@ -198,34 +199,6 @@ class _ServesChannelParameters(SavedSelectionMixin):
                 slot.set_out_index(slot.out_index.to(slot.device))
         return result
 
-    def get_extra_state(self) -> Dict[str, Optional[Tensor]]:
-        """The kept channels of every attached tensor (plain tensors: loads with ``weights_only=True``)."""
-        return {f"{attribute}_index": slot.out_index for attribute, slot in self.__dict__[_SLOTS].items()}
-
-    def set_extra_state(self, state) -> None:
-        for slot, index in _validated(self, state).items():
-            slot.set_out_index(index)
-
-    def _validate_saved_selection(self, state) -> None:
-        _validated(self, state)
-
-
-def _validated(owner: nn.Module, state) -> Dict[ChannelParameter, Optional[Tensor]]:
-    slots = owner.__dict__.get(_SLOTS, {})
-    expected = {f"{attribute}_index" for attribute in slots}
-    if not isinstance(state, dict) or set(state) != expected:
-        raise ChannelSelectionError(f"{type(owner).__name__}: the state_dict's channel parameter selection is "
-                                    f"malformed: expected keys {sorted(expected)}, got {state!r}")
-    out = {}
-    for attribute, slot in slots.items():
-        index = state[f"{attribute}_index"]
-        if index is not None:
-            if not isinstance(index, Tensor):
-                raise ChannelSelectionError(f"{slot.pyprune_name}: saved index is not a tensor")
-            index = check_index(index.to(slot.device), slot.num_channels, 1, slot.pyprune_name)
-        out[slot] = index
-    return out
-
 
 _SERVING_CLASSES: Dict[type, type] = {}
 
@@ -234,8 +207,6 @@ def _serving_class(cls: type) -> type:
     """``cls`` with :class:`_ServesChannelParameters` in front (one class per owner type, made once)."""
     if issubclass(cls, _ServesChannelParameters):
         return cls
-    if getattr(cls, "get_extra_state", None) is not nn.Module.get_extra_state:
-        raise ConfigError(f"{cls.__name__} keeps extra state of its own; its channel-sized tensors cannot be pruned")
     if cls not in _SERVING_CLASSES:
         _SERVING_CLASSES[cls] = type(cls.__name__, (_ServesChannelParameters, cls),
                                      {"__module__": __name__, "__qualname__": f"ChannelParameters[{cls.__qualname__}]"})

@@ -128,29 +128,3 @@ def _check_balanced(index: Tensor, num_channels: int, groups: int, where: str) -
 
 def _error(where: str, what: str) -> ChannelSelectionError:
     return ChannelSelectionError(f"{where}: {what}")
-
-
-EXTRA_STATE_KEY = "_extra_state"  # nn.Module's name for get_extra_state() in a state_dict
-
-
-class SavedSelectionMixin:
-    """For modules whose ``get_extra_state`` is a channel selection (DynamicOps, owners of channel tensors).
-
-    ``_validate_saved_selection(state)`` runs before ``load_state_dict`` copies any tensor, so a bad selection
-    raises and leaves the module unchanged; a state_dict without a selection (the plain module's) loads too and
-    keeps the current one.
-    """
-
-    def _validate_saved_selection(self, state) -> None:
-        raise NotImplementedError
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + EXTRA_STATE_KEY
-        if key in state_dict:
-            self._validate_saved_selection(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if key not in state_dict and key in missing_keys:
-            missing_keys.remove(key)
-

@@ -30,7 +30,9 @@ class _Side:
         # The common case: one unit covers the whole side channel for channel, so its index is the side's.
         self.whole = len(ranges) == 1 and ranges[0].start == 0 and ranges[0].end == size and ranges[0].expand == 1
         self.setter = "set_out_index" if is_output or has_one_selection(module) else "set_in_index"
-        self.applied, self.applied_index = None, None  # the units' selection keys and the index last set
+        # A derived cache, never read back as a selection: the units' keys and the index last pushed, only so a flush
+        # can tell that the layer still holds what it would build again (someone may have set the layer since).
+        self.applied, self.applied_index = None, None
 
     def set_index(self, index: Optional[Tensor], keys: tuple) -> None:
         getattr(self.module, self.setter)(index)
@@ -103,7 +105,8 @@ class LayerIndexAssembler:
     offset by ``start``; channels no unit covers are kept. When every channel is kept the index is ``None``.
     Units report changes through :meth:`unit_changed`; only the layer sides they cover are rebuilt, and within
     :meth:`deferred` the rebuild waits until the block ends (a concat consumer is rebuilt once, not per unit).
-    Indices go to the DynamicOps through the trusted ``set_out_index`` / ``set_in_index``.
+    Indices go to the DynamicOps through the trusted ``set_out_index`` / ``set_in_index``: this is the one way a
+    layer of a prepared model receives its channels (loading a state_dict too: it sets the units, and they flush).
 
     Cost of a rebuild (it runs on every subnet switch): a side whose units' ``selection_key`` did not change is
     skipped; index pieces the units hold on the host (prefix units build theirs there from a Python int) and the
@@ -115,7 +118,8 @@ class LayerIndexAssembler:
     def __init__(self, units: Sequence):
         self.units = list(units)
         self._ranges: Dict[SideKey, List[_Range]] = {}
-        self._sides_of_unit: Dict[int, List[SideKey]] = {}
+        # keyed by the unit itself (identity hash), not id(): a deep copy or unpickled model maps it to its copy
+        self._sides_of_unit: Dict[object, List[SideKey]] = {}
         self._modules: Dict[str, nn.Module] = {}
         self._sizes: Dict[SideKey, int] = {}
         self._sides: Dict[SideKey, _Side] = {}
@@ -156,7 +160,7 @@ class LayerIndexAssembler:
         if any(r.unit is unit and r.start == new.start and r.end == new.end for r in ranges):
             return
         ranges.append(new)
-        self._sides_of_unit.setdefault(id(unit), []).append(key)
+        self._sides_of_unit.setdefault(unit, []).append(key)
 
     def _check_ranges(self, key: SideKey, ranges: List[_Range]) -> None:
         name, is_output = key
@@ -172,7 +176,7 @@ class LayerIndexAssembler:
 
     # ------------------------------------------------------------------------------------------------ updating
     def unit_changed(self, unit) -> None:
-        for key in self._sides_of_unit.get(id(unit), ()):
+        for key in self._sides_of_unit.get(unit, ()):
             self._dirty[key] = None
         if self._defer_depth == 0:
             self.flush()

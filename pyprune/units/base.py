@@ -56,6 +56,9 @@ class MutableChannelUnit(ChannelUnit):
         self.groups = int(groups)
         self.fixed = bool(fixed)
         self.reason = reason
+        # The selection's one owner: every other copy (the layers' indices, a ChannelParameter's index, the
+        # assembler's last applied index, a predefined mutable's mask) is derived from these two and pushed out by
+        # _store; the saved form is built from them too (pyprune.units.saved_selection).
         self._count = self.num_channels     # Python int: how many channels are kept (no device sync needed)
         self._index: Optional[Tensor] = None  # None = all channels
         self._custom_index = False          # True after apply_index: not what _select would pick
@@ -229,7 +232,7 @@ class MutableChannelUnit(ChannelUnit):
     def _store(self, count: int, index: Optional[Tensor], custom: bool) -> None:
         self._count, self._index, self._custom_index = count, index, custom
         self.version += 1
-        if self.mutable_channel is not None:  # a predefined model's own mutable follows the unit
+        if self.mutable_channel is not None:  # a predefined model's own mutable follows the unit (a derived mask)
             self.mutable_channel.mask = self.current_mask
         if self._assembler is not None:
             self._assembler.unit_changed(self)

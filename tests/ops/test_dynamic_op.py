@@ -120,22 +120,20 @@ def test_plain_state_dict_loads_into_dynamic_op_and_keeps_selection():
     plain = nn.Conv2d(4, 6, 1)
     op = ops.to_dynamic(nn.Conv2d(4, 6, 1))
     op.set_out_channels(3)
-    op.load_state_dict(plain.state_dict())  # strict, without "_extra_state": still fine
+    op.load_state_dict(plain.state_dict())  # strict: an op has exactly the plain layer's keys
     assert torch.equal(op.weight, plain.weight) and op.active_out_channels == 3
 
 
-def test_bad_saved_selection_is_rejected_and_changes_nothing():
+def test_an_op_saves_no_selection_of_its_own():
+    """The selection belongs to the units: a prepared model saves it per unit (tests/test_mutator_safety.py covers
+    that round trip and the refusal of bad ones); a standalone op's state_dict holds its full tensors only."""
     op = ops.to_dynamic(nn.Linear(4, 4))
-    op.pyprune_name = "head"
-    weight = op.weight.detach().clone()
-    state = {k: (torch.zeros_like(v) if k == "weight" else v) for k, v in op.state_dict().items()}
-    state["_extra_state"] = {"out_index": torch.tensor([0, 9]), "in_index": None}
-    with pytest.raises(ChannelSelectionError, match=r"head .*output channels: channel index 9 is out of range"):
-        op.load_state_dict(state)
-    assert op.out_index is None and op.selection_version == 0 and torch.equal(op.weight, weight)
-    state["_extra_state"] = {"selection": [1]}
-    with pytest.raises(ChannelSelectionError, match="head .*malformed"):
-        op.load_state_dict(state)
+    op.set_out_channels([0, 2])
+    state = op.state_dict()
+    assert list(state) == list(nn.Linear(4, 4).state_dict()) and state["weight"].shape == (4, 4)
+    fresh = ops.to_dynamic(nn.Linear(4, 4))
+    fresh.load_state_dict(state)
+    assert fresh.out_index is None and torch.equal(fresh.weight, op.weight)
 
 
 # --------------------------------------------------------------------------------------- no host sync in forward
