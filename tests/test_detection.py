@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from pyprune.mutators import ChannelMutator
+from pyprune.budget import subnet_cost
+from pyprune.mutators import ChannelMutator, count_flops
 from pyprune.tracing import PruningTraceWarning
 
 torchvision = pytest.importorskip("torchvision")
@@ -51,6 +52,8 @@ def test_faster_rcnn_prunes_its_backbone_and_detects_the_same_after_export():
         in mutable and sum(name.startswith("backbone.body.") for name in mutable) >= 25
     mutator.set_global_ratio(0.5)
     assert_same_detections(model, mutator, images)
+    # the cost model counts one forward of the list of images, without exporting: what the export costs
+    assert subnet_cost(model, mutator).flops == count_flops(mutator.export(model), images)
     torch.manual_seed(1)
     mutator.set_choices(mutator.sample_choices())
     assert_same_detections(model, mutator, images)
