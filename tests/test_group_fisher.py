@@ -319,6 +319,7 @@ def test_deploy_files_rebuild_the_pruned_model(tmp_path):
 def test_an_mmrazor_style_config_builds_the_algorithm():
     MODELS.register_module(name="GroupFisherTestNet", module=Wider, force=True)
     try:
+        torch.manual_seed(0)
         algorithm = MODELS.build(dict(
             _scope_="mmrazor", type="GroupFisherAlgorithm", architecture=dict(type="GroupFisherTestNet"),
             interval=10,
@@ -329,6 +330,8 @@ def test_an_mmrazor_style_config_builds_the_algorithm():
     finally:
         MODELS.remove_module("GroupFisherTestNet")
     assert isinstance(algorithm, GroupFisherAlgorithm) and algorithm.interval == 10
+    torch.manual_seed(0)  # the model is built before the mutator (whose demo input draws random numbers)
+    assert torch.equal(algorithm.model.c0.weight, Wider().c0.weight)
     units = algorithm.mutator.mutable_units
     assert [type(u) for u in units] == [GroupFisherChannelUnit] * 2
     assert {u.normalization_type for u in units} == {"act"}

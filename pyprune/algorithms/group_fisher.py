@@ -81,6 +81,8 @@ class GroupFisherAlgorithm(BaseAlgorithm):
             raise ConfigError("GroupFisherAlgorithm: budget 'latency' is not supported (channels are pruned one "
                               "at a time against counted costs); give 'flops' and / or 'params'")
         chosen = mutator if mutator is not None else mutator_cfg
+        # the model first, then the mutator, as BaseAlgorithm builds them: the same seed gives the same weights
+        architecture = MODELS.build(architecture)
         built = build_mutator(dict(DEFAULT_MUTATOR) if chosen is None else chosen)
         if not isinstance(built, GroupFisherChannelMutator):  # checked before the model is prepared
             raise ConfigError(f"GroupFisherAlgorithm: mutator must be a GroupFisherChannelMutator (or its config), "
