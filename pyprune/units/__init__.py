@@ -1,8 +1,10 @@
 """Mutable channel units: coupled channel groups that are pruned together, and how their choices reach layers."""
+from .activation import ActivationMutableChannelUnit
 from .analyzer import ChannelAnalyzer, DefaultDemoInput
 from .assembler import LayerIndexAssembler
 from .base import MutableChannelUnit
 from .bn_scale import BNScaleMutableChannelUnit
+from .calibration import calibrate, load_scores, save_scores
 from .channel_unit import ChannelUnit
 from .group_fisher import GroupFisherChannelUnit
 from .importance import ImportanceMutableChannelUnit
@@ -24,7 +26,8 @@ __all__ = [
     "LayerIndexAssembler", "ChannelUnit",
     "MutableChannelUnit", "ImportanceMutableChannelUnit", "SequentialMutableChannelUnit", "L1MutableChannelUnit",
     "L2MutableChannelUnit", "BNScaleMutableChannelUnit", "TaylorMutableChannelUnit", "OneShotMutableChannelUnit",
-    "SlimmableChannelUnit", "GroupFisherChannelUnit", "ChannelAnalyzer", "DefaultDemoInput", "ConfigLeniencyWarning",
+    "SlimmableChannelUnit", "GroupFisherChannelUnit", "ActivationMutableChannelUnit", "calibrate", "save_scores",
+    "load_scores", "ChannelAnalyzer", "DefaultDemoInput", "ConfigLeniencyWarning",
     "SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
     "MutableValue", "OneShotMutableValue",
 ]
