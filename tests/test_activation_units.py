@@ -172,3 +172,43 @@ def test_embedding_outputs_are_measured_on_their_last_dim():
     calibrate([unit], model, ids, forward=lambda m, batch: m["fc"](m["embed"](batch)))
     stat = model["embed"].weight.detach()[torch.cat(ids).flatten()].square().mean(0)
     torch.testing.assert_close(unit.scores, stat / stat.mean())
+
+
+
+class TwoRankSum:
+    """Stands in for ``torch.distributed`` in a world of two ranks, in one process: ``all_reduce`` adds what the
+    other rank handed over, call by call (``given``), and records what this rank hands over (``taken``)."""
+
+    def __init__(self, given=None):
+        self.given, self.taken = list(given or []), []
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_world_size(self):
+        return 2
+
+    def all_reduce(self, tensor):
+        self.taken.append(tensor.clone())
+        if self.given:
+            tensor += self.given.pop(0)
+
+
+def test_ranks_score_all_ranks_batches_together(monkeypatch):
+    import pyprune.units.calibration as calibration
+    other_rank = TwoRankSum()
+    monkeypatch.setattr(calibration, "dist", other_rank)
+    model, unit = conv_bn_net()
+    calibrate([unit], model, inputs(2, seed=11))
+    this_rank = TwoRankSum(given=other_rank.taken)
+    monkeypatch.setattr(calibration, "dist", this_rank)
+    model, unit = conv_bn_net()  # seeded: the same weights as the other rank
+    calibrate([unit], model, inputs(2, seed=10))
+    assert not this_rank.given and len(this_rank.taken) == 4  # sums and counts of conv and BN, the same order
+    monkeypatch.undo()
+    single_model, single = conv_bn_net()
+    calibrate([single], single_model, inputs(2, seed=10) + inputs(2, seed=11))
+    torch.testing.assert_close(unit.scores, single.scores)

@@ -7,7 +7,8 @@ train / eval flag restored afterwards, whatever happens. Each hook reduces the l
 *active* channel and scatters it through the layer's ``out_index`` of that forward into full-size accumulators, so
 gather mode and compact training mode (where the output carries only the kept channels) record the same thing. The
 units take the statistics only after the last batch: a failing batch or a short iterable leaves every score as it
-was.
+was. Under ``torch.distributed`` the sums and counts are all-reduced over the default group first, so every rank
+gets the scores of all ranks' batches together (every rank must call ``calibrate`` with the same ``num_batches``).
 
 ``save_scores(mutator, path)`` / ``load_scores(mutator, path)`` write / read ``{unit name: float32 CPU tensor
 [num_channels]}`` with ``torch.save`` (loadable with ``weights_only=True``), so a costly calibration is done once.
@@ -19,10 +20,12 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .activation import ActivationMutableChannelUnit, reduce_activation
+from .modules import module_device
 
 __all__ = ["calibrate", "save_scores", "load_scores", "activation_units", "default_forward"]
 
@@ -67,10 +70,11 @@ class _LayerRecorder:
 
     def __init__(self, name: str, module: nn.Module, metric: str):
         self.name, self.metric = name, metric
-        full = type(module).channel_counts(module)[0]
-        self.total: Optional[Tensor] = None
-        self.count: Optional[Tensor] = None
-        self.full = full
+        # Allocated up front (not at the first forward), so every rank all-reduces the same tensors even where a
+        # layer did not run on that rank's batches.
+        full, device = type(module).channel_counts(module)[0], module_device(module)
+        self.total = torch.zeros(full, dtype=torch.float64, device=device)
+        self.count = torch.zeros(full, dtype=torch.float64, device=device)
 
     def __call__(self, module: nn.Module, inputs, output) -> None:
         if isinstance(output, (tuple, list)):  # MultiheadAttention: (attention output, weights)
@@ -84,17 +88,14 @@ class _LayerRecorder:
             raise ConfigError(f"calibrate: layer {self.name!r} ({type(module).__name__}) output has shape "
                               f"{tuple(output.shape)} ({output.dtype}); dim {dim} should hold its {active} active "
                               f"output channels")
-        sums = reduce_activation(output, dim, self.metric)
-        if self.total is None:
-            self.total = torch.zeros(self.full, dtype=torch.float64, device=sums.device)
-            self.count = torch.zeros(self.full, dtype=torch.float64, device=sums.device)
+        sums = reduce_activation(output, dim, self.metric).to(self.total.device)
         index = module.out_index
         per_channel = float(output.numel() // max(active, 1))
         if index is None:
             self.total += sums
             self.count += per_channel
         else:  # only the kept channels ran: put them back at their full-layer positions
-            index = index.to(sums.device)
+            index = index.to(self.total.device)
             self.total.index_add_(0, index, sums)
             self.count.index_add_(0, index, torch.full_like(sums, per_channel))
 
@@ -139,10 +140,13 @@ def calibrate(mutator, model: nn.Module, batches: Iterable, num_batches: Optiona
     if seen == 0 or (num_batches is not None and seen < num_batches):
         raise ConfigError(f"calibrate: asked for {num_batches if num_batches is not None else 'at least 1'} "
                           f"batches, the iterable gave {seen}; no score changed")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for key in sorted(recorders):  # the same order on every rank
+            dist.all_reduce(recorders[key].total)
+            dist.all_reduce(recorders[key].count)
     scored, silent = [], []
     for unit in units:
-        stats = {name: (r.total, r.count) for (name, metric), r in recorders.items()
-                 if metric == unit.metric and r.total is not None}
+        stats = {name: (r.total, r.count) for (name, metric), r in recorders.items() if metric == unit.metric}
         (scored if unit.absorb(stats) else silent).append(unit.name)
     if silent:
         warnings.warn(f"calibrate: no output layer of units {silent} ran on the calibration batches; their scores "
