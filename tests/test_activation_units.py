@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import TinyTransformer, in_ref, out_ref
+from models import TinyTransformer, TokenNet, in_ref, out_ref
 from pyprune import ChannelMutator
 from pyprune.errors import ConfigError
 from pyprune.ops import compact_training
@@ -117,29 +117,32 @@ def test_score_file_round_trip_and_refusals(tmp_path):
     torch.testing.assert_close(fresh.scores, unit.scores)
 
 
-def prepared_transformer():
+def prepared_transformer(model_type=TinyTransformer, size=8):
     torch.manual_seed(0)
-    model = TinyTransformer()
+    model = model_type()
     mutator = ChannelMutator(channel_unit_cfg=dict(type="ActivationMutableChannelUnit",
                                                    default_args=dict(choice_mode="ratio")),
-                             parse_cfg=dict(demo_input=(1, 3, 8, 8)))
+                             parse_cfg=dict(demo_input=(1, 3, size, size)))
     mutator.prepare_from_supernet(model)
     return model, mutator
 
 
-def test_built_by_name_prunes_by_activation_and_exports():
+# TinyTransformer: conv, channels-first LayerNorm (a served layer), LayerNorm, attention, MLP; TokenNet also has
+# per-channel parameters (class token, position embedding, layer scale) in a unit: they have no output to measure.
+@pytest.mark.parametrize("model_type, size", [(TinyTransformer, 8), (TokenNet, 4)])
+def test_built_by_name_prunes_by_activation_and_exports(model_type, size):
     assert UNITS["ActivationMutableChannelUnit"] is ActivationMutableChannelUnit
-    model, mutator = prepared_transformer()
+    model, mutator = prepared_transformer(model_type, size)
     units = mutator.mutable_units
     assert units and all(isinstance(u, ActivationMutableChannelUnit) for u in units)
-    calib = [(torch.randn(4, 3, 8, 8), None) for _ in range(3)]
+    calib = [(torch.randn(4, 3, size, size), None) for _ in range(3)]
     assert sorted(calibrate(mutator, model, calib, num_batches=2)) == sorted(u.name for u in units)
     mutator.set_global_ratio(0.5)
     for unit in units:
         kept = unit.scores.topk(unit.active_channels).indices.sort().values
         assert unit.active_channels < unit.num_channels
         assert unit.current_index.cpu().tolist() == kept.tolist()
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, size, size)
     exported = mutator.export(model).eval()
     model.eval()
     with torch.no_grad():

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import ops
 from ..errors import ConfigError
 from .activation import ActivationMutableChannelUnit, reduce_activation
 from .modules import module_device
@@ -117,6 +118,8 @@ def calibrate(mutator, model: nn.Module, batches: Iterable, num_batches: Optiona
     modules: Dict[Tuple[str, str], nn.Module] = {}
     for unit in units:
         for ref, module in unit.output_layers():
+            if not isinstance(module, ops.DynamicChannelMixin):  # a per-channel parameter or a module attribute
+                continue                                         # (a head count): it has no output to measure
             key = (ref.name, unit.metric)
             if key not in recorders:
                 recorders[key], modules[key] = _LayerRecorder(ref.name, module, unit.metric), module
