@@ -81,8 +81,10 @@ class _LayerRecorder:
         if isinstance(output, (tuple, list)):  # MultiheadAttention: (attention output, weights)
             output = next((o for o in output if isinstance(o, Tensor)), None)
         if not isinstance(output, Tensor) or not output.is_floating_point():
-            raise ConfigError(f"calibrate: layer {self.name!r} ({type(module).__name__}) returned "
-                              f"{type(output).__name__}, not a float tensor to measure")
+            what = f"a {output.dtype} tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor) \
+                else type(output).__name__
+            raise ConfigError(f"calibrate: layer {self.name!r} ({type(module).__name__}) returned {what}, not a "
+                              f"float tensor to measure")
         dim = output_channel_dim(module, output)
         active = module.active_out_channels
         if output.shape[dim] != active:
