@@ -26,6 +26,7 @@ from ..units.saved_selection import apply_selections, checked_selections, select
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
 from . import selection_hooks
+from .hf_export import attach_hf_config
 from .summary import PruningSummary, make_summary
 
 
@@ -344,9 +345,10 @@ class ChannelMutator:
 
     # ---------------------------------------------------------------------------------------------------- export
     def export(self, model: nn.Module) -> nn.Module:
-        """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept."""
+        """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept.
+        An HF ``PreTrainedModel`` gets the config of its new widths (:mod:`pyprune.mutators.hf_export`)."""
         self._require_prepared()  # an unprepared mutator would hand back the full model as if it were pruned
-        return export_static(copy_module(model))
+        return attach_hf_config(export_static(copy_module(model)))
 
     def summary(self, model: nn.Module, example_input) -> PruningSummary:
         """Params and FLOPs of the full model and of the current subnet (``print()`` it for a table).

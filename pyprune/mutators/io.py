@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..utils.files import atomic_torch_save, atomic_write_text
 from .channel_mutator import ChannelMutator, export_static
+from .hf_export import attach_hf_config
 
 STRUCTURE_FORMAT = "pyprune-pruned-structure/1"
 WEIGHTS_FILE, STRUCTURE_FILE = "pruned_model.pt", "structure.json"
@@ -63,13 +64,15 @@ def load_pruned(model: nn.Module, structure: Union[PathLike, Mapping],
     ``structure``: the dict or path :func:`save_pruned` wrote (a bare mutator config works too). ``weights``: a
     state_dict or the path of one (loaded with ``weights_only=True``); ``None`` leaves the fresh initialization.
     Returns a plain ``nn.Module`` of the pruned shapes (no DynamicOps). Shapes that do not match -> ConfigError.
+    An HF model comes back as :meth:`ChannelMutator.export` gives it (config of its widths, or a refused
+    ``save_pretrained`` when they differ between layers): this is the format for widths no HF config holds.
     """
     structure = read_structure(structure)
     config = dict(structure.get("mutator", structure))
     config["parse_cfg"] = {"type": "Config"}
     mutator = ChannelMutator.from_config(config)
     mutator.prepare_from_supernet(model)
-    pruned = export_static(model)
+    pruned = attach_hf_config(export_static(model))  # an HF model gets the config of its widths, as in export
     if weights is not None:
         state = weights if isinstance(weights, Mapping) else torch.load(weights, map_location=map_location,
                                                                           weights_only=True)

@@ -1,0 +1,261 @@
+"""Exports that stay HuggingFace models: widths tied across layers, and the new widths written into the config.
+
+A pruned HF model reloads with ``from_pretrained`` only if its config says how wide every layer is, and an HF
+config has one ``hidden_size`` / ``intermediate_size`` / ``num_attention_heads`` for all layers. Two parts:
+
+* **Uniform widths.** A unit's *role* is its name with the layer index replaced by ``*``
+  (``model.layers.*.mlp.gate_proj_(0, 128)_128``): the same position in every layer. :func:`set_uniform_choices`
+  gives one choice per role, :func:`tie_uniform_widths` makes every unit of a role keep the same count,
+  :func:`is_uniform` / :func:`non_uniform_roles` check. Only the counts are tied: each layer still keeps its own
+  most important channels (the config knows sizes, not which channels).
+* **The config.** :func:`hf_config_for` reads the exported modules' shapes into a copy of the config (hidden size
+  from the input embedding, intermediate size from the first MLP up projection, heads and ``head_dim`` from the
+  first attention module when they changed), then builds the model from that config on the meta device and checks
+  that every tensor has the export's shape: a width that differs between layers, or that this config family
+  cannot express, is one ConfigError naming the role. ``ChannelMutator.export`` calls :func:`attach_hf_config` on
+  every ``PreTrainedModel``: the export gets the new config, or (widths not expressible) keeps working but its
+  ``save_pretrained`` raises that error and points to :func:`pyprune.mutators.io.save_pruned`.
+
+transformers is imported only when the model comes from it (``import pyprune`` never imports it).
+"""
+import copy
+import re
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_uniform_choices",
+           "tie_uniform_widths", "hf_config_for", "attach_hf_config", "HF_SAVE_REFUSED"]
+
+# a path component that is only digits: the index into a ModuleList of layers (``layers.3.``, ``h.0.``)
+_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=[._])|^\d+(?=\.)")
+# config keys of the MLP width, in the order the families use them (Llama / BERT, GPT-2, T5, BART-like)
+_INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+HF_SAVE_REFUSED = "pyprune_hf_save_refused"  # the reason a non-uniform export's save_pretrained gives
+
+
+# ------------------------------------------------------------------------------------------------ uniform widths
+def role_of(name: str) -> str:
+    """``name`` (a unit, module or tensor name) with every layer index replaced by ``*``."""
+    return _LAYER_INDEX.sub("*", name)
+
+
+def uniform_roles(mutator) -> Dict[str, List[Any]]:
+    """``{role: [mutable units of that role, in model order]}``; a role's units have the same width."""
+    mutator._require_prepared()
+    roles: Dict[str, List[Any]] = {}
+    for unit in mutator.mutable_units:
+        # the width is part of the key: two units at one position with different widths are not one role
+        roles.setdefault(_role_key(unit), []).append(unit)
+    return roles
+
+
+def _role_key(unit) -> str:
+    role = role_of(unit.name)
+    return role if role.endswith(f"_{unit.num_channels}") else f"{role}[{unit.num_channels}]"
+
+
+def non_uniform_roles(mutator) -> Dict[str, List[int]]:
+    """``{role: kept count of each of its units}`` for every role whose units keep different counts."""
+    return {role: [u.active_channels for u in units] for role, units in uniform_roles(mutator).items()
+            if len({u.active_channels for u in units}) > 1}
+
+
+def is_uniform(mutator) -> bool:
+    """Every unit of a role keeps the same number of channels."""
+    return not non_uniform_roles(mutator)
+
+
+def set_uniform_choices(mutator, choices: Mapping[str, Any]) -> None:
+    """Set ``{role: choice}``: one choice drives every unit of the role (all validated first, nothing changed on
+    a bad one). Roles are the keys of :func:`uniform_roles`."""
+    if not isinstance(choices, Mapping):
+        raise ConfigError(f"set_uniform_choices takes a dict {{role: choice}}, got {type(choices).__name__}")
+    roles = uniform_roles(mutator)
+    unknown = [role for role in choices if role not in roles]
+    if unknown:
+        raise ConfigError(f"set_uniform_choices: unknown roles {unknown}; the model's roles are {sorted(roles)}")
+    mutator.set_choices({unit.name: choice for role, choice in choices.items() for unit in roles[role]})
+
+
+def tie_uniform_widths(mutator, reduce: str = "max") -> Dict[str, int]:
+    """Make every unit of a role keep the same count: the role's largest (``reduce='max'``) or smallest
+    (``'min'``) current count. Returns ``{role: count}`` for every role."""
+    if reduce not in ("max", "min"):
+        raise ConfigError(f"tie_uniform_widths: reduce must be 'max' or 'min', got {reduce!r}")
+    pick = max if reduce == "max" else min
+    roles = uniform_roles(mutator)
+    counts = {role: pick(u.active_channels for u in units) for role, units in roles.items()}
+    mutator.set_choices({u.name: u.count_to_choice(counts[role]) for role, units in roles.items() for u in units
+                         if u.active_channels != counts[role]})
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------- HF config
+def _pretrained_model_class():
+    """transformers' PreTrainedModel if transformers is already imported (a model from it exists), else None."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers import PreTrainedModel
+    return PreTrainedModel
+
+
+def _build_on_meta(model_class, config) -> nn.Module:
+    """``model_class(config)`` with its tensors on the meta device: shapes only, no memory, no initialisation."""
+    from transformers.utils import logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a tiny test vocabulary makes config checks warn on every build; shown once
+    try:
+        with torch.device("meta"):
+            return model_class(config)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) of a Linear or GPT-2's transposed Conv1D (weight ``[in, out]``), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return module.nx, module.nf
+    return None
+
+
+def _first_attribute(module: nn.Module, names) -> Optional[int]:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str, int]:
+    """``{config key: new value}`` for what the export changed, read off its modules named as in ``reference``
+    (the model built from the original config)."""
+    changed: Dict[str, int] = {}
+    hidden_before = config.hidden_size
+    embedding = exported.get_input_embeddings()
+    hidden = embedding.weight.shape[1] if isinstance(embedding, nn.Embedding) else hidden_before
+    if hidden != hidden_before:
+        changed["hidden_size"] = int(hidden)
+    key = next((k for k in _INTERMEDIATE_KEYS if hasattr(config, k)), None)
+    if key is not None:
+        # GPT-2 writes n_inner=None for "4 x hidden"; its MLP is then found by that width
+        before = getattr(config, key) if getattr(config, key) is not None else 4 * hidden_before
+        for name, module in reference.named_modules():
+            dims = _linear_dims(module)
+            if dims == (hidden_before, before) and "att" not in name.lower():  # the first MLP up projection
+                after = _linear_dims(exported.get_submodule(name))[1]
+                if after != getattr(config, key):
+                    changed[key] = int(after)
+                break
+    changed.update(_read_heads(exported, reference, config))
+    return changed
+
+
+def _read_heads(exported: nn.Module, reference: nn.Module, config) -> Dict[str, int]:
+    """Heads of the first attention module (one with a ``head_dim`` / ``attention_head_size``): its head count
+    attributes when it has them, else its q / k projections' widths over ``head_dim``."""
+    for name, ref in reference.named_modules():
+        if _first_attribute(ref, ("head_dim", "attention_head_size")) is None:
+            continue
+        module = exported.get_submodule(name)
+        head_dim = _first_attribute(module, ("head_dim", "attention_head_size"))
+        heads = _first_attribute(module, ("num_heads", "num_attention_heads", "n_head"))
+        kv_heads = _first_attribute(module, ("num_key_value_heads", "num_kv_heads"))
+        for attribute, child_names in (("heads", ("q_proj", "query", "q")), ("kv", ("k_proj", "key", "k"))):
+            if (heads if attribute == "heads" else kv_heads) is not None:
+                continue
+            child = next((getattr(module, c) for c in child_names if isinstance(getattr(module, c, None),
+                                                                                 nn.Module)), None)
+            dims = None if child is None else _linear_dims(child)
+            if dims is not None and head_dim and dims[1] % head_dim == 0:
+                if attribute == "heads":
+                    heads = dims[1] // head_dim
+                else:
+                    kv_heads = dims[1] // head_dim
+        changed = {}
+        for key, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                           ("head_dim", head_dim)):
+            # head_dim only where the config stores it (Llama-like); BERT / GPT-2 derive it from hidden / heads
+            if value is not None and hasattr(config, key) and getattr(config, key) != value:
+                changed[key] = int(value)
+        return changed
+    return {}
+
+
+def hf_config_for(exported: nn.Module, original_config) -> Any:
+    """A copy of ``original_config`` with the widths of ``exported`` (a plain export of an HF ``PreTrainedModel``
+    built from ``original_config``): ``hidden_size``, the MLP width (``intermediate_size`` / GPT-2's ``n_inner``
+    / ``d_ff`` / ``ffn_dim``) and, when heads changed, ``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``. The model built from the new config must have every tensor of ``exported`` at its exact shape
+    (checked on the meta device); otherwise ConfigError naming the role (the tensor name with ``*`` for the layer
+    index) and both shapes."""
+    model_class = type(exported)
+    reference = _build_on_meta(model_class, copy.deepcopy(original_config))
+    changed = _read_widths(exported, reference, original_config)
+    config = copy.deepcopy(original_config)
+    for key, value in changed.items():
+        setattr(config, key, value)
+    shapes = {name: tuple(t.shape) for name, t in exported.state_dict().items() if isinstance(t, torch.Tensor)}
+    _check_uniform(shapes, model_class)
+    rebuilt = {name: tuple(t.shape) for name, t in _build_on_meta(model_class, config).state_dict().items()}
+    wrong = [name for name in shapes if name in rebuilt and rebuilt[name] != shapes[name]]
+    missing = sorted(set(shapes) ^ set(rebuilt))
+    if wrong or missing:
+        written = ", ".join(f"{k}={v}" for k, v in changed.items()) or "no width changed"
+        problems = [f"{role_of(n)} is {list(shapes[n])} in the export but {list(rebuilt[n])} from the config"
+                    for n in wrong[:3]] + ([f"tensors only one side has: {missing[:3]}"] if missing else [])
+        raise ConfigError(f"{model_class.__name__}: the pruned widths do not fit a {type(config).__name__} "
+                          f"({written}): " + "; ".join(problems) + "; this family's config cannot express "
+                          "these widths (e.g. a hidden size pruned while its attention heads are kept whole)")
+    return config
+
+
+def _check_uniform(shapes: Dict[str, Tuple[int, ...]], model_class) -> None:
+    """ConfigError naming the first role whose tensors have different shapes in different layers."""
+    by_role: Dict[str, Dict[Tuple[int, ...], str]] = {}
+    for name, shape in shapes.items():
+        by_role.setdefault(role_of(name), {}).setdefault(shape, name)
+    for role, seen in by_role.items():
+        if len(seen) > 1:
+            where = ", ".join(f"{list(shape)} at {name}" for shape, name in list(seen.items())[:3])
+            raise ConfigError(f"{model_class.__name__}: widths are not uniform across layers: {role} is {where}; "
+                              "one HF config holds one width per role")
+
+
+class _RefusedSave:
+    """Stands in for ``save_pretrained`` on an export whose widths no config of its family can hold."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, *args, **kwargs):
+        raise ConfigError(f"save_pretrained refused: {self.reason}. Save it with pyprune.mutators.save_pruned("
+                          "directory, model, mutator) and rebuild it with load_pruned(fresh model, ...), or make "
+                          "the widths uniform first (pyprune.mutators.hf_export.tie_uniform_widths(mutator) or "
+                          "set_uniform_choices) and export again")
+
+
+def attach_hf_config(exported: nn.Module) -> nn.Module:
+    """If ``exported`` is an HF ``PreTrainedModel``: give it (and its submodules that share it) the config of its
+    new widths, or, when :func:`hf_config_for` refuses, keep the old config and make ``save_pretrained`` raise
+    that reason (the export still runs and trains). Any other module is returned untouched."""
+    pretrained = _pretrained_model_class()
+    if pretrained is None or not isinstance(exported, pretrained):
+        return exported
+    old = exported.config
+    try:
+        new = hf_config_for(exported, old)
+    except ConfigError as error:
+        exported.save_pretrained = _RefusedSave(str(error))
+        setattr(exported, HF_SAVE_REFUSED, str(error))
+        return exported
+    for module in exported.modules():  # attention / MLP modules keep a reference to the one config
+        if getattr(module, "config", None) is old:
+            module.config = new
+    return exported

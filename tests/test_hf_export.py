@@ -1,0 +1,180 @@
+"""Exports of HF models that stay HF models: uniform widths write a config that ``save_pretrained`` +
+``AutoModel*.from_pretrained`` reload to the same logits; widths that differ between layers (or that a family's
+config cannot express) are refused by ``save_pretrained`` with the reason, and round-trip through
+``save_pruned`` / ``load_pruned`` instead. Tiny configs, no download.
+
+Tolerance: a reloaded model computes with the same tensors in the same order as the export, so atol 1e-5.
+"""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_hf_layers import VOCAB, _bert_mlm, _gpt2, _llama  # noqa: E402
+from pyprune.errors import ConfigError  # noqa: E402
+from pyprune.mutators import ChannelMutator, load_pruned, save_pruned  # noqa: E402
+from pyprune.mutators import hf_export  # noqa: E402
+
+RELOAD_TOL = dict(rtol=0, atol=1e-5)
+MLP_ROLE = "model.layers.*.mlp.gate_proj_(0, 128)_128"
+
+
+def _prepared(make, fixed=()):
+    torch.manual_seed(0)
+    model = make().eval()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=dict(input_ids=ids)), fixed=fixed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # attention views not mapped: warned, fixed
+        mutator.prepare_from_supernet(model)
+    return model, mutator, ids
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+CASES = {  # name: (builder, fixed modules, Auto class, {config key: value after ratio 0.5})
+    "llama": (_llama, (), "AutoModelForCausalLM", {"hidden_size": 32, "intermediate_size": 64}),
+    "llama tied": (lambda: _llama(tied=True), (), "AutoModelForCausalLM",
+                   {"hidden_size": 32, "intermediate_size": 64}),
+    # BERT's and GPT-2's configs derive the head width from hidden_size / heads: these keep hidden size and
+    # attention whole and prune the MLP, which any build can express
+    "bert": (_bert_mlm, ("bert.embeddings.word_embeddings", "bert.encoder.layer.0.attention",
+                         "bert.encoder.layer.1.attention"), "AutoModelForMaskedLM", {"intermediate_size": 64}),
+    "gpt2": (_gpt2, ("transformer.wte", "transformer.h.0.attn", "transformer.h.1.attn"), "AutoModelForCausalLM",
+             {"n_inner": 128}),
+}
+
+
+def _query_width(model):
+    attention = model.get_submodule("model.layers.0.self_attn" if hasattr(model, "model") else
+                                    "bert.encoder.layer.0.attention.self")
+    return (attention.q_proj if hasattr(attention, "q_proj") else attention.query).out_features
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_uniform_export_carries_its_widths_and_reloads_with_from_pretrained(case, tmp_path):
+    make, fixed, auto, expected = CASES[case]
+    model, mutator, ids = _prepared(make, fixed)
+    mutator.set_global_ratio(0.5)
+    assert hf_export.is_uniform(mutator)
+    small = mutator.export(model)
+    for key, value in expected.items():
+        assert getattr(small.config, key) == value and getattr(model.config, key) != value
+    if case.startswith("llama"):  # heads prune (q width drops) or not; the config says which either way
+        head_dim = small.config.head_dim
+        assert small.config.num_attention_heads * head_dim == _query_width(small)
+        assert small.config.num_key_value_heads * head_dim == small.model.layers[0].self_attn.k_proj.out_features
+    else:
+        assert small.config.num_attention_heads == model.config.num_attention_heads
+    expected_logits = _logits(small, ids)
+    torch.testing.assert_close(expected_logits, _logits(model, ids), rtol=0, atol=1e-4)
+    small.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, auto).from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(small)
+    torch.testing.assert_close(_logits(reloaded, ids), expected_logits, **RELOAD_TOL)
+    if case == "llama tied":
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+def test_attention_modules_share_the_new_config():
+    model, mutator, _ = _prepared(_llama)
+    mutator.set_global_ratio(0.5)
+    small = mutator.export(model)
+    assert small.model.layers[1].self_attn.config is small.config and model.config.hidden_size == 64
+
+
+def test_hidden_size_a_config_cannot_express_keeps_the_export_and_refuses_its_save(tmp_path):
+    model, mutator, ids = _prepared(_bert_mlm)
+    mutator.set_global_ratio(0.5)
+    # hidden pruned, attention heads whole (64-wide q/k/v on a 32-wide stream): BERT derives the head width from
+    # hidden_size / heads, so no BertConfig holds this
+    heads = [u for u in mutator.mutable_units if any(r.name.endswith("attention.self.query")
+                                                     for r in u.output_related)]
+    mutator.set_choices({u.name: u.max_choice for u in heads})
+    small = mutator.export(model)
+    assert _query_width(small) == 64 and small.bert.embeddings.word_embeddings.embedding_dim == 32
+    torch.testing.assert_close(_logits(small, ids), _logits(model, ids), rtol=0, atol=1e-4)
+    assert small.config.hidden_size == 64  # the old config is kept: nothing claims widths it does not have
+    with pytest.raises(ConfigError, match=r"attention\.self\.query\.weight is \[64, 32\] in the export.*save_pruned"):
+        small.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def _non_uniform_llama():
+    model, mutator, ids = _prepared(_llama)
+    mutator.set_global_ratio(0.5)
+    mutator.set_choices({"model.layers.1.mlp.gate_proj_(0, 128)_128": 96})
+    return model, mutator, ids
+
+
+def test_non_uniform_widths_are_found_and_their_save_pretrained_names_the_role(tmp_path):
+    model, mutator, ids = _non_uniform_llama()
+    assert not hf_export.is_uniform(mutator)
+    assert hf_export.non_uniform_roles(mutator) == {MLP_ROLE: [64, 96]}
+    small = mutator.export(model)
+    torch.testing.assert_close(_logits(small, ids), _logits(model, ids), rtol=0, atol=1e-4)  # export still works
+    with pytest.raises(ConfigError, match=r"not uniform across layers: model\.layers\.\*\.mlp\.\w+_proj\.weight "
+                                          r".*tie_uniform_widths"):
+        small.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_uniform_widths_round_trip_through_save_pruned(tmp_path):
+    model, mutator, ids = _non_uniform_llama()
+    small = mutator.export(model)
+    save_pruned(tmp_path, model, mutator, exported=small)
+    torch.manual_seed(1)  # another initialisation: the weights must come from the file
+    loaded = load_pruned(_llama().eval(), tmp_path / "structure.json", tmp_path / "pruned_model.pt")
+    assert loaded.model.layers[1].mlp.up_proj.out_features == 96
+    torch.testing.assert_close(_logits(loaded, ids), _logits(small, ids), rtol=0, atol=0)
+
+
+def test_tie_uniform_widths_makes_a_role_keep_one_count_and_the_export_saves(tmp_path):
+    model, mutator, ids = _non_uniform_llama()
+    assert hf_export.tie_uniform_widths(mutator, reduce="max")[MLP_ROLE] == 96
+    assert hf_export.is_uniform(mutator)
+    small = mutator.export(model)
+    assert small.config.intermediate_size == 96
+    small.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(small, ids), **RELOAD_TOL)
+    with pytest.raises(ConfigError, match="reduce must be 'max' or 'min'"):
+        hf_export.tie_uniform_widths(mutator, reduce="mean")
+
+
+def test_one_uniform_choice_drives_every_unit_of_its_role_and_a_bad_one_changes_nothing():
+    _, mutator, _ = _prepared(_llama)
+    roles = hf_export.uniform_roles(mutator)
+    assert [u.name for u in roles[MLP_ROLE]] == [f"model.layers.{i}.mlp.gate_proj_(0, 128)_128" for i in (0, 1)]
+    hf_export.set_uniform_choices(mutator, {MLP_ROLE: 40})
+    assert [u.active_channels for u in roles[MLP_ROLE]] == [40, 40]
+    with pytest.raises(ConfigError, match=r"unknown roles \['model.layers.\*.mlp.nothing'\]"):
+        hf_export.set_uniform_choices(mutator, {MLP_ROLE: 8, "model.layers.*.mlp.nothing": 8})
+    assert [u.active_channels for u in roles[MLP_ROLE]] == [40, 40]
+
+
+def test_role_of_replaces_layer_indices_only():
+    assert hf_export.role_of("model.layers.12.mlp.up_proj") == "model.layers.*.mlp.up_proj"
+    assert hf_export.role_of("transformer.h.0.attn.c_attn_(0, 64)_64") == "transformer.h.*.attn.c_attn_(0, 64)_64"
+    assert hf_export.role_of("blocks.3_(0, 8)_8") == "blocks.*_(0, 8)_8"
+    assert hf_export.role_of("fc2.weight") == "fc2.weight"
+
+
+def test_pruned_heads_are_written_into_the_config_when_heads_prune(tmp_path):
+    model, mutator, ids = _prepared(_llama)
+    heads = [u for u in mutator.mutable_units if any("q_proj" in r.name for r in u.output_related)]
+    if not heads:
+        pytest.skip("attention heads are not prunable in this build: nothing to write")
+    mutator.set_global_ratio(0.5)
+    small = mutator.export(model)
+    q = small.model.layers[0].self_attn.q_proj.out_features
+    assert small.config.num_attention_heads * small.config.head_dim == q < 64
+    small.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(small, ids), **RELOAD_TOL)
+
