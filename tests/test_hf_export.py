@@ -178,3 +178,26 @@ def test_pruned_heads_are_written_into_the_config_when_heads_prune(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(_logits(reloaded, ids), _logits(small, ids), **RELOAD_TOL)
 
+
+
+class _NeedsMoreThanItsConfig(transformers.LlamaForCausalLM):
+    """A PreTrainedModel that its config alone does not build: export must still work."""
+
+    def __init__(self, config, extra):
+        super().__init__(config)
+        self.extra = extra
+
+
+def test_a_model_its_config_cannot_rebuild_still_exports_and_refuses_save_pretrained(tmp_path):
+    torch.manual_seed(0)
+    config = _llama().config
+    model, ids = _NeedsMoreThanItsConfig(config, extra=1).eval(), torch.randint(0, VOCAB, (2, 8))
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=dict(input_ids=ids)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mutator.prepare_from_supernet(model)
+    mutator.set_global_ratio(0.5)
+    small = mutator.export(model)
+    torch.testing.assert_close(_logits(small, ids), _logits(model, ids), rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match=r"_NeedsMoreThanItsConfig cannot be rebuilt from a LlamaConfig.*save_pruned"):
+        small.save_pretrained(tmp_path)

@@ -112,6 +112,10 @@ def _build_on_meta(model_class, config) -> nn.Module:
     try:
         with torch.device("meta"):
             return model_class(config)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
+        # a model class that is not built from its config alone, or a config it rejects: no config is written
+        raise ConfigError(f"{model_class.__name__} cannot be rebuilt from a {type(config).__name__} on the meta "
+                          f"device ({type(error).__name__}: {error})") from None
     finally:
         logging.set_verbosity(verbosity)
 
