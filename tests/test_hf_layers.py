@@ -249,7 +249,7 @@ def _pruned(make):
     mutator = ChannelMutator(channel_unit_cfg="L1MutableChannelUnit",
                              parse_cfg=dict(demo_input=dict(input_ids=ids)))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the attention heads' views are not mapped yet: warned, fixed
+        warnings.simplefilter("ignore")  # fx cannot trace them: a recorded forward, warned
         mutator.prepare_from_supernet(model)
     mutator.set_global_ratio(0.5)
     return model, mutator.export(model), mutator, ids, full
@@ -271,10 +271,12 @@ def _mutable(mutator):
 def test_gpt2_prunes_mlp_and_hidden_size_keeps_the_tie_and_splits_c_attn_into_q_k_v():
     model, small, mutator, ids, full = _pruned(_gpt2)
     assert _mutable(mutator) == {"transformer.wte_(0, 64)_64", "transformer.h.0.mlp.c_fc_(0, 256)_256",
-                                 "transformer.h.1.mlp.c_fc_(0, 256)_256"}
-    qkv = [u for u in mutator.units if u.name.startswith("transformer.h.0.attn.c_attn")]
-    assert [u.name for u in qkv] == [f"transformer.h.0.attn.c_attn_({a}, {a + 64})_64" for a in (0, 64, 128)]
-    assert all(not u.is_mutable for u in qkv)  # the head reshape that follows is not mapped yet
+                                 "transformer.h.1.mlp.c_fc_(0, 256)_256", "transformer.h.0.attn.c_attn_(0, 64)_4",
+                                 "transformer.h.1.attn.c_attn_(0, 64)_4"}
+    heads = mutator._by_name["transformer.h.0.attn.c_attn_(0, 64)_4"]  # q | k | v pieces, split into 4 heads each
+    assert {(r.start, r.end, r.expand) for r in heads.output_related if r.name.endswith("c_attn")} == \
+        {(0, 64, 16), (64, 128, 16), (128, 192, 16)}
+    assert small.transformer.h[0].attn.split_size == 32 and small.transformer.h[0].attn.num_heads == 2
     assert isinstance(model.transformer.h[0].ln_1, ops.DynamicLayerNorm)
     kept = _check_equal_and_smaller(model, small, ids, full)
     assert kept < 0.4
@@ -285,8 +287,9 @@ def test_gpt2_prunes_mlp_and_hidden_size_keeps_the_tie_and_splits_c_attn_into_q_
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_prunes_mlp_and_hidden_size_through_its_rms_norms(tied):
     model, small, mutator, ids, full = _pruned(lambda: _llama(tied))
-    assert _mutable(mutator) == {"model.embed_tokens_(0, 64)_64", "model.layers.0.mlp.gate_proj_(0, 128)_128",
-                                 "model.layers.1.mlp.gate_proj_(0, 128)_128"}
+    per_layer = {f"model.layers.{i}.{unit}" for i in (0, 1)
+                 for unit in ("mlp.gate_proj_(0, 128)_128", "self_attn.q_proj_(0, 64)_4")}
+    assert _mutable(mutator) == {"model.embed_tokens_(0, 64)_64"} | per_layer
     assert isinstance(model.model.norm, DynamicChannelNorm) and isinstance(model.model.norm, ServedForward)
     kept = _check_equal_and_smaller(model, small, ids, full)
     assert kept < 0.4

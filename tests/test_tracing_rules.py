@@ -1,6 +1,7 @@
 """The tracer's parts on their own: the rule tables, single rules on a hand-made context, channel sizes, channel
 tensors and int attributes, and adding a rule in one place."""
 import operator
+from fractions import Fraction
 from contextlib import nullcontext
 
 import pytest
@@ -106,11 +107,14 @@ def visit_all(graph, ctx):
 
 
 def test_channel_count_read_from_a_tensor_is_an_exact_channel_size():
-    graph, ctx = traced(lambda x: x.shape[1] * 2, (2, 8, 4))
+    graph, ctx = traced(lambda x: (x.shape[1] * 2, x.shape[1] // 4, x.shape[1] + 1), (2, 8, 4))
     visit_all(graph, ctx)
     x = ctx.spaces[node_named(graph, "x")]
     assert ctx.spaces[node_named(graph, "getitem")] == ChannelSize((x,))
-    assert ctx.spaces[node_named(graph, "mul")] == ChannelSize((x,), exact=False)
+    # scaled by a plain int it stays proportional to the width (kv_heads * n_rep, C // head_dim); anything else not
+    assert ctx.spaces[node_named(graph, "mul")] == ChannelSize((x,), factor=Fraction(2))
+    assert ctx.spaces[node_named(graph, "floordiv")] == ChannelSize((x,), factor=Fraction(1, 4))
+    assert ctx.spaces[node_named(graph, "add")] == ChannelSize((x,), exact=False)
 
 
 @pytest.mark.parametrize("fn, pinned", [(lambda x, y: x.reshape(2, x.shape[1], -1), False),

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ChannelSelectionError, ConfigError
 from .cost_terms import NO_COST, Bilinear, CostTerms, ParameterCount
 from .layer_kind import OneSelectionKind
 
@@ -154,21 +154,35 @@ class ChannelParameter(OneSelectionKind):
 
 class ChannelCount(ChannelParameter):
     """A module's int attribute that its code uses as the channel width of a shape, e.g. ViT's ``hidden_dim`` in
-    ``x.reshape(n, self.hidden_dim, -1)``: kept equal to the active channel count (and so exported at it)."""
+    ``x.reshape(n, self.hidden_dim, -1)``, or that holds a head count / width (timm's ``num_heads``, BERT's
+    ``all_head_size``): kept equal to the active channel count (and so exported at it).
 
-    def __init__(self, model: nn.Module, path: str):
+    ``span`` is how many channels the units' ranges give it (the end of its widest range). Wider than the value by
+    a whole factor ``k``, the attribute counts one of ``k`` equal blocks: it holds the active count divided by
+    ``k`` (HF's ``num_key_value_groups``: query heads per key / value head, with the query heads' unit balanced over
+    the ``k`` key / value heads).
+    """
+
+    def __init__(self, model: nn.Module, path: str, span: Optional[int] = None):
         owner, attribute = _owner_of(model, path)
         if owner is None or type(owner.__dict__.get(attribute)) is not int:
             raise ConfigError(f"the model has no module, parameter, buffer or int attribute named {path!r}")
-        self._bind(owner, attribute, path, None, owner.__dict__[attribute])
+        value = owner.__dict__[attribute]
+        self.per = span // value if span is not None and value > 0 and span > value and span % value == 0 else 1
+        self._bind(owner, attribute, path, None, value * self.per)
 
     @property
     def device(self) -> torch.device:
         return next((t.device for t in self.owner.parameters()), torch.device("cpu"))
 
     def set_out_index(self, index: Optional[Tensor]) -> None:
+        """Trusted, as for any channel slot; the attribute becomes the active count (divided by ``per``)."""
+        count = self.num_channels if index is None else index.shape[0]
+        if count % self.per:  # a Python int: the units keep their selections balanced, so this is a bug upstream
+            raise ChannelSelectionError(f"{self.pyprune_name}: {count} channels do not split into {self.per} "
+                                        f"equal blocks")
         super().set_out_index(index)
-        self.owner.__dict__[self.attribute] = self.active_out_channels
+        self.owner.__dict__[self.attribute] = self.active_out_channels // self.per
 
     set_in_index = set_out_index
 
@@ -180,7 +194,8 @@ class ChannelCount(ChannelParameter):
         self._detach()
 
     def __repr__(self) -> str:
-        return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels})"
+        per = f", per {self.per}" if self.per != 1 else ""
+        return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels}{per})"
 
 
 class _ServesChannelParameters:
@@ -213,10 +228,10 @@ def _serving_class(cls: type) -> type:
     return _SERVING_CLASSES[cls]
 
 
-def channel_parameter(model: nn.Module, path: str, dim: Optional[int]) -> ChannelParameter:
-    """The attached ChannelParameter (``dim`` given) or ChannelCount (``dim`` None) of ``path`` if there is one, else
-    a new detached one (nothing changes)."""
-    fresh = ChannelParameter(model, path, dim) if dim is not None else ChannelCount(model, path)
+def channel_parameter(model: nn.Module, path: str, dim: Optional[int], span: Optional[int] = None) -> ChannelParameter:
+    """The attached ChannelParameter (``dim`` given) or ChannelCount (``dim`` None; ``span``: see ChannelCount) of
+    ``path`` if there is one, else a new detached one (nothing changes)."""
+    fresh = ChannelParameter(model, path, dim) if dim is not None else ChannelCount(model, path, span)
     attached = fresh.owner.__dict__.get(_SLOTS, {}).get(fresh.attribute)
     return attached if attached is not None else fresh
 

@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import ConfigError
 from .capture import capture
 from .example_inputs import as_call_args
+from .heads import GQA_MODES
 from .propagate import fix_modules, propagate
 from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
@@ -19,7 +20,8 @@ __all__ = ["trace_channel_units", "ChannelRef", "UnitSpec", "PruningTraceWarning
 
 
 def trace_channel_units(model: nn.Module, example_inputs, *,
-                        fixed: Iterable[str] = (), strict: bool = False, tracer: str = "auto") -> List[UnitSpec]:
+                        fixed: Iterable[str] = (), strict: bool = False, tracer: str = "auto",
+                        gqa: str = "keep_kv") -> List[UnitSpec]:
     """Find the groups of coupled channels of ``model``.
 
     Args:
@@ -32,6 +34,9 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
             example input does not reach, instead of fixing the groups they touch with a
             :class:`PruningTraceWarning`.
         tracer: "fx", "torch_function" (record a real forward) or "auto" (fx, falling back to the recording).
+        gqa: how grouped-query attention (fewer key / value heads than query heads) is pruned: "keep_kv" keeps
+            every key / value head and drops the same number of query heads in every KV group; "drop_kv_groups"
+            drops whole KV groups with their query heads (see :mod:`pyprune.tracing.heads`).
 
     Returns:
         one :class:`UnitSpec` per channel group that touches a prunable layer, in graph order; groups that must
@@ -45,6 +50,8 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
     """
     if tracer not in TRACERS:
         raise ConfigError(f"unknown tracer {tracer!r}; known: {list(TRACERS)}")
+    if gqa not in GQA_MODES:
+        raise ConfigError(f"unknown gqa mode {gqa!r}; known: {list(GQA_MODES)}")
     fixed = list(fixed)
     known = {name for name, _ in model.named_modules()}
     missing = [name for name in fixed if name not in known]
@@ -60,7 +67,8 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
                 buffer.copy_(saved[name])
     if captured.note:
         warn_untraceable(captured.note)
-    propagation = propagate(model, captured.graph, strict=strict)
+    propagation = propagate(model, captured.graph, strict=strict, gqa=gqa,
+                            recorded=captured.source == "the recorded forward")
     fix_modules(propagation, captured.graph, fixed)
     handle_unseen(propagation, captured, strict)
     return couple_tied_tensors(model, propagation.table.specs())

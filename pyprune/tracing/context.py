@@ -13,7 +13,7 @@ import torch.fx
 from torch import nn
 
 from ..errors import UntraceableOpError
-from .channel_space import ChannelSpace, GroupTable, Segment
+from .channel_space import ChannelSpace, GroupTable, PartedSpace, Segment
 from .spec import warn_untraceable
 
 OpRule = Callable[["PropagationContext", torch.fx.Node, str], Any]
@@ -44,11 +44,12 @@ def op_name(node: torch.fx.Node, model: nn.Module) -> str:
     """The name rules are keyed by: module class, method name, or function name without dunder underscores."""
     if node.op == "call_module":
         return type(model.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
     if node.target is operator.getitem:
         return "getitem"
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
-    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ... (fx too, calling a method on a constant,
-    # ``_tensor_constant0.__setitem__``): the same ops as fx's getitem / add / setitem
+    name = getattr(node.target, "__name__", str(node.target))
+    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ...: the same ops as fx's getitem / add
     return name[2:-2] if name.startswith("__") and name.endswith("__") and len(name) > 4 else name
 
 
@@ -85,10 +86,12 @@ class PropagationContext:
     Args:
         model: the traced model (rules read its submodules, parameters and attributes).
         strict: raise :class:`UntraceableOpError` on an op no rule can map instead of fixing its groups.
+        gqa: how grouped-query attention is pruned (:data:`pyprune.tracing.heads.GQA_MODES`).
     """
 
-    def __init__(self, model: nn.Module, strict: bool = False):
-        self.model, self.strict = model, strict
+    def __init__(self, model: nn.Module, strict: bool = False, gqa: str = "keep_kv"):
+        self.model, self.strict, self.gqa = model, strict, gqa
+        self.recorded = False  # a recorded forward: sizes the code read from tensors are plain numbers there
         self.table = GroupTable()
         self.spaces: Dict[torch.fx.Node, Any] = {}    # node -> its value (see the module docstring)
         self.notes: List[str] = []                    # warnings given, once each
@@ -100,28 +103,41 @@ class PropagationContext:
         return ChannelSpace(dim, ndim, (Segment(gid, 0, size),))
 
     def space(self, node) -> Optional[ChannelSpace]:
-        """The channel space of a tensor node; None for anything else."""
+        """The channel space of a tensor node (its segments read through partitioned groups); None for anything
+        else, a :class:`PartedSpace` included (see :meth:`parted`)."""
         value = self.spaces.get(node) if isinstance(node, torch.fx.Node) else None
-        return value if isinstance(value, ChannelSpace) else None
+        return self.table.resolve_space(value) if isinstance(value, ChannelSpace) else None
+
+    def parted(self, node) -> Optional[PartedSpace]:
+        """The value of a tensor node whose channels span a parts dim (fused q / k / v), else None."""
+        value = self.spaces.get(node) if isinstance(node, torch.fx.Node) else None
+        if not isinstance(value, PartedSpace):
+            return None
+        return PartedSpace(value.dim, value.ndim, tuple(self.table.resolve_space(p) for p in value.parts))
 
     def spaces_in(self, args) -> List[ChannelSpace]:
-        """Every channel space in ``args``, tuples of outputs included."""
+        """Every channel space in ``args``, tuples of outputs and the parts of parted values included."""
         out = []
         for n in flat_nodes(args):
             value = self.spaces.get(n)
-            if isinstance(value, ChannelSpace):
-                out.append(value)
-            elif isinstance(value, (tuple, list)):
-                out += [v for v in value if isinstance(v, ChannelSpace)]
+            for item in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(item, PartedSpace):
+                    out += [self.table.resolve_space(p) for p in item.parts]
+                elif isinstance(item, ChannelSpace):
+                    out.append(self.table.resolve_space(item))
         return out
 
     def tracked(self, node: torch.fx.Node) -> List[ChannelSpace]:
         """The channel spaces of ``node``'s tensor arguments, in argument order."""
         return [s for s in (self.space(a) for a in flat_nodes((node.args, node.kwargs))) if s is not None]
 
-    def fix_space(self, space: Optional[ChannelSpace], reason: str) -> None:
-        if space is not None:
-            for seg in space.segments:
+    def fix_space(self, space, reason: str) -> None:
+        """Fix the groups of ``space`` (a ChannelSpace, a PartedSpace or None)."""
+        if isinstance(space, PartedSpace):
+            for part in space.parts:
+                self.fix_space(part, reason)
+        elif space is not None:
+            for seg in self.table.resolve_space(space).segments:
                 self.table.fix(seg.gid, reason)
 
     def whole(self, seg: Segment) -> bool:
@@ -166,5 +182,6 @@ class PropagationContext:
     def same_channels(self, a: ChannelSpace, b: ChannelSpace) -> bool:
         """Whether ``a`` and ``b`` hold the same channels in the same order (groups compared by their roots)."""
         def layout(space):
-            return [(self.table.find(s.gid), s.start, s.end, s.expand) for s in space.segments]
+            return [(self.table.find(s.gid), s.start, s.end, s.expand)
+                    for s in self.table.resolve_space(space).segments]
         return layout(a) == layout(b)

@@ -12,22 +12,27 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import rules_elementwise, rules_shape, rules_writes
+from . import rules_attention, rules_elementwise, rules_shape, rules_writes
 from .channel_tensors import check_bound_tensors
-from .context import OP_RULES, PropagationContext, op_name, shapes
+from .channel_space import PartedSpace
+from .context import OP_RULES, PropagationContext, flat_nodes, op_name, shapes
 from ..ops.registry import unservable_reason
 from .rules_layers import apply_layer_rule, is_prunable_layer
 from .rules_elementwise import generic, no_tensor
 from .sizes import check_sizes, size_value
 
 # The modules whose ``@op_rule`` functions fill OP_RULES (importing them registers the rules).
-RULE_MODULES = (rules_elementwise, rules_shape, rules_writes)
+RULE_MODULES = (rules_elementwise, rules_shape, rules_writes, rules_attention)
 NO_TENSOR = {"size", "dim", "numel", "getattr"}
 
 
-def propagate(model: nn.Module, graph: torch.fx.Graph, strict: bool = False) -> PropagationContext:
-    """Give every node of ``graph`` its value; the coupled groups end up in the returned context's ``table``."""
-    ctx = PropagationContext(model, strict)
+def propagate(model: nn.Module, graph: torch.fx.Graph, strict: bool = False, gqa: str = "keep_kv",
+              recorded: bool = False) -> PropagationContext:
+    """Give every node of ``graph`` its value; the coupled groups end up in the returned context's ``table``.
+    ``recorded``: the graph is a recorded forward, whose shapes are plain numbers even where the code read them
+    from tensors."""
+    ctx = PropagationContext(model, strict, gqa)
+    ctx.recorded = recorded
     for node in graph.nodes:
         ctx.spaces[node] = visit(ctx, node)
         check_sizes(ctx, node)
@@ -49,6 +54,9 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
             ctx.fix_space(space, "model output")
         return None
     name = op_name(node, ctx.model)
+    parted = [a for a in flat_nodes((node.args, node.kwargs)) if isinstance(ctx.spaces.get(a), PartedSpace)]
+    if parted and name not in rules_shape.PARTED_RULES:
+        return _reads_parted(ctx, node, name, parted)
     if node.op == "call_module":
         module = ctx.model.get_submodule(node.target)
         if is_prunable_layer(module):
@@ -66,6 +74,16 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
     if name in NO_TENSOR or shapes(node) is None:
         return no_tensor(ctx, node, name)
     return OP_RULES.get(name, generic)(ctx, node, name)
+
+
+def _reads_parted(ctx: PropagationContext, node: torch.fx.Node, name: str, parted):
+    """An op reading fused heads (channels over a parts dim and a heads dim): passed on by ops that return the
+    tensor unchanged, fixed by any other op (no other rule knows such a value)."""
+    tensors = [a for a in flat_nodes((node.args, node.kwargs)) if isinstance(shapes(a), torch.Size)]
+    if name in rules_shape.PARTED_PASS and tensors == parted[:1] and shapes(node) == shapes(parted[0]):
+        return ctx.parted(parted[0])
+    return ctx.unknown(node, name, "it reads q / k / v heads fused on one dim (only permute, unbind and "
+                                   "indexing of that dim are followed)")
 
 
 def fix_modules(ctx: PropagationContext, graph: torch.fx.Graph, names: Iterable[str]) -> None:

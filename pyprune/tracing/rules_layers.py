@@ -130,6 +130,8 @@ def layer_norm(ctx: PropagationContext, node, module: nn.LayerNorm):
     if len(module.normalized_shape) != 1:
         return ctx.unknown(node, "LayerNorm", "normalized over more than one dim")
     dim = _layer_norm_dim(module, ndim)
+    if space is not None and space.dim != dim and space.ndim == ndim:
+        return space  # over a dim without channels (q / k norm over head_dim): they pass through, the norm stays
     layer_inputs(ctx, node, space, dim, True)
     return _passes_on(space, dim)
 

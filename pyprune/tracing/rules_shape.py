@@ -1,23 +1,29 @@
 """Rules for ops that move, slice or join the channel dim: cat, permute / transpose, view / reshape / flatten,
-split / chunk and indexing. A segment cut inside a flattened channel, or a channel dim split by a reshape, cannot be
-mapped and fixes its groups."""
+split / chunk, unbind and indexing. A reshape that splits the channel dim into ``(heads, head_dim)`` (or ``(parts,
+heads, head_dim)``) gives a group of heads (:mod:`.heads`); a segment cut inside a flattened channel, or any other
+split of the channel dim, cannot be mapped and fixes its groups."""
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.fx
 
-from .channel_space import ChannelSpace, merge_adjacent, slice_space
-from .channel_tensors import count_attribute, fix_channel_sized_constants
+from .channel_space import ChannelSpace, PartedSpace, merge_adjacent, slice_space
+from .channel_tensors import fix_channel_sized_constants
 from .context import PropagationContext, dim_arg, op_rule, shapes
+from .heads import KV_GROUP_ATTRIBUTES, bind_count, count_attribute, named_attributes, split_heads
 from .rules_elementwise import elementwise
-from .spec import ChannelRef
+from .sizes import ChannelSize
 
 CONCAT = ("cat", "concat", "concatenate")
 RESHAPE = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "Flatten", "Unflatten", "view_as",
            "reshape_as")
 PERMUTE = ("permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "t")
 SPLIT = ("chunk", "split", "tensor_split", "split_with_sizes")
+# Ops that follow a PartedSpace (fused q / k / v heads): these rules, and ops passing a tensor on unchanged.
+PARTED_RULES = PERMUTE + ("getitem", "unbind")
+PARTED_PASS = ("contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type_as", "dropout", "Identity",
+               "Dropout")
 
 
 @op_rule(*CONCAT)
@@ -55,31 +61,63 @@ def _cat_other_dim(ctx: PropagationContext, node: torch.fx.Node, tracked):
 
 @op_rule(*PERMUTE)
 def permute(ctx: PropagationContext, node: torch.fx.Node, name: str):
-    """Replay the op on a probe whose only non-1 dim is the channel dim, and see where that dim lands."""
-    space = ctx.space(node.args[0])
+    """Replay the op on a probe whose only non-1 dim is the channel dim (and the parts dim, size 3, of fused heads),
+    and see where that dim lands."""
+    parted = ctx.parted(node.args[0])
+    space = ctx.space(node.args[0]) if parted is None else parted.parts[0]
     if space is None:
         return None
     probe_shape = [1] * space.ndim
     probe_shape[space.dim] = 2
+    if parted is not None:
+        probe_shape[parted.dim] = 3
     probe = torch.zeros(probe_shape)
     try:
         moved = getattr(probe, name)(*node.args[1:], **node.kwargs)
     except Exception:
         return ctx.unknown(node, name)
-    return space.with_dim(list(moved.shape).index(2), moved.dim())
+    dims = list(moved.shape)
+    if parted is None:
+        return space.with_dim(dims.index(2), moved.dim())
+    return PartedSpace(dims.index(3), moved.dim(),
+                       tuple(p.with_dim(dims.index(2), moved.dim()) for p in parted.parts))
+
+
+@op_rule("unbind")
+def unbind(ctx: PropagationContext, node: torch.fx.Node, name: str):
+    """Along another dim than the channels: every piece keeps them; along the parts dim of fused heads: piece i is
+    part i (``q, k, v = qkv.unbind(0)``); along the channel dim: not mapped."""
+    parted = ctx.parted(node.args[0])
+    space = ctx.space(node.args[0]) if parted is None else parted.parts[0]
+    pieces = shapes(node)
+    if space is None:
+        return None
+    dim = dim_arg(node, 1, 0)
+    if not isinstance(dim, int) or not isinstance(pieces, tuple):
+        return ctx.unknown(node, name)
+    dim %= space.ndim
+    if parted is not None:
+        if dim != parted.dim:
+            return ctx.unknown(node, name, "it unbinds fused heads along another dim than their parts")
+        return tuple(parted.part(i) for i in range(len(parted.parts)))
+    if dim == space.dim:
+        return ctx.unknown(node, name, "it unbinds the channel dim")
+    return tuple(space.with_dim(space.dim - (space.dim > dim), space.ndim - 1) for _ in pieces)
 
 
 @op_rule(*RESHAPE)
 def reshape(ctx: PropagationContext, node: torch.fx.Node, name: str):
     """The channel dim keeps its size (it may move), or absorbs the dims after it (flatten: each channel then spans
-    ``expand`` positions); a reshape that splits the channel dim cannot be mapped."""
+    ``expand`` positions; heads merged back: each head spans ``head_dim``), or splits into ``(heads, head_dim)`` /
+    ``(parts, heads, head_dim)`` (:func:`.heads.split_heads`); any other reshape of the channel dim cannot be
+    mapped."""
     space = ctx.space(node.args[0])
     if space is None:
         return None
     in_shape, out_shape = shapes(node.args[0]), shapes(node)
     c = space.dim
     before = math.prod(in_shape[:c])
-    prefix = 1
+    prefix, split_at = 1, None
     for k, size in enumerate(out_shape):
         if prefix == before:
             if size == in_shape[c]:
@@ -89,25 +127,71 @@ def reshape(ctx: PropagationContext, node: torch.fx.Node, name: str):
                 trailing *= in_shape[j]
                 if size == in_shape[c] * trailing:
                     return _reshaped(ctx, node, name, space.expanded(trailing).with_dim(k, len(out_shape)))
+            if split_at is None and size != 1:
+                split_at = k
         elif prefix > before:
             break
         prefix *= size
-    return ctx.unknown(node, name, f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the channel dim")
+    what = f"reshape {tuple(in_shape)} -> {tuple(out_shape)} splits the channel dim"
+    factors = _split_factors(out_shape, split_at, in_shape[c])
+    if factors is None:
+        return ctx.unknown(node, name, what)
+    result = split_heads(ctx, node, space, factors, split_at, _split_entries(node, name, split_at, len(factors),
+                                                                           len(out_shape)), len(out_shape))
+    return ctx.unknown(node, name, f"{what} and {result}") if isinstance(result, str) else result
+
+
+def _split_factors(out_shape, first: Optional[int], width: int) -> Optional[Sequence[int]]:
+    """The sizes of the output dims from ``first`` on whose product is ``width`` (no 1s among them), or None."""
+    if first is None:
+        return None
+    product, end = 1, first
+    while end < len(out_shape) and product < width:
+        product *= out_shape[end]
+        end += 1
+    factors = list(out_shape[first:end])
+    return factors if product == width and len(factors) > 1 and 1 not in factors else None
+
+
+def _split_entries(node: torch.fx.Node, name: str, first: int, count: int, ndim: int) -> Optional[list]:
+    """What the code wrote for the output dims ``first ... first + count - 1`` (ints, -1, size nodes), or None."""
+    target = _target_shape(node, name)
+    if target is not None and len(target) == ndim:
+        return target[first:first + count]
+    if name == "unflatten":  # x.unflatten(dim, sizes): the sizes replace the channel dim
+        sizes = node.args[2] if len(node.args) > 2 else node.kwargs.get("sizes")
+        if isinstance(sizes, (tuple, list, torch.Size)) and len(sizes) == count:
+            return list(sizes)
+    return None
 
 
 def _reshaped(ctx: PropagationContext, node: torch.fx.Node, name: str, space: ChannelSpace):
     """``space`` unless the target shape spells the channel width as a number (``x.reshape(n, 768, -1)``, as
-    ViT does with ``self.hidden_dim``): a pruned model would still ask for the full width there."""
+    ViT does with ``self.hidden_dim``): a pruned model would still ask for the full width there, unless the number
+    is an int attribute of the module whose code reshapes (it then follows the channels, see ChannelCount)."""
     target = _target_shape(node, name)
-    if target is not None and len(target) == space.ndim and isinstance(target[space.dim], int) \
+    if target is not None and len(target) == space.ndim and type(target[space.dim]) is int \
             and target[space.dim] != -1:
-        attribute = count_attribute(ctx.model, node, target[space.dim])
-        if attribute is None or len(space.segments) != 1 or not ctx.whole(space.segments[0]) or \
-                space.segments[0].expand != 1:
-            return ctx.unknown(node, name, f"the target shape fixes the channel count to {target[space.dim]}")
-        # the number is an int attribute of the module whose code reshapes: it becomes the active count
-        ctx.table.add_ref(space.segments[0].gid, ChannelRef(attribute, 0, target[space.dim], True))
+        value = target[space.dim]
+        attribute = count_attribute(ctx, node, value)
+        if attribute is not None:
+            bind_count(ctx, space, attribute)
+        elif not _repeated_heads(ctx, node, space):
+            return ctx.unknown(node, name, f"the target shape fixes the channel count to {value}")
     return space
+
+
+def _repeated_heads(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpace) -> bool:
+    """``repeat_kv`` as a recorded forward sees it: ``reshape(B, kv_heads * n_rep, S, D)`` with both written as
+    numbers, where ``n_rep`` is the module's ``num_key_value_groups``. The code computes ``kv_heads`` from the
+    shape, but the recording cannot show it: the key / value heads are kept, ``n_rep`` follows the query heads
+    (:func:`.heads.couple_grouped_heads`)."""
+    if len(space.segments) != 1 or space.segments[0].expand == 1 or not ctx.whole(space.segments[0]):
+        return False
+    if not named_attributes(ctx, node, KV_GROUP_ATTRIBUTES, space.segments[0].expand):
+        return False
+    ctx.fix_space(space, f"the key / value head count is written as a number in {ctx.where(node)}")
+    return True
 
 
 def _target_shape(node: torch.fx.Node, name: str) -> Optional[list]:
@@ -144,7 +228,46 @@ def split(ctx: PropagationContext, node: torch.fx.Node, name: str):
             return ctx.unknown(node, name, "split inside a flattened channel")
         pieces.append(ChannelSpace(dim, space.ndim, segments))
         offset += shape[dim]
+    _piece_widths_follow(ctx, node, name, pieces)
     return tuple(pieces)
+
+
+SPLIT_SIZE_KEYWORDS = ("chunks", "split_size_or_sections", "split_size", "split_sizes", "indices_or_sections",
+                       "sections", "indices")
+
+
+def _piece_widths_follow(ctx: PropagationContext, node: torch.fx.Node, name: str, pieces) -> None:
+    """Pieces that are whole groups (a fused projection split into q | k | v, or gate | up) are pruned on their
+    own, so a pruned model must split at their kept widths: ``chunk(n)`` does when they keep the same count (their
+    groups are coupled), ``split(size)`` when ``size`` is an int attribute of the module that follows them; a size
+    written as a number fixes its piece. Slices of a group are fixed by whatever reads them."""
+    if not any(all(ctx.whole(seg) for seg in piece.segments) for piece in pieces):
+        return
+    sizes = node.args[1] if len(node.args) > 1 else next(
+        (node.kwargs[k] for k in SPLIT_SIZE_KEYWORDS if k in node.kwargs), None)
+    reason = f"{ctx.where(node)} splits at widths written as numbers"
+    if name == "chunk" or (name == "tensor_split" and type(sizes) is int):
+        if len({p.width for p in pieces}) == 1 and all(len(p.segments) == 1 for p in pieces):
+            ctx.merge_spaces(list(pieces), f"{ctx.where(node)} splits into equal pieces that must stay equal")
+        else:
+            for piece in pieces:
+                ctx.fix_space(piece, reason)
+        return
+    entries = [sizes] * len(pieces) if type(sizes) is int else \
+        list(sizes) if name != "tensor_split" and isinstance(sizes, (list, tuple)) else [None] * len(pieces)
+    for piece, entry in zip(pieces, entries):
+        attribute = count_attribute(ctx, node, entry) if type(entry) is int and entry == piece.width else None
+        if attribute is not None:
+            bind_count(ctx, piece, attribute)  # equal pieces bind the same attribute: their groups are joined
+        elif not (isinstance(entry, torch.fx.Node) and _follows_piece(ctx, entry, piece)):
+            ctx.fix_space(piece, reason)
+
+
+def _follows_piece(ctx: PropagationContext, entry: torch.fx.Node, piece: ChannelSpace) -> bool:
+    """Whether a size node of a split is the exact width of ``piece`` (``x.split(y.shape[-1])``)."""
+    value = ctx.spaces.get(entry)
+    return isinstance(value, ChannelSize) and value.exact and value.factor == 1 and \
+        ctx.same_channels(value.spaces[0], piece)
 
 
 @op_rule("getitem")
@@ -155,11 +278,47 @@ def getitem(ctx: PropagationContext, node: torch.fx.Node, name: str):
     value = ctx.spaces.get(source)
     if isinstance(value, (tuple, list)):
         return value[index] if isinstance(index, (int, slice)) else None
+    if isinstance(value, PartedSpace):
+        return _index_parts(ctx, node, ctx.parted(source), index)
     space = ctx.space(source)
     if space is None:
         return None
     result = index_space(space, index)
     return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
+
+
+def _index_parts(ctx: PropagationContext, node: torch.fx.Node, parted: PartedSpace, index):
+    """``qkv[0]``: an int at the parts dim picks that part; indexing that keeps the parts dim whole moves it."""
+    item = _item_at(index, parted.ndim, parted.dim)
+    if type(item) is int:
+        result = index_space(parted.parts[item % len(parted.parts)], index)
+    elif item == slice(None):
+        marker = index_space(ChannelSpace(parted.dim, parted.ndim, ()), index)  # where the parts dim goes
+        moved = [index_space(p, index) for p in parted.parts]
+        result = next((m for m in [marker] + moved if isinstance(m, str)), None) or \
+            PartedSpace(marker.dim, marker.ndim, tuple(moved))
+    else:
+        result = "it slices fused heads along their parts"
+    return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
+
+
+def _item_at(index, ndim: int, dim: int):
+    """The index item that applies to dim ``dim`` of an ``ndim``-dim tensor (``slice(None)`` when none does)."""
+    items = index if isinstance(index, tuple) else (index,)
+    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+    position = 0
+    for i in items:
+        if i is None:
+            continue
+        if i is Ellipsis:
+            position += ndim - consumed
+            if position > dim:
+                return slice(None)
+            continue
+        if position == dim:
+            return i
+        position += 1
+    return slice(None)
 
 
 def index_space(space: ChannelSpace, index) -> Union[ChannelSpace, str]:

@@ -4,22 +4,28 @@ A pruned model reads the *active* width there, so a tensor shaped by such an int
 space; otherwise the width of one pruned group would size another tensor, and both groups are pinned.
 """
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import List, Optional
 
 import torch.fx
 
-from .channel_space import ChannelSpace
+from .channel_space import ChannelSpace, PartedSpace, Segment
 from .context import PropagationContext, dim_arg, flat_nodes, shapes
+
+# Arithmetic with a plain int that keeps a size proportional to its width: ``heads * n_rep``, ``C // head_dim``.
+SCALING = {"mul": False, "rmul": False, "floordiv": True, "truediv": True}
 
 
 @dataclass(frozen=True)
 class ChannelSize:
     """A Python int read from a channel dim or computed from such ints.
 
-    ``spaces`` are the channel spaces it depends on; ``exact`` is False once arithmetic has touched it.
+    ``spaces`` are the channel spaces it depends on; ``exact`` is False once arithmetic other than scaling by a
+    plain int has touched it; an exact size is ``factor`` times the width of ``spaces[0]``.
     """
     spaces: tuple
     exact: bool = True
+    factor: Fraction = Fraction(1)
 
 
 def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
@@ -36,7 +42,22 @@ def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
     sizes = sizes_in(ctx, (node.args, node.kwargs))
     if not sizes:
         return None
+    scaled = _scaled(ctx, node, name)
+    if scaled is not None:
+        return scaled
     return ChannelSize(tuple(dict.fromkeys(space for size in sizes for space in size.spaces)), exact=False)
+
+
+def _scaled(ctx: PropagationContext, node: torch.fx.Node, name: str) -> Optional[ChannelSize]:
+    """An exact size times or divided by a plain int (``C // head_dim``, ``kv_heads * n_rep``): still exact."""
+    if name not in SCALING or len(node.args) != 2 or node.kwargs:
+        return None
+    values = [ctx.spaces.get(a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    divides = SCALING[name]
+    for size, other in ((values[0], values[1]), (values[1], values[0]))[:1 if divides else 2]:
+        if isinstance(size, ChannelSize) and size.exact and type(other) is int and other > 0:
+            return ChannelSize(size.spaces, True, size.factor / other if divides else size.factor * other)
+    return None
 
 
 def sizes_in(ctx: PropagationContext, args) -> List[ChannelSize]:
@@ -56,16 +77,30 @@ def check_sizes(ctx: PropagationContext, node: torch.fx.Node) -> None:
     sizes = sizes_in(ctx, (node.args, node.kwargs))
     if not sizes:
         return
-    result = ctx.spaces.get(node)
+    result, value = ctx.space(node), ctx.spaces.get(node)
     for size in sizes:
-        if isinstance(result, ChannelSpace) and size.exact and ctx.same_channels(size.spaces[0], result):
+        if result is not None and size.exact and _follows(ctx, size, result):
             continue
         reason = f"its channel count sizes the output of {ctx.where(node)}"
         for space in size.spaces:
             ctx.fix_space(space, reason)
-        for space in (result if isinstance(result, tuple) else (result,)):
+        for space in (value if isinstance(value, tuple) else (value,)):
             ctx.fix_space(_as_space(space), reason)
 
 
-def _as_space(value) -> Optional[ChannelSpace]:
-    return value if isinstance(value, ChannelSpace) else None
+def _follows(ctx: PropagationContext, size: ChannelSize, result: ChannelSpace) -> bool:
+    """Whether ``result``'s channel dim is ``size.factor`` times the channels of ``size``: the same channels, each
+    over ``factor`` times as many positions (``factor`` > 1: repeated, e.g. key / value heads for grouped-query
+    attention; < 1: a block of channels per position, e.g. heads split off a width)."""
+    source = ctx.table.resolve_space(size.spaces[0])
+    segments = []
+    for seg in source.segments:
+        expand = seg.expand * size.factor
+        if expand.denominator != 1:
+            return False
+        segments.append(Segment(seg.gid, seg.start, seg.end, int(expand)))
+    return ctx.same_channels(ChannelSpace(source.dim, source.ndim, tuple(segments)), result)
+
+
+def _as_space(value):
+    return value if isinstance(value, (ChannelSpace, PartedSpace)) else None

@@ -62,7 +62,7 @@ def get_layer(model: nn.Module, ref, where: str = ""):
     except ConfigError:
         pass  # a channel tensor, or an int attribute holding a channel count (ViT's hidden_dim)
     try:
-        return ops.channel_parameter(model, ref.name, ref.param_dim)
+        return ops.channel_parameter(model, ref.name, ref.param_dim, span=ref.end)
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
 
