@@ -1,4 +1,4 @@
-"""Converting gathers (issue 9 item 3): ``gather_channels(..., dtype=, memory_format=)`` writes the compact copy in
+"""Converting gathers: ``gather_channels(..., dtype=, memory_format=)`` writes the compact copy in
 the autocast dtype / channels_last in one pass, its backward scatters the gradient back into the full tensor's dtype
 (and layout); DynamicConv2d / DynamicLinear use it under autocast and for channels_last inputs. Everything must equal
 the per-op path followed by a cast / layout copy, value for value."""

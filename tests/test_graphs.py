@@ -1,4 +1,4 @@
-"""pyprune.graphs: one captured training step / eval forward per subnet (issue 9, item 2).
+"""pyprune.graphs: one captured training step / eval forward per subnet.
 
 Without a GPU the bookkeeping runs on ``backend='eager'`` (the same cache, warm-up, static buffers and optimizer
 preparation; every "replay" re-runs the step eagerly), checked against a plain training loop. The real CUDA graphs

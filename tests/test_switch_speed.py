@@ -1,4 +1,4 @@
-"""Switching subnets cheaply (issue 9, item 4): what the fast ``set_choices`` path must still get right.
+"""Switching subnets cheaply: what the fast ``set_choices`` path must still get right.
 
 The LayerIndexAssembler builds host-known index pieces on the host and moves them in one copy per device, skips
 layer sides whose units' selection keys did not change, and Sequential units keep their prefix on the host. These

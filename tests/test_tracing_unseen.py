@@ -1,4 +1,4 @@
-"""A parse that did not see a layer must not prune what that layer reads or feeds (issue 13, item 5).
+"""A parse that did not see a layer must not prune what that layer reads or feeds.
 
 The example input can be too small for a train-only branch (Inception's aux head at 224 px): fx's shape pass fails
 there, the recorded forward runs in eval mode and never reaches the branch. The groups around those layers must stay

@@ -27,6 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..utils.modules import unwrap_model
 from .base import DynamicChannelMixin
 from .compact_state import ChannelSlice, CompactOpState, HeldTensor, gather_slice, scatter_slice_
 from .parameter import channel_parameters
@@ -46,12 +47,6 @@ def _state(module: nn.Module) -> Optional[CompactOpState]:
     provider = module.__dict__.get("_provider")
     source = None if provider is None else provider.source
     return source if isinstance(source, CompactOpState) else None
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
 
 
 def _as_list(optimizers: Optimizers) -> List[torch.optim.Optimizer]:
@@ -114,7 +109,7 @@ def holds_compact(layer) -> bool:
 def release_compact(model: nn.Module) -> None:
     """Leave compact form for good in every op of ``model`` that holds compact tensors without a session (a deep
     copy or an unpickled model made in compact mode): values written back, full tensors swapped in."""
-    for module in _unwrapped(model).modules():
+    for module in unwrap_model(model).modules():
         state = _state(module)
         if state is not None and state.session is None:
             state.suspended = True
@@ -165,7 +160,7 @@ class CompactTraining:
     """
 
     def __init__(self, model: nn.Module, optimizers: Optimizers = None):
-        self.model = _unwrapped(model)
+        self.model = unwrap_model(model)
         self.optimizers = _as_list(optimizers)
         self._ops: List[Tuple[str, DynamicChannelMixin]] = []
         self._state_aside: Dict[int, Dict[Tuple[int, str], Tensor]] = {}   # id(param) -> {(optimizer, key): full}
