@@ -198,8 +198,10 @@ def _run_sweep(args) -> int:
         raise SystemExit(f"pyprune bench sweep: --ratio must be in (0, 1], got {args.ratio}")
     names = args.models or sweep_bench.zoos.zoo_names(args.zoo)
     header = run_header(torch.device("cpu"), benchmark="sweep", zoo=args.zoo, ratio=args.ratio, note=args.note)
-    rows = [sweep_bench.sweep_model(name, args.ratio, args.zoo) for name in _progress_iter(names, "sweep")]
-    write_csv(args.out / "sweep.csv", rows, sweep_bench.SWEEP_COLUMNS)
+    rows = []
+    for name in _progress_iter(names, "sweep"):
+        rows.append(sweep_bench.sweep_model(name, args.ratio, args.zoo))
+        write_csv(args.out / "sweep.csv", rows, sweep_bench.SWEEP_COLUMNS)  # a stopped sweep keeps its rows
     write_json(args.out / "sweep.json", header, rows)
     failed = [row for row in rows if row["status"] != "ok"]
     print(format_header(header))
