@@ -26,6 +26,7 @@ from ..units.saved_selection import apply_selections, checked_selections, select
 from .parse import (TRACER_TYPES, demo_inputs, jsonable_parse_cfg, lenient_config_choice,
                     normalize_parse_cfg, normalize_unit_cfg, specs_from_channels)
 from . import selection_hooks
+from .narrow_check import fix_units_that_break_narrow
 from .hf_export import attach_hf_config
 from .summary import PruningSummary, make_summary
 
@@ -125,6 +126,9 @@ class ChannelMutator:
         # model.state_dict() carries the units' selection, model.load_state_dict gives it back to them (validated
         # before any tensor is copied); the hooks hold the units, not the mutator (pyprune.mutators.selection_hooks)
         selection_hooks.install(model, units, assembler)
+        if self.parse_cfg["type"] not in ("Config", "Predefined"):  # a traced structure: check it runs narrower
+            inputs = as_call_args(demo_inputs(self.parse_cfg, model), model=model)
+            fix_units_that_break_narrow(model, units, inputs, _half_count, self.strict)
 
     def _check_fixed_names(self, model: nn.Module) -> None:
         names = {name for name, _ in model.named_modules()}
@@ -362,6 +366,11 @@ class ChannelMutator:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.unit_class.__name__}, {len(self.mutable_units)} mutable of "
                 f"{len(self.units)} units)")
+
+
+def _half_count(unit: MutableChannelUnit) -> int:
+    """The count ``set_global_ratio(0.5)`` gives ``unit``."""
+    return unit.choice_to_count(unit.choice_from_ratio(0.5))
 
 
 def full_width_export(model: nn.Module) -> nn.Module:
