@@ -109,11 +109,11 @@ def _timm_names() -> List[str]:
 
 
 def _timm(name: str) -> ZooModel:
-    """At its ``pretrained_cfg`` input size (fixed-size models need it), at most 224 px."""
+    """At its ``pretrained_cfg`` input size (fixed-size models, e.g. Swin V2 at 256 px, need exactly that)."""
     import timm
     model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
     channels, height, width = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    return ZooModel(model, CallArgs((torch.randn(2, channels, min(height, 224), min(width, 224)),), {}))
+    return ZooModel(model, CallArgs((torch.randn(2, channels, height, width),), {}))
 
 
 ZOOS: Dict[str, Dict[str, Callable]] = {
