@@ -127,7 +127,8 @@ class ChannelMutator:
         # before any tensor is copied); the hooks hold the units, not the mutator (pyprune.mutators.selection_hooks)
         selection_hooks.install(model, units, assembler)
         if self.parse_cfg["type"] not in ("Config", "Predefined"):  # a traced structure: check it runs narrower
-            inputs = as_call_args(demo_inputs(self.parse_cfg, model), model=model)
+            with torch.random.fork_rng(devices=[]):  # the demo input's random values leave the user's stream alone
+                inputs = as_call_args(demo_inputs(self.parse_cfg, model), model=model)
             fix_units_that_break_narrow(model, units, inputs, _half_count, self.strict)
 
     def _check_fixed_names(self, model: nn.Module) -> None:
