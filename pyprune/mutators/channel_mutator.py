@@ -370,8 +370,14 @@ class ChannelMutator:
 
 
 def _half_count(unit: MutableChannelUnit) -> int:
-    """The count ``set_global_ratio(0.5)`` gives ``unit``."""
-    return unit.choice_to_count(unit.choice_from_ratio(0.5))
+    """The count ``set_global_ratio(0.5)`` gives ``unit``; for units with candidate widths (one-shot, slimmable)
+    their smallest one; the full width (nothing to check) when the unit takes neither."""
+    for choice in (lambda: unit.choice_from_ratio(0.5), lambda: unit.min_choice):
+        try:
+            return unit.choice_to_count(choice())
+        except (ChannelSelectionError, ConfigError):
+            continue
+    return unit.num_channels
 
 
 def full_width_export(model: nn.Module) -> nn.Module:
