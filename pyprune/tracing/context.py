@@ -44,12 +44,11 @@ def op_name(node: torch.fx.Node, model: nn.Module) -> str:
     """The name rules are keyed by: module class, method name, or function name without dunder underscores."""
     if node.op == "call_module":
         return type(model.get_submodule(node.target)).__name__
-    if node.op == "call_method":
-        return node.target
     if node.target is operator.getitem:
         return "getitem"
-    name = getattr(node.target, "__name__", str(node.target))
-    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ...: the same ops as fx's getitem / add
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+    # the recorded forward sees Tensor.__getitem__ / __add__ / __radd__ ... (fx too, calling a method on a constant,
+    # ``_tensor_constant0.__setitem__``): the same ops as fx's getitem / add / setitem
     return name[2:-2] if name.startswith("__") and name.endswith("__") and len(name) > 4 else name
 
 
