@@ -85,7 +85,7 @@ setup(
     packages=find_packages(include=["pyprune", "pyprune.*"]),
     install_requires=["torch", "tqdm", "matplotlib", "numpy"],
     extras_require={"test": ["pytest", "torchvision", "timm==1.0.31", "transformers>=5,<6"]},
-    entry_points={"console_scripts": ["pyprune = pyprune.cli:main"]},
+    entry_points={"console_scripts": ["pyprune = pyprune.app.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,

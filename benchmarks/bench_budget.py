@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pyprune.budget import LatencySettings, measure_latency, prune_to_budget
-from pyprune.data import build_datasets, make_train_loader
+from pyprune.app.data import build_datasets, make_train_loader
 from pyprune.mutators import ChannelMutator, count_flops, count_params
-from pyprune.training.loop import cosine_lr, evaluate, set_lr
-from pyprune.training.models import build_model
-from pyprune.training.step import TrainStep
+from pyprune.app.training.loop import cosine_lr, evaluate, set_lr
+from pyprune.app.training.models import build_model
+from pyprune.app.training.step import TrainStep
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 DEFAULT_ALLOCATIONS = ("uniform", "global", "global:cost_power=0")

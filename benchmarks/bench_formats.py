@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from pyprune.bench.mmrazor_reference import build_reference_model
-from pyprune.bench.model_bench import (GraphRunner, Runner, build_supernet, dynamic_backend_name, num_classes_of,
+from pyprune.app.bench.mmrazor_reference import build_reference_model
+from pyprune.app.bench.model_bench import (GraphRunner, Runner, build_supernet, dynamic_backend_name, num_classes_of,
                                   prepare)
-from pyprune.bench.tables import format_header, format_table, run_header, write_csv, write_json
-from pyprune.bench.timing import measure
+from pyprune.app.bench.tables import format_header, format_table, run_header, write_csv, write_json
+from pyprune.app.bench.timing import measure
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}

@@ -4,7 +4,7 @@
 """
 import sys
 
-from pyprune.bench import main
+from pyprune.app.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(["ops", *sys.argv[1:]]))

@@ -61,6 +61,11 @@ _MOVED: Dict[str, str] = {
 
 __all__ = list(_EXPORTS)
 
+# the application (job, CLI, data, bench) lives in pyprune.app; its old paths resolve for one release, with a warning
+from .compat import moved_modules as _moved_modules  # noqa: E402  (after the tables above, imports no torch)
+
+_moved_modules.install()
+
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)

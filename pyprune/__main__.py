@@ -1,7 +1,7 @@
 """``python -m pyprune prune ...`` (also what ``torchrun -m pyprune`` runs)."""
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Non-model helpers that more than one test file uses: markers, the layer-case table, channel selections and the
-names of the boolean-slicing (mmrazor-style) reference the DynamicOps are checked against (pyprune.bench's).
+names of the boolean-slicing (mmrazor-style) reference the DynamicOps are checked against (pyprune.app.bench's).
 
 Import by module name (``from helpers import CASES``); see tests/models.py for the shared models.
 """
@@ -17,7 +17,7 @@ from torch import nn
 
 import pyprune.ops as ops
 from models import ZooNet
-from pyprune.bench.mmrazor_reference import masked_batch_norm, masked_forward, masked_weight
+from pyprune.app.bench.mmrazor_reference import masked_batch_norm, masked_forward, masked_weight
 from pyprune.mutators import ChannelMutator
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -123,7 +123,7 @@ def same_index(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------ boolean-slicing (mmrazor) reference
-# One reference for the whole project: the benchmark's mmrazor-style slicing (pyprune/bench/mmrazor_reference.py).
+# One reference for the whole project: the benchmark's mmrazor-style slicing (pyprune/app/bench/mmrazor_reference.py).
 # reference_forward(module, out_mask, in_mask, x), reference_weight(module, out_mask, in_mask) -> compact weight,
 # reference_batch_norm(bn, mask, x): what mmrazor computes with the full ``module`` and bool masks.
 reference_forward = masked_forward

@@ -280,7 +280,7 @@ def test_cuda_model_under_autocast_equals_gather_then_cast(monkeypatch, dtype):
 
 # ------------------------------------------------------------------------------------------ pyprune prune --amp
 def test_prune_job_with_bf16_autocast_and_channels_last(tmp_path, monkeypatch):
-    from pyprune import cli
+    from pyprune.app import cli
     from pyprune.ops.conv import _DynamicConvNd
     forms = []
     original = _DynamicConvNd._gather_form
@@ -298,7 +298,7 @@ def test_prune_job_with_bf16_autocast_and_channels_last(tmp_path, monkeypatch):
     (["--amp", "fp32"], "invalid choice"),
 ])
 def test_bad_arguments_amp(args, message, tmp_path, capsys):
-    from pyprune import cli
+    from pyprune.app import cli
     out = tmp_path / "out"
     try:
         code = cli.main(["prune", "--output-dir", str(out), *args])

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import TinyTransformer
-from pyprune.bench import mmrazor_reference as ref
-from pyprune.bench import model_bench
-from pyprune.bench import kernel_bench as op_bench
-from pyprune.bench.timing import count_syncs, measure
+from pyprune.app.bench import mmrazor_reference as ref
+from pyprune.app.bench import model_bench
+from pyprune.app.bench import kernel_bench as op_bench
+from pyprune.app.bench.timing import count_syncs, measure
 from pyprune.errors import ConfigError
 
 
@@ -236,7 +236,7 @@ def _assert_positive_finite(value, where):
 
 
 def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
-    from pyprune.bench import main
+    from pyprune.app.bench import main
     assert main(["ops", "--quick", "--out", str(tmp_path)]) == 0
     layers = _read_csv(tmp_path / "ops_layers.csv")
     for variant in op_bench.LAYER_VARIANTS:
@@ -254,7 +254,7 @@ def test_quick_ops_run_writes_every_method_and_ratio(tmp_path, capsys):
 
 
 def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
-    from pyprune.bench import main
+    from pyprune.app.bench import main
     assert main(["models", "--quick", "--out", str(tmp_path)]) == 0
     rows = _read_csv(tmp_path / "models.csv")
     cfg = model_bench.quick_config(torch.device("cpu"))
@@ -315,7 +315,7 @@ def test_reference_switches_channel_tensors_and_width_attributes_with_the_units(
 
 @pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")
 def test_sweep_writes_one_row_per_model_and_fails_on_a_broken_one(tmp_path, capsys):
-    from pyprune.bench import main
+    from pyprune.app.bench import main
     assert main(["sweep", "--models", "resnet18", "no_such_model", "--out", str(tmp_path)]) == 1
     rows = {row["model"]: row for row in csv.DictReader(open(tmp_path / "sweep.csv"))}
     assert rows["resnet18"]["status"] == "ok" and float(rows["resnet18"]["params_kept"]) < 0.5

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pyprune import cli
+from pyprune.app import cli
 
 
 def test_prune_to_a_flops_budget(tmp_path, capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyprune import cli
-from pyprune.training.config import QUICK
+from pyprune.app import cli
+from pyprune.app.training.config import QUICK
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL_FILES = {"pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png",
@@ -79,9 +79,9 @@ def test_quick_run_writes_every_output(quick_run):
 
 
 def test_exported_model_reloads_into_a_fresh_model_and_matches(quick_run):
-    from pyprune.training import load_pruned_run
-    from pyprune.data import synthetic_splits
-    from pyprune.training.loop import evaluate
+    from pyprune.app.training import load_pruned_run
+    from pyprune.app.data import synthetic_splits
+    from pyprune.app.training.loop import evaluate
     out, _ = quick_run
     summary = json.loads((out / "summary.json").read_text())
     structure = json.loads((out / "structure.json").read_text())
@@ -126,7 +126,7 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
 
 def test_image_folder_data(tmp_path, capsys):
     from torchvision.utils import save_image
-    from pyprune.data import SyntheticShapes
+    from pyprune.app.data import SyntheticShapes
     for split, count, seed in (("train", 48, 1), ("val", 12, 2)):
         shapes = SyntheticShapes(count, 16, seed=seed)
         for i in range(count):
@@ -209,9 +209,9 @@ def test_bad_ratio_in_a_real_process_exits_nonzero_with_one_stderr_line(tmp_path
 
 
 def test_bench_is_delegated_with_its_arguments(monkeypatch):
-    import pyprune.bench
+    import pyprune.app.bench
     seen = []
-    monkeypatch.setattr(pyprune.bench, "main", lambda argv: seen.append(argv) or 7)
+    monkeypatch.setattr(pyprune.app.bench, "main", lambda argv: seen.append(argv) or 7)
     assert cli.main(["bench", "ops", "--quick"]) == 7
     assert seen == [["ops", "--quick"]]
 
@@ -255,7 +255,7 @@ def test_bench_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsy
 
 
 def test_bench_run_with_errored_rows_exits_1(tmp_path, capsys, monkeypatch):
-    from pyprune.bench import model_bench
+    from pyprune.app.bench import model_bench
 
     def failing_eval_step(self, x):
         raise RuntimeError("injected eval failure")

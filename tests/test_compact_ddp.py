@@ -25,7 +25,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from pyprune.algorithms.unit_state import broadcast_selections
     from pyprune.ops import compact_training
     from pyprune.ops.compact import rebuild_ddp
-    from pyprune.training.distributed import broadcast_buffers
+    from pyprune.app.training.distributed import broadcast_buffers
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
     torch.set_num_threads(1)

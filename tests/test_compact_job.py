@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyprune import cli
+from pyprune.app import cli
 from pyprune.algorithms import ItePruneAlgorithm
 from pyprune.errors import ConfigError
 
@@ -103,7 +103,7 @@ class _SilentBar:
 
 
 def test_model_bench_compact_backend_rows():
-    from pyprune.bench import model_bench as bench
+    from pyprune.app.bench import model_bench as bench
     cfg = bench.ModelBenchConfig(device=torch.device("cpu"), models=("tiny",), batch_sizes=(2,), ratios=(0.5,),
                                  image_size=16, warmup=1, reps=3, backends=("pyprune-compact", "dense"),
                                  switch_subnets=2, switch_passes=1, clock="thread")

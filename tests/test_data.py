@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pyprune import cli
-from pyprune.data import (CorruptImageError, SyntheticShapes, build_datasets, check_image_files, load_rgb_image,
+from pyprune.app import cli
+from pyprune.app.data import (CorruptImageError, SyntheticShapes, build_datasets, check_image_files, load_rgb_image,
                           synthetic_splits)
 
 TINY = ("prune", "--quick", "--no-progress", "--train-samples", "64", "--val-samples", "16", "--batch-size", "8")

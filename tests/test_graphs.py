@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune.bench.model_bench import TinyNet, prepare
+from pyprune.app.bench.model_bench import TinyNet, prepare
 from pyprune.graphs import GraphedEval, GraphedTrainStep
 from pyprune.mutators import ChannelMutator
 
@@ -287,7 +287,7 @@ def test_cuda_reduce_overhead_compile_of_a_prepared_model_matches_eager():
 def test_benchmark_graph_runner_times_replays_only():
     """The model benchmark's pyprune-graph runner: every timed call is a replay (warm-up and capture of a new subnet
     or input shape happen inside its first call); checked with the eager graph backend."""
-    from pyprune.bench.model_bench import GraphRunner
+    from pyprune.app.bench.model_bench import GraphRunner
     model, mutator = prepared_tiny()
     runner = GraphRunner(model, mutator, "torch", cache_size=2, graph_backend="eager")
     for ratio in (0.5, 0.75, 0.5):
@@ -307,7 +307,7 @@ def test_benchmark_graph_runner_times_replays_only():
     (["--no-compact", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
 ])
 def test_prune_cuda_graphs_refuses_what_it_cannot_graph(tmp_path, capsys, extra, message):
-    from pyprune.cli import main
+    from pyprune.app.cli import main
     out = tmp_path / "run"
     assert main(["prune", "--quick", "--cuda-graphs", "--output-dir", str(out), *extra]) == 2
     assert message in capsys.readouterr().err
@@ -318,7 +318,7 @@ def test_prune_cuda_graphs_refuses_what_it_cannot_graph(tmp_path, capsys, extra,
 @requires_cuda
 def test_cuda_prune_job_with_cuda_graphs(tmp_path):
     import json
-    from pyprune.cli import main
+    from pyprune.app.cli import main
     out = tmp_path / "run"
     assert main(["prune", "--quick", "--cuda-graphs", "--no-compact", "--device", "cuda", "--no-progress",
                  "--output-dir", str(out)]) == 0

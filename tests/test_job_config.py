@@ -1,5 +1,5 @@
-"""The typed options of ``pyprune prune`` (pyprune.training.config.JobConfig) and its one training step
-(pyprune.training.step.TrainStep): defaults filled in one place, bad combinations refused in one line, and a step
+"""The typed options of ``pyprune prune`` (pyprune.app.training.config.JobConfig) and its one training step
+(pyprune.app.training.step.TrainStep): defaults filled in one place, bad combinations refused in one line, and a step
 that computes exactly what a hand-written training iteration does."""
 import argparse
 import copy
@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune import cli
+from pyprune.app import cli
 from pyprune.errors import ConfigError
-from pyprune.training.config import DEFAULTS, QUICK, RESUME_KEYS, JobConfig
-from pyprune.training.step import TrainStep
+from pyprune.app.training.config import DEFAULTS, QUICK, RESUME_KEYS, JobConfig
+from pyprune.app.training.step import TrainStep
 
 
 def parsed(*argv: str) -> argparse.Namespace:

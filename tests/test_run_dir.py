@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyprune import cli
-from pyprune.training.run_dir import (CheckpointError, RunDirectoryError, RunDirectoryLock, check_start,
+from pyprune.app import cli
+from pyprune.app.training.run_dir import (CheckpointError, RunDirectoryError, RunDirectoryLock, check_start,
                                       load_checkpoint, run_state)
 from pyprune.utils.files import (DiskFullError, atomic_torch_save, atomic_write, atomic_write_text, is_disk_full,
                                  remove_stale_temporaries)
@@ -224,7 +224,7 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_the_other_pid(tm
 KILL_MID_WRITE = """
 import io, os, signal, sys
 import torch
-from pyprune import cli
+from pyprune.app import cli
 
 real_save, saves = torch.save, []
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pyprune import cli
-from pyprune.training import distributed
-from pyprune.training.distributed import configure_threads, default_threads
+from pyprune.app import cli
+from pyprune.app.training import distributed
+from pyprune.app.training.distributed import configure_threads, default_threads
 
 
 @pytest.fixture(autouse=True)

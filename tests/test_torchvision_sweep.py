@@ -1,7 +1,7 @@
 """Acceptance sweep: every torchvision classifier parses, prunes to 50 %, exports, and export == dynamic.
 
 For each model in ``torchvision.models.list_models(module=torchvision.models)`` (weights=None, inputs as small as
-each architecture allows, see :func:`pyprune.bench.sweep.example_model`): trace into units, set every mutable unit to
+each architecture allows, see :func:`pyprune.app.bench.sweep.example_model`): trace into units, set every mutable unit to
 ratio 0.5, run the dynamic model, ``export()`` it, and check that the exported (physically smaller) model gives the
 same logits (fp32: max |diff| <= 1e-4 of the logits' scale), has fewer parameters, and still runs a training-mode
 forward + backward (aux heads included). Then random per-unit ratios on a dozen architectures, and a saved config
@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from pyprune.bench.sweep import example_model, logits, relative_difference, torchvision_models
+from pyprune.app.bench.sweep import example_model, logits, relative_difference, torchvision_models
 from pyprune.mutators import ChannelMutator, count_params
 
 pytestmark = pytest.mark.filterwarnings("ignore::pyprune.tracing.PruningTraceWarning")

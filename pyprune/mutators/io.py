@@ -35,7 +35,7 @@ def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Opti
     """Write ``pruned_model.pt`` (state_dict of the exported plain model) and ``structure.json`` into ``directory``.
 
     ``model`` is the (dynamic) model the mutator prepared; ``exported`` its export if already made. ``model_info``
-    (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so the model can be rebuilt by name (``pyprune.training.load_pruned_run``).
+    (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so the model can be rebuilt by name (``pyprune.app.training.load_pruned_run``).
     Returns ``{'weights': path, 'structure': path}``.
     """
     exported = mutator.export(model) if exported is None else exported

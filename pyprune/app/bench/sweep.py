@@ -1,7 +1,7 @@
 """Coverage sweep: every model of a zoo through parse -> prune -> export, one table row each.
 
 ``pyprune bench sweep [--zoo torchvision|timm|torchvision-classifiers]`` prints the support tables kept in the
-README. Per model (built by :mod:`pyprune.bench.zoos`, random init, no download): parse time, units (mutable / all),
+README. Per model (built by :mod:`pyprune.app.bench.zoos`, random init, no download): parse time, units (mutable / all),
 the share of channels that may be pruned, params and FLOPs kept at the ratio, and the largest difference between the
 exported and the dynamic model's outputs (relative to their scale) at the ratio and at a randomly sampled subnet;
 then one training step of the exported model where the model trains on its input alone. A model that fails is a row
@@ -16,8 +16,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..mutators import ChannelMutator, count_flops, count_params
-from ..tracing.example_inputs import call_model, tensor_leaves
+from ...mutators import ChannelMutator, count_flops, count_params
+from ...tracing.example_inputs import call_model, tensor_leaves
 from . import zoos
 
 SWEEP_COLUMNS = ("model", "status", "parse_s", "units", "mutable", "prunable_channels", "params_M",
@@ -31,7 +31,7 @@ def torchvision_models() -> List[str]:
 
 def example_model(name: str, seed: int = 0) -> Tuple[nn.Module, Tensor]:
     """A randomly initialised torchvision classifier (no download) and the smallest input ``[2, 3, S, S]`` it takes
-    (see :mod:`pyprune.bench.zoos`)."""
+    (see :mod:`pyprune.app.bench.zoos`)."""
     built = zoos.build("torchvision-classifiers", name, seed)
     return built.model, built.inputs.args[0]
 

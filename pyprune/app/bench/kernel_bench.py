@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ... import kernels
 from .timing import measure, synchronize
 
 GATHER_METHODS = ("pyprune-ext", "pyprune-torch", "bool-mask", "index_select")
@@ -300,7 +300,7 @@ def layer_cases(device: torch.device, quick: bool) -> List[LayerCase]:
 
 def make_layer_variants(layer: nn.Module, ratio: float, device: torch.device) -> Dict[str, Tuple[nn.Module, str]]:
     """variant name -> (module, kernel backend to run it under), all computing the same subnet."""
-    from ..ops import to_dynamic
+    from ...ops import to_dynamic
     from .mmrazor_reference import reference_from_op
 
     op = to_dynamic(layer.to(device))

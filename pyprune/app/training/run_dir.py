@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import PyPruneError
-from ..utils.files import disk_full_reported, fsync_directory, remove_stale_temporaries
+from ...errors import PyPruneError
+from ...utils.files import disk_full_reported, fsync_directory, remove_stale_temporaries
 
 CHECKPOINT_FILE, SUMMARY_FILE, LOCK_FILE = "checkpoint.pt", "summary.json", ".lock"
 OUTPUT_FILES = ("pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png")

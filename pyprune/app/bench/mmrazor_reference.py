@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..ops.attention import attention_forward
+from ...errors import ConfigError
+from ...ops.attention import attention_forward
 
 
 class MaskChannel:
@@ -428,7 +428,7 @@ class ReferenceModel:
 
 
 def _dynamic_op_types() -> Tuple[type, ...]:
-    from .. import ops  # imported lazily: the bench package must import without the ops package built
+    from ... import ops  # imported lazily: the bench package must import without the ops package built
     return tuple(ops.DYNAMIC_OPS.values())
 
 
@@ -445,7 +445,7 @@ def build_reference_model(model: nn.Module, mutator=None) -> ReferenceModel:
     dynamic_ops = {name: m for name, m in reference.named_modules() if isinstance(m, dynamic_types)}
     layers = {name: to_reference_layer(op, name) for name, op in dynamic_ops.items()}
 
-    from ..ops import channel_parameters
+    from ...ops import channel_parameters
     slot_containers = {slot.pyprune_name: (slot, MaskContainer(slot.num_channels))
                        for slot in channel_parameters(reference)}
     unit_channels: Dict[str, MaskChannel] = {}

@@ -4,7 +4,7 @@ import json
 import math
 from typing import Dict, List, Sequence
 
-from ..utils.files import atomic_write
+from ...utils.files import atomic_write
 
 COLUMNS = ("step", "phase", "iteration", "kept_ratio", "params", "params_kept", "flops", "flops_kept",
            "acc_pruned", "accuracy", "wall_s")

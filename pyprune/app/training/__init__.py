@@ -1,7 +1,7 @@
 """The main job behind ``pyprune prune``: its typed options (:mod:`.config`), models, training step and loop
 pieces, distributed setup, run directory, reports; :func:`load_pruned_run` reads what a run wrote.
 
-Names load on first access, so that ``pyprune.training.config`` imports without torch (the command line parses
+Names load on first access, so that ``pyprune.app.training.config`` imports without torch (the command line parses
 and checks its options before the job starts).
 """
 import importlib

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-from ..ops.selection import prefix_index
+from ... import kernels
+from ...ops.selection import prefix_index
 from ..training.step import TrainStep
 from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure
@@ -129,7 +129,7 @@ def num_classes_of(name: str) -> int:
 
 def prepare(model: nn.Module, image_size: int):
     """Prepare ``model`` in place with a prefix (sequential) ChannelMutator; returns the mutator."""
-    from ..mutators import ChannelMutator
+    from ...mutators import ChannelMutator
     mutator = ChannelMutator(
         channel_unit_cfg=dict(type="SequentialMutableChannelUnit", default_args=dict(choice_mode="ratio")),
         parse_cfg=dict(type="ChannelAnalyzer", demo_input=(1, 3, image_size, image_size), tracer_type="auto"))
@@ -151,7 +151,7 @@ def _use_backend(name: str):
 
 class Runner:
     """One backend's model, optimizer and kernel backend; ``eval_step`` / ``train_step`` are the timed bodies (the
-    training step is the job's eager :class:`pyprune.training.step.TrainStep`)."""
+    training step is the job's eager :class:`pyprune.app.training.step.TrainStep`)."""
 
     def __init__(self, model: nn.Module, kernel_backend: str, forward: Optional[Callable] = None):
         self.model = model
@@ -164,7 +164,7 @@ class Runner:
     @classmethod
     def compact(cls, model: nn.Module) -> "Runner":
         """A runner whose ``model`` (not shared with other runners) trains in compact mode."""
-        from ..ops import compact_training
+        from ...ops import compact_training
         runner = cls(model, dynamic_backend_name())
         runner.session = compact_training(model, runner.optimizer)
         return runner
@@ -189,7 +189,7 @@ class BatchedRunner(Runner):
     own training steps."""
 
     def __init__(self, model: nn.Module, kernel_backend: str):
-        from ..ops import batched_gather
+        from ...ops import batched_gather
         super().__init__(model, kernel_backend)
         self.batched = batched_gather(model)
         self.batched.enabled = False
@@ -215,7 +215,7 @@ class GraphRunner:
         self._graphed: Dict[tuple, object] = {}
 
     def eval_step(self, x: torch.Tensor) -> None:
-        from ..graphs import GraphedEval
+        from ...graphs import GraphedEval
         with _use_backend(self.kernel_backend):
             key = ("eval", tuple(x.shape))
             if key not in self._graphed:
@@ -224,7 +224,7 @@ class GraphRunner:
             _replayed(self._graphed[key], x)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        from ..graphs import GraphedTrainStep
+        from ...graphs import GraphedTrainStep
         with _use_backend(self.kernel_backend):
             key = ("train", tuple(x.shape))
             if key not in self._graphed:

@@ -12,10 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .run_dir import CHECKPOINT_FILE
 
-DEFAULT_MODEL = "small_resnet"  # the built-in model (pyprune.training.models)
+DEFAULT_MODEL = "small_resnet"  # the built-in model (pyprune.app.training.models)
 # Counts a job takes when not given: full runs, and the seconds-long ``--quick`` smoke run.
 DEFAULTS = dict(epochs=4, finetune_epochs=3, prune_times=4, train_samples=5000, val_samples=1000, batch_size=64)
 QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samples=256, val_samples=64,

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, NamedTuple
 import torch
 from torch import nn
 
-from ..tracing.example_inputs import CallArgs
+from ...tracing.example_inputs import CallArgs
 
 __all__ = ["ZooModel", "ZOOS", "zoo_names", "build", "torchvision_classifiers"]
 

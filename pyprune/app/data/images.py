@@ -10,7 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, List, Optional
 
-from ..errors import PyPruneError
+from ...errors import PyPruneError
 
 _TAIL_BYTES = 64
 _JPEG_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif")

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..algorithms import ItePruneAlgorithm
-from ..budget import full_width_export
+from ...algorithms import ItePruneAlgorithm
+from ...budget import full_width_export
 from ..data.loaders import batches_per_epoch, build_datasets, make_train_loader
-from ..mutators import ChannelMutator, count_flops, count_params
-from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
-from ..ops.compact import rebuild_ddp
-from ..tracing.example_inputs import as_call_args
-from ..utils.files import DiskFullError, atomic_torch_save, replace_durably
+from ...mutators import ChannelMutator, count_flops, count_params
+from ...mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
+from ...ops.compact import rebuild_ddp
+from ...tracing.example_inputs import as_call_args
+from ...utils.files import DiskFullError, atomic_torch_save, replace_durably
 from .config import JobConfig
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)

@@ -3,8 +3,8 @@ import os
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, PathLike, load_pruned, read_structure
+from ...errors import ConfigError
+from ...mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, PathLike, load_pruned, read_structure
 from .models import build_model
 
 __all__ = ["load_pruned_run"]

@@ -15,7 +15,7 @@ Row = Dict[str, object]
 
 def run_header(device: torch.device, **extra) -> Dict[str, object]:
     """What a reader needs to trust a table: device, torch version, date, threads, kernel backend availability."""
-    from .. import kernels
+    from ... import kernels
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:

@@ -34,7 +34,7 @@ def kept_ratio(text: str) -> float:
 
 def budget_value(text: str) -> float:
     """A --target-flops / --target-params value: a fraction in (0, 1] of the full model or an absolute count."""
-    from .budget import Budget, BudgetError
+    from ..budget import Budget, BudgetError
     try:
         return Budget(flops=text).flops
     except BudgetError as error:
@@ -74,7 +74,7 @@ def _unit_type(text: str) -> str:
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``pyprune prune``; their defaults that depend on other options are filled, and the whole set
-    checked, by :class:`pyprune.training.config.JobConfig`."""
+    checked, by :class:`pyprune.app.training.config.JobConfig`."""
     from .training.config import DEFAULT_MODEL
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"'{DEFAULT_MODEL}' (built in) or a torchvision classification model name, e.g. "

@@ -78,12 +78,12 @@ class TrainStep:
             return False
         if algorithm is None:
             return True
-        from ..algorithms.unit_state import learns_importance
+        from ...algorithms.unit_state import learns_importance
         return not any(learns_importance(u) for u in self.mutator.mutable_units)
 
     def _graphed_step(self, images: Tensor, labels: Tensor) -> Tensor:
         if self.graphed is None:
-            from ..graphs import GraphedTrainStep
+            from ...graphs import GraphedTrainStep
             self.graphed = GraphedTrainStep(self.model, self.loss_fn, self.optimizer, (images, labels),
                                             mutator=self.mutator, cache_size=self.graph_cache_size)
         return self.graphed(images, labels)

@@ -15,10 +15,10 @@ def build_datasets(data: Optional[str], image_size: int, seed: int, num_train: i
                    num_val: int = 1000) -> Tuple[Dataset, Dataset, int]:
     """``(train, val, num_classes)``.
 
-    ``data=None``: the built-in :class:`~pyprune.data.SyntheticShapes` (``num_train`` / ``num_val`` images).
+    ``data=None``: the built-in :class:`~pyprune.app.data.SyntheticShapes` (``num_train`` / ``num_val`` images).
     Otherwise an ImageFolder root with ``train/`` and ``val/`` sub-folders (one folder per class in each), or a
     single class-per-folder root that is split 90 / 10 with ``seed``. Every image file is checked first
-    (:func:`~pyprune.data.images.check_image_files`): a truncated or corrupt one raises ``CorruptImageError`` naming
+    (:func:`~pyprune.app.data.images.check_image_files`): a truncated or corrupt one raises ``CorruptImageError`` naming
     it, before any training.
     """
     if data is None:

@@ -1,5 +1,5 @@
 """The timm zoo of the coverage sweep: the smallest model (fewest parameters) of every module in
-``timm.list_modules()`` (timm 1.0.31; 98 modules). Written by ``python -m pyprune.bench.timm_zoo``, which builds
+``timm.list_modules()`` (timm 1.0.31; 98 modules). Written by ``python -m pyprune.app.bench.timm_zoo``, which builds
 every model on the meta device to count its parameters (about 20 minutes on 2 cores), so the sweep does not.
 """
 import sys
