@@ -291,6 +291,18 @@ def test_save_and_load_pruned_into_a_fresh_model(tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) < sum(p.numel() for p in SmallNet().parameters())
 
 
+def test_save_pruned_creates_a_missing_directory_and_refuses_a_file(tmp_path):
+    model, mutator, algorithm = make(step_freq=1, prune_times=1, target_pruning_ratio=0.5)
+    algorithm.step()
+    paths = save_pruned(tmp_path / "runs" / "first", model, mutator)
+    assert load_pruned(SmallNet(), paths["structure"], paths["weights"]).conv0.weight.shape[0] == 4
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        save_pruned(not_a_directory, model, mutator)
+    assert not_a_directory.read_text() == "x"
+
+
 def test_load_pruned_with_mismatching_weights_is_a_config_error(tmp_path):
     model, mutator, algorithm = make(step_freq=1, prune_times=1, target_pruning_ratio=0.5)
     algorithm.step()

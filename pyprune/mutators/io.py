@@ -36,9 +36,13 @@ def save_pruned(directory: PathLike, model: nn.Module, mutator, model_info: Opti
 
     ``model`` is the (dynamic) model the mutator prepared; ``exported`` its export if already made. ``model_info``
     (e.g. ``{'name': 'resnet18', 'num_classes': 10}``) is stored so the model can be rebuilt by name (``pyprune.app.training.load_pruned_run``).
+    ``directory`` is created if it does not exist (as ``save_pretrained`` does); a path that is a file is refused.
     Returns ``{'weights': path, 'structure': path}``.
     """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"save_pruned: {str(directory)!r} is a file, not a directory")
     exported = mutator.export(model) if exported is None else exported
+    os.makedirs(directory, exist_ok=True)
     paths = {"weights": os.path.join(directory, WEIGHTS_FILE), "structure": os.path.join(directory, STRUCTURE_FILE)}
     state = {k: v.detach().cpu().clone() for k, v in exported.state_dict().items()}
     # atomic (temp file + rename): an interrupted save never leaves a half-written file under the final name
