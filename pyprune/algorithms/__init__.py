@@ -1,8 +1,10 @@
 """Algorithms: decide *when* and *how much* to prune while a model trains (mmrazor's PruneAlgorithm layer)."""
 from .base import BaseAlgorithm, unwrap_model
 from ..mutators.io import load_pruned, save_pruned  # where they live; kept importable from here
+from .dcff import DCFF
 from .group_fisher import GroupFisherAlgorithm
 from .ite_prune import ItePruneAlgorithm, ItePruneConfigManager
 
 __all__ = ["BaseAlgorithm", "GroupFisherAlgorithm", "ItePruneAlgorithm", "ItePruneConfigManager", "unwrap_model",
            "save_pruned", "load_pruned"]
+__all__ += ["DCFF"]

@@ -13,7 +13,9 @@ and in pyprune's subpackages (``pyprune.units``, ``pyprune.ops``, ``pyprune.regi
 from typing import Dict
 
 from ..algorithms import BaseAlgorithm, ItePruneAlgorithm, ItePruneConfigManager
+from ..algorithms.dcff import DCFF
 from ..mutators import ChannelMutator
+from ..mutators.dcff import DCFFChannelMutator
 from ..ops import (DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d, DynamicChannelMixin, DynamicConv1d,
                    DynamicConv2d, DynamicConv3d, DynamicGroupNorm, DynamicLayerNorm, DynamicLinear,
                    DynamicMultiheadAttention)
@@ -22,6 +24,8 @@ from ..units import (ChannelAnalyzer, ChannelUnit, DefaultDemoInput, L1MutableCh
                      MutableValue, OneShotMutableChannel, OneShotMutableChannelUnit, OneShotMutableValue,
                      SequentialMutableChannel, SequentialMutableChannelUnit, SimpleMutableChannel,
                      SlimmableChannelUnit, SquentialMutableChannel, make_divisible)
+from ..ops.fuse_conv import FuseConv2d
+from ..units.dcff import DCFFChannelUnit
 
 _DYNAMIC_OPS = "mmrazor.models.architectures.dynamic_ops"
 
@@ -47,6 +51,8 @@ MMRAZOR_MODULES: Dict[str, str] = {
     "DynamicBatchNorm2d": _DYNAMIC_OPS, "DynamicBatchNorm3d": _DYNAMIC_OPS, "DynamicLayerNorm": _DYNAMIC_OPS,
     "DynamicGroupNorm": _DYNAMIC_OPS, "DynamicMultiheadAttention": _DYNAMIC_OPS,
     "make_divisible": "mmrazor.models.utils",
+    "DCFF": "mmrazor.models.algorithms", "DCFFChannelMutator": "mmrazor.models.mutators",
+    "DCFFChannelUnit": "mmrazor.models.mutables", "FuseConv2d": _DYNAMIC_OPS,
 }
 
 __all__ = list(MMRAZOR_MODULES)

@@ -8,6 +8,7 @@ from .batchnorm import DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3
 from .channel_norm import DynamicChannelNorm
 from .conv import DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .embedding import DynamicEmbedding
+from .fuse_conv import FuseConv1d, FuseConv2d, FuseConv3d
 from .groupnorm import DynamicGroupNorm
 from .layernorm import DynamicLayerNorm, is_channels_first_layer_norm
 from .linear import DynamicLinear
@@ -23,3 +24,4 @@ __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv
            "DynamicMultiheadAttention", "DynamicEmbedding", "DynamicChannelNorm", "retie_exported", "DYNAMIC_OPS", "LayerKind", "register_layer_kind", "to_dynamic", "layer_kind", "registered_base", "is_prunable_layer",
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
            "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "CompactTraining", "compact_training", "holds_compact", "BatchedGather", "batched_gather"]
+__all__ += ["FuseConv1d", "FuseConv2d", "FuseConv3d"]

@@ -51,6 +51,7 @@ class TensorProvider:
         self.source: Optional[TensorSource] = None
         self.handed: Optional[tuple] = None
         self.cache: Optional[tuple] = None  # (key, the source tensors the key names, compact tensors)
+        self._slices: Optional[tuple] = None  # (selection version, {tensor name: slice of op._compact_layout()})
 
     # ------------------------------------------------------------------------------------------------- answers
     def tensors(self, op, x: Optional[Tensor] = None) -> tuple:
@@ -98,7 +99,7 @@ class TensorProvider:
         pending = {name: t for name, t in written.items() if t is not None and t is not full.get(name)}
         if not pending:
             return
-        slices = {piece.name: piece for piece in op._compact_layout()}
+        slices = self.slices(op)
         mean, var = pending.pop("running_mean", None), pending.pop("running_var", None)
         if mean is not None and var is not None and slices["running_mean"].rows is slices["running_var"].rows:
             # both running statistics in one in-place launch (no host sync)
@@ -110,6 +111,14 @@ class TensorProvider:
             for name, tensor in pending.items():
                 scatter_slice_(full[name], tensor, slices[name])
 
+    def slices(self, op) -> dict:
+        """``{tensor name: slice}`` of ``op._compact_layout()``, built once per selection (a batch norm's training
+        forward carries its running statistics back through these on every call)."""
+        version = op.selection_version
+        if self._slices is None or self._slices[0] != version:
+            self._slices = (version, {piece.name: piece for piece in op._compact_layout()})
+        return self._slices[1]
+
     # ------------------------------------------------------------------------------------------------- changes
     def hand(self, tensors: tuple) -> None:
         """Tensors gathered for the op's next call (batched gather); used once."""
@@ -120,15 +129,17 @@ class TensorProvider:
 
     def install(self, source: Optional[TensorSource]) -> None:
         """Serve from ``source`` (None: back to gathering)."""
-        self.source, self.cache, self.handed = source, None, None
+        self.source, self.cache, self.handed, self._slices = source, None, None, None
 
     def selection_changed(self, op) -> None:
-        self.cache, self.handed = None, None
+        self.cache, self.handed, self._slices = None, None, None
         if self.source is not None:
             self.source.selection_changed(op)
 
     def clear_cache(self) -> None:
-        self.cache = None
+        """Drop what was derived from the op's tensors and indices: the eval cache and the slices (after ``.data``
+        writes, and after a device move, which moves the indices without a new selection)."""
+        self.cache, self._slices = None, None
 
     def held_device_tensors(self) -> List[Tensor]:
         """Tensors the provider keeps alive besides the op's parameters and buffers (the eval cache's copies)."""

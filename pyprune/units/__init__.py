@@ -6,6 +6,7 @@ from .base import MutableChannelUnit
 from .bn_scale import BNScaleMutableChannelUnit
 from .calibration import calibrate, load_scores, save_scores
 from .channel_unit import ChannelUnit
+from .dcff import DCFFChannelUnit
 from .group_fisher import GroupFisherChannelUnit
 from .importance import ImportanceMutableChannelUnit
 from .l1 import L1MutableChannelUnit
@@ -30,4 +31,5 @@ __all__ = [
     "load_scores", "ChannelAnalyzer", "DefaultDemoInput", "ConfigLeniencyWarning",
     "SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
     "MutableValue", "OneShotMutableValue",
+    "DCFFChannelUnit",
 ]
