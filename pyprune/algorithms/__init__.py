@@ -2,9 +2,11 @@
 from .base import BaseAlgorithm, unwrap_model
 from ..mutators.io import load_pruned, save_pruned  # where they live; kept importable from here
 from .dcff import DCFF
+from .dmcp import DMCP
 from .group_fisher import GroupFisherAlgorithm
 from .ite_prune import ItePruneAlgorithm, ItePruneConfigManager
 
 __all__ = ["BaseAlgorithm", "GroupFisherAlgorithm", "ItePruneAlgorithm", "ItePruneConfigManager", "unwrap_model",
            "save_pruned", "load_pruned"]
 __all__ += ["DCFF"]
+__all__ += ["DMCP"]

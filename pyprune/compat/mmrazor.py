@@ -13,9 +13,12 @@ and in pyprune's subpackages (``pyprune.units``, ``pyprune.ops``, ``pyprune.regi
 from typing import Dict
 
 from ..algorithms import BaseAlgorithm, ItePruneAlgorithm, ItePruneConfigManager
+from ..algorithms.dmcp import DMCP
 from ..algorithms.dcff import DCFF
 from ..mutators import ChannelMutator
 from ..mutators.dcff import DCFFChannelMutator
+from ..mutators.dmcp import DMCPChannelMutator
+from ..units.dmcp import DMCPChannelUnit
 from ..ops import (DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d, DynamicChannelMixin, DynamicConv1d,
                    DynamicConv2d, DynamicConv3d, DynamicGroupNorm, DynamicLayerNorm, DynamicLinear,
                    DynamicMultiheadAttention)
@@ -37,6 +40,8 @@ MMRAZOR_MODULES: Dict[str, str] = {
     "ChannelMutator": "mmrazor.models.mutators",
     "BaseAlgorithm": "mmrazor.models.algorithms", "ItePruneAlgorithm": "mmrazor.models.algorithms",
     "ItePruneConfigManager": "mmrazor.models.algorithms.pruning.ite_prune_algorithm",
+    "DMCP": "mmrazor.models.algorithms", "DMCPChannelMutator": "mmrazor.models.mutators",
+    "DMCPChannelUnit": "mmrazor.models.mutables",
     "MutableChannelUnit": "mmrazor.models.mutables", "SequentialMutableChannelUnit": "mmrazor.models.mutables",
     "L1MutableChannelUnit": "mmrazor.models.mutables", "OneShotMutableChannelUnit": "mmrazor.models.mutables",
     "SlimmableChannelUnit": "mmrazor.models.mutables",

@@ -7,6 +7,7 @@ from .bn_scale import BNScaleMutableChannelUnit
 from .calibration import calibrate, load_scores, save_scores
 from .channel_unit import ChannelUnit
 from .dcff import DCFFChannelUnit
+from .dmcp import DMCPChannelUnit
 from .group_fisher import GroupFisherChannelUnit
 from .importance import ImportanceMutableChannelUnit
 from .l1 import L1MutableChannelUnit
@@ -32,4 +33,5 @@ __all__ = [
     "SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
     "MutableValue", "OneShotMutableValue",
     "DCFFChannelUnit",
+    "DMCPChannelUnit",
 ]

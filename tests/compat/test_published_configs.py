@@ -21,9 +21,9 @@ from pyprune.units.leniency import ConfigLeniencyWarning
 FIXTURES = Path(__file__).parent / "fixtures"
 PARSE = dict(type="ChannelAnalyzer", demo_input=(1, 3, 32, 32), tracer_type="BackwardTracer")
 
-# mmrazor's DMCP mutator and unit train differently; for their subnets only the structure matters (the DCFF
-# config builds pyprune's own DCFFChannelMutator / DCFFChannelUnit: an alias would replace them in the registry)
-ALIASES = {"DMCPChannelMutator": ChannelMutator, "DMCPChannelUnit": SequentialMutableChannelUnit}
+# The DMCP and DCFF configs build pyprune's own DMCPChannelMutator / DMCPChannelUnit and DCFFChannelMutator /
+# DCFFChannelUnit (an alias would replace them in the registry); their subnet files load with them.
+ALIASES = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
