@@ -1,6 +1,6 @@
 """BudgetPlanner: which count each unit keeps to meet a FLOPs / params budget, and applying it to the mutator."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -138,19 +138,6 @@ class BudgetPlanner:
     def current_cost(self) -> Cost:
         """What the model costs at its current choices (from the cost model: no forward, no export)."""
         return self.cost_model.cost()
-
-    def selection_state(self) -> Dict[str, Any]:
-        """The kept channels of every mutable unit (to restore with :meth:`restore`)."""
-        return {u.name: u.current_index.clone() for u in self.mutator.mutable_units}
-
-    def restore(self, state: Dict[str, Any]) -> None:
-        units = {u.name: u for u in self.mutator.mutable_units}
-        for name, index in state.items():
-            unit = units[name]
-            if index.numel() == unit.num_channels:
-                unit.apply_count(unit.num_channels)
-            else:
-                unit.apply_index(index)
 
 
 __all__ = ["BudgetPlanner", "Plan"]

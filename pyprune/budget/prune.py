@@ -120,7 +120,7 @@ def _meet_latency(planner: BudgetPlanner, budget: Budget, start: str, inputs,
     method = settings.describe(model_device(device_model), inputs)
     full_s = measure_latency(full_width_export(device_model), inputs, settings)
     counted = {k: v for k, v in budget.as_dict().items() if k != "latency"}
-    saved = planner.selection_state()
+    saved = planner.mutator.selection_state()  # the one saved form of the selection
     floor_fraction = planner.floor_cost(start).flops / planner.full.flops
     high = Budget(**counted).fraction("flops", planner.full) if counted.get("flops") else 1.0
 
@@ -146,7 +146,7 @@ def _meet_latency(planner: BudgetPlanner, budget: Budget, start: str, inputs,
                 else:
                     high = middle
     except Exception:
-        planner.restore(saved)
+        planner.mutator.load_selection_state(saved, where="prune_to_budget")
         raise
     plan, ratio = best
     planner.apply(plan)
