@@ -14,6 +14,7 @@ from torch import nn
 from compat.models import MMClsMobileNetV2
 from pyprune.algorithms import DMCP
 from pyprune.algorithms.dmcp import FLOPS_PER_MAC
+from pyprune.budget.errors import BudgetError
 from pyprune.compat import mmrazor
 from pyprune.errors import ConfigError
 from pyprune.mutators import DMCPChannelMutator, count_flops
@@ -202,6 +203,13 @@ def test_search_moves_the_arch_params_meets_the_target_and_exports(tmp_path):
     assert small.c2.out_channels == counts[BODY] and small.c1.out_channels == counts[STEM]
     torch.testing.assert_close(small(x), algorithm.model(x), rtol=1e-5, atol=1e-5)
     assert count_flops(small, torch.randn(1, 3, SIZE, SIZE)) == flops
+    # mmrazor's subnet hook: chain-drawn subnets within 5 % of the target (its 5 % widened here to one group)
+    drawn = algorithm.sample_direct_subnet(tolerance=one_group / target)
+    assert abs(algorithm.current_flops() - target) <= one_group and drawn == algorithm.mutator.current_choices
+    with pytest.raises(BudgetError, match="within 0% of target_flops"):
+        algorithm.sample_direct_subnet(tolerance=0.0, max_tries=3)
+    assert algorithm.mutator.current_choices == drawn
+    algorithm.derive_subnet()
     # the subnet file (mmrazor's DMCP subnet layout) sets the same widths on a fresh model
     path = algorithm.save_subnet(str(tmp_path / "subnet.json"))
     config = json.loads(open(path).read())

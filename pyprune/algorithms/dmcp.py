@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..budget.cost import CostModel
+from ..budget.errors import BudgetError
 from ..errors import ConfigError
 from ..mutators.dmcp import DMCPChannelMutator
 from ..registry import MODELS
@@ -310,6 +311,23 @@ class DMCP(BaseAlgorithm):
         """Set each unit to its expected width (the chosen subnet; mmrazor's ``'expected'`` sample), with the
         forward unscaled. Returns ``{unit name: channel count}``; :meth:`export` then gives the plain model."""
         return self.mutator.sample_subnet("expected", False, self.generator)
+
+    def sample_direct_subnet(self, tolerance: float = 0.05, max_tries: int = 1000) -> Dict[str, int]:
+        """Draw subnets from the chains until one's FLOPs are within ``tolerance`` of ``target_flops`` and set it
+        (what mmrazor's ``DMCPSubnetHook`` samples, with its 5 %); returns its counts. None within ``max_tries``
+        draws: BudgetError, and the subnet is left as it was."""
+        if not _is_real(tolerance) or tolerance < 0 or not _is_int(max_tries) or max_tries < 1:
+            raise ConfigError(f"DMCP.sample_direct_subnet: tolerance must be a number >= 0 and max_tries an int "
+                              f">= 1, got {tolerance!r}, {max_tries!r}")
+        target = self.target_flops * FLOPS_PER_MAC * 1e6
+        for _ in range(max_tries):
+            counts = self.mutator.subnet_counts("direct", self.generator)
+            if abs(self.cost_model.cost(counts).flops - target) <= tolerance * target:
+                self.mutator.apply_counts(counts)
+                self.mutator.modify_supernet_forward(False)
+                return counts
+        raise BudgetError(f"DMCP.sample_direct_subnet: no subnet drawn from the architecture parameters in "
+                          f"{max_tries} draws is within {tolerance:.0%} of target_flops={self.target_flops:g}M")
 
     def subnet_config(self) -> Dict[str, Any]:
         """The current subnet in the layout of mmrazor's DMCP subnet files (``DMCP_MBV2_100M.json``): a

@@ -154,7 +154,7 @@ class DMCPChannelMutator(ChannelMutator):
         names = {unit.name for unit in self.mutable_units}
         unknown, missing = sorted(set(state) - names), sorted(names - set(state))
         if unknown or missing:
-            wrong = ([f"unknown units {unknown}"] if unknown else []) + ([f"missing units {missing}"] if missing else [])
+            wrong = [f"{what} units {names}" for what, names in (("unknown", unknown), ("missing", missing)) if names]
             raise ConfigError(f"DMCPChannelMutator: saved architecture parameters: {', '.join(wrong)}")
         for unit in self.mutable_units:
             saved = state[unit.name]
