@@ -12,8 +12,22 @@ keeps its mutable's ``mask`` in step with its selection; set widths through the 
 * :class:`OneShotMutableChannel`: a sequential channel whose choice must be one of ``candidate_choices``.
 * ``mutable.expand_mutable_channel(k)``: the same choice seen by a layer that has ``k`` features per channel
   (flatten -> Linear); register it on that layer.
+* :class:`~pyprune.units.mutable_channel_container.MutableChannelContainer`: several of these on ranges of one layer
+  side.
+
+``dump_chosen()`` / ``fix_chosen()`` / ``export_chosen()`` answer as mmrazor's do: ``DumpChosen(chosen=<activated
+channel count>, meta={'max_channels': num_channels})``; a derived (expanded) channel dumps its mask with
+``meta=None`` and cannot be fixed itself (a warning, as mmrazor logs).
+
+A hand-built DynamicOp follows the mutables registered on it (:mod:`pyprune.ops.mutable_attrs`): every new mask is
+pushed to the layers that registered the channel (weakly held), so a forward or an ``export()`` after
+``mutable.current_choice = c`` runs at that width. Set choices through ``current_choice`` (or assign ``mask``); an
+in-place edit of the mask tensor is not seen.
 """
+import copy
 import math
+import warnings
+import weakref
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -22,9 +36,47 @@ from torch import Tensor
 from ..channels import ratio_to_count
 from ..errors import ChannelSelectionError
 from ..registry import MODELS
+from .mutable_value import DumpChosen
 
 __all__ = ["SimpleMutableChannel", "SquentialMutableChannel", "SequentialMutableChannel", "OneShotMutableChannel",
-           "ExpandedMutableChannel"]
+           "ExpandedMutableChannel", "MaskFollowers", "FixedTwiceError"]
+
+
+class FixedTwiceError(AttributeError, AssertionError):
+    """``fix_chosen`` on a mutable channel that is fixed already. mmrazor's base channel raises AttributeError
+    there and its sequential channel fails an assert, so this is both."""
+
+
+class MaskFollowers:
+    """The objects (DynamicOps, containers) that read a mutable channel's mask, held weakly: each is told
+    ``follower._mutable_changed()`` after the mask changed (a collected follower is dropped)."""
+
+    def __init__(self):
+        self._refs: List[weakref.ref] = []
+
+    def add(self, follower) -> None:
+        if not any(ref() is follower for ref in self._refs):
+            self._refs.append(weakref.ref(follower))
+
+    def __deepcopy__(self, memo) -> "MaskFollowers":
+        """The copies of the followers: a deep-copied model's layers follow its copied channels, not the originals
+        (a follower outside what is copied is copied too and, held weakly, dropped)."""
+        new = MaskFollowers()
+        memo[id(self)] = new
+        for ref in self._refs:
+            follower = ref()
+            if follower is not None:
+                new.add(copy.deepcopy(follower, memo))
+        return new
+
+    def notify(self) -> None:
+        alive = []
+        for ref in self._refs:
+            follower = ref()
+            if follower is not None:
+                alive.append(ref)
+                follower._mutable_changed()
+        self._refs = alive
 
 
 @MODELS.register_module()
@@ -38,7 +90,22 @@ class SimpleMutableChannel:
         self.num_channels = num_channels
         self.name = ""
         self.is_fixed = False
-        self.mask: Tensor = torch.ones(num_channels, dtype=torch.bool)
+        self._followers = MaskFollowers()
+        self._mask: Tensor = torch.ones(num_channels, dtype=torch.bool)
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool ``[num_channels]``: the kept channels."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: Tensor) -> None:
+        self._mask = mask
+        self._followers.notify()
+
+    def add_follower(self, follower) -> None:
+        """Tell ``follower._mutable_changed()`` whenever the mask changes (see :class:`MaskFollowers`)."""
+        self._followers.add(follower)
 
     @property
     def current_choice(self):
@@ -62,14 +129,20 @@ class SimpleMutableChannel:
         return int(self.mask.sum())
 
     def fix_chosen(self, chosen=None) -> None:
-        """Set ``chosen`` (if given) and freeze: fixing twice is an error, as in mmrazor."""
+        """Set ``chosen`` (if given) and freeze. Fixing twice raises :class:`FixedTwiceError` (an
+        AttributeError, as mmrazor's ``BaseMutableChannel`` raises; here before anything is set)."""
         if self.is_fixed:
-            raise AttributeError(f"{type(self).__name__} is fixed already; fix_chosen cannot be called again")
+            raise FixedTwiceError(f"{type(self).__name__} is fixed already; fix_chosen cannot be called again")
         if chosen is not None:
             self.current_choice = chosen
         self.is_fixed = True
 
+    def dump_chosen(self) -> DumpChosen:
+        """``DumpChosen(chosen=activated channel count, meta={'max_channels': num_channels})``."""
+        return DumpChosen(chosen=self.export_chosen(), meta=dict(max_channels=self.num_channels))
+
     def export_chosen(self) -> int:
+        """The activated channel count."""
         return self.activated_channels
 
     def expand_mutable_channel(self, expand_ratio: int) -> "ExpandedMutableChannel":
@@ -108,6 +181,14 @@ class SquentialMutableChannel(SimpleMutableChannel):
         mask = torch.zeros(self.num_channels, dtype=torch.bool)
         mask[:count] = True
         self.mask = mask
+
+    def fix_chosen(self, chosen=...) -> None:
+        """Set ``chosen`` (default: the current choice) and freeze. Fixing twice raises :class:`FixedTwiceError` (an
+        AssertionError too, as mmrazor's ``SquentialMutableChannel`` asserts; here before anything is set)."""
+        if self.is_fixed:
+            raise FixedTwiceError(f"{type(self).__name__} is fixed already; fix_chosen cannot be called again")
+        self.current_choice = self.current_choice if chosen is ... else chosen
+        self.is_fixed = True
 
     def _to_count(self, choice) -> int:
         if isinstance(choice, float) and math.isfinite(choice) and 0.0 < choice <= 1.0:
@@ -161,10 +242,46 @@ class ExpandedMutableChannel:
                                         f"{expand_ratio!r}")
         self.source, self.expand_ratio = source, expand_ratio
         self.num_channels = source.num_channels * expand_ratio
+        self.name = ""
 
     @property
     def current_mask(self) -> Tensor:
+        """Bool ``[num_channels * expand_ratio]``."""
         return self.source.current_mask.repeat_interleave(self.expand_ratio)
+
+    @property
+    def current_choice(self) -> Tensor:
+        """The mask (mmrazor's derived channel has its mask as its choice); it cannot be set."""
+        return self.current_mask
+
+    @current_choice.setter
+    def current_choice(self, choice) -> None:
+        raise RuntimeError(f"{self!r}: the choice of a derived mutable channel cannot be set; set its source's")
+
+    @property
+    def activated_channels(self) -> int:
+        return self.source.activated_channels * self.expand_ratio
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether the source channel is fixed."""
+        return self.source.is_fixed
+
+    def add_follower(self, follower) -> None:
+        self.source.add_follower(follower)
+
+    def fix_chosen(self, chosen=None) -> None:
+        """No effect (the source decides), with a warning, as mmrazor's derived mutables."""
+        warnings.warn(f"{self!r}: fix_chosen on a derived mutable channel has no effect; fix its source",
+                      stacklevel=2)
+
+    def dump_chosen(self) -> DumpChosen:
+        """``DumpChosen(chosen=mask, meta=None)`` with a warning (its value depends on the source), as mmrazor."""
+        warnings.warn(f"{self!r}: dump_chosen of a derived mutable channel depends on its source", stacklevel=2)
+        return DumpChosen(chosen=self.export_chosen(), meta=None)
+
+    def export_chosen(self) -> Tensor:
+        return self.current_choice
 
     def __repr__(self) -> str:
         return f"ExpandedMutableChannel({self.source!r} x {self.expand_ratio})"
