@@ -12,6 +12,7 @@ from torch import nn
 from .. import ops
 from ..channels import UnitSpec, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
+from ..ops.predefined import DynamicContainer
 from ..utils.copying import copy_module
 from ..registry import MODELS
 from ..tracing import trace_channel_units
@@ -395,6 +396,10 @@ def export_static(model: nn.Module) -> nn.Module:
     """Replace (in place) every DynamicOp in ``model`` by ``op.export()`` (parameters several layers hold and keep
     the same channels of, such as tied input / output embeddings, stay shared); returns ``model``."""
     selection_hooks.release(model)  # plain layers now: its state_dict carries no selection any more
+    # Dynamic containers first, innermost first, one at a time (an outer one then holds the plain inner one); their
+    # export keeps their DynamicOps or exports them itself
+    for name in [n for n, m in model.named_modules() if isinstance(m, DynamicContainer)][::-1]:
+        replace_modules(model, {name: model.get_submodule(name).export()})
     mixin = ops.DynamicChannelMixin
     replacements = {}
     for name, module in model.named_modules():
