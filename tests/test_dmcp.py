@@ -5,13 +5,16 @@ resume, bad config values, and mmrazor's published DMCP supernet config on a sma
 import copy
 import io
 import json
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from compat.models import MMClsMobileNetV2
+from helpers import run_two_ranks
 from pyprune.algorithms import DMCP
 from pyprune.algorithms.dmcp import FLOPS_PER_MAC
 from pyprune.budget.errors import BudgetError
@@ -269,6 +272,43 @@ def test_load_state_dict_refuses_another_run_and_changes_nothing():
         with pytest.raises(ConfigError, match=match):
             algorithm.load_state_dict({**state, key: value})
         assert algorithm.arch_parameters()[0].eq(0.4).all()
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        algorithm = build()  # one seed on every rank: the same weights and the same subnets
+        ddp = nn.parallel.DistributedDataParallel(algorithm.model)
+        optim = optimizers(algorithm)
+        batch = data(seed=10 + rank)  # different data per rank
+        for _ in range(3):
+            algorithm.train_step(batch, loss_fn, optim, model=ddp)
+        torch.save({"arch": [p.detach().clone() for p in algorithm.arch_parameters()],
+                    "weights": {k: v for k, v in algorithm.model.state_dict().items() if isinstance(v, torch.Tensor)},
+                    "subnet": algorithm.derive_subnet()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_gloo_ranks_on_different_data_stay_identical(tmp_path):
+    rank0, rank1 = run_two_ranks(_rank_worker, tmp_path, 120)
+    for a, b in zip(rank0["arch"], rank1["arch"]):
+        assert torch.equal(a, b) and a.abs().max() > 0
+    assert rank0["weights"].keys() == rank1["weights"].keys()
+    for name, tensor in rank0["weights"].items():
+        if "running" not in name and "num_batches" not in name:  # DDP broadcasts buffers before a forward only
+            torch.testing.assert_close(tensor, rank1["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert rank0["subnet"] == rank1["subnet"]
+    # a rank alone on its data would have moved elsewhere: the reduction did something
+    alone = build()
+    optim = optimizers(alone)
+    for _ in range(3):
+        alone.train_step(data(seed=10), loss_fn, optim)
+    assert not all(torch.equal(a, b) for a, b in zip(alone.arch_parameters(), rank0["arch"]))
 
 
 # ------------------------------------------------------------------------------------------------------ configs

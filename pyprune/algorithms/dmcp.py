@@ -217,15 +217,20 @@ class DMCP(BaseAlgorithm):
         return loss * self.flop_loss_weight
 
     # ---------------------------------------------------------------------------------------------------- steps
-    def train_step(self, batch, loss_fn: Callable, optim_wrapper: Mapping) -> Dict[str, Tensor]:
+    def train_step(self, batch, loss_fn: Callable, optim_wrapper: Mapping, model=None) -> Dict[str, Tensor]:
         """One iteration: the weight phase over ``strategy``, then (when due) the architecture phase.
 
         ``loss_fn(model, batch)`` returns the loss (a scalar tensor, or a dict whose ``*loss*`` entries are
         summed). ``optim_wrapper``: ``{'architecture': the weights' optimizer, 'mutator': the architecture
         parameters' optimizer}`` (mmrazor's keys). Each subnet's loss is backpropagated and its optimizer stepped
-        and zeroed at once. Returns the detached losses, keyed as mmrazor logs them (``'max_subnet1.loss'``,
-        ``'arch.loss'``, ``'flops.loss'``, ...).
+        and zeroed at once. ``model``: what the weight phase hands ``loss_fn`` (default :attr:`model`; give the
+        DistributedDataParallel wrapper, whose backward averages the weights' gradients); the architecture phase
+        always hands it the module itself (DMCP averages the architecture gradients over the ranks, and a DDP
+        forward would wait for weight gradients that phase does not compute). Every rank must draw the same
+        subnets: build the algorithm with the same ``seed`` on every rank. Returns the detached losses, keyed as
+        mmrazor logs them (``'max_subnet1.loss'``, ``'arch.loss'``, ``'flops.loss'``, ...).
         """
+        weight_model = self.model if model is None else model
         optimizers = self._optimizers(optim_wrapper)
         iteration = self.counter
         if not self.arch_train and iteration > self.arch_start_train:
@@ -246,7 +251,7 @@ class DMCP(BaseAlgorithm):
             # the weight phase sees the scaled forward once the architecture trains (as mmrazor), with the
             # parameters' values only: their gradient is the architecture phase's
             self.mutator.sample_subnet(mode, self.arch_train, self.generator, detach=True)
-            loss = _total_loss(loss_fn(self.model, batch), f"{mode} subnet")
+            loss = _total_loss(loss_fn(weight_model, batch), f"{mode} subnet")
             loss.backward()
             optimizers["architecture"].step()
             optimizers["architecture"].zero_grad()

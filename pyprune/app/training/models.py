@@ -4,7 +4,7 @@ from typing import List
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, LANGUAGE_MODELS
 
 
 class BasicBlock(nn.Module):
@@ -62,9 +62,13 @@ def classification_model_names() -> List[str]:
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialized model (never downloads weights). Unknown name -> ``ValueError``."""
+    """A freshly initialized model (never downloads weights); for a language model ``num_classes`` is the
+    vocabulary size. Unknown name -> ``ValueError``."""
     if name == DEFAULT_MODEL:
         return SmallResNet(num_classes)
+    if name in LANGUAGE_MODELS:
+        from .lm import build_language_model  # (transformers is imported only for these)
+        return build_language_model(name, num_classes)
     import torchvision
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"unknown model {name!r}: use {DEFAULT_MODEL!r} or a torchvision classification model "
