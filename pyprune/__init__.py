@@ -52,7 +52,7 @@ _MOVED: Dict[str, str] = {
         "MutableValue", "OneShotMutableValue", "DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d",
         "DynamicConv3d", "DynamicLinear", "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d",
         "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "MutableChannelContainer", "BigNasConv2d",
-        "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed")},
+        "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed", "DynamicRelativePosition2D")},
     **{name: _MMRAZOR for name in ("DCFF", "DCFFChannelMutator", "DCFFChannelUnit", "FuseConv2d")},
     # pyprune's own names that are not part of the everyday workflow: their packages
     "export_static": "pyprune.mutators", "PruningSummary": "pyprune.mutators",

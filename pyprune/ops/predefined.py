@@ -9,6 +9,8 @@
 * :class:`DynamicSequential`: an ``nn.Sequential`` whose ``depth`` mutable runs only its first blocks.
 * :class:`DynamicPatchEmbed`: :class:`~pyprune.utils.patch_embed.PatchEmbed` with an ``embed_dims`` mutable; its
   projection and norm are DynamicOps driven by that channel.
+* :class:`DynamicRelativePosition2D`: :class:`~pyprune.utils.relative_position.RelativePosition2D` (AutoFormer's
+  iRPE) with a ``head_dims`` mutable channel: the tables' kept columns.
 
 The convolutions are DynamicOps (units, compact training, budgets, export work as for ``DynamicConv2d``; their cost
 terms count the current kernel). The two containers are :class:`DynamicContainer`: ``export()`` /
@@ -24,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.patch_embed import PatchEmbed
+from ..utils.relative_position import RelativePosition2D
 from ..errors import ConfigError
 from .conv import DynamicConv2d
 from .cost_terms import Bilinear, CostTerms, ParameterCount
 from .layernorm import DynamicLayerNorm
 
-__all__ = ["BigNasConv2d", "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed", "DynamicContainer"]
+__all__ = ["BigNasConv2d", "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed", "DynamicRelativePosition2D",
+           "DynamicContainer"]
 
 
 def _value_choices(mutable) -> List:
@@ -164,8 +168,8 @@ class OFAConv2d(BigNasConv2d):
 
 
 class DynamicContainer:
-    """Mixin of the dynamic layers that hold other modules (not DynamicOps themselves): ``export()`` gives the plain
-    module, and a mutator's export replaces them before their DynamicOps."""
+    """Mixin of the dynamic layers that are not DynamicOps (they hold DynamicOps, or read their mutables in their own
+    forward): ``export()`` gives the plain module, and a mutator's export replaces them before the DynamicOps."""
 
     def export(self) -> nn.Module:
         raise NotImplementedError
@@ -289,3 +293,70 @@ class DynamicPatchEmbed(DynamicContainer, PatchEmbed):
         """The plain PatchEmbed at the active embedding channels."""
         norm = None if self.norm is None else self.norm.export()
         return PatchEmbed.from_parts(self.img_size, self.projection.export(), norm).train(self.training)
+
+
+class DynamicRelativePosition2D(DynamicContainer, RelativePosition2D):
+    """:class:`~pyprune.utils.relative_position.RelativePosition2D` over the kept head dims: ``forward(length_q,
+    length_k)`` -> ``[length_q, length_k, K]``, the tables' columns the ``head_dims`` mutable channel keeps
+    (``register_mutable_attr('head_dims' | 'in_channels' | 'out_channels', mutable)``; mmrazor takes the first
+    ``activated_channels`` columns, the same for the sequential channels it uses)."""
+
+    @classmethod
+    def convert_from(cls, module: RelativePosition2D) -> "DynamicRelativePosition2D":
+        """A DynamicRelativePosition2D sharing ``module``'s tables."""
+        if not isinstance(module, RelativePosition2D):
+            raise ConfigError(f"DynamicRelativePosition2D.convert_from: expected a RelativePosition2D, got "
+                              f"{type(module).__name__}")
+        dynamic = cls.__new__(cls)
+        nn.Module.__init__(dynamic)
+        dynamic.head_dims, dynamic.max_relative_position = module.head_dims, module.max_relative_position
+        dynamic.embeddings_table_v, dynamic.embeddings_table_h = module.embeddings_table_v, module.embeddings_table_h
+        return dynamic
+
+    @property
+    def mutable_head_dims(self):
+        return self.get_mutable_attr("head_dims")
+
+    def register_mutable_attr(self, attr: str, mutable) -> None:
+        where = f"DynamicRelativePosition2D ({self.head_dims} head_dims)"
+        if attr not in ("head_dims", "in_channels", "out_channels"):
+            raise ConfigError(f"{where}: register_mutable_attr supports 'head_dims' ('in_channels' / "
+                              f"'out_channels' name it too); got {attr!r}")
+        if self.mutable_head_dims is not None:
+            raise ConfigError(f"{where}: head_dims has a mutable already ({self.mutable_head_dims!r})")
+        if getattr(mutable, "num_channels", None) != self.head_dims or not hasattr(mutable, "current_mask"):
+            raise ConfigError(f"{where}: a head_dims mutable must be a mutable channel of {self.head_dims} channels, "
+                              f"got {mutable!r}")
+        self._store_mutable("head_dims", mutable)
+
+    def _kept(self) -> Optional[Tensor]:
+        """Int64 ``[K]`` of the kept head dims (None: all)."""
+        mutable = self.mutable_head_dims
+        if mutable is None:
+            return None
+        mask = mutable.current_mask.to(device=self.embeddings_table_v.device, dtype=torch.bool)
+        if not bool(mask.any()):
+            raise ConfigError(f"DynamicRelativePosition2D ({self.head_dims} head_dims): the head_dims mutable keeps "
+                              f"no channel")
+        return mask.nonzero().flatten()
+
+    def forward(self, length_q: int, length_k: int) -> Tensor:
+        kept = self._kept()
+        if kept is None:
+            return super().forward(length_q, length_k)
+        return self._embed(length_q, length_k, self.embeddings_table_v[:, kept], self.embeddings_table_h[:, kept])
+
+    def export(self) -> RelativePosition2D:
+        """The plain RelativePosition2D of the kept head dims (copies of the tables' kept columns)."""
+        kept = self._kept()
+        with torch.no_grad():
+            table_v, table_h = self.embeddings_table_v, self.embeddings_table_h
+            if kept is not None:
+                table_v, table_h = table_v[:, kept], table_h[:, kept]
+            with torch.device("meta"):
+                static = RelativePosition2D(table_v.shape[1], self.max_relative_position)
+            static.embeddings_table_v = nn.Parameter(table_v.detach().clone(),
+                                                     requires_grad=self.embeddings_table_v.requires_grad)
+            static.embeddings_table_h = nn.Parameter(table_h.detach().clone(),
+                                                     requires_grad=self.embeddings_table_h.requires_grad)
+        return static.train(self.training)

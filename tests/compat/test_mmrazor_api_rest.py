@@ -1,5 +1,6 @@
 """The rest of mmrazor's pruning API: MutableChannelContainer, dump_chosen / fix_chosen on every mutable channel,
-the predefined dynamic ops of one-shot supernets (BigNasConv2d, OFAConv2d, DynamicSequential, DynamicPatchEmbed)
+the predefined dynamic ops of one-shot supernets (BigNasConv2d, OFAConv2d, DynamicSequential, DynamicPatchEmbed,
+DynamicRelativePosition2D)
 and ItePruneAlgorithm's epoch-based step_freq. Dynamic forwards are compared with the exported plain modules and with
 a reference computed from the full weights (atol 1e-5, float32)."""
 import copy
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyprune.compat.mmrazor import (BigNasConv2d, ChannelMutator, DynamicBatchNorm2d, DynamicConv2d, DynamicLinear,
-                                    DynamicPatchEmbed, DynamicSequential, ItePruneAlgorithm,
+                                    DynamicPatchEmbed, DynamicRelativePosition2D, DynamicSequential, ItePruneAlgorithm,
                                     ItePruneConfigManager, MutableChannelContainer, OFAConv2d, OneShotMutableChannel,
                                     OneShotMutableValue, SimpleMutableChannel, SquentialMutableChannel)
 from pyprune.utils.patch_embed import PatchEmbed
+from pyprune.utils.relative_position import RelativePosition2D
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.ops import DynamicChannelMixin
 from pyprune.units.mutable_channel import FixedTwiceError
@@ -282,6 +284,35 @@ def test_dynamic_patch_embed_follows_embed_dims_and_exports_a_patch_embed():
     assert type(static) is PatchEmbed and static.projection.out_channels == 8 and _close(static(x), out)
     with pytest.raises(ConfigError, match="16 channels"):
         DynamicPatchEmbed(img_size=32, embed_dims=16).register_mutable_attr("embed_dims", OneShotMutableChannel(8))
+
+
+def test_dynamic_relative_position_keeps_the_tables_columns_its_channel_keeps():
+    torch.manual_seed(0)
+    position = DynamicRelativePosition2D(head_dims=6, max_relative_position=2)
+    head_dims = SimpleMutableChannel(6)
+    position.register_mutable_attr("head_dims", head_dims)
+    head_dims.current_choice = torch.tensor([True, False, True, True, False, True])
+    kept = [0, 2, 3, 5]
+    length = 10  # a class token and a 3 x 3 grid
+    out = position(length, length)
+    side, limit = 3, 2
+    expected = torch.empty(length, length, 4)
+    for i in range(length):  # mmrazor's arithmetic, one pair at a time
+        for j in range(length):
+            if i == 0 or j == 0:
+                rows = (0, 0)
+            else:
+                q, k = i - 1, j - 1
+                rows = tuple(max(-limit, min(limit, d)) + limit + 1
+                             for d in (k // side - q // side, k % side - q % side))
+            expected[i, j] = position.embeddings_table_v[rows[0], kept] + position.embeddings_table_h[rows[1], kept]
+    assert out.shape == (10, 10, 4) and _close(out, expected)
+    static = position.export()
+    assert type(static) is RelativePosition2D and static.head_dims == 4 and _close(static(length, length), out)
+    with pytest.raises(ConfigError, match="6 channels"):
+        DynamicRelativePosition2D(6).register_mutable_attr("head_dims", SimpleMutableChannel(4))
+    with pytest.raises(ConfigError, match="already"):
+        position.register_mutable_attr("out_channels", head_dims)
 
 
 class OneShotSupernet(nn.Module):
