@@ -77,9 +77,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     checked, by :class:`pyprune.app.training.config.JobConfig`."""
     from .training.config import DEFAULT_MODEL
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"'{DEFAULT_MODEL}' (built in), 'tiny-llama' (a small Llama trained on the Python "
-                             "standard library's source, scored by perplexity) or a torchvision classification "
-                             "model name, e.g. resnet18 (random init, never downloads weights)")
+                        help=f"'{DEFAULT_MODEL}' (built in) or a torchvision classification model name, e.g. "
+                             "resnet18 (random init, never downloads weights)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder root (with train/ and val/, or one folder per class, split 90/10); "
                              "default: pyprune's synthetic shapes dataset")
@@ -102,14 +101,24 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-times", type=int_at_least(1), default=None, help="pruning steps (default 4)")
     parser.add_argument("--step-freq", type=int_at_least(1), default=None,
                         help="training iterations between pruning steps (default: one epoch)")
-    parser.add_argument("--unit-type", type=_unit_type, default="L1MutableChannelUnit",
-                        help=f"channel importance: {', '.join(UNIT_TYPES)} (default l1)")
+    parser.add_argument("--unit-type", type=_unit_type, default=None,
+                        help=f"channel importance: {', '.join(UNIT_TYPES)} (default l1; group-fisher has its own)")
+    parser.add_argument("--algorithm", choices=("ite", "group-fisher"), default="ite",
+                        help="ite: --prune-times pruning steps of --step-freq iterations to the target (default); "
+                             "group-fisher: one channel, the globally least important by cost-normalised Fisher "
+                             "information, every --gf-interval iterations until the --target-flops / "
+                             "--target-params budget is met (default --target-flops 0.5), then finetuning")
+    parser.add_argument("--gf-interval", type=int_at_least(1), default=None, metavar="N",
+                        help="group-fisher: training iterations between two channel removals (default 10)")
+    parser.add_argument("--gf-normalization", choices=("flops", "act"), default=None,
+                        help="group-fisher: divide each channel's Fisher information by the FLOPs it saves or by "
+                             "the size of its output activations (default act, as mmrazor's configs)")
+    parser.add_argument("--gf-mutate-linear", action="store_true",
+                        help="group-fisher: also prune channels that feed a linear layer (e.g. the classifier)")
     parser.add_argument("--epochs", type=int_at_least(0), default=None, help="training epochs before pruning")
     parser.add_argument("--finetune-epochs", type=int_at_least(0), default=None,
                         help="finetuning epochs after the last pruning step")
-    parser.add_argument("--lr", type=_positive_float, default=None,
-                        help="pretraining learning rate (default 0.1 with SGD; 3e-3 with AdamW for a language "
-                             "model)")
+    parser.add_argument("--lr", type=_positive_float, default=0.1, help="pretraining learning rate (SGD)")
     parser.add_argument("--weight-decay", type=_positive_float, default=5e-4)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="per-rank batch size")
     parser.add_argument("--image-size", type=int_at_least(8), default=None,

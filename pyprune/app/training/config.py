@@ -16,19 +16,27 @@ from ...errors import ConfigError
 from .run_dir import CHECKPOINT_FILE
 
 DEFAULT_MODEL = "small_resnet"  # the built-in model (pyprune.app.training.models)
-# Language models (task 'lm', pyprune.app.training.lm): trained from scratch on the standard library's source.
-LANGUAGE_MODELS = ("tiny-llama",)
-DEFAULT_LR = {"classification": 0.1, "lm": 3e-3}  # SGD (momentum 0.9) / AdamW
 # Counts a job takes when not given: full runs, and the seconds-long ``--quick`` smoke run.
 DEFAULTS = dict(epochs=4, finetune_epochs=3, prune_times=4, train_samples=5000, val_samples=1000, batch_size=64)
 QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samples=256, val_samples=64,
              batch_size=32, image_size=16)
 DEFAULT_TARGET_RATIO = 0.5
+DEFAULT_UNIT_TYPE = "L1MutableChannelUnit"
+# The pruning algorithms of the job: ItePruneAlgorithm's schedule (--prune-times steps of --step-freq iterations) or
+# GroupFisher (one channel every --gf-interval iterations until the budget is met).
+ALGORITHMS = ("ite", "group-fisher")
+GROUP_FISHER_UNIT = "GroupFisherChannelUnit"
+GROUP_FISHER_DEFAULTS = dict(gf_interval=10, gf_normalization="act")  # act: as mmrazor's published configs
+GROUP_FISHER_NORMALIZATIONS = ("flops", "act")
+DEFAULT_GROUP_FISHER_FLOPS = 0.5  # group-fisher without a budget: half the full model's FLOPs
 # Options whose values must be the same when a run is resumed (the checkpoint stores them as its signature).
 RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params", "target_latency", "allocation",
                "prune_times", "step_freq", "unit_type", "epochs",
                "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
-               "val_samples", "amp", "channels_last")
+               "val_samples", "amp", "channels_last", "algorithm", "gf_interval", "gf_normalization",
+               "gf_mutate_linear")
+# What a checkpoint written before a key was in RESUME_KEYS had for it (such a run was an ite run).
+RESUME_KEY_DEFAULTS = {"algorithm": "ite", "gf_interval": None, "gf_normalization": None, "gf_mutate_linear": False}
 BUDGET_METRICS = ("flops", "params", "latency")
 
 
@@ -39,6 +47,9 @@ class JobConfig:
     Counts given as ``None`` take :data:`QUICK` (with ``quick``) or :data:`DEFAULTS`; ``image_size`` defaults to 224
     with ``data`` and 32 on the synthetic set; ``target_ratio`` to 0.5 unless a ``target_flops`` /
     ``target_params`` / ``target_latency`` budget is given; ``resume='auto'`` means ``output_dir/checkpoint.pt``.
+    ``algorithm='group-fisher'`` takes a FLOPs / params budget (default ``target_flops=0.5``), its own unit type,
+    ``gf_interval`` 10 and ``gf_normalization`` ``'act'``, and no ite schedule (``prune_times`` / ``step_freq`` stay
+    None).
     ``argv``: the command line as typed (for ``summary.json``).
     """
     model: str = DEFAULT_MODEL
@@ -50,10 +61,10 @@ class JobConfig:
     allocation: Optional[str] = None           # 'uniform' | 'global' (a budget only); None: uniform
     prune_times: Optional[int] = None
     step_freq: Optional[int] = None            # None: one epoch of iterations between pruning steps
-    unit_type: str = "L1MutableChannelUnit"
+    unit_type: Optional[str] = None            # None: L1MutableChannelUnit (ite), GroupFisherChannelUnit
     epochs: Optional[int] = None
     finetune_epochs: Optional[int] = None
-    lr: Optional[float] = None                 # None: DEFAULT_LR of the task
+    lr: float = 0.1
     weight_decay: float = 5e-4
     batch_size: Optional[int] = None
     image_size: Optional[int] = None
@@ -73,10 +84,17 @@ class JobConfig:
     cuda_graphs: bool = False
     amp: Optional[str] = None                  # None | 'bf16' | 'fp16'
     channels_last: bool = False
+    algorithm: str = "ite"                     # 'ite' | 'group-fisher' (ALGORITHMS)
+    gf_interval: Optional[int] = None          # group-fisher: iterations between two channel removals
+    gf_normalization: Optional[str] = None     # group-fisher: 'flops' | 'act'
+    gf_mutate_linear: bool = False             # group-fisher: also prune channels that feed a linear layer
     argv: Tuple[str, ...] = ()
 
     def __post_init__(self):
+        self._check_algorithm()  # first: it reads which options were given, before the presets fill them
         presets = dict(DEFAULTS, **(QUICK if self.quick else {}))
+        if self.group_fisher:  # no ite schedule
+            presets = {k: v for k, v in presets.items() if k not in ("prune_times", "step_freq")}
         for key, value in presets.items():
             if getattr(self, key) is None:
                 self._set(key, value)
@@ -88,11 +106,12 @@ class JobConfig:
         if self.allocation is not None and not budget:
             raise ConfigError("--allocation needs a budget: --target-flops, --target-params or --target-latency")
         if not budget and self.target_ratio is None:
-            self._set("target_ratio", DEFAULT_TARGET_RATIO)
+            if self.group_fisher:
+                self._set("target_flops", DEFAULT_GROUP_FISHER_FLOPS)
+            else:
+                self._set("target_ratio", DEFAULT_TARGET_RATIO)
         self._set("argv", tuple(self.argv))
         self._check_model()
-        if self.lr is None:
-            self._set("lr", DEFAULT_LR[self.task])
         if self.data is not None:
             if not os.path.isdir(self.data):
                 raise ConfigError(f"--data {self.data}: no such directory")
@@ -127,9 +146,8 @@ class JobConfig:
         return {k: v for k, v in limits.items() if v is not None} or None
 
     @property
-    def task(self) -> str:
-        """``'lm'`` for a language model (:data:`LANGUAGE_MODELS`), else ``'classification'``."""
-        return "lm" if self.model in LANGUAGE_MODELS else "classification"
+    def group_fisher(self) -> bool:
+        return self.algorithm == "group-fisher"
 
     @property
     def compact(self) -> bool:
@@ -142,29 +160,72 @@ class JobConfig:
         if budget is None:
             return f"kept ratio {self.target_ratio}"
         limits = ", ".join(f"{k} {v:.0%}" if v <= 1 else f"{k} {v:,.0f}" for k, v in budget.items())
+        if self.group_fisher:
+            return f"budget {limits}"
         return f"budget {limits} ({self.allocation or 'uniform'} allocation)"
+
+    def algorithm_text(self) -> str:
+        """The algorithm in words, e.g. ``ite`` or ``group-fisher (interval 10, act normalization)``."""
+        if not self.group_fisher:
+            return self.algorithm
+        linear = ", linear inputs pruned" if self.gf_mutate_linear else ""
+        return f"group-fisher (interval {self.gf_interval}, {self.gf_normalization} normalization{linear})"
 
     def resume_signature(self) -> Dict[str, Any]:
         """The values of :data:`RESUME_KEYS`: a checkpoint is resumed only by a job with the same ones."""
         return {key: getattr(self, key) for key in RESUME_KEYS}
 
     # -------------------------------------------------------------------------------------------------- checks
+    def _check_algorithm(self) -> None:
+        """The algorithm and the options that belong to it; fills the unit type and GroupFisher's defaults."""
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"--algorithm {self.algorithm!r}: choose from {', '.join(ALGORITHMS)}")
+        if not self.group_fisher:
+            given = [option for option, value in (("--gf-interval", self.gf_interval),
+                                                  ("--gf-normalization", self.gf_normalization),
+                                                  ("--gf-mutate-linear", self.gf_mutate_linear))
+                     if value not in (None, False)]
+            if given:
+                raise ConfigError(f"{given[0]} needs --algorithm group-fisher (--algorithm is {self.algorithm})")
+            if self.unit_type is None:
+                self._set("unit_type", DEFAULT_UNIT_TYPE)
+            return
+        interval = self.gf_interval
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ConfigError(f"--gf-interval must be an integer >= 1, got {interval!r}")
+        if self.gf_normalization is not None and self.gf_normalization not in GROUP_FISHER_NORMALIZATIONS:
+            raise ConfigError(f"--gf-normalization must be one of {', '.join(GROUP_FISHER_NORMALIZATIONS)}, got "
+                              f"{self.gf_normalization!r}")
+        schedule = "GroupFisher removes one channel every --gf-interval iterations until the budget is met"
+        conflicts = (
+            ("--target-ratio", self.target_ratio is not None,
+             "GroupFisher prunes to a FLOPs / params budget (--target-flops / --target-params)"),
+            ("--target-latency", self.target_latency is not None,
+             "GroupFisher prunes against counted FLOPs / params, not measured latency"),
+            ("--allocation", self.allocation is not None,
+             "GroupFisher ranks the channels of all units together (an allocation of its own)"),
+            ("--prune-times", self.prune_times is not None, schedule),
+            ("--step-freq", self.step_freq is not None, schedule),
+            ("--unit-type", self.unit_type not in (None, GROUP_FISHER_UNIT),
+             f"GroupFisher measures importance with its own {GROUP_FISHER_UNIT}"),
+            ("--cuda-graphs", self.cuda_graphs,
+             "its importance needs hooks on every forward and backward, which a replayed graph does not run"),
+            ("--amp fp16", self.amp == "fp16",
+             "the activation gradients its Fisher information comes from are loss-scaled; use --amp bf16"),
+        )
+        for option, given, reason in conflicts:
+            if given:
+                raise ConfigError(f"{option} and --algorithm group-fisher cannot be combined: {reason}")
+        self._set("unit_type", GROUP_FISHER_UNIT)
+        for key, value in GROUP_FISHER_DEFAULTS.items():
+            if getattr(self, key) is None:
+                self._set(key, value)
+
     def _check_model(self) -> None:
         from .models import classification_model_names
-        if self.task == "lm":
-            self._check_language_model()
-        elif self.model not in classification_model_names():
-            raise ConfigError(f"unknown model {self.model!r}: use {DEFAULT_MODEL!r}, a language model "
-                              f"({', '.join(LANGUAGE_MODELS)}) or a torchvision classification model name (e.g. "
-                              f"resnet18, mobilenet_v3_small)")
-
-    def _check_language_model(self) -> None:
-        """A language model trains on token blocks of the built-in text corpus: image options do not apply."""
-        for option, given in (("--data", self.data is not None), ("--channels-last", self.channels_last),
-                              ("--cuda-graphs", self.cuda_graphs)):
-            if given:
-                raise ConfigError(f"{option} does not apply to the language model {self.model!r} (it trains on "
-                                  f"token blocks of the Python standard library's source)")
+        if self.model not in classification_model_names():
+            raise ConfigError(f"unknown model {self.model!r}: use {DEFAULT_MODEL!r} or a torchvision classification "
+                              f"model name (e.g. resnet18, mobilenet_v3_small)")
 
     def _on_cuda(self) -> bool:
         import torch
@@ -206,4 +267,5 @@ def prepare_output_dir(path: str) -> None:
         raise ConfigError(f"--output-dir {path}: not writable ({error.strerror or error})") from None
 
 
-__all__ = ["JobConfig", "DEFAULTS", "QUICK", "RESUME_KEYS", "prepare_output_dir"]
+__all__ = ["JobConfig", "DEFAULTS", "QUICK", "RESUME_KEYS", "RESUME_KEY_DEFAULTS", "ALGORITHMS",
+           "GROUP_FISHER_DEFAULTS", "prepare_output_dir"]
