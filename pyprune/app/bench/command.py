@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="coverage: every model of a zoo parsed, pruned, exported, compared")
     s.add_argument("--zoo", choices=sorted(sweep_bench.zoos.ZOOS), default="torchvision-classifiers",
                    help="torchvision-classifiers (default: the 80 classifiers), torchvision (every task: "
-                        "detection, segmentation, video, optical flow too), timm (the smallest model of every module)")
+                        "detection, segmentation, video, optical flow too), timm (the smallest model of every module), "
+                        "transformers (a small config of every HF family)")
     s.add_argument("--models", nargs="+", default=None, help="default: every model of the zoo")
     s.add_argument("--ratio", type=float, default=0.5, help="kept ratio of every unit (default 0.5)")
     s.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV / JSON")
@@ -201,12 +202,12 @@ def _run_sweep(args) -> int:
     rows = []
     for name in _progress_iter(names, "sweep"):
         rows.append(sweep_bench.sweep_model(name, args.ratio, args.zoo))
-        write_csv(args.out / "sweep.csv", rows, sweep_bench.SWEEP_COLUMNS)  # a stopped sweep keeps its rows
+        write_csv(args.out / "sweep.csv", rows, sweep_bench.columns(args.zoo))  # a stopped sweep keeps its rows
     write_json(args.out / "sweep.json", header, rows)
     failed = [row for row in rows if row["status"] != "ok"]
     print(format_header(header))
     print()
-    print(format_table(rows, sweep_bench.SWEEP_COLUMNS))
+    print(format_table(rows, sweep_bench.columns(args.zoo)))
     print(f"\n{len(rows) - len(failed)} of {len(rows)} models ok; wrote {args.out / 'sweep.csv'}")
     for row in failed:
         print(f"\n{row['model']}:\n{row['traceback']}", file=sys.stderr)

@@ -84,8 +84,16 @@ def _train_step(pruned: nn.Module, inputs) -> None:
         raise AssertionError("no gradient reached the exported model's parameters")
 
 
+def columns(zoo: str) -> Tuple[str, ...]:
+    """The table columns of ``zoo``'s rows: its own (``ZOOS[zoo]['columns']``) or :data:`SWEEP_COLUMNS`."""
+    return tuple(zoos.ZOOS[zoo].get("columns", SWEEP_COLUMNS))
+
+
 def sweep_model(name: str, ratio: float = 0.5, zoo: str = "torchvision-classifiers") -> Dict[str, object]:
-    """Parse, set every unit to ``ratio``, export, compare; then a sampled subnet; one row of :data:`SWEEP_COLUMNS`."""
+    """Parse, set every unit to ``ratio``, export, compare; then a sampled subnet; one row of :data:`SWEEP_COLUMNS`
+    (or of the zoo's own columns, by the zoo's own row function where it has one)."""
+    if "sweep" in zoos.ZOOS[zoo]:
+        return zoos.ZOOS[zoo]["sweep"](name, ratio)
     row: Dict[str, object] = {"model": name}
     try:
         model, inputs, trains = zoos.build(zoo, name)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ...tracing.example_inputs import CallArgs
+from . import transformers_zoo
 
 __all__ = ["ZooModel", "ZOOS", "zoo_names", "build", "torchvision_classifiers"]
 
@@ -116,10 +117,20 @@ def _timm(name: str) -> ZooModel:
     return ZooModel(model, CallArgs((torch.randn(2, channels, height, width),), {}))
 
 
+# ----------------------------------------------------------------------------------------------- transformers
+def _transformers(name: str) -> ZooModel:
+    """A small config of every HF family (:mod:`.transformers_zoo`), with its keyword demo input."""
+    return ZooModel(*transformers_zoo.build_family(name))
+
+
+# A zoo may bring its own row ("sweep": (name, ratio) -> row) and table ("columns"): the transformers zoo adds
+# the non-embedding share, the optimizer step and the from_pretrained reload.
 ZOOS: Dict[str, Dict[str, Callable]] = {
     "torchvision": {"names": _torchvision_names, "build": _torchvision},
     "torchvision-classifiers": {"names": torchvision_classifiers, "build": _classifier},
     "timm": {"names": _timm_names, "build": _timm},
+    "transformers": {"names": transformers_zoo.family_names, "build": _transformers,
+                     "sweep": transformers_zoo.sweep_family, "columns": transformers_zoo.HF_COLUMNS},
 }
 
 
