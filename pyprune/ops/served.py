@@ -56,6 +56,7 @@ class ServingProbe(NamedTuple):
 
 _PROBES: "weakref.WeakKeyDictionary[nn.Module, ServingProbe]" = weakref.WeakKeyDictionary()
 _SERVED_CLASSES: Dict[type, type] = {}
+_META_PROBES: Dict[tuple, ServingProbe] = {}  # by _meta_signature: meta modules alike probe once
 
 
 def has_own_forward(module: nn.Module, base: type) -> bool:
@@ -181,10 +182,34 @@ def serving_probe(module: nn.Module, kind: Optional[type] = None) -> ServingProb
     kind to probe it as (default: ``layer_kind(module)``; the registry passes the kind a structural test found)."""
     probe = _PROBES.get(module)
     if probe is None:
-        with torch._C.DisableTorchFunction():  # a recorder's TorchFunctionMode must not see the probe's calls
-            probe = _probe(module, kind)
+        signature = _meta_signature(module, kind)
+        probe = _META_PROBES.get(signature) if signature is not None else None
+        if probe is None:
+            with torch._C.DisableTorchFunction():  # a recorder's TorchFunctionMode must not see the probe's calls
+                probe = _probe(module, kind)
+            if signature is not None:
+                _META_PROBES[signature] = probe
         _PROBES[module] = probe
     return probe
+
+
+def _meta_signature(module: nn.Module, kind: Optional[type]) -> Optional[tuple]:
+    """What the probe of a module on the meta device depends on: its class, the kind, its tensors' names, shapes
+    and dtypes, its plain attributes (``eps``, widths) and its submodules' classes; the probe fills a meta
+    module's copy with random values, so two modules alike in all of these get the same result (an 8B model's 65
+    RMSNorms probe once). None for a module with real tensors (its values are probed) or unhashable attributes."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    if not tensors or not all(t.is_meta for _, t in tensors):
+        return None
+    attributes = tuple((k, v) for k, v in module.__dict__.items() if not k.startswith("_") and
+                       (v is None or isinstance(v, (bool, int, float, str, tuple, torch.Size))))
+    try:
+        signature = (type(module), kind, tuple((n, tuple(t.shape), t.dtype) for n, t in tensors), attributes,
+                     tuple(type(m) for m in module.modules()))
+        hash(signature)
+    except TypeError:  # a tuple attribute holding something unhashable
+        return None
+    return signature
 
 
 def _probe(module: nn.Module, kind: Optional[type]) -> ServingProbe:
