@@ -353,3 +353,24 @@ def test_published_dcff_resnet18_config_runs_end_to_end():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(small(x), algorithm.model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_unit_prepared_on_its_own_makes_its_convs_fuse_convs():
+    """mmrazor's unit API: ``prepare_for_pruning`` replaces the unit's convs by FuseConvs (mmrazor's mapping), and
+    setting a choice ranks by the KL criterion at the unit's tau."""
+    from pyprune.tracing import trace_channel_units
+
+    torch.manual_seed(0)
+    model = ChainNet()
+    spec = next(s for s in trace_channel_units(model, torch.randn(1, 3, 8, 8)) if s.name == U1)
+    unit = DCFFChannelUnit.from_spec(spec)
+    unit.prepare_for_pruning(model)
+    assert type(model.c1) is FuseConv2d and type(model.c2) is FuseConv2d  # producer and consumer
+    unit.set_tau(0.5)
+    unit.current_choice = 0.25
+    scores = kl_scores(filter_distribution(model.c1.weight.flatten(1), 0.5))
+    assert unit.current_index.tolist() == scores.topk(3).indices.sort().values.tolist()
+    unit.fuse_filters()
+    assert set(unit.fusion_state()) == {"c1"} and model.c1.active_out_channels == 3
+    with pytest.raises(ConfigError, match="tau must be a finite number > 0"):
+        unit.set_tau(0.0)
