@@ -77,8 +77,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     checked, by :class:`pyprune.app.training.config.JobConfig`."""
     from .training.config import DEFAULT_MODEL
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"'{DEFAULT_MODEL}' (built in) or a torchvision classification model name, e.g. "
-                             "resnet18 (random init, never downloads weights)")
+                        help=f"'{DEFAULT_MODEL}' (built in), 'tiny-llama' (a small Llama trained on the Python "
+                             "standard library's source, scored by perplexity) or a torchvision classification "
+                             "model name, e.g. resnet18 (random init, never downloads weights)")
     parser.add_argument("--data", default=None,
                         help="ImageFolder root (with train/ and val/, or one folder per class, split 90/10); "
                              "default: pyprune's synthetic shapes dataset")
@@ -118,7 +119,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int_at_least(0), default=None, help="training epochs before pruning")
     parser.add_argument("--finetune-epochs", type=int_at_least(0), default=None,
                         help="finetuning epochs after the last pruning step")
-    parser.add_argument("--lr", type=_positive_float, default=0.1, help="pretraining learning rate (SGD)")
+    parser.add_argument("--lr", type=_positive_float, default=None,
+                        help="pretraining learning rate (default 0.1 with SGD; 3e-3 with AdamW for a language "
+                             "model)")
     parser.add_argument("--weight-decay", type=_positive_float, default=5e-4)
     parser.add_argument("--batch-size", type=int_at_least(1), default=None, help="per-rank batch size")
     parser.add_argument("--image-size", type=int_at_least(8), default=None,

@@ -16,6 +16,9 @@ from ...errors import ConfigError
 from .run_dir import CHECKPOINT_FILE
 
 DEFAULT_MODEL = "small_resnet"  # the built-in model (pyprune.app.training.models)
+# Language models (task 'lm', pyprune.app.training.lm): trained from scratch on the standard library's source.
+LANGUAGE_MODELS = ("tiny-llama",)
+DEFAULT_LR = {"classification": 0.1, "lm": 3e-3}  # SGD (momentum 0.9) / AdamW
 # Counts a job takes when not given: full runs, and the seconds-long ``--quick`` smoke run.
 DEFAULTS = dict(epochs=4, finetune_epochs=3, prune_times=4, train_samples=5000, val_samples=1000, batch_size=64)
 QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samples=256, val_samples=64,
@@ -64,7 +67,7 @@ class JobConfig:
     unit_type: Optional[str] = None            # None: L1MutableChannelUnit (ite), GroupFisherChannelUnit
     epochs: Optional[int] = None
     finetune_epochs: Optional[int] = None
-    lr: float = 0.1
+    lr: Optional[float] = None                 # None: DEFAULT_LR of the task
     weight_decay: float = 5e-4
     batch_size: Optional[int] = None
     image_size: Optional[int] = None
@@ -112,6 +115,8 @@ class JobConfig:
                 self._set("target_ratio", DEFAULT_TARGET_RATIO)
         self._set("argv", tuple(self.argv))
         self._check_model()
+        if self.lr is None:
+            self._set("lr", DEFAULT_LR[self.task])
         if self.data is not None:
             if not os.path.isdir(self.data):
                 raise ConfigError(f"--data {self.data}: no such directory")
@@ -148,6 +153,11 @@ class JobConfig:
     @property
     def group_fisher(self) -> bool:
         return self.algorithm == "group-fisher"
+
+    @property
+    def task(self) -> str:
+        """``'lm'`` for a language model (:data:`LANGUAGE_MODELS`), else ``'classification'``."""
+        return "lm" if self.model in LANGUAGE_MODELS else "classification"
 
     @property
     def compact(self) -> bool:
@@ -223,9 +233,20 @@ class JobConfig:
 
     def _check_model(self) -> None:
         from .models import classification_model_names
-        if self.model not in classification_model_names():
-            raise ConfigError(f"unknown model {self.model!r}: use {DEFAULT_MODEL!r} or a torchvision classification "
-                              f"model name (e.g. resnet18, mobilenet_v3_small)")
+        if self.task == "lm":
+            self._check_language_model()
+        elif self.model not in classification_model_names():
+            raise ConfigError(f"unknown model {self.model!r}: use {DEFAULT_MODEL!r}, a language model "
+                              f"({', '.join(LANGUAGE_MODELS)}) or a torchvision classification model name (e.g. "
+                              f"resnet18, mobilenet_v3_small)")
+
+    def _check_language_model(self) -> None:
+        """A language model trains on token blocks of the built-in text corpus: image options do not apply."""
+        for option, given in (("--data", self.data is not None), ("--channels-last", self.channels_last),
+                              ("--cuda-graphs", self.cuda_graphs)):
+            if given:
+                raise ConfigError(f"{option} does not apply to the language model {self.model!r} (it trains on "
+                                  f"token blocks of the Python standard library's source)")
 
     def _on_cuda(self) -> bool:
         import torch

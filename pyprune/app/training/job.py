@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,14 +34,14 @@ from ...mutators import ChannelMutator, GroupFisherChannelMutator, count_flops, 
 from ...mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ...ops.compact import rebuild_ddp
 from ...tracing.example_inputs import as_call_args
-from ...utils.files import DiskFullError, atomic_torch_save, replace_durably
+from ...utils.files import DiskFullError, atomic_torch_save, fsync_directory, replace_durably
 from .config import RESUME_KEY_DEFAULTS, JobConfig
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)
 from .loop import cosine_lr, evaluate, set_lr
 from .models import build_model
 from .pruned_run import load_pruned_run
-from .report import plot_metrics, table_header, table_row, write_csv, write_json
+from .report import plot_metrics, pruned_key, table_header, table_row, write_csv, write_json
 from .run_dir import (CHECKPOINT_FILE, STAGING_PREFIX, SUMMARY_FILE, CheckpointError, RunDirectoryLock, check_start,
                       load_checkpoint, remove_leftovers, unmark_finished)
 from .step import TrainStep
@@ -61,13 +61,12 @@ class Run:
         self.start_time = time.perf_counter()
         self.out = Path(config.output_dir)
         torch.manual_seed(config.seed)
-        self.train_set, self.val_set, self.num_classes = build_datasets(
-            config.data, config.image_size, config.seed, config.train_samples, config.val_samples)
+        self.train_set, self.val_set, self.num_classes = self.build_data()
         self.loader = make_train_loader(self.train_set, config.batch_size, config.seed, context.rank,
                                         context.world_size, config.workers)
         self.batches = batches_per_epoch(self.loader)
         self.step_freq = config.step_freq or self.batches
-        self.input_shape = (1, 3, config.image_size, config.image_size)
+        self.input_shape = self.example_input()  # what the tracer runs and FLOPs are counted on
 
         self.model = build_model(config.model, self.num_classes).to(self.device)
         if config.channels_last:  # (the DynamicOps share these parameters, layout included)
@@ -97,11 +96,11 @@ class Run:
                                                step_freq=self.step_freq, prune_times=config.prune_times,
                                                budget=budget, budget_cfg=dict(allocation=config.allocation or
                                                                               "uniform") if budget else None)
-        self.optimizer = torch.optim.SGD(self.wrapped.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = self.make_optimizer()
         if config.compact:  # pruned layers train compact between steps and in finetuning
             self.algorithm.start_compact_training(self.optimizer)
-        self.step = TrainStep(self.wrapped, self.optimizer, amp=config.amp, channels_last=config.channels_last,
+        self.step = TrainStep(self.wrapped, self.optimizer, **self.step_functions(), amp=config.amp,
+                              channels_last=config.channels_last,
                               cuda_graphs=config.cuda_graphs, mutator=self.mutator, device_type=self.device.type)
         self.pre_end = config.epochs * self.batches
         self.finetune_length = config.finetune_epochs * self.batches
@@ -115,6 +114,51 @@ class Run:
         self.full_params, self.full_flops = count_params(full), count_flops(full, self.example)
         self.position, self.rows, self.pending = 0, [], None  # pending: the open pruning step's row
         self.elapsed_before = 0.0                             # wall time of earlier (resumed) sessions
+
+    # -------------------------------------------------------------------------------------------------- task
+    # What depends on the task: image classification here; a language model overrides these (.lm).
+    metric = "accuracy"  # the validation metric of the rows and the summary
+
+    def build_data(self):
+        """``(train_set, val_set, num_classes)``; items are ``(input, target)``."""
+        config = self.config
+        return build_datasets(config.data, config.image_size, config.seed, config.train_samples,
+                              config.val_samples)
+
+    def example_input(self):
+        """One sample's input as a ``demo_input`` (here a shape: a random image)."""
+        return (1, 3, self.config.image_size, self.config.image_size)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.wrapped.parameters(), lr=self.config.lr, momentum=0.9, nesterov=True,
+                               weight_decay=self.config.weight_decay)
+
+    def step_functions(self) -> Dict[str, Any]:
+        """Keyword arguments of :class:`.step.TrainStep` (``loss_fn``, ``forward``); none: cross-entropy of
+        ``model(input)``."""
+        return {}
+
+    def score(self, model: Optional[nn.Module] = None) -> float:
+        """The validation :attr:`metric` of ``model`` (default: the pruned dynamic model)."""
+        return self.accuracy(model)
+
+    def model_info(self) -> Dict[str, Any]:
+        """What ``structure.json`` stores to rebuild the model (:func:`.pruned_run.load_pruned_run`)."""
+        return {"name": self.config.model, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "unit_type": self.config.unit_type}
+
+    task_outputs: Tuple[str, ...] = ()  # outputs besides the model files and metrics (verified in staging)
+
+    def task_summary(self) -> Dict[str, Any]:
+        """Entries ``summary.json`` adds for the task (none here)."""
+        return {}
+
+    def result_line(self, summary: Dict[str, Any]) -> str:
+        """The last line the job prints."""
+        return (f"accuracy {summary['accuracy_pretrained']:.1%} -> {summary['accuracy_final']:.1%} "
+                f"(exported {summary['accuracy_exported']:.1%}); params {summary['params_kept']:.1%} and "
+                f"FLOPs {summary['flops_kept']:.1%} of the original; {summary['wall_s']:.0f} s; outputs in "
+                f"{self.out}")
 
     # ------------------------------------------------------------------------------------------------ helpers
     @property
@@ -175,13 +219,13 @@ class Run:
         return "pretrain" if g < self.pre_end else "prune" if self.pruning(g) else "finetune"
 
     def add_row(self, row: Dict[str, Any]) -> None:
-        row.setdefault("acc_pruned", None)
+        row.setdefault(pruned_key(self.metric), None)
         row["wall_s"] = round(self.wall(), 2)
         self.rows.append(row)
         if len(self.rows) == 1:
             self.print(f"algorithm {self.config.algorithm_text()}, {self.config.target_text()}")
-            self.print(table_header())
-        self.print(table_row(row))
+            self.print(table_header(self.metric))
+        self.print(table_row(row, self.metric))
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def resume_signature(self) -> Dict[str, Any]:
@@ -244,16 +288,16 @@ class Run:
         """Bookkeeping when ``g`` iterations are done; returns whether a metrics row was added."""
         if g == self.pre_end and not any(r["phase"] == "pretrained" for r in self.rows):
             self.add_row({"step": 0, "phase": "pretrained", "iteration": g, "kept_ratio": 1.0, **self.size(),
-                          "accuracy": self.accuracy()})
+                          self.metric: self.score()})
             return True
         if self.pending is not None and g > self.pre_end and (g - self.pre_end) % self.step_freq == 0:
             row, self.pending = self.pending, None
-            self.add_row({**row, "accuracy": self.accuracy()})
+            self.add_row({**row, self.metric: self.score()})
             return True
         if g == self.total and self.config.finetune_epochs and not any(r["phase"] == "finetuned" for r in self.rows):
             steps = self.prune_steps
             self.add_row({"step": steps, "phase": "finetuned", "iteration": g, "kept_ratio": self.kept_ratio(steps),
-                          **self.size(), "accuracy": self.accuracy()})
+                          **self.size(), self.metric: self.score()})
             return True
         return False
 
@@ -290,7 +334,7 @@ class Run:
         if row_due and self.prune_steps > (self.rows[-1]["step"] if rows else 0):
             steps = self.prune_steps
             self.add_row({"step": steps, "phase": "prune", "iteration": g + 1, "kept_ratio": self.kept_ratio(steps),
-                          **self.size(), "accuracy": self.accuracy()})
+                          **self.size(), self.metric: self.score()})
         if done:
             self.prune_end = g + 1
             self.record_fisher(False)
@@ -337,7 +381,7 @@ class Run:
                     step = self.algorithm.steps_done
                     self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
                                     "kept_ratio": self.kept_ratio(step),
-                                    **self.size(), "acc_pruned": self.accuracy()}
+                                    **self.size(), pruned_key(self.metric): self.score()}
                 self.position = g + 1
                 last = g + 1 == stop_at or g + 1 == self.total
                 bar.update(1)
@@ -361,7 +405,7 @@ class Run:
         agree = all_ranks_agree(self.digest(exported), self.context)
         if not agree:
             raise RuntimeError("the ranks ended with different pruned models")
-        exported_accuracy = self.accuracy(exported)
+        exported_accuracy = self.score(exported)
         summary: Dict[str, Any] = {}
         if self.main:
             summary = self.write_outputs(exported, exported_accuracy)
@@ -382,25 +426,23 @@ class Run:
         staging = self.out / f"{STAGING_PREFIX}{time.time_ns()}"
         staging.mkdir()
         try:
-            model_info = {"name": config.model, "num_classes": self.num_classes,
-                          "input_shape": list(self.input_shape), "unit_type": config.unit_type}
-            save_pruned(staging, self.model, self.mutator, model_info, exported)
+            save_pruned(staging, self.model, self.mutator, self.model_info(), exported)
             deploy = getattr(self.algorithm, "deploy_config", None)  # the algorithm's own deploy file, if any
             if deploy is not None:
                 write_json(deploy(), str(staging / FIX_SUBNET_FILE))
-            write_csv(self.rows, str(staging / METRICS_CSV))
+            write_csv(self.rows, str(staging / METRICS_CSV), self.metric)
             write_json(self.rows, str(staging / METRICS_JSON))
             plot_metrics(self.rows, str(staging / PLOT_FILE),
-                         f"{config.model}, {config.algorithm}, {config.unit_type}, {config.target_text()}")
+                         f"{config.model}, {config.algorithm}, {config.unit_type}, {config.target_text()}", self.metric)
             difference = self.verify_reload(staging)
-            names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE)
+            names = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_CSV, METRICS_JSON, PLOT_FILE) + self.task_outputs
             if deploy is not None:
                 names += (FIX_SUBNET_FILE,)
             unmark_finished(self.out)  # the new files are verified: no summary may describe a mix of old and new
             if deploy is None and (self.out / FIX_SUBNET_FILE).exists():
                 (self.out / FIX_SUBNET_FILE).unlink()  # an earlier group-fisher run's: not this model's
             for name in names:
-                replace_durably(staging / name, self.out / name)
+                _move_in(staging / name, self.out / name)
         except DiskFullError as error:  # name the output it was for, not the staging copy that is removed now
             if error.path.parent != staging:
                 raise
@@ -413,13 +455,14 @@ class Run:
             "algorithm": config.algorithm, "unit_type": config.unit_type, "target_ratio": config.target_ratio,
             "budget": config.budget, "allocation": config.allocation,
             "world_size": self.context.world_size, "device": str(self.device),
-            "accuracy_pretrained": first["accuracy"], "accuracy_final": last["accuracy"],
-            "accuracy_exported": exported_accuracy, "params_before": self.full_params, "params_after": last["params"],
+            f"{self.metric}_pretrained": first[self.metric], f"{self.metric}_final": last[self.metric],
+            f"{self.metric}_exported": exported_accuracy, "params_before": self.full_params,
+            "params_after": last["params"],
             "flops_before": self.full_flops, "flops_after": last["flops"], "params_kept": last["params_kept"],
             "flops_kept": last["flops_kept"], "reload_max_abs_diff": difference, "ranks_agree": True,
             "compact_training": self.algorithm.compact_training, "amp": config.amp,
             "channels_last": config.channels_last,
-            "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE],
+            "wall_s": round(self.wall(), 2), "files": list(names) + [SUMMARY_FILE], **self.task_summary(),
         }
         if config.group_fisher:
             summary["group_fisher"] = self.group_fisher_summary()
@@ -485,8 +528,26 @@ def _after_a_full_disk(failed: Path, out: Path) -> str:
     return f"nothing is lost ({where}): free space, then continue with --resume"
 
 
+def run_class(config: JobConfig) -> type:
+    """:class:`Run`, or for a language model (``config.task == 'lm'``) :class:`.lm.LanguageModelRun`."""
+    if config.task == "lm":
+        from .lm import LanguageModelRun  # (it builds on this module)
+        return LanguageModelRun
+    return Run
+
+
+def _move_in(source: Path, target: Path) -> None:
+    """Move a verified output from staging into the run directory (a folder replaces the old one whole)."""
+    if source.is_dir():
+        shutil.rmtree(target, ignore_errors=True)
+        source.replace(target)
+        fsync_directory(target.parent)
+    else:
+        replace_durably(source, target)
+
+
 def _run(config: JobConfig, context: DistributedContext, threads: int) -> Dict[str, Any]:
-    run = Run(config, context)
+    run = run_class(config)(config, context)
     if config.resume:
         run.load_checkpoint(config.resume)
         run.rewrap()
@@ -506,8 +567,5 @@ def _run(config: JobConfig, context: DistributedContext, threads: int) -> Dict[s
         return {"stopped_at": run.position}
     summary = run.finish()
     if run.main:
-        run.print(f"accuracy {summary['accuracy_pretrained']:.1%} -> {summary['accuracy_final']:.1%} "
-                  f"(exported {summary['accuracy_exported']:.1%}); params {summary['params_kept']:.1%} and "
-                  f"FLOPs {summary['flops_kept']:.1%} of the original; {summary['wall_s']:.0f} s; "
-                  f"outputs in {run.out}")
+        run.print(run.result_line(summary))
     return summary
