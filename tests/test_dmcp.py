@@ -141,8 +141,10 @@ def test_scaled_forward_and_its_gradient_equal_the_hand_computation():
     mutator.apply_counts({STEM: 8, BODY: 16})
     mutator.modify_supernet_forward(True, detach=True)
     narrow = model(x)
+    copied = copy.deepcopy(model)  # a copy (an export, an EMA model) carries the hooks inert
     mutator.modify_supernet_forward(False)
     assert narrow.shape == (8, 4) and not torch.allclose(narrow, model(x))
+    torch.testing.assert_close(copied(x), model(x))
 
 
 def test_expected_flops_are_the_layers_bilinear_cost_and_the_exported_count():

@@ -46,8 +46,14 @@ class _ScaleHook:
         self._mutator = weakref.ref(mutator)
         self.name, self.parts = name, parts
 
+    def __getstate__(self):  # a copied or pickled model carries an inert hook, not copies of the units
+        return {"name": self.name}
+
+    def __setstate__(self, state) -> None:
+        self._mutator, self.name, self.parts = None, state["name"], []
+
     def __call__(self, module, args, output):
-        mutator = self._mutator()
+        mutator = None if self._mutator is None else self._mutator()
         if mutator is None or not isinstance(output, Tensor) or mutator._scaled_modules.get(self.name) is not module:
             return None
         full = module_channel_count(module, is_output=True, where=self.name)
