@@ -54,6 +54,7 @@ _MOVED: Dict[str, str] = {
         "DynamicLayerNorm", "DynamicGroupNorm", "DynamicMultiheadAttention", "MutableChannelContainer", "BigNasConv2d",
         "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed", "DynamicRelativePosition2D")},
     **{name: _MMRAZOR for name in ("DCFF", "DCFFChannelMutator", "DCFFChannelUnit", "FuseConv2d")},
+    **{name: _MMRAZOR for name in ("SlimmableNetwork", "SlimmableChannelMutator", "SwitchableBatchNorm2d")},
     **{name: _MMRAZOR for name in ("DMCP", "DMCPChannelMutator", "DMCPChannelUnit")},
     # pyprune's own names that are not part of the everyday workflow: their packages
     "export_static": "pyprune.mutators", "PruningSummary": "pyprune.mutators",

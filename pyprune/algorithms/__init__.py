@@ -5,8 +5,10 @@ from .dcff import DCFF
 from .dmcp import DMCP
 from .group_fisher import GroupFisherAlgorithm
 from .ite_prune import ItePruneAlgorithm, ItePruneConfigManager
+from .slimmable import SlimmableNetwork
 
 __all__ = ["BaseAlgorithm", "GroupFisherAlgorithm", "ItePruneAlgorithm", "ItePruneConfigManager", "unwrap_model",
            "save_pruned", "load_pruned"]
 __all__ += ["DCFF"]
 __all__ += ["DMCP"]
+__all__ += ["SlimmableNetwork"]

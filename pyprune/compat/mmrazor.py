@@ -31,6 +31,9 @@ from ..units import (ChannelAnalyzer, ChannelUnit, DefaultDemoInput, L1MutableCh
                      SlimmableChannelUnit, SquentialMutableChannel, make_divisible)
 from ..ops.fuse_conv import FuseConv2d
 from ..units.dcff import DCFFChannelUnit
+from ..algorithms.slimmable import SlimmableNetwork
+from ..mutators.slimmable import SlimmableChannelMutator
+from ..ops.switchable_bn import SwitchableBatchNorm2d
 
 _DYNAMIC_OPS = "mmrazor.models.architectures.dynamic_ops"
 
@@ -62,6 +65,8 @@ MMRAZOR_MODULES: Dict[str, str] = {
     "make_divisible": "mmrazor.models.utils",
     "DCFF": "mmrazor.models.algorithms", "DCFFChannelMutator": "mmrazor.models.mutators",
     "DCFFChannelUnit": "mmrazor.models.mutables", "FuseConv2d": _DYNAMIC_OPS,
+    "SlimmableNetwork": "mmrazor.models.algorithms", "SlimmableChannelMutator": "mmrazor.models.mutators",
+    "SwitchableBatchNorm2d": _DYNAMIC_OPS,
 }
 
 __all__ = list(MMRAZOR_MODULES)

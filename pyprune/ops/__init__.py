@@ -18,6 +18,7 @@ from .registry import DYNAMIC_OPS, is_prunable_layer, layer_kind, register_layer
 from .tied import retie_exported
 from .compact import CompactTraining, compact_training, holds_compact
 from .batched import BatchedGather, batched_gather
+from .switchable_bn import SwitchableBatchNorm2d
 
 __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv3d", "DynamicLinear",
            "DynamicBatchNorm1d", "DynamicBatchNorm2d", "DynamicBatchNorm3d", "DynamicLayerNorm", "DynamicGroupNorm",
@@ -25,3 +26,4 @@ __all__ = ["DynamicChannelMixin", "DynamicConv1d", "DynamicConv2d", "DynamicConv
            "is_channels_first_layer_norm", "ChannelParameter", "ChannelCount", "channel_parameter",
            "channel_parameters", "export_channel_parameters", "ATTENTION_TYPES", "CompactTraining", "compact_training", "holds_compact", "BatchedGather", "batched_gather"]
 __all__ += ["FuseConv1d", "FuseConv2d", "FuseConv3d"]
+__all__ += ["SwitchableBatchNorm2d"]
