@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import ops
 from ..channels import UnitSpec, ref_to_dict
@@ -354,7 +354,7 @@ class ChannelMutator:
         """A deep copy of ``model`` with every DynamicOp replaced by its plain compact module; ``model`` is kept.
         An HF ``PreTrainedModel`` gets the config of its new widths (:mod:`pyprune.mutators.hf_export`)."""
         self._require_prepared()  # an unprepared mutator would hand back the full model as if it were pruned
-        return attach_hf_config(export_static(copy_module(model)))
+        return attach_hf_config(export_static(copy_module(model, share=_dynamic_layer_tensors(model))))
 
     def summary(self, model: nn.Module, example_input) -> PruningSummary:
         """Params and FLOPs of the full model and of the current subnet (``print()`` it for a table).
@@ -384,12 +384,19 @@ def _half_count(unit: MutableChannelUnit) -> int:
 def full_width_export(model: nn.Module) -> nn.Module:
     """A plain copy of the prepared ``model`` with every channel (its dynamic layers reset to full width); ``model``
     is kept."""
-    full = copy_module(model)
+    full = copy_module(model, share=_dynamic_layer_tensors(model))
     for layer in [m for m in full.modules() if isinstance(m, ops.DynamicChannelMixin)] + \
             list(ops.channel_parameters(full)):
         layer.set_out_index(None)
         layer.set_in_index(None)
     return export_static(full)
+
+
+def _dynamic_layer_tensors(model: nn.Module) -> List[Tensor]:
+    """The parameters and buffers of ``model``'s DynamicOps: an export replaces those layers by compact copies
+    (``op.export()`` clones even what it keeps whole), so the model's copy may refer to them instead of copying."""
+    return [tensor for module in model.modules() if isinstance(module, ops.DynamicChannelMixin)
+            for tensor in list(module._parameters.values()) + list(module._buffers.values()) if tensor is not None]
 
 
 def export_static(model: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ attention biases, computed from parameters in an eval forward with grad on, in a
 cache is the same values without the graph, so those tensors are copied detached.
 """
 import copy
-from typing import Dict
+from typing import Dict, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -14,10 +14,15 @@ from torch import Tensor, nn
 __all__ = ["copy_module"]
 
 
-def copy_module(module: nn.Module) -> nn.Module:
+def copy_module(module: nn.Module, share: Iterable[Tensor] = ()) -> nn.Module:
     """``copy.deepcopy(module)``, with every non-leaf tensor found in a submodule's attributes (directly, or in a
-    dict / list / tuple there) copied as a detached clone."""
-    memo: Dict[int, Tensor] = {}
+    dict / list / tuple there) copied as a detached clone.
+
+    ``share``: tensors the copy refers to instead of copying them. An export shares the dynamic layers' full-size
+    tensors this way: it replaces those layers by compact copies straight away, so copying their full tensors
+    first would only double the model's memory for a moment (a 640M-parameter model: 2.6 GB).
+    """
+    memo: Dict[int, Tensor] = {id(tensor): tensor for tensor in share}
     with torch.no_grad():
         for sub in module.modules():
             for value in sub.__dict__.values():
