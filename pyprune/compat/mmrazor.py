@@ -13,6 +13,9 @@ and in pyprune's subpackages (``pyprune.units``, ``pyprune.ops``, ``pyprune.regi
 from typing import Dict
 
 from ..algorithms import BaseAlgorithm, ItePruneAlgorithm, ItePruneConfigManager
+from ..algorithms.group_fisher import GroupFisherAlgorithm
+from ..mutators.group_fisher import GroupFisherChannelMutator
+from ..units.group_fisher import GroupFisherChannelUnit
 from ..algorithms.dmcp import DMCP
 from ..algorithms.dcff import DCFF
 from ..mutators import ChannelMutator
@@ -36,6 +39,7 @@ from ..mutators.slimmable import SlimmableChannelMutator
 from ..ops.switchable_bn import SwitchableBatchNorm2d
 
 _DYNAMIC_OPS = "mmrazor.models.architectures.dynamic_ops"
+_GROUP_FISHER = "mmrazor.implementations.pruning.group_fisher"  # mmrazor 1.x keeps GroupFisher there
 
 # name -> the mmrazor / mmengine module a script imports it from. pyprune's additions that have no mmrazor
 # counterpart (Conv1d / Conv3d / GroupNorm ops, the correctly spelled SequentialMutableChannel) sit with the names
@@ -45,6 +49,8 @@ MMRAZOR_MODULES: Dict[str, str] = {
     "ChannelMutator": "mmrazor.models.mutators",
     "BaseAlgorithm": "mmrazor.models.algorithms", "ItePruneAlgorithm": "mmrazor.models.algorithms",
     "ItePruneConfigManager": "mmrazor.models.algorithms.pruning.ite_prune_algorithm",
+    "GroupFisherAlgorithm": _GROUP_FISHER, "GroupFisherChannelMutator": _GROUP_FISHER,
+    "GroupFisherChannelUnit": _GROUP_FISHER,
     "DMCP": "mmrazor.models.algorithms", "DMCPChannelMutator": "mmrazor.models.mutators",
     "DMCPChannelUnit": "mmrazor.models.mutables",
     "MutableChannelUnit": "mmrazor.models.mutables", "SequentialMutableChannelUnit": "mmrazor.models.mutables",
