@@ -4,13 +4,16 @@ checkpoints, config errors, and mmrazor's published slimmable MobileNetV2 struct
 import copy
 import json
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import run_two_ranks
 from pyprune.algorithms import SlimmableNetwork
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import SlimmableChannelMutator
@@ -258,6 +261,63 @@ def test_state_dict_round_trip_restores_every_widths_bn():
         build(schedule="subnets").load_state_dict(saved_algorithm)
 
 
+def test_a_resumed_run_draws_the_same_widths_and_ends_with_the_same_weights():
+    def steps(algorithm, optimizer, start, count):
+        for step in range(start, start + count):
+            algorithm.train_step(*batch(step), optimizer, F.cross_entropy)
+
+    straight = build()
+    optimizer = torch.optim.SGD(straight.model.parameters(), lr=0.05, momentum=0.9)
+    steps(straight, optimizer, 0, 2)
+    saved = (copy.deepcopy(straight.model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+             straight.state_dict())
+    steps(straight, optimizer, 2, 2)
+    resumed = build(seed=3)  # other weights and another generator until the checkpoint is loaded
+    resumed.model.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[2])
+    optimizer = torch.optim.SGD(resumed.model.parameters(), lr=0.05, momentum=0.9)
+    optimizer.load_state_dict(saved[1])
+    steps(resumed, optimizer, 2, 2)
+    assert resumed.last_choices == straight.last_choices
+    assert resumed.mutator.current_choices == straight.mutator.current_choices
+    tensors = {name: t for name, t in resumed.model.state_dict().items() if isinstance(t, torch.Tensor)}
+    for name, tensor in straight.model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):  # (the units' selection rides in the state_dict as a dict)
+            assert torch.equal(tensor, tensors[name]), name
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        algorithm = build()  # one seed on every rank: the same weights and the same widths
+        ddp = nn.parallel.DistributedDataParallel(algorithm.model, find_unused_parameters=True,
+                                                  broadcast_buffers=False)
+        optimizer = torch.optim.SGD(algorithm.model.parameters(), lr=0.05)
+        for step in range(2):
+            algorithm.train_step(*batch(10 * rank + step), optimizer, F.cross_entropy, model=ddp)
+        torch.save({"params": {k: p.detach().clone() for k, p in algorithm.model.named_parameters()},
+                    "choices": algorithm.last_choices}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_gloo_ranks_on_different_data_keep_identical_weights(tmp_path):
+    rank0, rank1 = run_two_ranks(_rank_worker, tmp_path, 120)
+    assert rank0["choices"] == rank1["choices"]
+    for name, tensor in rank0["params"].items():
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=1e-5, atol=1e-6, msg=name)
+    # each rank alone on its own data would have moved elsewhere: the gradients were averaged
+    alone = build()
+    optimizer = torch.optim.SGD(alone.model.parameters(), lr=0.05)
+    for step in range(2):
+        alone.train_step(*batch(step), optimizer, F.cross_entropy)
+    assert not torch.allclose(alone.model.conv0.weight, rank0["params"]["conv0.weight"])
+
+
 # ---------------------------------------------------------------------------------------------- config errors
 @pytest.mark.parametrize("kwargs, key", [
     (dict(num_random_samples=-1), "num_random_samples"),
@@ -265,6 +325,7 @@ def test_state_dict_round_trip_restores_every_widths_bn():
     (dict(deploy_index=3), "deploy_index 3 is out of range"),
     (dict(deploy_index=True), "deploy_index"),
     (dict(schedule="all"), "schedule"),
+    (dict(seed="1"), "seed"),
     (dict(mutator_cfg=dict(type="ChannelMutator")), "SlimmableChannelMutator"),
 ])
 def test_bad_algorithm_config_values_raise_one_error_naming_the_key_and_leave_the_model_alone(kwargs, key):
@@ -293,6 +354,11 @@ def test_bad_mutator_config_values_name_the_unit_and_key():
         algorithm.export({UNITS[0]: 5})
     with pytest.raises(ConfigError, match="gather mode"):
         algorithm.start_compact_training(torch.optim.SGD(algorithm.model.parameters(), lr=0.1))
+    with pytest.raises(ConfigError, match="model must be the algorithm's model"):
+        algorithm.train_step(*batch(), torch.optim.SGD(algorithm.model.parameters(), lr=0.1), F.cross_entropy,
+                             model=ThreeConvNet())
+    with pytest.raises(ConfigError, match="'generator' must be the uint8 state"):
+        algorithm.load_state_dict({**algorithm.state_dict(), "generator": 7})
 
 
 def test_default_args_candidates_give_uniform_subnets():

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..mutators.slimmable import SlimmableChannelMutator
 from ..registry import MODELS
 from ..utils.copying import copy_module
-from .base import BaseAlgorithm, build_mutator
+from .base import BaseAlgorithm, build_mutator, unwrap_model
 
 DEFAULT_MUTATOR = {"type": "SlimmableChannelMutator", "channel_unit_cfg": {"type": "SlimmableChannelUnit"}}
 SCHEDULES = ("sandwich", "subnets")
@@ -54,11 +54,19 @@ class SlimmableNetwork(BaseAlgorithm):
         data_preprocessor, init_cfg: mmrazor's; see :class:`BaseAlgorithm`.
         schedule: ``'sandwich'`` or ``'subnets'`` (above).
         num_random_samples: random widths per sandwich step (AutoSlim's default 2).
+        seed: seeds the algorithm's own generator, which draws every random width (None: a seed drawn from torch's
+            default generator); its state is in :meth:`state_dict`, so a resumed run draws the same widths, and
+            ranks built with one seed draw the same widths.
+
+    Under DistributedDataParallel pass the wrapper to :meth:`train_step` (``model=ddp``): its backward averages the
+    gradients of every width. Build it with ``find_unused_parameters=True`` (the other widths' BNs get no gradient in
+    a forward) and ``broadcast_buffers=False`` (each forward would copy rank 0's BN statistics), as mmrazor's
+    slimmable configs do.
     """
 
     def __init__(self, architecture, mutator=None, deploy_index: int = -1, data_preprocessor=None,
                  init_cfg: Optional[Dict] = None, *, mutator_cfg=None, schedule: str = "sandwich",
-                 num_random_samples: int = 2):
+                 num_random_samples: int = 2, seed: Optional[int] = None):
         if mutator is not None and mutator_cfg is not None:
             raise ConfigError("SlimmableNetwork: give mutator (mmrazor's keyword) or mutator_cfg, not both")
         if schedule not in SCHEDULES:
@@ -69,6 +77,8 @@ class SlimmableNetwork(BaseAlgorithm):
         if not _is_int(deploy_index) or deploy_index < -1:
             raise ConfigError(f"SlimmableNetwork: deploy_index must be -1 (train the slimmable network) or the "
                               f"index of a subnet, got {deploy_index!r}")
+        if seed is not None and not _is_int(seed):
+            raise ConfigError(f"SlimmableNetwork: seed must be an int or None, got {seed!r}")
         chosen = mutator if mutator is not None else mutator_cfg
         # the model first, then the mutator, as BaseAlgorithm builds them: the same seed gives the same weights
         architecture = MODELS.build(architecture)
@@ -87,6 +97,8 @@ class SlimmableNetwork(BaseAlgorithm):
         self.schedule, self.num_random_samples = schedule, int(num_random_samples)
         self.iteration = 0  # train steps taken
         self.last_choices: List[Dict[str, Any]] = []  # the widths the last train step ran, in order
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(2 ** 62, ())) if seed is None else int(seed))
         self.is_deployed = False
         self.deploy_index = int(deploy_index)
         if deploy_index != -1:
@@ -110,26 +122,32 @@ class SlimmableNetwork(BaseAlgorithm):
         if kind == "min":
             return self.mutator.min_choices
         if kind.startswith("random"):
-            return self.mutator.sample_choices()
+            return self.mutator.sample_choices(self.generator)
         return self.mutator.subnets[int(kind[len("subnet_"):])]
 
     # ------------------------------------------------------------------------------------------------- training
-    def train_step(self, inputs, targets, optimizer: torch.optim.Optimizer, criterion) -> Dict[str, Tensor]:
+    def train_step(self, inputs, targets, optimizer: torch.optim.Optimizer, criterion,
+                   model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
         """One step of every width of the schedule on one batch, one ``optimizer.step()`` (class docstring).
 
         ``inputs``: what the model takes (a tensor; a tuple / list is passed as positional arguments, a dict as
         keyword arguments); ``criterion(outputs, targets)`` returns the scalar loss. Returns ``{'<kind>_subnet.
         loss': loss}`` per width (``'max_subnet.loss'``, ...; ``'subnet_0.loss'`` ...; unscaled, detached), as
-        mmrazor names them. The widths set before the step are set again after it."""
+        mmrazor names them. The widths set before the step are set again after it. ``model``: what runs the
+        forward, :attr:`model` itself (default) or a DistributedDataParallel wrapper of it."""
         if not callable(getattr(optimizer, "step", None)) or not callable(getattr(optimizer, "zero_grad", None)):
             raise ConfigError(f"SlimmableNetwork.train_step: optimizer must be a torch optimizer, got "
                               f"{type(optimizer).__name__}")
         if not callable(criterion):
             raise ConfigError(f"SlimmableNetwork.train_step: criterion must be callable, got "
                               f"{type(criterion).__name__}")
+        forward = self.model if model is None else model
+        if unwrap_model(forward) is not self.model:
+            raise ConfigError(f"SlimmableNetwork.train_step: model must be the algorithm's model or a wrapper of it, "
+                              f"got a {type(forward).__name__} around another module")
         optimizer.zero_grad()
         if self.is_deployed:
-            loss = criterion(_call(self.model, inputs), targets)
+            loss = criterion(_call(forward, inputs), targets)
             loss.backward()
             optimizer.step()
             self.iteration += 1
@@ -143,7 +161,7 @@ class SlimmableNetwork(BaseAlgorithm):
                 choices = self._choices_of(kind)
                 self.mutator.set_choices(choices)
                 self.last_choices.append(choices)
-                loss = criterion(_call(self.model, inputs), targets)
+                loss = criterion(_call(forward, inputs), targets)
                 (loss / len(kinds)).backward()
                 losses[f"{kind}.loss" if kind.startswith("subnet_") else f"{kind}_subnet.loss"] = loss.detach()
         finally:
@@ -201,10 +219,11 @@ class SlimmableNetwork(BaseAlgorithm):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """:meth:`BaseAlgorithm.state_dict` plus the step count and the schedule (the per-width BNs are in the
-        model's state_dict: ``<bn>.candidate_bn.<width>.*``)."""
+        """:meth:`BaseAlgorithm.state_dict` plus the step count, the schedule and the generator state (the per-width
+        BNs are in the model's state_dict: ``<bn>.candidate_bn.<width>.*``)."""
         state = super().state_dict()
-        state.update(iteration=self.iteration, schedule=self.schedule, num_random_samples=self.num_random_samples)
+        state.update(iteration=self.iteration, schedule=self.schedule, num_random_samples=self.num_random_samples,
+                     generator=self.generator.get_state())
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -214,8 +233,14 @@ class SlimmableNetwork(BaseAlgorithm):
             if key in state and state[key] != getattr(self, key):
                 raise ConfigError(f"SlimmableNetwork.load_state_dict: the checkpoint has {key}={state[key]!r}, "
                                   f"this algorithm {getattr(self, key)!r}")
+        generator = state.get("generator")
+        if generator is not None and (not isinstance(generator, Tensor) or generator.dtype != torch.uint8):
+            raise ConfigError("SlimmableNetwork.load_state_dict: 'generator' must be the uint8 state tensor "
+                              "SlimmableNetwork.state_dict saves")
         super().load_state_dict(state)
         self.iteration = int(state.get("iteration", 0))
+        if generator is not None:
+            self.generator.set_state(generator)
 
 
 def _is_int(value) -> bool:

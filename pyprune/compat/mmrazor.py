@@ -25,7 +25,8 @@ from ..units.dmcp import DMCPChannelUnit
 from ..ops import (DynamicBatchNorm1d, DynamicBatchNorm2d, DynamicBatchNorm3d, DynamicChannelMixin, DynamicConv1d,
                    DynamicConv2d, DynamicConv3d, DynamicGroupNorm, DynamicLayerNorm, DynamicLinear,
                    DynamicMultiheadAttention)
-from ..ops.predefined import BigNasConv2d, DynamicPatchEmbed, DynamicRelativePosition2D, DynamicSequential, OFAConv2d
+from ..ops.predefined import (BigNasConv2d, DynamicConv2dAdaptivePadding, DynamicPatchEmbed, DynamicRelativePosition2D,
+                              DynamicSequential, OFAConv2d)
 from ..units.mutable_channel_container import MutableChannelContainer
 from ..registry import MODELS, TASK_UTILS, Registry
 from ..units import (ChannelAnalyzer, ChannelUnit, DefaultDemoInput, L1MutableChannelUnit, MutableChannelUnit,
@@ -68,6 +69,7 @@ MMRAZOR_MODULES: Dict[str, str] = {
     "DynamicGroupNorm": _DYNAMIC_OPS, "DynamicMultiheadAttention": _DYNAMIC_OPS,
     "MutableChannelContainer": "mmrazor.models.mutables", "BigNasConv2d": _DYNAMIC_OPS, "OFAConv2d": _DYNAMIC_OPS,
     "DynamicSequential": _DYNAMIC_OPS, "DynamicPatchEmbed": _DYNAMIC_OPS, "DynamicRelativePosition2D": _DYNAMIC_OPS,
+    "DynamicConv2dAdaptivePadding": _DYNAMIC_OPS,
     "make_divisible": "mmrazor.models.utils",
     "DCFF": "mmrazor.models.algorithms", "DCFFChannelMutator": "mmrazor.models.mutators",
     "DCFFChannelUnit": "mmrazor.models.mutables", "FuseConv2d": _DYNAMIC_OPS,

@@ -3,6 +3,8 @@ name), plus the max / min / random choices the sandwich rule draws."""
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from ..errors import ConfigError
 from ..registry import MODELS
 from ..units.slimmable import SlimmableChannelUnit
@@ -27,8 +29,8 @@ class SlimmableChannelMutator(ChannelMutator):
     units={})``, ``parse_cfg=dict(type='ChannelAnalyzer', demo_input=(1, 3, 224, 224),
     tracer_type='BackwardTracer')``.
 
-    ``sample_choices()`` draws a candidate uniformly for every mutable unit, independently (torch's random stream),
-    as AutoSlim's random subnets are drawn; mmrazor's slimmable mutator refuses to sample.
+    :meth:`sample_choices` draws a candidate uniformly for every mutable unit, independently, as AutoSlim's random
+    subnets are drawn; mmrazor's slimmable mutator refuses to sample.
     """
 
     def __init__(self, channel_unit_cfg=None, parse_cfg: Optional[dict] = None, init_cfg: Optional[dict] = None,
@@ -78,6 +80,12 @@ class SlimmableChannelMutator(ChannelMutator):
 
     def set_min_choices(self) -> None:
         self.set_choices(self.min_choices)
+
+    def sample_choices(self, generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+        """``{unit name: one of its candidates}`` for every mutable unit, each drawn uniformly and independently from
+        ``generator`` (default: torch's default generator); not applied."""
+        picks = [int(torch.randint(len(u.candidate_choices), (), generator=generator)) for u in self.mutable_units]
+        return {u.name: u.candidate_choices[pick] for u, pick in zip(self.mutable_units, picks)}
 
     def config_template(self, only_mutable_units: bool = False, with_unit_init_args: bool = False,
                         with_channels: bool = False) -> Dict[str, Any]:

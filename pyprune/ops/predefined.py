@@ -6,6 +6,8 @@
   of the full one, padded ``k // 2`` ("same" padding, as mmrazor pads whenever a kernel mutable is registered).
 * :class:`OFAConv2d`: as BigNasConv2d, but each smaller kernel is the centre crop of the next larger one mapped by
   a learnt ``k^2 x k^2`` matrix (``trans_matrix_{K}to{k}``, identity at first; Once-for-All's kernel transform).
+* :class:`DynamicConv2dAdaptivePadding`: a :class:`~pyprune.ops.DynamicConv2d` with mmcv's input-size "same"
+  padding (:class:`~pyprune.utils.adaptive_padding_conv.Conv2dAdaptivePadding`, which its export gives).
 * :class:`DynamicSequential`: an ``nn.Sequential`` whose ``depth`` mutable runs only its first blocks.
 * :class:`DynamicPatchEmbed`: :class:`~pyprune.utils.patch_embed.PatchEmbed` with an ``embed_dims`` mutable; its
   projection and norm are DynamicOps driven by that channel.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.adaptive_padding_conv import Conv2dAdaptivePadding, adaptive_pad
 from ..utils.patch_embed import PatchEmbed
 from ..utils.relative_position import RelativePosition2D
 from ..errors import ConfigError
@@ -32,8 +35,8 @@ from .conv import DynamicConv2d
 from .cost_terms import Bilinear, CostTerms, ParameterCount
 from .layernorm import DynamicLayerNorm
 
-__all__ = ["BigNasConv2d", "OFAConv2d", "DynamicSequential", "DynamicPatchEmbed", "DynamicRelativePosition2D",
-           "DynamicContainer"]
+__all__ = ["BigNasConv2d", "OFAConv2d", "DynamicConv2dAdaptivePadding", "DynamicSequential", "DynamicPatchEmbed",
+           "DynamicRelativePosition2D", "DynamicContainer"]
 
 
 def _value_choices(mutable) -> List:
@@ -165,6 +168,16 @@ class OFAConv2d(BigNasConv2d):
             part = F.linear(part, getattr(self, f"trans_matrix_{source}to{target}"))
             weight = part.reshape(weight.shape[0], weight.shape[1], target, target)
         return weight
+
+
+class DynamicConv2dAdaptivePadding(DynamicConv2d):
+    """:class:`~pyprune.utils.adaptive_padding_conv.Conv2dAdaptivePadding` over the active channels: x ``[N, K_in,
+    H, W]`` padded for a ``ceil(H / stride)`` x ``ceil(W / stride)`` output, then convolved unpadded."""
+
+    _torch_type = Conv2dAdaptivePadding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(adaptive_pad(x, self.kernel_size, self.stride, self.dilation))
 
 
 class DynamicContainer:

@@ -1,6 +1,6 @@
 """The rest of mmrazor's pruning API: MutableChannelContainer, dump_chosen / fix_chosen on every mutable channel,
-the predefined dynamic ops of one-shot supernets (BigNasConv2d, OFAConv2d, DynamicSequential, DynamicPatchEmbed,
-DynamicRelativePosition2D)
+the predefined dynamic ops of one-shot supernets (BigNasConv2d, OFAConv2d, DynamicConv2dAdaptivePadding,
+DynamicSequential, DynamicPatchEmbed, DynamicRelativePosition2D)
 and ItePruneAlgorithm's epoch-based step_freq. Dynamic forwards are compared with the exported plain modules and with
 a reference computed from the full weights (atol 1e-5, float32)."""
 import copy
@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyprune.compat.mmrazor import (BigNasConv2d, ChannelMutator, DynamicBatchNorm2d, DynamicConv2d, DynamicLinear,
+from pyprune.compat.mmrazor import (BigNasConv2d, ChannelMutator, DynamicBatchNorm2d, DynamicConv2d,
+                                    DynamicConv2dAdaptivePadding, DynamicLinear,
                                     DynamicPatchEmbed, DynamicRelativePosition2D, DynamicSequential, ItePruneAlgorithm,
                                     ItePruneConfigManager, MutableChannelContainer, OFAConv2d, OneShotMutableChannel,
                                     OneShotMutableValue, SimpleMutableChannel, SquentialMutableChannel)
+from pyprune.utils.adaptive_padding_conv import Conv2dAdaptivePadding
 from pyprune.utils.patch_embed import PatchEmbed
 from pyprune.utils.relative_position import RelativePosition2D
 from pyprune.errors import ChannelSelectionError, ConfigError
@@ -244,6 +246,23 @@ def test_ofa_conv_maps_each_smaller_kernel_through_its_transform_matrix():
         assert _close(conv.export()(x), out)
     out.sum().backward()
     assert conv.trans_matrix_5to3.grad.abs().sum() > 0 and conv.trans_matrix_7to5.grad.abs().sum() > 0
+
+
+def test_adaptive_padding_conv_pads_for_a_same_output_at_the_active_channels():
+    torch.manual_seed(0)
+    plain = Conv2dAdaptivePadding(6, 8, 3, stride=2, padding=5)
+    conv = DynamicConv2dAdaptivePadding.convert_from(plain)
+    conv.set_in_channels(torch.tensor([0, 2, 3, 5]))
+    conv.set_out_channels(4)
+    x = torch.rand(2, 4, 7, 10)
+    out = conv(x)
+    # 7 rows -> 4 at stride 2: (4 - 1) * 2 + 3 - 7 = 2 rows of padding, 1 on each side; 10 columns -> 5: 1, right
+    padded = F.pad(x, [0, 1, 1, 1])
+    reference = F.conv2d(padded, plain.weight[:4][:, [0, 2, 3, 5]], plain.bias[:4], stride=2)
+    assert out.shape == (2, 4, 4, 5) and _close(out, reference)
+    static = conv.export()
+    assert type(static) is Conv2dAdaptivePadding and static.padding == (0, 0) and _close(static(x), out)
+    assert plain(torch.rand(1, 6, 9, 9)).shape == (1, 8, 5, 5)  # the plain layer pads for itself
 
 
 def test_dynamic_sequential_runs_and_exports_its_first_blocks():
