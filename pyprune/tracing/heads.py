@@ -35,13 +35,14 @@ GQA_MODES = ("keep_kv", "drop_kv_groups")
 # Int attributes of an attention module that hold, by convention, its number of (query) heads, the width of all its
 # heads together, its number of key / value heads, and query heads per key / value head.
 HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_head", "heads")
-HEAD_WIDTH_ATTRIBUTES = ("all_head_size", "attn_dim", "split_size")
+HEAD_WIDTH_ATTRIBUTES = ("all_head_size", "attn_dim", "split_size", "inner_dim")
 KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head")
 KV_GROUP_ATTRIBUTES = ("num_key_value_groups", "num_kv_groups", "n_rep", "num_queries_per_kv")
 PREFERRED = HEAD_COUNT_ATTRIBUTES + KV_HEAD_ATTRIBUTES + HEAD_WIDTH_ATTRIBUTES + KV_GROUP_ATTRIBUTES
 # Int attributes that hold the size of one head (it stays fixed), and ones that are indices, not counts: they
 # never follow a unit.
-HEAD_SIZE_ATTRIBUTES = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head", "d_kv")
+HEAD_SIZE_ATTRIBUTES = ("head_dim", "attention_head_size", "head_size", "dim_head", "d_head", "d_kv",
+                        "key_value_proj_dim")
 KEPT_ATTRIBUTES = HEAD_SIZE_ATTRIBUTES + ("layer_idx", "layer_id", "layer_index", "block_idx")
 
 
