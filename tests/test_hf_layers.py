@@ -331,3 +331,26 @@ def test_a_per_channel_slope_that_does_not_normalise_is_not_a_norm():
     assert DynamicChannelNorm.matches(nn.PReLU(8))
     assert "does not normalise" in serving_probe(nn.PReLU(8), DynamicChannelNorm).reason
     assert ops.to_dynamic(nn.PReLU(8)) is None
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """Gemma's pattern: the lookup times a scale, in the subclass's own forward."""
+
+    def __init__(self, rows, dim):
+        super().__init__(rows, dim)
+        self.register_buffer("scale", torch.tensor(dim ** 0.5), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.scale
+
+
+def test_an_embedding_subclass_with_its_own_forward_is_served_at_the_kept_columns():
+    table = randomize(_ScaledEmbedding(10, 6))
+    op = ops.to_dynamic(table)
+    assert op is not None and isinstance(op, ServedForward) and serving_probe(table).channel_dim == -1
+    op.set_out_channels(torch.tensor([0, 3, 4]))
+    ids = torch.tensor([[1, 9, 2]])
+    exported = op.export()
+    assert type(exported) is _ScaledEmbedding and exported.weight.shape == (10, 3)
+    torch.testing.assert_close(op(ids), table.weight[ids][..., [0, 3, 4]] * table.scale, **TOL)  # its own scale
+    torch.testing.assert_close(exported(ids), op(ids), **TOL)

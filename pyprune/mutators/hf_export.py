@@ -33,8 +33,8 @@ __all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_u
 
 # a path component that is only digits: the index into a ModuleList of layers (``layers.3.``, ``h.0.``)
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=[._])|^\d+(?=\.)")
-# config keys of the MLP width, in the order the families use them (Llama / BERT, GPT-2, T5, BART-like)
-_INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+# config keys of the MLP width, in the order the families use them (Llama / BERT, GPT-2, T5, BART-like, DistilBERT)
+_INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "hidden_dim")
 HF_SAVE_REFUSED = "pyprune_hf_save_refused"  # the reason a non-uniform export's save_pretrained gives
 
 
@@ -142,8 +142,7 @@ def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str,
     (the model built from the original config)."""
     changed: Dict[str, int] = {}
     hidden_before = config.hidden_size
-    embedding = exported.get_input_embeddings()
-    hidden = embedding.weight.shape[1] if isinstance(embedding, nn.Embedding) else hidden_before
+    hidden = _embedding_width(exported.get_input_embeddings(), hidden_before)
     if hidden != hidden_before:
         changed["hidden_size"] = int(hidden)
     key = next((k for k in _INTERMEDIATE_KEYS if hasattr(config, k)), None)
@@ -161,6 +160,20 @@ def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str,
     return changed
 
 
+def _embedding_width(embedding: Optional[nn.Module], hidden_before: int) -> int:
+    """The residual width the input embedding writes: a token table's columns, or for a vision patch embedding
+    (ViT's ``ViTPatchEmbeddings``) the outputs of its first conv / linear layer; ``hidden_before`` when neither is
+    found (nothing is claimed changed)."""
+    if isinstance(embedding, nn.Embedding):
+        return embedding.weight.shape[1]
+    for module in (embedding.modules() if isinstance(embedding, nn.Module) else ()):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.out_channels
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    return hidden_before
+
+
 def _read_heads(exported: nn.Module, reference: nn.Module, config) -> Dict[str, int]:
     """Heads of the first attention module (one with a ``head_dim`` / ``attention_head_size``): its head count
     attributes when it has them, else its q / k projections' widths over ``head_dim``."""
@@ -169,7 +182,7 @@ def _read_heads(exported: nn.Module, reference: nn.Module, config) -> Dict[str, 
             continue
         module = exported.get_submodule(name)
         head_dim = _first_attribute(module, ("head_dim", "attention_head_size"))
-        heads = _first_attribute(module, ("num_heads", "num_attention_heads", "n_head"))
+        heads = _first_attribute(module, ("num_heads", "num_attention_heads", "n_head", "n_heads"))
         kv_heads = _first_attribute(module, ("num_key_value_heads", "num_kv_heads"))
         for attribute, child_names in (("heads", ("q_proj", "query", "q")), ("kv", ("k_proj", "key", "k"))):
             if (heads if attribute == "heads" else kv_heads) is not None:
@@ -200,6 +213,12 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
     (checked on the meta device); otherwise ConfigError naming the role (the tensor name with ``*`` for the layer
     index) and both shapes."""
     model_class = type(exported)
+    if not hasattr(original_config, "hidden_size"):
+        # a composite config (CLIP's text_config + vision_config, ...) holds its widths in sub-configs, which
+        # this reader does not walk: no config is written rather than a wrong one
+        raise ConfigError(f"{model_class.__name__}: its {type(original_config).__name__} has no hidden_size (the "
+                          f"widths live in its sub-configs {sorted(getattr(original_config, 'sub_configs', {}))}),"
+                          " which pyprune does not write yet")
     reference = _build_on_meta(model_class, copy.deepcopy(original_config))
     changed = _read_widths(exported, reference, original_config)
     config = copy.deepcopy(original_config)
@@ -207,7 +226,8 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
         setattr(config, key, value)
     shapes = {name: tuple(t.shape) for name, t in exported.state_dict().items() if isinstance(t, torch.Tensor)}
     _check_uniform(shapes, model_class)
-    rebuilt = {name: tuple(t.shape) for name, t in _build_on_meta(model_class, config).state_dict().items()}
+    rebuilt_model = _build_on_meta(model_class, config)
+    rebuilt = {name: tuple(t.shape) for name, t in rebuilt_model.state_dict().items()}
     wrong = [name for name in shapes if name in rebuilt and rebuilt[name] != shapes[name]]
     missing = sorted(set(shapes) ^ set(rebuilt))
     if wrong or missing:
@@ -217,7 +237,30 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
         raise ConfigError(f"{model_class.__name__}: the pruned widths do not fit a {type(config).__name__} "
                           f"({written}): " + "; ".join(problems) + "; this family's config cannot express "
                           "these widths (e.g. a hidden size pruned while its attention heads are kept whole)")
+    _check_derived_scales(exported, rebuilt_model, model_class)
     return config
+
+
+def _check_derived_scales(exported: nn.Module, rebuilt: nn.Module, model_class) -> None:
+    """ConfigError naming the first module whose float attribute the new config would set to another value.
+
+    A model built from the new config recomputes what its modules derive from the widths (Gemma's embedding
+    scale ``sqrt(hidden_size)``, an attention ``scaling`` from ``head_dim``); the export keeps the values it was
+    trained with, so a reload would compute other logits. Plain float attributes are compared (they are set in
+    ``__init__`` and so present on the meta-built model)."""
+    for name, module in exported.named_modules():
+        try:
+            other = rebuilt.get_submodule(name)
+        except AttributeError:
+            continue
+        for key, value in vars(module).items():
+            if key.startswith("_") or not isinstance(value, float):
+                continue
+            new = vars(other).get(key)
+            if isinstance(new, float) and abs(new - value) > 1e-6 * max(abs(value), 1.0):
+                raise ConfigError(f"{model_class.__name__}: {role_of(name) or 'the model'}.{key} is {value:.6g} in "
+                                  f"the export but {new:.6g} in a model built from the new config (derived from a "
+                                  "pruned width): a reload would compute other outputs")
 
 
 def _check_uniform(shapes: Dict[str, Tuple[int, ...]], model_class) -> None:

@@ -1,6 +1,7 @@
 """DynamicEmbedding: nn.Embedding over the active embedding channels (the columns of its table)."""
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,9 +48,20 @@ class DynamicEmbedding(DynamicChannelMixin, nn.Embedding):
         """The table transposed, ``[D, num_embeddings]``: one row per embedding channel."""
         return cls.full_tensor(module, "weight").t()
 
+    # A subclass with its own forward (Gemma's scaled word embedding: ``super().forward(ids) * embed_scale``) is
+    # served when, on ids [2, 5], its output's last dim is the embedding channels and keeping some of them gives
+    # the full output at those channels; only the output side is probed (the ids carry no channels).
+    probe_outputs_only = True
+
     @classmethod
     def probe_inputs(cls, module: nn.Module):
-        return []  # its input is ids, not channels: a subclass with its own forward stays fixed
+        return [((2, 5), -1)]
+
+    @classmethod
+    def probe_input(cls, module: nn.Module, shape: Tuple[int, ...]) -> Tensor:
+        """Token ids of ``shape`` (the probe's input; random over the table's rows)."""
+        device = module.weight.device
+        return torch.randint(0, module.num_embeddings, shape, device=device)
 
     @classmethod
     def cost_terms(cls, module: nn.Module, calls: Sequence[LayerCall]) -> CostTerms:

@@ -237,7 +237,8 @@ def _try_dim(module: nn.Module, kind: type, shape: Tuple[int, ...], dim: int) ->
             copied = _probe_copy(module)
             parameter = next(iter(copied.parameters()), None)
             options = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
-            x = torch.randn(shape, **options)
+            make_input = getattr(kind, "probe_input", None)  # a kind whose input is not channels (token ids)
+            x = make_input(copied, shape) if make_input is not None else torch.randn(shape, **options)
             full = copied(x)
             if not isinstance(full, Tensor):
                 return f"its forward returns {type(full).__name__}, not a tensor"
@@ -277,7 +278,7 @@ def _check_reduced(op: "ServedForward", kind: type, x: Tensor, full: Tensor, dim
     if not shared:  # outputs only first: channel-wise kinds must then give the full outputs at the kept channels
         got = op(x)
         reason = _compare(got, full, out_keep, out_dim, exact=True)
-        if reason:
+        if reason or getattr(kind, "probe_outputs_only", False):  # an embedding's input (ids) has no channels
             return reason
         in_keep = _reduced_index(in_channels, kind.selection_groups(op), x.device)
         op.set_in_index(in_keep)
