@@ -26,12 +26,18 @@ class Attention(nn.Module):
         self.talking = talking  # talking heads: linear maps across the heads before and after the softmax
         if talking:
             self.proj_l, self.proj_w = nn.Linear(num_heads, num_heads), nn.Linear(num_heads, num_heads)
-        self.bias_per_head = bias_per_head  # None, "param" ([heads, N, N], read directly) or "table" (indexed)
+        # None; "param": [heads, N, N], read directly; "table": [num_rel, heads] looked up, viewed with -1 heads and
+        # permuted (BEiT); "table_literal": the same viewed with a literal head count; "lookup": [heads, num_rel]
+        # looked up along dim 1 (LeViT)
+        self.bias_per_head = bias_per_head
         if bias_per_head == "param":
             self.rel_bias = nn.Parameter(torch.randn(num_heads, 5, 5))
-        elif bias_per_head == "table":
+        elif bias_per_head in ("table", "table_literal"):
             self.table = nn.Parameter(torch.randn(9, num_heads))
             self.register_buffer("index", torch.arange(25) % 9)
+        elif bias_per_head == "lookup":
+            self.table = nn.Parameter(torch.randn(num_heads, 9))
+            self.register_buffer("index", (torch.arange(25) % 9).view(5, 5))
 
     def forward(self, x):
         b, n, _ = x.shape
@@ -41,6 +47,10 @@ class Attention(nn.Module):
             attn = attn + self.rel_bias
         elif self.bias_per_head == "table":
             attn = attn + self.table[self.index].view(n, n, -1).permute(2, 0, 1)
+        elif self.bias_per_head == "table_literal":
+            attn = attn + self.table[self.index].view(n, n, 4).permute(2, 0, 1)
+        elif self.bias_per_head == "lookup":
+            attn = attn + self.table[:, self.index]
         if self.talking:
             attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         attn = attn.softmax(-1)
@@ -129,17 +139,18 @@ def test_a_head_count_written_as_a_number_fixes_the_group():
     assert next(s for s in specs if s.output_related[0].name == "1.q").fixed
 
 
-@pytest.mark.parametrize("bias, follows", [("param", True), ("table", False)])
-def test_per_head_tensors_follow_the_heads_or_fix_them(bias, follows):
+@pytest.mark.parametrize("bias, table_dim", [("param", 0), ("table", 1), ("lookup", 0), ("table_literal", None)])
+def test_per_head_tensors_follow_the_heads_or_fix_them(bias, table_dim):
     torch.manual_seed(0)
     model, x = Block(bias_per_head=bias).eval(), torch.randn(2, 5, 3)
     mutator = prepared(model, x)
     unit = head_unit(mutator, "attn.q")
-    assert unit.is_mutable == follows
-    if follows:  # read directly, [heads, N, N]: a channel tensor of the heads
-        assert ("attn.rel_bias", 0) in {(r.name, r.param_dim) for r in unit.output_related}
-        assert model.attn.rel_bias.shape == (2, 5, 5)
-    else:
+    assert unit.is_mutable == (table_dim is not None)
+    name = "attn.rel_bias" if bias == "param" else "attn.table"
+    if table_dim is not None:  # the tensor's heads dim (read directly or through lookup / view(-1) / permute)
+        assert (name, table_dim) in {(r.name, r.param_dim) for r in unit.output_related}
+        assert getattr(model.attn, name.split(".")[-1]).shape[table_dim] == 2  # served at the kept heads
+    else:  # a literal head count in the view would stay 4 in a pruned model
         assert "channel-sized tensor" in unit.reason
     check_export(model, mutator, lambda m: m(x), atol=1e-5)
 

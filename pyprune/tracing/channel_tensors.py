@@ -14,11 +14,7 @@ from torch import nn
 from .channel_space import ChannelSpace
 from .context import PropagationContext, flat_nodes, op_name, shapes
 from .spec import ChannelRef
-
-# Ops between a channel tensor and its use that keep every dim where it is.
-TENSOR_PASS = {"expand", "expand_as", "to", "type", "type_as", "contiguous", "clone", "float", "half", "bfloat16",
-               "detach"}
-
+from .tensor_views import TENSOR_PASS, VIEW_OPS, source_dim
 
 def is_model_tensor(model: nn.Module, path) -> bool:
     """Whether ``path`` names a parameter or buffer of ``model``."""
@@ -32,10 +28,10 @@ def is_model_tensor(model: nn.Module, path) -> bool:
 
 
 def tensor_pass_users(node: torch.fx.Node, model: nn.Module) -> List[torch.fx.Node]:
-    """The first users of ``node`` past any chain of :data:`TENSOR_PASS` ops."""
+    """The first users of ``node`` past any chain of :data:`TENSOR_PASS` / :data:`VIEW_OPS` ops on it."""
     out = []
     for user in node.users:
-        if op_name(user, model) in TENSOR_PASS and user.args and user.args[0] is node:
+        if op_name(user, model) in TENSOR_PASS | VIEW_OPS and user.args and user.args[0] is node:
             out += tensor_pass_users(user, model)
         else:
             out.append(user)
@@ -63,18 +59,14 @@ def fix_channel_sized_constants(ctx: PropagationContext, node, out_ndim: int, tr
 
 
 def channel_tensor_source(model: nn.Module, node, dim: int) -> Optional[Tuple[str, int]]:
-    """(path, dim) of the parameter / buffer whose dim ``dim`` becomes ``node``'s dim ``dim``, or None."""
-    ndim = len(shapes(node))
+    """(path, dim) of the parameter / buffer whose dim ``dim`` becomes ``node``'s dim ``dim`` through ops that keep
+    it one whole dim (``expand`` / ``to``, and views, permutes, index lookups along other dims: a relative-position
+    bias table), or None."""
     while node.op != "get_attr":
-        source = node.args[0] if node.args else None
-        if op_name(node, model) not in TENSOR_PASS or not isinstance(source, torch.fx.Node) or \
-                not isinstance(shapes(source), torch.Size):
+        found = source_dim(model, node, dim)
+        if found is None:
             return None
-        dim -= ndim - len(shapes(source))  # expand may add leading dims
-        ndim = len(shapes(source))
-        if dim < 0 or shapes(source)[dim] != shapes(node)[dim + len(shapes(node)) - ndim]:
-            return None  # a size-1 dim broadcast to the channel width
-        node = source
+        node, dim = found
     if not is_model_tensor(model, node.target):
         return None  # e.g. a constant the recorded forward could not name
     return node.target, dim

@@ -170,13 +170,27 @@ class PropagationContext:
         first = spaces[0]
         for other in spaces[1:]:
             if len(other.segments) == len(first.segments) and all(
-                    a.width == b.width and a.expand == b.expand and self.whole(a) and self.whole(b)
+                    a.width == b.width and self.whole(a) and self.whole(b) and
+                    max(a.expand, b.expand) % min(a.expand, b.expand) == 0
                     for a, b in zip(first.segments, other.segments)):
                 for a, b in zip(first.segments, other.segments):
-                    self.table.union(a.gid, b.gid, why)
+                    self._union_blocks(a, b, why)
             elif not self.same_channels(first, other):
                 self.fix_space(first, why)
                 self.fix_space(other, why)
+
+    def _union_blocks(self, a: Segment, b: Segment, why: str) -> None:
+        """Union two whole groups over the same tensor positions; where one holds blocks (heads, or a residual
+        stream tied to them) and the other single positions, the finer one is cut into those blocks first."""
+        if a.expand != b.expand:
+            coarse, fine = (a, b) if a.expand > b.expand else (b, a)
+            found = self.table.refine(fine.gid, fine.start, fine.end, coarse.expand // fine.expand)
+            if found is None:
+                self.table.fix(a.gid, why)
+                self.table.fix(b.gid, why)
+                return
+            a, b = coarse, Segment(found[0], found[1], found[2], coarse.expand)
+        self.table.union(a.gid, b.gid, why)
 
     def same_channels(self, a: ChannelSpace, b: ChannelSpace) -> bool:
         """Whether ``a`` and ``b`` hold the same channels in the same order (groups compared by their roots)."""

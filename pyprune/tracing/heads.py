@@ -20,6 +20,7 @@ in one of :data:`GQA_MODES`: ``"keep_kv"`` (default) keeps every key / value hea
 number in every KV group (the query heads' unit is balanced over the KV groups; ``num_key_value_groups`` follows);
 ``"drop_kv_groups"`` drops whole KV groups, each with its key / value head and its query heads.
 """
+from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.fx
@@ -27,7 +28,7 @@ from torch import nn
 
 from .channel_space import ChannelSpace, PartedSpace, Segment, merge_adjacent, slice_space
 from .context import PropagationContext
-from .sizes import ChannelSize
+from .sizes import ChannelSize, tie_blocks
 from .spec import ChannelRef
 
 GQA_MODES = ("keep_kv", "drop_kv_groups")
@@ -125,6 +126,7 @@ def split_heads(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpac
     why, literal_attribute = _check_entries(ctx, node, space, entries, parts, heads, block)
     if why:
         return why
+    width_read = _head_dim_from_width(ctx, entries[-1], heads, block)
     plan = _plan(ctx, space, parts, heads, block)
     if isinstance(plan, str):
         return plan
@@ -138,6 +140,13 @@ def split_heads(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpac
             refined.append(Segment(found[0], found[1], found[2]))
         part_spaces.append(ChannelSpace(first + len(factors) - 2, ndim, merge_adjacent(refined)))
     _bind_head_attributes(ctx, node, part_spaces, heads, block, literal_attribute)
+    if width_read is not None:
+        if not tie_blocks(ctx, node, width_read, part_spaces[0].expanded(block)):  # each head: block channels
+            why = f"{ctx.where(node)} computes head_dim from the width of another group"
+            ctx.fix_space(width_read, why)
+            for part in part_spaces:
+                ctx.fix_space(part, why)
+        node.meta["sizes_tied"] = True
     if parts == 1:
         return part_spaces[0]
     return PartedSpace(first, ndim, tuple(part_spaces))
@@ -150,6 +159,12 @@ def _check_entries(ctx: PropagationContext, node: torch.fx.Node, space: ChannelS
     *outer, heads_entry, block_entry = entries
     if outer and not (type(outer[0]) is int and outer[0] in (parts, -1)):
         return "the number of parts is not written as a constant", None
+    if _head_dim_from_width(ctx, block_entry, heads, block) is not None:
+        if type(heads_entry) is int and heads_entry == heads:
+            attribute = count_attribute(ctx, node, heads, heads=True)
+            if attribute is not None:
+                return "", attribute
+        return "head_dim is C // heads with the head count not an int attribute of the module", None
     if not (type(block_entry) is int and block_entry in (block, -1)):
         return f"head_dim would follow the width (it is not written as the constant {block})", None
     if ctx.recorded and block_entry == block and not _named_value(ctx, node, HEAD_SIZE_ATTRIBUTES, block):
@@ -169,6 +184,17 @@ def _check_entries(ctx: PropagationContext, node: torch.fx.Node, space: ChannelS
             return "", attribute
         return f"the head count {heads} is written as a number, not an int attribute of the module", None
     return "the head count is computed in a way pyprune cannot follow", None
+
+
+def _head_dim_from_width(ctx: PropagationContext, entry, heads: int, block: int) -> Optional[ChannelSpace]:
+    """The channel space whose width ``entry`` divides by the head count (``C // self.num_heads``, ``C`` read from
+    the input), or None. With the head count an attribute that follows the heads and that width tied to the heads
+    (:func:`.sizes.tie_blocks`), a pruned model computes the same ``head_dim``."""
+    value = ctx.spaces.get(entry) if isinstance(entry, torch.fx.Node) else None
+    if isinstance(value, ChannelSize) and value.exact and len(value.spaces) == 1 and \
+            value.factor == Fraction(1, heads) and value.spaces[0].width == heads * block:
+        return value.spaces[0]
+    return None
 
 
 def _plan(ctx: PropagationContext, space: ChannelSpace, parts: int, heads: int, block: int):

@@ -107,9 +107,9 @@ def _is_metadata_call(func) -> bool:
 def _set_meta(node, value, path):
     node.meta["module_path"] = path
     if isinstance(value, Tensor):
-        node.meta["tensor_meta"] = TensorShape(tuple(value.shape))
+        node.meta["tensor_meta"] = TensorShape(tuple(value.shape), value.dtype)
     elif isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
-        node.meta["tensor_meta"] = tuple(TensorShape(tuple(v.shape)) if isinstance(v, Tensor) else None
+        node.meta["tensor_meta"] = tuple(TensorShape(tuple(v.shape), v.dtype) if isinstance(v, Tensor) else None
                                          for v in value)
 
 

@@ -59,7 +59,9 @@ def matmul(ctx: PropagationContext, node: torch.fx.Node, name: str):
         return passed[0]
     if not batch:
         return None
-    fix_channel_sized_constants(ctx, node, ndim, batch)  # an untracked operand with the heads' size there
+    # an untracked operand with the heads' size there: a per-head parameter (batch dims are independent) follows
+    # the heads; anything else pins them
+    fix_channel_sized_constants(ctx, node, ndim, batch, bindable=True)
     return couple_heads(ctx, node, name, batch, enable_gqa=False)
 
 
@@ -93,7 +95,8 @@ def scaled_dot_product_attention(ctx: PropagationContext, node: torch.fx.Node, n
         return result
     if {i for i, _ in batch} & {0, 1, 2} != {0, 1, 2}:
         return ctx.unknown(node, name, "only some of query / key / value carry the heads")
-    fix_channel_sized_constants(ctx, node, ndim, [s for _, s in batch])  # an untracked mask sized by the heads
+    # a mask sized by the heads: a per-head bias table (added to each head's logits) follows them; else pinned
+    fix_channel_sized_constants(ctx, node, ndim, [s for _, s in batch], bindable=True)
     enable_gqa = node.kwargs.get("enable_gqa", False) is True
     return couple_heads(ctx, node, name, [s for _, s in batch], enable_gqa)
 

@@ -10,10 +10,11 @@ import torch.fx
 
 from .channel_space import ChannelSpace, PartedSpace, merge_adjacent, slice_space
 from .channel_tensors import fix_channel_sized_constants
-from .context import PropagationContext, dim_arg, op_rule, shapes
+from .context import PropagationContext, dim_arg, flat_nodes, op_rule, shapes
 from .heads import KV_GROUP_ATTRIBUTES, bind_count, count_attribute, named_attributes, split_heads
 from .rules_elementwise import elementwise
 from .sizes import ChannelSize
+from .tensor_views import indexed_dim
 
 CONCAT = ("cat", "concat", "concatenate")
 RESHAPE = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "Flatten", "Unflatten", "view_as",
@@ -283,8 +284,26 @@ def getitem(ctx: PropagationContext, node: torch.fx.Node, name: str):
     space = ctx.space(source)
     if space is None:
         return None
-    result = index_space(space, index)
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.fx.Node) for i in items):
+        result = _looked_up(ctx, node, space, index)
+    else:
+        result = index_space(space, index)
     return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
+
+
+def _looked_up(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpace, index) -> Union[ChannelSpace, str]:
+    """``x[idx]`` / ``x[:, idx]`` with one integer index tensor on a dim without channels (a position lookup, e.g.
+    relative-position biases computed per head): the channel dim passes whole to the output dim it becomes."""
+    out, src = shapes(node), shapes(node.args[0])
+    if not isinstance(out, torch.Size) or not isinstance(src, torch.Size):
+        return "indexing with tensors"
+    if any(ctx.space(n) is not None for n in flat_nodes(index)):
+        return "indexing with a tensor that holds channels"
+    for dim in range(len(out)):
+        if indexed_dim(index, out, src, dim) == space.dim:
+            return space.with_dim(dim, len(out))
+    return "indexing with tensors at the channel dim (or several index tensors, a mask, ...)"
 
 
 def _index_parts(ctx: PropagationContext, node: torch.fx.Node, parted: PartedSpace, index):

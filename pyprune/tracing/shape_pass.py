@@ -15,10 +15,12 @@ MAX_SEARCH_SIDE = 1024
 
 
 class TensorShape:
-    """The part of fx's ``TensorMetadata`` the propagation reads (``node.meta["tensor_meta"].shape``)."""
+    """The part of fx's ``TensorMetadata`` the propagation reads (``node.meta["tensor_meta"].shape`` and
+    ``.dtype``, which tells an index tensor from a boolean mask)."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, dtype=None):
         self.shape = torch.Size(shape)
+        self.dtype = dtype
 
 
 class ForwardFailure(Exception):
@@ -58,7 +60,7 @@ class ShapePass(torch.fx.Interpreter):
         def stamp(value):
             if isinstance(value, Tensor):
                 found.append(value)
-                return TensorShape(value.shape)
+                return TensorShape(value.shape, value.dtype)
             return value
         meta = torch.fx.node.map_aggregate(result, stamp)
         if found:

@@ -72,14 +72,15 @@ def sizes_in(ctx: PropagationContext, args) -> List[ChannelSize]:
 def check_sizes(ctx: PropagationContext, node: torch.fx.Node) -> None:
     """A tensor op shaped by a channel width must produce exactly that channel space; otherwise (e.g.
     ``out.reshape(B, N, x.shape[-1])`` after attention heads) pin both. Runs after ``node`` got its value."""
-    if node.op not in ("call_function", "call_method", "call_module") or shapes(node) is None:
+    if node.op not in ("call_function", "call_method", "call_module") or shapes(node) is None or \
+            node.meta.get("sizes_tied"):  # a head split whose head_dim is C // num_heads, tied by tie_blocks
         return
     sizes = sizes_in(ctx, (node.args, node.kwargs))
     if not sizes:
         return
     result, value = ctx.space(node), ctx.spaces.get(node)
     for size in sizes:
-        if result is not None and size.exact and _follows(ctx, size, result):
+        if result is not None and size.exact and (_follows(ctx, size, result) or _tie_counts(ctx, node, size, result)):
             continue
         reason = f"its channel count sizes the output of {ctx.where(node)}"
         for space in size.spaces:
@@ -100,6 +101,32 @@ def _follows(ctx: PropagationContext, size: ChannelSize, result: ChannelSpace) -
             return False
         segments.append(Segment(seg.gid, seg.start, seg.end, int(expand)))
     return ctx.same_channels(ChannelSpace(source.dim, source.ndim, tuple(segments)), result)
+
+
+def _tie_counts(ctx: PropagationContext, node: torch.fx.Node, size: ChannelSize, result: ChannelSpace) -> bool:
+    """``out.reshape(B, N, C)`` after attention: ``C`` is read from the input (the residual stream) and ``out``
+    holds the heads: :func:`tie_blocks` them. False leaves the caller to pin both."""
+    return size.factor == 1 and len(size.spaces) == 1 and tie_blocks(ctx, node, size.spaces[0], result)
+
+
+def tie_blocks(ctx: PropagationContext, node: torch.fx.Node, source: ChannelSpace, heads: ChannelSpace) -> bool:
+    """A width read from group A (``source``, e.g. the residual stream) sizes a tensor of heads (group B,
+    ``head_dim`` channels per slot): a pruned model needs as many channels of A as B keeps. This ties them one to
+    one: A is cut into blocks of ``head_dim`` channels, block i in the same unit slot as head i, so every subnet
+    keeps ``head_dim`` channels of A per kept head (a residual stream read this way by several attention layers
+    ties their heads to the same slots). True where that holds (one whole group on each side, the same width)."""
+    source, heads = ctx.table.resolve_space(source), ctx.table.resolve_space(heads)
+    if len(source.segments) != 1 or len(heads.segments) != 1:
+        return False
+    a, b = source.segments[0], heads.segments[0]
+    if b.expand < 2 or b.expand % a.expand or not (ctx.whole(a) and ctx.whole(b)) or a.width != b.width or \
+            ctx.table.find(a.gid) == ctx.table.find(b.gid):
+        return False
+    found = ctx.table.refine(a.gid, a.start, a.end, b.expand // a.expand)  # A already in blocks: a coarser cut
+    if found is None:
+        return False
+    ctx.table.union(found[0], b.gid, f"{ctx.where(node)} sizes its heads by the width of another group")
+    return True
 
 
 def _as_space(value):
