@@ -10,6 +10,8 @@ module name (``from models import SmallNet``) and never import each other. That 
 ``__init__.py``: pytest's default ``prepend`` import mode puts tests/ on ``sys.path`` for this conftest and for
 every test module in it (tests/ops/ is a package, so its modules are ``ops.test_*`` with tests/ as their root).
 """
+import ctypes
+import gc
 import os
 
 import pytest
@@ -50,3 +52,25 @@ def one_cpu_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+# After a test that left the process large (the torchvision sweep builds models of up to 640M parameters), hand the
+# freed memory back to the system. Without this, glibc keeps the freed heap of one big model and the next one
+# lands elsewhere: the suite's resident memory only ever grew, to 18 GB. Checked from /proc (cheap); the collection
+# and trim run only above the threshold, so the small tests pay nothing.
+TRIM_ABOVE_BYTES = 1 << 31
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc: nothing to trim
+    _malloc_trim = None
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _malloc_trim is not None and os.path.exists("/proc/self/statm") and _resident_bytes() > TRIM_ABOVE_BYTES:
+        gc.collect()
+        _malloc_trim(0)
