@@ -394,8 +394,11 @@ def full_width_export(model: nn.Module) -> nn.Module:
 
 def _dynamic_layer_tensors(model: nn.Module) -> List[Tensor]:
     """The parameters and buffers of ``model``'s DynamicOps: an export replaces those layers by compact copies
-    (``op.export()`` clones even what it keeps whole), so the model's copy may refer to them instead of copying."""
-    return [tensor for module in model.modules() if isinstance(module, ops.DynamicChannelMixin)
+    (``op.export()`` clones even what it keeps whole), so the model's copy may refer to them instead of copying.
+    Not those of a layer in compact training mode: there a new selection on the copy swaps the tensors' ``.data``,
+    which would reach the original through a shared tensor."""
+    return [tensor for module in model.modules()
+            if isinstance(module, ops.DynamicChannelMixin) and not module.tensor_provider.holds(module)
             for tensor in list(module._parameters.values()) + list(module._buffers.values()) if tensor is not None]
 
 
