@@ -241,8 +241,10 @@ def test_bad_mutator_arguments_raise_config_error(kwargs, message):
 
 
 def test_from_config_rejects_other_types_and_keys():
-    with pytest.raises(ConfigError, match="DCFFChannelMutator"):
-        ChannelMutator.from_config({"type": "DCFFChannelMutator"})
+    with pytest.raises(ConfigError, match="not a ChannelMutator"):  # registered, but a unit kind
+        ChannelMutator.from_config({"type": "L1MutableChannelUnit"})
+    with pytest.raises(ConfigError, match="NoSuchMutator"):
+        ChannelMutator.from_config({"type": "NoSuchMutator"})
     with pytest.raises(ConfigError, match="bogus"):
         ChannelMutator.from_config({"type": "ChannelMutator", "bogus": 1})
     with pytest.raises(ConfigError, match="dict"):
