@@ -202,3 +202,24 @@ def test_timm_swin_tiny_prunes_heads_with_its_relative_position_bias_tables():
     random.seed(0)
     mutator.set_choices(mutator.sample_choices())
     assert_export_equals_dynamic(model, mutator, x)
+
+
+def test_timm_cait_tiny_prunes_heads_and_the_residual_stream_together():
+    """CaiT: talking heads, class attention, ``C // num_heads`` head_dim, ``reshape(B, N, C)``, layer scale."""
+    pytest.importorskip("timm")
+    from timm.models.cait import Cait
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, depth_token_only=1,
+                 num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = sum(p.numel() for p in model.parameters())
+    mutator = prepared(model, x)
+    residual = next(u for u in mutator.units if any(r.name == "patch_embed.proj" for r in u.output_related))
+    names = {r.name for r in residual.output_related}
+    assert residual.is_mutable and {"blocks.0.attn.qkv", "cls_token", "blocks.0.gamma_1",
+                                    "blocks_token_only.0.attn.q"} <= names
+    exported = assert_export_equals_dynamic(model, mutator, x)
+    assert sum(p.numel() for p in exported.parameters()) / before < 0.35
+    random.seed(0)
+    mutator.set_choices(mutator.sample_choices())
+    assert_export_equals_dynamic(model, mutator, x)
