@@ -144,6 +144,7 @@ def test_resuming_a_finished_run_rewrites_its_outputs_and_marks_it_complete(fini
 @pytest.mark.parametrize("files, state", [
     ((), "empty"), (("notes.txt",), "empty"), (("checkpoint.pt",), "unfinished"),
     (("checkpoint.pt", "summary.json"), "finished"), (("pruned_model.pt",), "leftovers"),
+    (("fix_subnet.json",), "leftovers"), (("hf_model",), "leftovers"),
 ])
 def test_run_state_and_what_a_fresh_start_may_do(tmp_path, files, state):
     for name in files:
@@ -159,6 +160,13 @@ def test_run_state_and_what_a_fresh_start_may_do(tmp_path, files, state):
         with pytest.raises(RunDirectoryError, match="resuming /elsewhere/checkpoint.pt there would replace it"):
             check_start(tmp_path, "/elsewhere/checkpoint.pt", overwrite=False)
     check_start(tmp_path, str(tmp_path / "checkpoint.pt"), overwrite=False)  # its own checkpoint: always
+
+
+def test_the_output_names_are_the_writers_names():
+    from pyprune.algorithms.group_fisher import FIX_SUBNET_FILE
+    from pyprune.app.training.lm import HF_DIR
+    from pyprune.app.training.run_dir import OUTPUT_FILES
+    assert FIX_SUBNET_FILE in OUTPUT_FILES and HF_DIR in OUTPUT_FILES
 
 
 # ------------------------------------------------------------------------------------------------ the lock

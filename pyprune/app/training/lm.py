@@ -33,9 +33,10 @@ from ...errors import ConfigError
 from ..data.loaders import shard_indices
 from ..data.text_corpus import VOCAB_SIZE, stdlib_splits
 from .job import Run
+from .run_dir import HF_MODEL_DIR
 
 SEQ_LEN, QUICK_SEQ_LEN = 128, 32  # tokens per block
-HF_DIR = "hf_model"
+HF_DIR = HF_MODEL_DIR
 # The LlamaConfig arguments of each language model; the vocabulary is the corpus's (256 byte tokens).
 LANGUAGE_MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     "tiny-llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,

@@ -24,7 +24,12 @@ from ...errors import PyPruneError
 from ...utils.files import disk_full_reported, fsync_directory, remove_stale_temporaries
 
 CHECKPOINT_FILE, SUMMARY_FILE, LOCK_FILE = "checkpoint.pt", "summary.json", ".lock"
-OUTPUT_FILES = ("pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png")
+HF_MODEL_DIR = "hf_model"  # the language-model job's save_pretrained folder
+# what a run leaves besides its checkpoint and summary (a directory holding any of them is not empty); the names
+# are spelled here, not imported, so that the options module imports without torch; fix_subnet.json is what
+# pyprune.algorithms.group_fisher.FIX_SUBNET_FILE names (tests/test_run_dir.py checks they agree)
+OUTPUT_FILES = ("pruned_model.pt", "structure.json", "metrics.csv", "metrics.json", "pruning_curve.png",
+                "fix_subnet.json", HF_MODEL_DIR)
 STAGING_PREFIX = ".staging-"
 CHECKPOINT_KEYS = ("signature", "position", "rows", "pending", "wall_s", "model", "optimizer", "algorithm", "rng")
 
@@ -179,6 +184,6 @@ def load_checkpoint(path: os.PathLike, map_location=None) -> Dict[str, Any]:
     return state
 
 
-__all__ = ["CHECKPOINT_FILE", "SUMMARY_FILE", "LOCK_FILE", "OUTPUT_FILES", "STAGING_PREFIX", "RunDirectoryError",
+__all__ = ["CHECKPOINT_FILE", "HF_MODEL_DIR", "SUMMARY_FILE", "LOCK_FILE", "OUTPUT_FILES", "STAGING_PREFIX", "RunDirectoryError",
            "CheckpointError", "RunDirectoryLock", "run_state", "check_start", "remove_leftovers", "unmark_finished",
            "load_checkpoint"]
