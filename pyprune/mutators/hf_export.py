@@ -213,17 +213,19 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
     (checked on the meta device); otherwise ConfigError naming the role (the tensor name with ``*`` for the layer
     index) and both shapes."""
     model_class = type(exported)
-    if not hasattr(original_config, "hidden_size"):
-        # a composite config (CLIP's text_config + vision_config, ...) holds its widths in sub-configs, which
-        # this reader does not walk: no config is written rather than a wrong one
-        raise ConfigError(f"{model_class.__name__}: its {type(original_config).__name__} has no hidden_size (the "
-                          f"widths live in its sub-configs {sorted(getattr(original_config, 'sub_configs', {}))}),"
-                          " which pyprune does not write yet")
     reference = _build_on_meta(model_class, copy.deepcopy(original_config))
-    changed = _read_widths(exported, reference, original_config)
     config = copy.deepcopy(original_config)
-    for key, value in changed.items():
-        setattr(config, key, value)
+    changed: Dict[str, int] = {}
+    for key, owner in _width_owners(exported, original_config):
+        # the model itself, or for a composite config (CLIP's text_config / vision_config) the sub-model built
+        # from each sub-config: its widths go into that sub-config
+        target = config if key is None else getattr(config, key)
+        source = original_config if key is None else getattr(original_config, key)
+        module = exported if owner == "" else exported.get_submodule(owner)
+        for name, value in _read_widths(module, reference if owner == "" else reference.get_submodule(owner),
+                                        source).items():
+            setattr(target, name, value)
+            changed[name if key is None else f"{key}.{name}"] = value
     shapes = {name: tuple(t.shape) for name, t in exported.state_dict().items() if isinstance(t, torch.Tensor)}
     _check_uniform(shapes, model_class)
     rebuilt_model = _build_on_meta(model_class, config)
@@ -239,6 +241,30 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
                           "these widths (e.g. a hidden size pruned while its attention heads are kept whole)")
     _check_derived_scales(exported, rebuilt_model, model_class)
     return config
+
+
+def _width_owners(exported: nn.Module, config) -> List[Tuple[Optional[str], str]]:
+    """``[(sub-config key or None, module path)]``: where to read the widths of ``config`` from. A config with a
+    ``hidden_size`` is read off the model (``[(None, '')]``); a composite one off the first ``PreTrainedModel`` in
+    ``exported`` holding each sub-config that has a ``hidden_size``; ConfigError when neither is found."""
+    if hasattr(config, "hidden_size"):
+        return [(None, "")]
+    pretrained = _pretrained_model_class()
+    owners = []
+    for key in sorted(getattr(config, "sub_configs", {}) or {}):
+        sub = getattr(config, key, None)
+        if sub is None or not hasattr(sub, "hidden_size"):
+            continue
+        path = next((name for name, module in exported.named_modules() if name and getattr(module, "config", None)
+                     is sub and pretrained is not None and isinstance(module, pretrained)), None)
+        if path is None:
+            raise ConfigError(f"{type(exported).__name__}: no sub-model holds its {key} (a "
+                              f"{type(sub).__name__}), so its widths cannot be read")
+        owners.append((key, path))
+    if not owners:
+        raise ConfigError(f"{type(exported).__name__}: its {type(config).__name__} has no hidden_size and no "
+                          "sub-config with one, so pyprune cannot write its widths")
+    return owners
 
 
 def _check_derived_scales(exported: nn.Module, rebuilt: nn.Module, model_class) -> None:
@@ -302,7 +328,12 @@ def attach_hf_config(exported: nn.Module) -> nn.Module:
         exported.save_pretrained = _RefusedSave(str(error))
         setattr(exported, HF_SAVE_REFUSED, str(error))
         return exported
-    for module in exported.modules():  # attention / MLP modules keep a reference to the one config
-        if getattr(module, "config", None) is old:
-            module.config = new
+    # attention / MLP modules keep a reference to the one config (or to one of its sub-configs)
+    swaps = {id(old): new}
+    swaps.update({id(getattr(old, key)): getattr(new, key) for key in (getattr(old, "sub_configs", None) or {})
+                  if getattr(old, key, None) is not None})
+    for module in exported.modules():
+        replacement = swaps.get(id(getattr(module, "config", None)))
+        if replacement is not None:
+            module.config = replacement
     return exported

@@ -292,7 +292,7 @@ def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
             difference = reload_difference(pruned, inputs, family.auto)
             row["reload"] = "yes" if difference <= RELOAD_TOL else f"differs by {difference:.1e}"
         except ConfigError as error:
-            row["reload"] = "refused: " + str(error).replace("save_pretrained refused: ", "")[:160]
+            row["reload"] = "refused: " + str(error).replace("save_pretrained refused: ", "")[:200]
         loss_before, loss_after = train_changes_loss(pruned, inputs)
         row["trains"] = "yes" if loss_after != loss_before and math.isfinite(loss_after) else \
             f"loss {loss_before:.4g} -> {loss_after:.4g}"
