@@ -12,9 +12,12 @@ config has one ``hidden_size`` / ``intermediate_size`` / ``num_attention_heads``
   from the input embedding, intermediate size from the first MLP up projection, heads and ``head_dim`` from the
   first attention module when they changed), then builds the model from that config on the meta device and checks
   that every tensor has the export's shape: a width that differs between layers, or that this config family
-  cannot express, is one ConfigError naming the role. ``ChannelMutator.export`` calls :func:`attach_hf_config` on
-  every ``PreTrainedModel``: the export gets the new config, or (widths not expressible) keeps working but its
-  ``save_pretrained`` raises that error and points to :func:`pyprune.mutators.io.save_pruned`.
+  cannot express, is one ConfigError naming the role; so is a float attribute the new config would derive
+  otherwise (Gemma's ``sqrt(hidden_size)`` embedding scale). A composite config (CLIP's ``text_config`` /
+  ``vision_config``) gets each sub-config's widths from the sub-model built from it. ``ChannelMutator.export``
+  calls :func:`attach_hf_config` on every ``PreTrainedModel``: the export gets the new config, or (widths not
+  expressible) keeps working but its ``save_pretrained`` raises that error and points to
+  :func:`pyprune.mutators.io.save_pruned`.
 
 transformers is imported only when the model comes from it (``import pyprune`` never imports it).
 """
