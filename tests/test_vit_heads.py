@@ -223,3 +223,32 @@ def test_timm_cait_tiny_prunes_heads_and_the_residual_stream_together():
     random.seed(0)
     mutator.set_choices(mutator.sample_choices())
     assert_export_equals_dynamic(model, mutator, x)
+
+
+class PackedGluMlp(nn.Module):
+    """A gated MLP in one layer (EVA02 / DeepSeek ViT's SwiGLU): ``a, g = fc1(x).chunk(2, -1); fc2(silu(a) * g)``."""
+
+    def __init__(self, dim=32, hidden=48):
+        super().__init__()
+        self.embed, self.fc1, self.fc2, self.head = (nn.Linear(3, dim), nn.Linear(dim, 2 * hidden),
+                                                     nn.Linear(hidden, dim), nn.Linear(dim, 2))
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, g = self.fc1(h).chunk(2, dim=-1)
+        return self.head(h + self.fc2(torch.nn.functional.silu(a) * g))
+
+
+def test_a_packed_gated_mlp_prunes_both_halves_with_one_selection():
+    torch.manual_seed(0)
+    model, x = PackedGluMlp().eval(), torch.randn(2, 5, 3)
+    mutator = prepared(model, x)
+    unit = next(u for u in mutator.units if any(r.name == "fc2" for r in u.input_related))
+    assert unit.is_mutable and unit.num_channels == 48
+    assert {(r.name, r.start, r.end) for r in unit.output_related if r.name == "fc1"} == {("fc1", 0, 48),
+                                                                                          ("fc1", 48, 96)}
+    exported = assert_export_equals_dynamic(model, mutator, x)
+    assert exported.fc1.out_features == 48 and exported.fc2.in_features == 24
+    random.seed(3)
+    mutator.set_choices(mutator.sample_choices())
+    assert_export_equals_dynamic(model, mutator, x)

@@ -211,6 +211,15 @@ class GroupTable:
         middle = next(p for p in pieces if p.offset == start)
         return middle.gid, 0, (end - start) // block
 
+    def cut(self, gid: int, length: int) -> Optional[Tuple[int, ...]]:
+        """Partition leaf group ``gid`` into consecutive pieces of ``length`` channels (``fc1(x).chunk(2)``); returns
+        the pieces' groups, or None where the group is already partitioned or ``length`` does not divide it."""
+        root = self.find(gid)
+        size = self.size[root]
+        if root in self._pieces or length <= 0 or size % length or size == length:
+            return None
+        return tuple(p.gid for p in self._partition(root, [(o, length, 1) for o in range(0, size, length)]))
+
     def _partition(self, root: int, layout: Sequence[Tuple[int, int, int]]) -> Tuple[Piece, ...]:
         """Split leaf ``root`` into pieces ``(offset, length, block)`` covering it in order."""
         pieces = tuple(Piece(o, n, b, self.new(n // b)) for o, n, b in layout)

@@ -175,9 +175,26 @@ class PropagationContext:
                     for a, b in zip(first.segments, other.segments)):
                 for a, b in zip(first.segments, other.segments):
                     self._union_blocks(a, b, why)
-            elif not self.same_channels(first, other):
+            elif not self.same_channels(first, other) and not self._couple_chunks(first, other, why):
                 self.fix_space(first, why)
                 self.fix_space(other, why)
+
+    def _couple_chunks(self, a: ChannelSpace, b: ChannelSpace, why: str) -> bool:
+        """``x1 * x2`` for ``x1, x2 = fc1(x).chunk(2, -1)`` (a gated MLP packed in one layer): two equal, aligned,
+        disjoint ranges of one group. The group is cut into pieces of that width and the two pieces joined, so
+        channel i of both halves is one channel of the unit. False where the spaces are not of that form."""
+        if len(a.segments) != 1 or len(b.segments) != 1:
+            return False
+        sa, sb = a.segments[0], b.segments[0]
+        length = sa.end - sa.start
+        if self.table.find(sa.gid) != self.table.find(sb.gid) or sa.expand != sb.expand or \
+                sb.end - sb.start != length or sa.start % length or sb.start % length or sa.start == sb.start:
+            return False
+        pieces = self.table.cut(sa.gid, length)
+        if pieces is None:
+            return False
+        self.table.union(pieces[sa.start // length], pieces[sb.start // length], why)
+        return True
 
     def _union_blocks(self, a: Segment, b: Segment, why: str) -> None:
         """Union two whole groups over the same tensor positions; where one holds blocks (heads, or a residual
