@@ -12,7 +12,8 @@ import traceback
 from typing import List, Optional, Sequence
 
 UNIT_TYPES = {"l1": "L1MutableChannelUnit", "l2": "L2MutableChannelUnit", "taylor": "TaylorMutableChannelUnit",
-              "bn_scale": "BNScaleMutableChannelUnit", "sequential": "SequentialMutableChannelUnit"}
+              "bn_scale": "BNScaleMutableChannelUnit", "sequential": "SequentialMutableChannelUnit",
+              "activation": "ActivationMutableChannelUnit"}
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -104,6 +105,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training iterations between pruning steps (default: one epoch)")
     parser.add_argument("--unit-type", type=_unit_type, default=None,
                         help=f"channel importance: {', '.join(UNIT_TYPES)} (default l1; group-fisher has its own)")
+    parser.add_argument("--calibration-batches", type=int_at_least(1), default=None, metavar="N",
+                        help="--unit-type activation: training batches whose layer outputs score the channels before "
+                             "each pruning step (default 8)")
     parser.add_argument("--algorithm", choices=("ite", "group-fisher"), default="ite",
                         help="ite: --prune-times pruning steps of --step-freq iterations to the target (default); "
                              "group-fisher: one channel, the globally least important by cost-normalised Fisher "

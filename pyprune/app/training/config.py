@@ -25,6 +25,8 @@ QUICK = dict(epochs=1, finetune_epochs=1, prune_times=2, step_freq=3, train_samp
              batch_size=32, image_size=16)
 DEFAULT_TARGET_RATIO = 0.5
 DEFAULT_UNIT_TYPE = "L1MutableChannelUnit"
+ACTIVATION_UNIT = "ActivationMutableChannelUnit"  # scored from calibration batches before each pruning step
+DEFAULT_CALIBRATION_BATCHES = 8
 # The pruning algorithms of the job: ItePruneAlgorithm's schedule (--prune-times steps of --step-freq iterations) or
 # GroupFisher (one channel every --gf-interval iterations until the budget is met).
 ALGORITHMS = ("ite", "group-fisher")
@@ -37,9 +39,10 @@ RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params",
                "prune_times", "step_freq", "unit_type", "epochs",
                "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
                "val_samples", "amp", "channels_last", "algorithm", "gf_interval", "gf_normalization",
-               "gf_mutate_linear")
+               "gf_mutate_linear", "calibration_batches")
 # What a checkpoint written before a key was in RESUME_KEYS had for it (such a run was an ite run).
-RESUME_KEY_DEFAULTS = {"algorithm": "ite", "gf_interval": None, "gf_normalization": None, "gf_mutate_linear": False}
+RESUME_KEY_DEFAULTS = {"algorithm": "ite", "gf_interval": None, "gf_normalization": None, "gf_mutate_linear": False,
+                       "calibration_batches": None}
 BUDGET_METRICS = ("flops", "params", "latency")
 
 
@@ -91,6 +94,7 @@ class JobConfig:
     gf_interval: Optional[int] = None          # group-fisher: iterations between two channel removals
     gf_normalization: Optional[str] = None     # group-fisher: 'flops' | 'act'
     gf_mutate_linear: bool = False             # group-fisher: also prune channels that feed a linear layer
+    calibration_batches: Optional[int] = None  # activation units: training batches scored before each step
     argv: Tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -115,6 +119,7 @@ class JobConfig:
                 self._set("target_ratio", DEFAULT_TARGET_RATIO)
         self._set("argv", tuple(self.argv))
         self._check_model()
+        self._check_calibration()
         if self.lr is None:
             self._set("lr", DEFAULT_LR[self.task])
         if self.data is not None:
@@ -230,6 +235,19 @@ class JobConfig:
         for key, value in GROUP_FISHER_DEFAULTS.items():
             if getattr(self, key) is None:
                 self._set(key, value)
+
+    def _check_calibration(self) -> None:
+        """``calibration_batches`` belongs to the activation unit type (default 8 there)."""
+        count = self.calibration_batches
+        if self.unit_type != ACTIVATION_UNIT:
+            if count is not None:
+                raise ConfigError(f"--calibration-batches needs --unit-type activation (the unit type is "
+                                  f"{self.unit_type})")
+            return
+        if count is None:
+            self._set("calibration_batches", DEFAULT_CALIBRATION_BATCHES)
+        elif isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"--calibration-batches must be an integer >= 1, got {count!r}")
 
     def _check_model(self) -> None:
         from .models import classification_model_names

@@ -20,10 +20,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ...algorithms import GroupFisherAlgorithm, ItePruneAlgorithm
@@ -34,6 +35,7 @@ from ...mutators import ChannelMutator, GroupFisherChannelMutator, count_flops, 
 from ...mutators.io import STRUCTURE_FILE, WEIGHTS_FILE, save_pruned
 from ...ops.compact import rebuild_ddp
 from ...tracing.example_inputs import as_call_args
+from ...units.calibration import calibrate
 from ...utils.files import DiskFullError, atomic_torch_save, fsync_directory, replace_durably
 from .config import RESUME_KEY_DEFAULTS, JobConfig
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
@@ -96,6 +98,7 @@ class Run:
                                                step_freq=self.step_freq, prune_times=config.prune_times,
                                                budget=budget, budget_cfg=dict(allocation=config.allocation or
                                                                               "uniform") if budget else None)
+        self.calibration = self.calibration_batches()
         self.optimizer = self.make_optimizer()
         if config.compact:  # pruned layers train compact between steps and in finetuning
             self.algorithm.start_compact_training(self.optimizer)
@@ -343,6 +346,26 @@ class Run:
                                f"{self.prune_limit} pruning iterations ({self.prune_steps} channel steps)")
         return row_due
 
+    # ------------------------------------------------------------------------------------------ activation units
+    def calibration_batches(self) -> Optional[List[Any]]:
+        """The first ``--calibration-batches`` training batches, in order and the same on every rank (so that every
+        rank scores the channels alike), for activation units; None for other unit types."""
+        count = self.config.calibration_batches
+        if count is None:
+            return None
+        size = self.config.batch_size
+        subset = Subset(self.train_set, range(min(len(self.train_set), count * size)))
+        return list(DataLoader(subset, batch_size=size, shuffle=False))
+
+    def calibrated_step(self) -> bool:
+        """The ite algorithm's step; when it is about to prune, activation units are scored first on the
+        calibration batches (the model as it is now: the layers' outputs at the current widths)."""
+        if self.calibration is not None and self.algorithm.is_prune_time(self.algorithm.counter):
+            batches = [[t.to(self.device) if isinstance(t, torch.Tensor) else t for t in batch]
+                       for batch in self.calibration]
+            calibrate(self.mutator, self.model, batches)
+        return self.algorithm.step()
+
     def rewrap(self) -> None:
         """After a structure change in compact mode the parameters have new shapes: rebuild DDP on them (every
         rank does so at the same iteration)."""
@@ -376,7 +399,7 @@ class Run:
                     added = self.group_fisher_step(g)
                     if self.prune_end is not None:
                         bar.total = self.total
-                elif pruning and self.algorithm.step():
+                elif pruning and self.calibrated_step():
                     self.rewrap()
                     step = self.algorithm.steps_done
                     self.pending = {"step": step, "phase": "prune", "iteration": g + 1,
