@@ -3,7 +3,7 @@ and norms recognised by structure (``*RMSNorm``, T5's norm, timm's RmsNorm) prun
 tied tensors tied; tiny GPT-2 / Llama / BERT built from configs (no download) prune their MLP and hidden size.
 
 Tolerances: single layers are fp32 with the same arithmetic as their export (TOL, 1e-5); whole models compare
-logits at atol 1e-4 (the issue's "1e-4 of the output scale"; the logits here are O(1)).
+logits at atol 1e-4 (1e-4 of the output scale: the logits here are O(1)).
 """
 import copy
 import warnings
