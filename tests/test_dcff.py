@@ -274,7 +274,7 @@ def test_bad_config_values_name_the_key_and_leave_the_model_alone(overrides, key
 
 
 def test_other_mutators_units_and_compact_training_are_refused():
-    with pytest.raises(ConfigError, match="DCFF: mutator_cfg must be a DCFFChannelMutator"):
+    with pytest.raises(ConfigError, match="DCFF: the mutator must be a DCFFChannelMutator"):
         DCFF(ChainNet(), dict(type="ChannelMutator", parse_cfg=PARSE), step_freq=3, max_iters=12)
     with pytest.raises(ConfigError, match="channel_unit_cfg type must be DCFFChannelUnit"):
         DCFFChannelMutator(dict(type="L1MutableChannelUnit"), PARSE)

@@ -142,6 +142,19 @@ class BaseAlgorithm:
 DEFAULT_MUTATOR_CFG = {"type": "ChannelMutator", "channel_unit_cfg": {"type": "SequentialMutableChannelUnit"}}
 
 
+def build_model_and_mutator(owner: str, architecture, mutator_cfg, default_cfg, mutator_type):
+    """``(model, mutator)`` for an algorithm that needs its own mutator type: the model first, then the mutator, as
+    :class:`BaseAlgorithm` builds them (the same seed gives the same weights); the mutator's type is checked before
+    the model is prepared. ``mutator_cfg``: a mutator or its config; None builds ``default_cfg``. A mutator of
+    another type -> ConfigError naming ``owner``."""
+    model = MODELS.build(architecture)
+    mutator = build_mutator(dict(default_cfg) if mutator_cfg is None else mutator_cfg)
+    if not isinstance(mutator, mutator_type):
+        raise ConfigError(f"{owner}: the mutator must be a {mutator_type.__name__} (or its config), got "
+                          f"{type(mutator).__name__}")
+    return model, mutator
+
+
 def build_mutator(mutator_cfg):
     """A ChannelMutator from a config dict (built through :data:`pyprune.registry.MODELS`), or the one given."""
     from ..mutators import ChannelMutator

@@ -28,7 +28,7 @@ from ..mutators.dcff import DCFFChannelMutator
 from ..mutators.io import save_pruned
 from ..registry import MODELS
 from ..utils.files import atomic_write_text
-from .base import build_mutator
+from .base import build_model_and_mutator
 from .ite_prune import ItePruneAlgorithm, Target
 from .unit_state import broadcast_selections, distributed_world
 
@@ -130,12 +130,8 @@ class DCFF(ItePruneAlgorithm):
             prune_times = max_iters // freq
         else:
             freq = max_iters // prune_times
-        # the model first, then the mutator, as BaseAlgorithm builds them: the same seed gives the same weights
-        architecture = MODELS.build(architecture)
-        mutator = build_mutator(dict(DEFAULT_MUTATOR) if mutator_cfg is None else mutator_cfg)
-        if not isinstance(mutator, DCFFChannelMutator):  # checked before the model is prepared
-            raise ConfigError(f"DCFF: mutator_cfg must be a DCFFChannelMutator (or its config), got "
-                              f"{type(mutator).__name__}")
+        architecture, mutator = build_model_and_mutator("DCFF", architecture, mutator_cfg, DEFAULT_MUTATOR,
+                                                        DCFFChannelMutator)
         super().__init__(architecture, mutator, target_pruning_ratio, freq, prune_times, linear_schedule,
                          strict=strict, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.max_iters = int(max_iters)

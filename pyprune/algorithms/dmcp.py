@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..mutators.dmcp import DMCPChannelMutator
 from ..registry import MODELS
 from ..utils.files import atomic_write_text
-from .base import BaseAlgorithm, build_mutator
+from .base import BaseAlgorithm, build_model_and_mutator
 from .unit_state import distributed_world
 
 DEFAULT_MUTATOR = {"type": "DMCPChannelMutator", "channel_unit_cfg": {"type": "DMCPChannelUnit"}}
@@ -138,11 +138,8 @@ class DMCP(BaseAlgorithm):
                     flop_loss_weight)
         if seed is not None and not _is_int(seed):
             raise ConfigError(f"DMCP: seed must be an int or None, got {seed!r}")
-        architecture = MODELS.build(architecture)  # the model first, as BaseAlgorithm: a seed gives its weights
-        mutator = build_mutator(dict(DEFAULT_MUTATOR) if mutator_cfg is None else mutator_cfg)
-        if not isinstance(mutator, DMCPChannelMutator):  # before the model is prepared
-            raise ConfigError(f"DMCP: mutator_cfg must be a DMCPChannelMutator (or its config), got "
-                              f"{type(mutator).__name__}")
+        architecture, mutator = build_model_and_mutator("DMCP", architecture, mutator_cfg, DEFAULT_MUTATOR,
+                                                        DMCPChannelMutator)
         super().__init__(architecture, mutator, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         if distiller is not None:
             warnings.warn("DMCP: distiller ignored: in-place distillation is not implemented in pyprune (the narrow "

@@ -17,7 +17,7 @@ from ..mutators.group_fisher import GroupFisherChannelMutator
 from ..mutators.io import save_pruned
 from ..registry import MODELS
 from ..utils.files import atomic_write_text
-from .base import BaseAlgorithm, build_mutator
+from .base import BaseAlgorithm, build_model_and_mutator
 from .unit_state import broadcast_selections, distributed_world
 
 DEFAULT_MUTATOR = {"type": "GroupFisherChannelMutator", "channel_unit_cfg": {"type": "GroupFisherChannelUnit"}}
@@ -81,12 +81,8 @@ class GroupFisherAlgorithm(BaseAlgorithm):
             raise ConfigError("GroupFisherAlgorithm: budget 'latency' is not supported (channels are pruned one "
                               "at a time against counted costs); give 'flops' and / or 'params'")
         chosen = mutator if mutator is not None else mutator_cfg
-        # the model first, then the mutator, as BaseAlgorithm builds them: the same seed gives the same weights
-        architecture = MODELS.build(architecture)
-        built = build_mutator(dict(DEFAULT_MUTATOR) if chosen is None else chosen)
-        if not isinstance(built, GroupFisherChannelMutator):  # checked before the model is prepared
-            raise ConfigError(f"GroupFisherAlgorithm: mutator must be a GroupFisherChannelMutator (or its config), "
-                              f"got {type(built).__name__}")
+        architecture, built = build_model_and_mutator("GroupFisherAlgorithm", architecture, chosen, DEFAULT_MUTATOR,
+                                                      GroupFisherChannelMutator)
         super().__init__(architecture, built, data_preprocessor=data_preprocessor, init_cfg=init_cfg)
         self.interval = int(interval)
         self.work_dir = work_dir

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..mutators.slimmable import SlimmableChannelMutator
 from ..registry import MODELS
 from ..utils.copying import copy_module
-from .base import BaseAlgorithm, build_mutator, unwrap_model
+from .base import BaseAlgorithm, build_model_and_mutator, unwrap_model
 
 DEFAULT_MUTATOR = {"type": "SlimmableChannelMutator", "channel_unit_cfg": {"type": "SlimmableChannelUnit"}}
 SCHEDULES = ("sandwich", "subnets")
@@ -80,12 +80,8 @@ class SlimmableNetwork(BaseAlgorithm):
         if seed is not None and not _is_int(seed):
             raise ConfigError(f"SlimmableNetwork: seed must be an int or None, got {seed!r}")
         chosen = mutator if mutator is not None else mutator_cfg
-        # the model first, then the mutator, as BaseAlgorithm builds them: the same seed gives the same weights
-        architecture = MODELS.build(architecture)
-        built = build_mutator(dict(DEFAULT_MUTATOR) if chosen is None else chosen)
-        if not isinstance(built, SlimmableChannelMutator):  # checked before the model is prepared
-            raise ConfigError(f"SlimmableNetwork: mutator must be a SlimmableChannelMutator (or its config), got "
-                              f"{type(built).__name__}")
+        architecture, built = build_model_and_mutator("SlimmableNetwork", architecture, chosen, DEFAULT_MUTATOR,
+                                                      SlimmableChannelMutator)
         subnets = built.num_subnets
         if deploy_index >= subnets:
             raise ConfigError(f"SlimmableNetwork: deploy_index {deploy_index} is out of range: the mutator config "
