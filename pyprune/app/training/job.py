@@ -510,13 +510,17 @@ class Run:
         """Reload the written files into a fresh model and compare its logits with the pruned dynamic model's."""
         reloaded = load_pruned_run(directory, map_location=self.device).to(self.device)
         images = torch.stack([self.val_set[i][0] for i in range(min(16, len(self.val_set)))]).to(self.device)
-        expected, got = self.model.eval()(images), reloaded(images)
-        difference = float((expected - got).abs().max())
-        tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
-        if not difference <= tolerance:
-            raise RuntimeError(f"the reloaded pruned model differs from the trained one by {difference:.3g} "
-                               f"(tolerance {tolerance:.3g})")
-        return difference
+        return checked_difference(self.model.eval()(images), reloaded(images), "the reloaded pruned model")
+
+
+def checked_difference(expected: torch.Tensor, got: torch.Tensor, what: str) -> float:
+    """Max abs difference of two logit tensors; above 1e-4 of the logits' scale -> RuntimeError naming ``what``."""
+    difference = float((expected - got).abs().max())
+    tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
+    if not difference <= tolerance:
+        raise RuntimeError(f"{what} differs from the trained model by {difference:.3g} (tolerance "
+                           f"{tolerance:.3g})")
+    return difference
 
 
 def run_prune_job(config: JobConfig) -> Dict[str, Any]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ...errors import ConfigError
 from ..data.loaders import shard_indices
 from ..data.text_corpus import VOCAB_SIZE, stdlib_splits
-from .job import Run
+from .job import Run, checked_difference
 from .run_dir import HF_MODEL_DIR
 
 SEQ_LEN, QUICK_SEQ_LEN = 128, 32  # tokens per block
@@ -152,7 +152,7 @@ class LanguageModelRun(Run):
         ids = self.val_ids()
         expected = logits_of(self.model.eval(), ids)
         reloaded = load_pruned_run(directory, map_location=self.device).to(self.device)
-        difference = _checked_difference(expected, logits_of(reloaded, ids), "the reloaded pruned model")
+        difference = checked_difference(expected, logits_of(reloaded, ids), "the reloaded pruned model")
         self.hf_result = self.write_hf_model(directory / HF_DIR, ids, expected)
         self.task_outputs = (HF_DIR,) if self.hf_result["hf_model"] else ()
         return difference
@@ -167,22 +167,12 @@ class LanguageModelRun(Run):
         except ConfigError as error:
             return {"hf_model": None, "hf_save_refused": str(error).splitlines()[0]}
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(target).to(self.device).eval()
-        difference = _checked_difference(expected, logits_of(reloaded, ids), f"{HF_DIR} (from_pretrained)")
+        difference = checked_difference(expected, logits_of(reloaded, ids), f"{HF_DIR} (from_pretrained)")
         config = reloaded.config
         return {"hf_model": HF_DIR, "hf_reload_max_abs_diff": difference,
                 "hf_config": {key: getattr(config, key) for key in ("hidden_size", "intermediate_size",
                                                                      "num_attention_heads", "num_key_value_heads",
                                                                      "head_dim", "num_hidden_layers")}}
-
-
-def _checked_difference(expected: Tensor, got: Tensor, what: str) -> float:
-    """Max abs difference of two logit tensors; above 1e-4 of the logits' scale -> RuntimeError."""
-    difference = float((expected - got).abs().max())
-    tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
-    if not difference <= tolerance:
-        raise RuntimeError(f"{what} differs from the trained model by {difference:.3g} (tolerance "
-                           f"{tolerance:.3g})")
-    return difference
 
 
 __all__ = ["LANGUAGE_MODEL_CONFIGS", "SEQ_LEN", "QUICK_SEQ_LEN", "build_language_model", "logits_of",
