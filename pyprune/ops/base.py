@@ -48,7 +48,7 @@ class DynamicChannelMixin(LayerKind, MutableAttrs):
     """Channel selection state, validation, the eval cache and export plumbing.
 
     Subclasses set ``_torch_type`` (the plain layer ``export`` builds), ``_channel_tensors`` (names of the
-    per-channel parameters / buffers gathered for forward, in the order ``_compact_tensors`` returns them),
+    per-channel parameters / buffers gathered for forward, in the order ``active_tensors(x)`` returns them),
     implement ``forward``, ``_channel_dims`` (or ``_check_input``) and ``_static_module`` (or ``export``), and answer
     the layer-kind facts of :class:`~pyprune.ops.layer_kind.LayerKind` (``channel_counts``, ``cost_terms`` and
     ``probe_inputs`` always; the others where the common answer does not fit): each DynamicOp class is the one
