@@ -10,6 +10,10 @@ layers hold and each of its dims a layer side prunes (read from the layer kind's
 * each covers it with one whole unit, the units different (BERT: the decoder reads the head transform's group):
   the units merge into one (they must keep the same channels);
 * anything else (a layer reads the dim whole, partial ranges, different sizes): the units are fixed, so the tie holds.
+
+A holder the forward never runs that is a twin of one it runs - a layer of the same kind holding the very same
+tensors (T5's ``shared``, the embedding ``get_input_embeddings`` returns, beside ``encoder.embed_tokens``) - reads
+nothing the trace could see: it follows its twin's units, so both keep the same channels and the tie holds.
 """
 import dataclasses
 import math
@@ -40,7 +44,9 @@ def couple_tied_tensors(model: nn.Module, specs: List[UnitSpec]) -> List[UnitSpe
             i = parent[i]
         return i
 
+    twins = _idle_twins(specs, holders)
     for path, users in holders.items():
+        users = [user for user in users if user[0] not in twins]
         per_dim: Dict[int, List[Tuple[str, Coverage]]] = {}
         for name, module, attribute in users:
             for dim, is_output in _pruned_dims(module, attribute).items():
@@ -66,7 +72,35 @@ def couple_tied_tensors(model: nn.Module, specs: List[UnitSpec]) -> List[UnitSpe
                         continue  # fixed already (e.g. the lm_head's vocabulary: the model output)
                     fixes.setdefault(index, []).append(
                         f"tensor {path} is shared by {names}, which cannot prune its dim {dim} with one selection")
-    return _merged(specs, [find(i) for i in range(len(specs))], fixes)
+    return _with_twins(_merged(specs, [find(i) for i in range(len(specs))], fixes), twins)
+
+
+def _idle_twins(specs: List[UnitSpec], holders) -> Dict[str, str]:
+    """``{holder no unit refers to (the forward never ran it): a holder units refer to, of the same type, holding
+    exactly the same parameters}``."""
+    referenced = {ref.name for spec in specs for ref in spec.output_related + spec.input_related}
+    twins: Dict[str, str] = {}
+    for users in holders.values():
+        for name, module, _ in users:
+            if name in referenced or name in twins:
+                continue
+            own = [id(p) for p in module.parameters()]
+            twin = next((other for other, candidate, _ in users if other in referenced
+                         and type(candidate) is type(module) and [id(p) for p in candidate.parameters()] == own), None)
+            if twin is not None:
+                twins[name] = twin
+    return twins
+
+
+def _with_twins(specs: List[UnitSpec], twins: Dict[str, str]) -> List[UnitSpec]:
+    """``specs`` with every ref of a twin repeated for the idle holder that follows it."""
+    if not twins:
+        return specs
+    def follow(refs):
+        return refs + [dataclasses.replace(r, name=idle) for idle, twin in twins.items() for r in refs
+                       if r.name == twin]
+    return [dataclasses.replace(spec, output_related=follow(spec.output_related),
+                                input_related=follow(spec.input_related)) for spec in specs]
 
 
 def _shared_parameters(model: nn.Module) -> Dict[str, List[Tuple[str, nn.Module, str]]]:
