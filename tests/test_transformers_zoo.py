@@ -36,8 +36,9 @@ def test_family_prunes_heads_hidden_and_mlp_and_its_export_trains_and_reloads(na
 
 
 def test_a_composite_config_writes_its_sub_configs_and_refuses_what_they_cannot_hold():
-    # CLIP's widths live in text_config / vision_config: both are written; with each tower's hidden size kept (it
-    # is a model output), 2 heads of 16 on a 64-wide stream is a head width no CLIPConfig holds (hidden / heads)
+    # CLIP's widths live in text_config / vision_config: both are written; the text tower's hidden size is kept
+    # (its pooled output gathers the EOS token with index tensors, which the tracer does not map), so 2 heads of 16
+    # on a 64-wide stream is a head width no CLIPConfig holds (hidden / heads)
     row = sweep.sweep_model("clip", 0.5, "transformers")
     assert row["status"] == "ok" and float(row["max_rel_diff"]) <= 1e-4 and row["trains"] == "yes"
     assert row["reload"].startswith("refused") and "text_config.num_attention_heads=2" in row["reload"]

@@ -44,7 +44,13 @@ class ChannelMutator:
             'TorchFunctionTracer' | 'auto')`` traces the model; ``dict(type='Config')`` builds the units from the
             ``channels`` listed in ``channel_unit_cfg['units']`` instead (a saved structure, no tracing);
             ``dict(type='Predefined')`` makes one unit per mutable registered on the model's DynamicOps
-            (:mod:`pyprune.units.predefined`).
+            (:mod:`pyprune.units.predefined`). ``fixed_outputs`` (with ``ChannelAnalyzer``) names the model
+            outputs that keep their channel count, the others may change it: None (default) fixes every output but
+            the auxiliary fields of a transformers ``ModelOutput`` (T5's / Whisper's ``encoder_last_hidden_state``,
+            CLIP's tower outputs and embeddings, ``hidden_states``, ...: the table is in
+            :mod:`pyprune.tracing.outputs`), ``'all'`` every output, a list the named fields only (e.g.
+            ``['logits']``, ``[0]`` for the first item of a tuple output). The export equals the dynamic model on
+            the fixed outputs; the freed ones come out narrower, by design.
         fixed: module names (or prefixes, e.g. ``'layer4'``) whose layers keep their exact shape: every unit that
             touches one of them is fixed.
         strict: raise instead of fixing with a warning when a unit's layer cannot be made dynamic (and tell the
@@ -52,7 +58,7 @@ class ChannelMutator:
             the model does not have, a count above a unit's width), which otherwise get one warning.
         trace_fn: the parser ``parse_cfg=dict(type='ChannelAnalyzer')`` calls, with the signature of
             :func:`pyprune.tracing.trace_channel_units` (its default): ``trace_fn(model, example_inputs, *, fixed,
-            strict, tracer) -> list[UnitSpec]``. Give your own to parse models the tracer does not know, or to
+            strict, tracer) -> list[UnitSpec]``, and ``fixed_outputs=`` where the parse_cfg sets it. Give your own to parse models the tracer does not know, or to
             hand-describe units in tests.
         init_cfg: mmrazor's (a BaseModule weight-init config); kept, unused: a mutator has no weights.
     """
@@ -149,8 +155,9 @@ class ChannelMutator:
             found = predefined_units(model)
             self._predefined = {id(spec): mutable for spec, mutable in found}
             return [(None, spec) for spec, _ in found]
+        options = {"fixed_outputs": self.parse_cfg["fixed_outputs"]} if "fixed_outputs" in self.parse_cfg else {}
         specs = self.trace_fn(model, demo_inputs(self.parse_cfg, model), fixed=self.fixed,
-                                    strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]])
+                              strict=self.strict, tracer=TRACER_TYPES[self.parse_cfg["tracer_type"]], **options)
         return [(None, spec) for spec in specs]
 
     def _build_units(self, named_specs) -> List[MutableChannelUnit]:

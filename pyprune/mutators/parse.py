@@ -11,6 +11,7 @@ from ..channels import UnitSpec
 from ..errors import ConfigError
 from ..registry import TASK_UTILS
 from ..units import unit_class
+from ..tracing.outputs import check_fixed_outputs
 from ..tracing.example_inputs import StructuredDemoInput, check_demo_input, input_config, is_shape, resolve
 from ..units.analyzer import DEFAULT_DEMO_INPUT, TRACER_TYPES, ChannelAnalyzer
 from ..units.channel_config import channel_refs, repeats_a_shared_layer
@@ -63,7 +64,8 @@ def _load_units(units) -> Dict[str, Dict[str, Any]]:
 
 
 def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
-    """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input``; returns a JSON-friendly dict.
+    """Fill defaults and check ``type`` / ``tracer_type`` / ``demo_input`` / ``fixed_outputs``; returns a
+    JSON-friendly dict.
 
     ``parse_cfg`` may also be a :class:`~pyprune.units.ChannelAnalyzer` (as mmrazor allows), and ``demo_input`` a
     shape, a tensor, a tuple of positional inputs, a list (of images), a dict of keyword inputs, a DemoInput (object
@@ -81,9 +83,18 @@ def normalize_parse_cfg(parse_cfg) -> Dict[str, Any]:
         raise ConfigError(f"parse_cfg: unknown type {parse_cfg['type']!r}; known: {list(PARSE_TYPES)}")
     if parse_cfg["type"] in ("Config", "Predefined"):
         return parse_cfg
-    unknown = set(parse_cfg) - {"type", "demo_input", "tracer_type"}
+    unknown = set(parse_cfg) - {"type", "demo_input", "tracer_type", "fixed_outputs"}
     if unknown:
-        raise ConfigError(f"parse_cfg: unknown keys {sorted(unknown)}; expected type, demo_input, tracer_type")
+        raise ConfigError(f"parse_cfg: unknown keys {sorted(unknown)}; expected type, demo_input, tracer_type, "
+                          f"fixed_outputs")
+    try:
+        fixed_outputs = check_fixed_outputs(parse_cfg.get("fixed_outputs"))
+    except ConfigError as error:
+        raise ConfigError(f"parse_cfg: {error}") from None
+    if fixed_outputs is None:
+        parse_cfg.pop("fixed_outputs", None)
+    else:
+        parse_cfg["fixed_outputs"] = fixed_outputs
     parse_cfg.setdefault("tracer_type", "auto")
     if parse_cfg["tracer_type"] not in TRACER_TYPES:
         raise ConfigError(f"parse_cfg: unknown tracer_type {parse_cfg['tracer_type']!r}; known: "

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .capture import capture
 from .example_inputs import as_call_args
 from .heads import GQA_MODES
+from .outputs import check_fixed_outputs
 from .propagate import fix_modules, propagate
 from .rules_layers import is_prunable_layer
 from .spec import ChannelRef, PruningTraceWarning, UnitSpec, warn_untraceable
@@ -21,7 +22,7 @@ __all__ = ["trace_channel_units", "ChannelRef", "UnitSpec", "PruningTraceWarning
 
 def trace_channel_units(model: nn.Module, example_inputs, *,
                         fixed: Iterable[str] = (), strict: bool = False, tracer: str = "auto",
-                        gqa: str = "keep_kv") -> List[UnitSpec]:
+                        gqa: str = "keep_kv", fixed_outputs=None) -> List[UnitSpec]:
     """Find the groups of coupled channels of ``model``.
 
     Args:
@@ -37,6 +38,13 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
         gqa: how grouped-query attention (fewer key / value heads than query heads) is pruned: "keep_kv" keeps
             every key / value head and drops the same number of query heads in every KV group; "drop_kv_groups"
             drops whole KV groups with their query heads (see :mod:`pyprune.tracing.heads`).
+        fixed_outputs: which model outputs keep their channel count; the others may change it with the pruned
+            model (the export equals the dynamic model on the fixed ones). None: every output, except the auxiliary
+            fields of a transformers ``ModelOutput`` (``encoder_last_hidden_state``, CLIP's ``text_model_output`` /
+            ``vision_model_output`` / ``text_embeds`` / ``image_embeds``, ``hidden_states``, ``attentions``, ...;
+            the table is in :mod:`pyprune.tracing.outputs`); ``"all"``: every output; a list: the named fields (a
+            dict / ``ModelOutput`` / NamedTuple field, a dotted path into nested ones, an int position of a tuple
+            output), nothing else.
 
     Returns:
         one :class:`UnitSpec` per channel group that touches a prunable layer, in graph order; groups that must
@@ -46,12 +54,14 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
 
     Raises:
         ConfigError: the model does not run on ``example_inputs``; the message names the failing layer and, where
-            one is found, a larger input that runs.
+            one is found, a larger input that runs. A ``fixed_outputs`` name that is no output field (the message
+            lists the fields).
     """
     if tracer not in TRACERS:
         raise ConfigError(f"unknown tracer {tracer!r}; known: {list(TRACERS)}")
     if gqa not in GQA_MODES:
         raise ConfigError(f"unknown gqa mode {gqa!r}; known: {list(GQA_MODES)}")
+    fixed_outputs = check_fixed_outputs(fixed_outputs)
     fixed = list(fixed)
     known = {name for name, _ in model.named_modules()}
     missing = [name for name in fixed if name not in known]
@@ -68,7 +78,7 @@ def trace_channel_units(model: nn.Module, example_inputs, *,
     if captured.note:
         warn_untraceable(captured.note)
     propagation = propagate(model, captured.graph, strict=strict, gqa=gqa,
-                            recorded=captured.source == "the recorded forward")
+                            recorded=captured.source == "the recorded forward", fixed_outputs=fixed_outputs)
     fix_modules(propagation, captured.graph, fixed)
     handle_unseen(propagation, captured, strict)
     return couple_tied_tensors(model, propagation.table.specs())

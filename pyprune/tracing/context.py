@@ -91,6 +91,7 @@ class PropagationContext:
     def __init__(self, model: nn.Module, strict: bool = False, gqa: str = "keep_kv"):
         self.model, self.strict, self.gqa = model, strict, gqa
         self.recorded = False  # a recorded forward: sizes the code read from tensors are plain numbers there
+        self.fixed_outputs = None  # which model outputs keep their channels (:mod:`.outputs`; None: its default)
         self.table = GroupTable()
         self.spaces: Dict[torch.fx.Node, Any] = {}    # node -> its value (see the module docstring)
         self.notes: List[str] = []                    # warnings given, once each

@@ -1,6 +1,7 @@
 """Walk a captured graph and work out which channels are coupled.
 
-Every node gets a value (see :mod:`.context`): the model input starts a fixed group; layers go to their layer rule
+Every node gets a value (see :mod:`.context`): the model input starts a fixed group, the model outputs
+:mod:`.outputs` keeps fix their groups; layers go to their layer rule
 (:mod:`.rules_layers`); ints read from channel dims are tracked by :mod:`.sizes`; every other op goes to the rule
 registered for its name (:data:`.context.OP_RULES`: :mod:`.rules_shape`, :mod:`.rules_elementwise`), or, if none,
 to the generic rule that passes channels through ops keeping the channel dim in place. Whatever cannot be mapped
@@ -16,6 +17,7 @@ from . import rules_attention, rules_elementwise, rules_shape, rules_writes
 from .channel_tensors import check_bound_tensors
 from .channel_space import PartedSpace
 from .context import OP_RULES, PropagationContext, flat_nodes, op_name, shapes
+from .outputs import fixed_parts, is_model_output_type
 from ..ops.registry import unservable_reason
 from .rules_layers import apply_layer_rule, is_prunable_layer
 from .rules_elementwise import generic, no_tensor
@@ -27,12 +29,13 @@ NO_TENSOR = {"size", "dim", "numel", "getattr"}
 
 
 def propagate(model: nn.Module, graph: torch.fx.Graph, strict: bool = False, gqa: str = "keep_kv",
-              recorded: bool = False) -> PropagationContext:
+              recorded: bool = False, fixed_outputs=None) -> PropagationContext:
     """Give every node of ``graph`` its value; the coupled groups end up in the returned context's ``table``.
     ``recorded``: the graph is a recorded forward, whose shapes are plain numbers even where the code read them
-    from tensors."""
+    from tensors. ``fixed_outputs``: which outputs keep their channels (:mod:`.outputs`; None: its default)."""
     ctx = PropagationContext(model, strict, gqa)
     ctx.recorded = recorded
+    ctx.fixed_outputs = fixed_outputs
     for node in graph.nodes:
         ctx.spaces[node] = visit(ctx, node)
         check_sizes(ctx, node)
@@ -50,8 +53,10 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
     if node.op == "get_attr":
         return None
     if node.op == "output":
-        for space in ctx.spaces_in(node.args):
-            ctx.fix_space(space, "model output")
+        output = node.args[0] if node.args else None
+        for part in fixed_parts(output, ctx.fixed_outputs, _stands_for_model_output(ctx, node)):
+            for space in ctx.spaces_in(part):
+                ctx.fix_space(space, "model output")
         return None
     name = op_name(node, ctx.model)
     parted = [a for a in flat_nodes((node.args, node.kwargs)) if isinstance(ctx.spaces.get(a), PartedSpace)]
@@ -74,6 +79,16 @@ def visit(ctx: PropagationContext, node: torch.fx.Node):
     if name in NO_TENSOR or shapes(node) is None:
         return no_tensor(ctx, node, name)
     return OP_RULES.get(name, generic)(ctx, node, name)
+
+
+def _stands_for_model_output(ctx: PropagationContext, node: torch.fx.Node) -> bool:
+    """Whether the output node stands for a transformers ``ModelOutput``: the recording notes the type it saw;
+    torch.fx writes any dict as a plain one, so there a dict returned by a transformers model counts as one."""
+    kind = node.meta.get("output_type")
+    if kind is not None:
+        return is_model_output_type(kind)
+    return isinstance(node.args[0] if node.args else None, dict) and \
+        type(ctx.model).__module__.startswith("transformers.")
 
 
 def _reads_parted(ctx: PropagationContext, node: torch.fx.Node, name: str, parted):

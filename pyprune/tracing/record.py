@@ -160,5 +160,6 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
     finally:
         for handle in handles:
             handle.remove()
-    graph.output(recorder.node_for(out))
+    output = graph.output(recorder.node_for(out))
+    output.meta["output_type"] = type(out)  # node_for writes a ModelOutput as a plain dict: the policy needs its type
     return graph
