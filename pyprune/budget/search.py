@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..ops import SwitchableBatchNorm2d
 from ..units import OneShotMutableChannelUnit
 from .allocation import build_ladders, check_floor, meets
 from .cost import METRICS, Cost, CostModel
@@ -85,8 +86,12 @@ class BatchNormCalibrator:
 
     def __init__(self, model: nn.Module, loader, batches: int):
         self.model, self.loader, self.batches = model, loader, batches
-        self.norms = [m for m in model.modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        # a switchable BN (and its per-width BNs) holds statistics of its own for each width: left alone (and run
+        # in eval mode while calibrating, so that its own momentum does not move them either)
+        self.switched = [m for m in model.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        switched = {id(n) for m in self.switched for n in m.modules()}
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                      and m.track_running_stats and id(m) not in switched]
         self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
                       for m in self.norms]
 
@@ -94,6 +99,8 @@ class BatchNormCalibrator:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         was_training = self.model.training
         self.model.train()
+        for norm in self.switched:
+            norm.eval()
         try:
             with torch.no_grad():
                 for batch, (images, _) in enumerate(self.loader):
@@ -117,9 +124,16 @@ class BatchNormCalibrator:
 
 
 def needs_bn_recalibration(mutator) -> bool:
-    """One-shot / slimmable units share one set of BatchNorm statistics across all widths (they were trained
-    switching widths), so a subnet's statistics must be recalibrated before it is scored."""
-    return any(isinstance(unit, OneShotMutableChannelUnit) for unit in mutator.mutable_units)
+    """One-shot units share one set of BatchNorm statistics across all widths (they were trained switching widths),
+    so a subnet's statistics must be recalibrated before it is scored. Slimmable units whose BNs switch per width
+    (:class:`~pyprune.ops.SwitchableBatchNorm2d`) have their own statistics for each width and need none."""
+    return any(isinstance(unit, OneShotMutableChannelUnit) and _shares_bn_statistics(unit)
+               for unit in mutator.mutable_units)
+
+
+def _shares_bn_statistics(unit) -> bool:
+    norms = [m for _, m in unit.output_layers() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return not all(isinstance(m, SwitchableBatchNorm2d) for m in norms) if norms else False
 
 
 class _SearchSpace:
