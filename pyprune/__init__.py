@@ -57,6 +57,7 @@ _MOVED: Dict[str, str] = {
     **{name: _MMRAZOR for name in ("DCFF", "DCFFChannelMutator", "DCFFChannelUnit", "FuseConv2d")},
     **{name: _MMRAZOR for name in ("SlimmableNetwork", "SlimmableChannelMutator", "SwitchableBatchNorm2d")},
     **{name: _MMRAZOR for name in ("DMCP", "DMCPChannelMutator", "DMCPChannelUnit")},
+    **{name: _MMRAZOR for name in ("GroupFisherAlgorithm", "GroupFisherChannelMutator", "GroupFisherChannelUnit")},
     # pyprune's own names that are not part of the everyday workflow: their packages
     "export_static": "pyprune.mutators", "PruningSummary": "pyprune.mutators",
     "L2MutableChannelUnit": "pyprune.units", "BNScaleMutableChannelUnit": "pyprune.units",
