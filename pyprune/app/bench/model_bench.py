@@ -6,6 +6,9 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
 * ``pyprune-torch`` : the same model on the pure-torch kernel fallback,
 * ``pyprune-compact``: a copy of the dynamic model in compact training mode (:mod:`pyprune.ops.compact`: the pruned
   tensors *are* compact, nothing is gathered or scattered), with its optimizer's state following,
+* ``pyprune-sliced``: a copy of the dynamic model trained by :class:`pyprune.ops.kept_slice_sgd.KeptSliceSGD` (same
+  lr / momentum): gradients of the compact tensors only, the update applied to the kept channels only ("lazy"
+  momentum for dropped channels, see that module), on the default kernel backend,
 * ``mmrazor-ref``   : the same subnet on mmrazor-style boolean-slicing layers (:mod:`.mmrazor_reference`),
 * ``dense``         : ``mutator.export(model)``, plain torch layers with compact weights,
 * ``pyprune-compile``: the dynamic model under ``torch.compile``,
@@ -40,9 +43,10 @@ from ... import kernels
 from ...ops.selection import prefix_index
 from ..training.step import TrainStep
 from .mmrazor_reference import build_reference_model
-from .timing import Measurement, measure
+from .timing import Measurement, measure, synchronize
 
-BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense", "pyprune-compile")
+BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "pyprune-sliced", "mmrazor-ref", "dense",
+            "pyprune-compile")
 GRAPH_BACKENDS = ("pyprune-graph", "dense-graph")  # CUDA only; in the CUDA default config, not in BACKENDS
 OPTIONAL_BACKENDS = ("pyprune-batched",)  # only when asked for (--backends)
 WORKLOADS = ("eval", "train")
@@ -160,6 +164,16 @@ class Runner:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         self.step = TrainStep(model, self.optimizer, forward=self.forward)
         self.session = None  # the CompactTraining session of a pyprune-compact runner
+
+    @classmethod
+    def sliced(cls, model: nn.Module) -> "Runner":
+        """A runner whose ``model`` (not shared with other runners: the optimizer hooks it) trains with
+        :class:`~pyprune.ops.kept_slice_sgd.KeptSliceSGD` at the other runners' lr / momentum."""
+        from ...ops.kept_slice_sgd import KeptSliceSGD
+        runner = cls(model, dynamic_backend_name())
+        runner.optimizer = KeptSliceSGD(model, lr=1e-3, momentum=0.9)
+        runner.step = TrainStep(model, runner.optimizer, forward=runner.forward)
+        return runner
 
     @classmethod
     def compact(cls, model: nn.Module) -> "Runner":
@@ -318,6 +332,8 @@ def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: Model
         runners["pyprune-torch"] = Runner(model, "torch")
     if "pyprune-compact" in backends:
         runners["pyprune-compact"] = Runner.compact(copy.deepcopy(model))
+    if "pyprune-sliced" in backends:
+        runners["pyprune-sliced"] = Runner.sliced(copy.deepcopy(model))
     if "mmrazor-ref" in backends:
         runners["mmrazor-ref"] = Runner(build_reference_model(model, mutator).model.to(device), "torch")
     runners["dense"] = Runner(mutator.export(copy.deepcopy(model)).to(device), "torch")
@@ -425,7 +441,7 @@ def _step(runner, workload: str, x, y) -> Callable[[], None]:
 
 
 # ----------------------------------------------------------------------------------------------------------- switch
-SWITCH_BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "mmrazor-ref", "dense")
+SWITCH_BACKENDS = ("pyprune-ext", "pyprune-torch", "pyprune-compact", "pyprune-sliced", "mmrazor-ref", "dense")
 
 
 def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dict[str, object]]:
@@ -451,53 +467,85 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
                if name in cfg.backends and (backend == "torch" or extension_available())}
     ref_runner = Runner(reference.model, "torch")
     dense_runners = [Runner(m, "torch") for m in dense_models]
-    counter = {"i": 0}
-
-    def next_index() -> int:
-        counter["i"] += 1
-        return counter["i"] % len(subnets)
-
-    steps: Dict[str, Callable[[], None]] = {}
+    # Each step runs subnet i (an index into ``subnets``); every backend walks the same sequence.
+    steps: Dict[str, Callable[[int], None]] = {}
     for name, runner in dynamic.items():
-        steps[name] = lambda runner=runner: (mutator.set_choices(subnets[next_index()]), runner.train_step(x, y))
+        steps[name] = lambda i, runner=runner: (mutator.set_choices(subnets[i]), runner.train_step(x, y))
     if "mmrazor-ref" in cfg.backends:
-        steps["mmrazor-ref"] = lambda: (reference.set_unit_prefixes(prefix_counts[next_index()]),
-                                        ref_runner.train_step(x, y))
-    steps["dense"] = lambda: dense_runners[next_index()].train_step(x, y)
+        steps["mmrazor-ref"] = lambda i: (reference.set_unit_prefixes(prefix_counts[i]), ref_runner.train_step(x, y))
+    steps["dense"] = lambda i: dense_runners[i].train_step(x, y)
     if "pyprune-compact" in cfg.backends:
         compact_mutator, compact = _compact_switch_runner(cfg, model_name)
-        steps["pyprune-compact"] = lambda: (_set_paused(compact, compact_mutator, subnets[next_index()]),
-                                            compact.train_step(x, y))
+        steps["pyprune-compact"] = lambda i: (_set_paused(compact, compact_mutator, subnets[i]),
+                                              compact.train_step(x, y))
+    if "pyprune-sliced" in cfg.backends:
+        sliced_mutator, sliced_model = _second_supernet(cfg, model_name)
+        sliced = Runner.sliced(sliced_model)
+        steps["pyprune-sliced"] = lambda i: (sliced_mutator.set_choices(subnets[i]), sliced.train_step(x, y))
 
     if "pyprune-batched" in cfg.backends:
         batched = BatchedRunner(model, dynamic_backend_name())
-        steps["pyprune-batched"] = lambda: (mutator.set_choices(subnets[next_index()]), batched.train_step(x, y))
+        steps["pyprune-batched"] = lambda i: (mutator.set_choices(subnets[i]), batched.train_step(x, y))
     if cfg.device.type == "cuda" and "pyprune-graph" in cfg.backends:
         graph_runner = GraphRunner(model, mutator, dynamic_backend_name(), cache_size=len(subnets))
-        steps["pyprune-graph"] = lambda: (mutator.set_choices(subnets[next_index()]), graph_runner.train_step(x, y))
+        steps["pyprune-graph"] = lambda i: (mutator.set_choices(subnets[i]), graph_runner.train_step(x, y))
     if cfg.device.type == "cuda" and "dense-graph" in cfg.backends:
         dense_graphs = [GraphRunner(m, None, "torch") for m in dense_models]
-        steps["dense-graph"] = lambda: dense_graphs[next_index()].train_step(x, y)
+        steps["dense-graph"] = lambda i: dense_graphs[i].train_step(x, y)
 
+    order = [name for name in SWITCH_BACKENDS + GRAPH_BACKENDS + OPTIONAL_BACKENDS if name in steps]
+    times = _time_switch_passes(cfg, {name: steps[name] for name in order}, len(subnets))
     rows = []
     for name in SWITCH_BACKENDS + GRAPH_BACKENDS + OPTIONAL_BACKENDS:
-        if name not in steps:
-            if name in cfg.backends:
-                rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None, _skip_reason(name)))
-            continue
-        counter["i"] = -1
-        # One repetition = one pass over every subnet; warm-up passes touch every subnet once.
-        result = measure(steps[name], cfg.device, warmup=len(subnets), reps=cfg.switch_passes, inner=len(subnets))
-        rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", result))
+        if name in steps:
+            rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch",
+                                    Measurement(times_s=times[name], inner=len(subnets))))
+        elif name in cfg.backends:
+            rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None, _skip_reason(name)))
     return rows
 
 
-def _compact_switch_runner(cfg: ModelBenchConfig, model_name: str):
-    """(mutator, compact runner) on a second copy of the supernet (a prepared mutator cannot be deep-copied)."""
+def _time_switch_passes(cfg: ModelBenchConfig, steps: Dict[str, Callable[[int], None]],
+                        count: int) -> Dict[str, List[float]]:
+    """Per backend, ``cfg.switch_passes`` times of one step (each the mean over a pass of ``count`` steps, one on
+    every subnet in turn). The passes go round the backends one at a time (load from other processes hits them
+    alike, as in :func:`_time_cell`), each after one untimed step of the same backend; a warm-up pass over every
+    subnet comes first. ``cfg.clock`` picks wall or calling-thread CPU time."""
+    position = {name: 0 for name in steps}
+
+    def run(name: str, n: int) -> None:
+        for _ in range(n):
+            steps[name](position[name] % count)
+            position[name] += 1
+
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for name in steps:
+        run(name, count)
+    for _ in range(cfg.switch_passes):
+        for name in steps:
+            run(name, 1)
+            synchronize(cfg.device)
+            clock = time.thread_time if cfg.clock == "thread" else time.perf_counter
+            start = clock()
+            run(name, count)
+            synchronize(cfg.device)
+            times[name].append((clock() - start) / count)
+    return times
+
+
+def _second_supernet(cfg: ModelBenchConfig, model_name: str):
+    """(mutator, model): a second prepared copy of the supernet, same seed (a prepared mutator cannot be
+    deep-copied)."""
     torch.manual_seed(cfg.seed)
     model = build_supernet(model_name, cfg.image_size)
     mutator = prepare(model, cfg.image_size)
-    return mutator, Runner.compact(model.to(cfg.device))
+    return mutator, model.to(cfg.device)
+
+
+def _compact_switch_runner(cfg: ModelBenchConfig, model_name: str):
+    """(mutator, compact runner) on a second copy of the supernet."""
+    mutator, model = _second_supernet(cfg, model_name)
+    return mutator, Runner.compact(model)
 
 
 def _set_paused(runner: Runner, mutator, choices) -> None:
@@ -578,6 +626,18 @@ def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
                            "" if slowest is None else
                            f"min speedup {slowest[0]:.2f}x at {slowest[1]['model']} b{slowest[1]['batch']} "
                            f"r{slowest[1]['ratio']} {slowest[1]['workload']}"))
+
+    # the kept-slice optimizer on a new subnet every step, against the exported subnets and mmrazor-ref, same run
+    for model in ("resnet18", "resnet50"):
+        sliced = pick(model=model, batch=8, workload="switch", backend="pyprune-sliced")
+        ref = pick(model=model, batch=8, workload="switch", backend="mmrazor-ref")
+        met, numbers = None, ""
+        if sliced and ref:
+            speedup = ref[0]["median_ms"] / sliced[0]["median_ms"]
+            met = sliced[0]["vs_dense"] <= 1.3 and speedup >= 1.25
+            numbers = f"{sliced[0]['vs_dense']:.2f}x dense, {speedup:.2f}x faster than mmrazor-ref"
+        targets.append(_target(f"switch step <= 1.3x exported and >= 1.25x faster than mmrazor-ref ({model}, "
+                               f"batch 8)", "pyprune-sliced", met, numbers))
 
     evals = pick(workload="eval", backend=dyn)
     worst_eval = max(evals, key=lambda r: r["vs_dense"], default=None)
