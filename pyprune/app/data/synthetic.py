@@ -54,9 +54,13 @@ def _sample_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def generate_images(labels: Sequence[int], seeds: Sequence[int], image_size: int, noise: float = 0.25) -> Tensor:
+def generate_images(labels: Sequence[int], seeds: Sequence[int], image_size: int, noise: float = 0.25,
+                    size_classes: int = 1) -> Tensor:
     """Draw image ``k`` of class ``labels[k]`` from a generator seeded with ``seeds[k]``: float ``[N, 3, image_size,
-    image_size]``, normalized. Each image depends only on its own label and seed, not on the others in the call."""
+    image_size]``, normalized. Each image depends only on its own label and seed, not on the others in the call.
+
+    ``size_classes > 1``: label ``l`` is shape ``l % 10`` drawn in size band ``l // 10`` of ``size_classes`` equal
+    bands of the size range, so neighbouring bands differ only slightly in size (a harder, less separable task)."""
     n = len(labels)
     params = torch.empty(n, 10)                      # centre (2), size, background (3), contrast, foreground (3)
     noise_maps = torch.empty(n, 3, image_size, image_size)
@@ -65,7 +69,9 @@ def generate_images(labels: Sequence[int], seeds: Sequence[int], image_size: int
         params[k] = torch.rand(10, generator=generator)
         noise_maps[k] = torch.randn(3, image_size, image_size, generator=generator)
     centre = (params[:, 0:2] - 0.5) * 0.8                                          # shapes stay mostly inside
-    size = (0.3 + params[:, 2] * 0.3)[:, None, None]
+    label_tensor = torch.as_tensor(list(labels), dtype=torch.int64)
+    band = (label_tensor // NUM_CLASSES).float()
+    size = (0.3 + (band + params[:, 2]) / size_classes * 0.3)[:, None, None]
     background = 0.4 * params[:, 3:6, None, None]
     contrast = 0.25 + 0.35 * params[:, 6, None, None, None]
     foreground = background + contrast * (0.5 + 0.5 * params[:, 7:10, None, None])
@@ -74,10 +80,10 @@ def generate_images(labels: Sequence[int], seeds: Sequence[int], image_size: int
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     u = (x.unsqueeze(0) - centre[:, 0, None, None]) / size
     v = (y.unsqueeze(0) - centre[:, 1, None, None]) / size
-    label_tensor = torch.as_tensor(list(labels), dtype=torch.int64)
+    shapes = label_tensor % NUM_CLASSES
     mask = torch.zeros(n, image_size, image_size)
-    for label in label_tensor.unique().tolist():    # one class at a time: memory N*H*W, not classes*N*H*W
-        rows = (label_tensor == label).nonzero().flatten()
+    for label in shapes.unique().tolist():    # one shape at a time: memory N*H*W, not classes*N*H*W
+        rows = (shapes == label).nonzero().flatten()
         mask[rows] = _shape_mask(label, u[rows], v[rows]).float()
     images = background + (foreground - background) * mask.unsqueeze(1)
     images = images + noise * noise_maps
@@ -96,12 +102,16 @@ class SyntheticShapes(Dataset):
     num_classes = NUM_CLASSES
     classes = list(CLASS_NAMES)
 
-    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, noise: float = 0.25):
-        if num_samples < 1 or image_size < 8:
-            raise ValueError(f"SyntheticShapes needs num_samples >= 1 and image_size >= 8, got {num_samples}, "
-                             f"{image_size}")
-        self.image_size, self.seed, self.noise = image_size, seed, noise
-        labels = torch.arange(num_samples) % NUM_CLASSES
+    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, noise: float = 0.25,
+                 size_classes: int = 1):
+        if num_samples < 1 or image_size < 8 or size_classes < 1:
+            raise ValueError(f"SyntheticShapes needs num_samples >= 1, image_size >= 8 and size_classes >= 1, got "
+                             f"{num_samples}, {image_size}, {size_classes}")
+        self.image_size, self.seed, self.noise, self.size_classes = image_size, seed, noise, size_classes
+        if size_classes > 1:  # shape x size band: 10 * size_classes classes
+            self.num_classes = NUM_CLASSES * size_classes
+            self.classes = [f"{name}_{band}" for band in range(size_classes) for name in CLASS_NAMES]
+        labels = torch.arange(num_samples) % self.num_classes
         self.labels = labels[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
     def __len__(self) -> int:
@@ -118,7 +128,8 @@ class SyntheticShapes(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> List[Tuple[Tensor, int]]:
         indices = [self._check(int(i)) for i in indices]
         labels = [int(self.labels[i]) for i in indices]
-        images = generate_images(labels, [_sample_seed(self.seed, i) for i in indices], self.image_size, self.noise)
+        images = generate_images(labels, [_sample_seed(self.seed, i) for i in indices], self.image_size, self.noise,
+                                 self.size_classes)
         return list(zip(images, labels))
 
 
@@ -126,3 +137,13 @@ def synthetic_splits(num_train: int, num_val: int, image_size: int = 32, seed: i
     """(train, val) datasets drawn independently (different seeds) from the same distribution."""
     return (SyntheticShapes(num_train, image_size, seed=2 * seed + 1),
             SyntheticShapes(num_val, image_size, seed=2 * seed + 2))
+
+
+HARD_SIZE_CLASSES, HARD_NOISE = 2, 0.35
+
+
+def hard_synthetic_splits(num_train: int, num_val: int, image_size: int = 32, seed: int = 0):
+    """(train, val) of the harder variant: 20 classes (every shape in two adjacent size bands) and stronger
+    pixel noise, so classes overlap more and a model stays further from 100 %."""
+    return (SyntheticShapes(num_train, image_size, 2 * seed + 1, HARD_NOISE, HARD_SIZE_CLASSES),
+            SyntheticShapes(num_val, image_size, 2 * seed + 2, HARD_NOISE, HARD_SIZE_CLASSES))
