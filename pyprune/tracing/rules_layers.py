@@ -219,6 +219,8 @@ def channel_norm(ctx: PropagationContext, node, module: nn.Module):
     found = module.__dict__.get("_served_dim") if isinstance(module, DynamicChannelMixin) else \
         serving_probe(module).channel_dim
     dim = found % ndim
+    if space is not None and space.dim != dim and space.ndim == ndim:
+        return space  # over a dim without channels (Qwen3's q / k RMSNorm over head_dim): the heads pass through
     layer_inputs(ctx, node, space, dim, True)
     return _passes_on(space, dim)
 
