@@ -23,7 +23,8 @@ from other processes hits them alike. Workloads: ``eval`` (no-grad forward in ev
 cross-entropy + backward + SGD step) at fixed ratios, and ``switch`` (a training step on a new random subnet every
 iteration: the subnets are drawn once with ``mutator.sample_choices()`` and replayed identically for every backend;
 the dense baseline runs each subnet's pre-exported model, export time excluded; ``pyprune-compact`` changes the
-subnet with its session paused, so the step includes writing back and re-compacting weights and momentum).
+subnet with its session paused, so the step includes writing back and re-compacting weights and momentum; the
+backends take turns pass by pass, one pass = one step on every subnet, timed with ``cfg.clock``).
 ``enter+exit`` (``pyprune-compact`` only): one ``session.exit(); session.enter()`` at the fixed ratio, with momentum
 state (``vs_dense`` = over one dense train step).
 """
