@@ -1,11 +1,11 @@
 """Pruning algorithms side by side at one FLOPs budget: top-1 after the same training budget, FLOPs kept on the
 exported model, wall time, over several seeds.
 
-    .venv/bin/python benchmarks/bench_algorithms.py                    # the default run (about 20 min, 2-core CPU)
+    .venv/bin/python benchmarks/bench_algorithms.py  # default: ~20 min per data set, loaded 2-core CPU
     .venv/bin/python benchmarks/bench_algorithms.py --quick            # smoke test: one tiny run per method
     .venv/bin/python benchmarks/bench_algorithms.py --methods uniform-l1 group-fisher --seeds 0 --models resnet18
 
-Per data set (``shapes``: the built-in synthetic shapes, 10 classes; ``hard``: 30 classes, every shape in three
+Per data set (``shapes``: the built-in synthetic shapes, 10 classes; ``hard``: 20 classes, every shape in two
 adjacent size bands, stronger noise), model and seed: the full model is trained ``--pretrain-steps`` steps (so
 importance means something), then every method starts from a copy of it and gets the same ``--prune-steps +
 --finetune-steps`` training iterations (same optimiser, schedule and batches) before top-1 is measured on the
