@@ -16,7 +16,7 @@
 #            on the torch 2.11 / g++ 13.3 GPU image any C++ exception from an extension kills the process); with
 #            pytest-xdist when installed, so a crash costs one test, not the run     -> OUTDIR/cuda_tests.xml
 #   kernels  the channel gather table (pyprune bench ops --parts gather)             -> OUTDIR/ops/
-#   models   ours (eager, graphed) vs dense (eager, graphed) vs mmrazor-ref, ResNet-18 / 50 at batch 8, ratio 0.5,
+#   models   ours (eager, kept-slice SGD, graphed) vs dense (eager, graphed) vs mmrazor-ref, ResNet-18 / 50, b8, 0.5,
 #            eval / train / switch (pyprune bench models)                           -> OUTDIR/models/
 #   formats  fp32 / bf16 autocast x contiguous / channels_last, ResNet-50 batch 64, train / eval, the same
 #            backends (benchmarks/bench_formats.py)                                   -> OUTDIR/formats/
@@ -143,7 +143,7 @@ else
     FORMAT_ARGS=(--device cpu --quick)
     SWITCH_ARGS=(--device cpu --models resnet18 --units Sequential --calls 20)
 fi
-BACKENDS=(--backends pyprune-ext dense mmrazor-ref pyprune-graph dense-graph)
+BACKENDS=(--backends pyprune-ext pyprune-sliced dense mmrazor-ref pyprune-graph dense-graph)
 
 echo "gpu_check: $DEVICE mode, python $PY, total budget ${BUDGET}s, output $OUT"
 run_stage env 20 all env_report
