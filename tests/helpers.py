@@ -161,6 +161,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def join_two_rank_gloo(rank: int, port: int) -> None:
+    """In a worker of :func:`run_two_ranks`: join the 2-rank gloo group on ``port`` (60 s timeout), one torch
+    thread per rank (two ranks share this machine's cores)."""
+    import torch.distributed as dist
+    from datetime import timedelta
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+
+
 def run_two_ranks(worker, out_dir, timeout_s: float = 120.0):
     """Spawn ``worker(rank, port, out_dir)`` on 2 processes, fail the test if they take longer than ``timeout_s``,
     and return what each rank saved as ``out_dir/rank{r}.pt`` (loaded with ``weights_only=True``)."""

@@ -6,14 +6,13 @@ changes the selection (with the session paused, rank 0's selection broadcast) an
 so the ranks must end with identical weights, optimizer state and exported models.
 """
 import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helpers import run_two_ranks
+from helpers import join_two_rank_gloo, run_two_ranks
 
 pytestmark = pytest.mark.ddp
 TIMEOUT_S = 120
@@ -26,9 +25,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from pyprune.ops import compact_training
     from pyprune.ops.compact import rebuild_ddp
     from pyprune.app.training.distributed import broadcast_buffers
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_two_rank_gloo(rank, port)
     try:
         model, mutator = prepared()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)

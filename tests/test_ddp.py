@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from helpers import free_port, run_two_ranks
+from helpers import free_port, join_two_rank_gloo, run_two_ranks
 from models import SmallNet
 
 pytestmark = pytest.mark.ddp
@@ -40,9 +39,7 @@ def _prepared(unit_type):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from pyprune.algorithms import ItePruneAlgorithm
     from pyprune.app.training.distributed import broadcast_buffers
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_two_rank_gloo(rank, port)
     try:
         # 1. DDP training with gradient importance, each rank on its own data.
         model, mutator = _prepared("TaylorMutableChannelUnit")

@@ -5,7 +5,6 @@ resume, bad config values, and mmrazor's published DMCP supernet config on a sma
 import copy
 import io
 import json
-from datetime import timedelta
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compat.models import MMClsMobileNetV2
-from helpers import run_two_ranks
+from helpers import join_two_rank_gloo, run_two_ranks
 from pyprune.algorithms import DMCP
 from pyprune.algorithms.dmcp import FLOPS_PER_MAC
 from pyprune.budget.errors import BudgetError
@@ -277,9 +276,7 @@ def test_load_state_dict_refuses_another_run_and_changes_nothing():
 
 
 def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_two_rank_gloo(rank, port)
     try:
         algorithm = build()  # one seed on every rank: the same weights and the same subnets
         ddp = nn.parallel.DistributedDataParallel(algorithm.model)

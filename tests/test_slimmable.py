@@ -4,7 +4,6 @@ checkpoints, config errors, and mmrazor's published slimmable MobileNetV2 struct
 import copy
 import json
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import run_two_ranks
+from helpers import join_two_rank_gloo, run_two_ranks
 from pyprune.algorithms import SlimmableNetwork
 from pyprune.errors import ChannelSelectionError, ConfigError
 from pyprune.mutators import SlimmableChannelMutator
@@ -287,9 +286,7 @@ def test_a_resumed_run_draws_the_same_widths_and_ends_with_the_same_weights():
 
 
 def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
+    join_two_rank_gloo(rank, port)
     try:
         algorithm = build()  # one seed on every rank: the same weights and the same widths
         ddp = nn.parallel.DistributedDataParallel(algorithm.model, find_unused_parameters=True,
