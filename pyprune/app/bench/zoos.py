@@ -37,17 +37,19 @@ def _torchvision_names() -> List[str]:
 
 def _classifier(name: str) -> ZooModel:
     """The smallest input ``[2, 3, S, S]`` each classifier takes: ViTs are built for a 2x2 patch grid; MaxViT needs
-    224 px (every stage's grid splits into 7x7 windows); Inception-v3's train-mode aux head needs 299 px."""
+    224 px (every stage's grid splits into 7x7 windows); Inception-v3's train-mode aux head needs 299 px. The
+    quantizable float models (``quantized_*``) take what their float model takes."""
     import torchvision
     kwargs, size = {}, 64
-    if name.startswith("vit_"):
-        patch = 14 if name.endswith("_14") else int(name[-2:])
+    base = name.removeprefix("quantized_")
+    if base.startswith("vit_"):
+        patch = 14 if base.endswith("_14") else int(base[-2:])
         kwargs["image_size"] = size = 2 * patch
-    elif name == "maxvit_t":
+    elif base == "maxvit_t":
         size = 224
-    elif name == "inception_v3":
+    elif base == "inception_v3":
         size = 299
-    if name in ("googlenet", "inception_v3"):
+    if base in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = False  # scipy's truncated-normal init is slow; the aux heads stay
     model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
     return ZooModel(model, CallArgs((torch.randn(2, 3, size, size),), {}))
