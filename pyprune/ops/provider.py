@@ -113,10 +113,11 @@ class TensorProvider:
 
     def slices(self, op) -> dict:
         """``{tensor name: slice}`` of ``op._compact_layout()``, built once per selection (a batch norm's training
-        forward carries its running statistics back through these on every call)."""
+        forward carries its running statistics back through these on every call). The slices keep the selection's
+        rows / cols only, not the tensors: a parameter replaced meanwhile is read fresh and not kept alive."""
         version = op.selection_version
         if self._slices is None or self._slices[0] != version:
-            self._slices = (version, {piece.name: piece for piece in op._compact_layout()})
+            self._slices = (version, {piece.name: piece._replace(tensor=None) for piece in op._compact_layout()})
         return self._slices[1]
 
     # ------------------------------------------------------------------------------------------------- changes
