@@ -87,11 +87,13 @@ def _narrowed_error(model, subset, inputs, half_count, kept):
 
 
 def _culprits(model, subset, inputs, half_count, kept) -> list:
-    """Units that break the forward narrowed on their own (found by halving ``subset``)."""
-    if _narrowed_error(model, subset, inputs, half_count, kept) is None:
-        return []
+    """Units that break the forward narrowed on their own (found by halving ``subset``, whose narrowing as a whole
+    is known to break it: the caller has just run that forward)."""
     if len(subset) == 1:
         return list(subset)
     middle = len(subset) // 2
-    return _culprits(model, subset[:middle], inputs, half_count, kept) + \
-        _culprits(model, subset[middle:], inputs, half_count, kept)
+    found = []
+    for half in (subset[:middle], subset[middle:]):
+        if _narrowed_error(model, half, inputs, half_count, kept) is not None:
+            found += _culprits(model, half, inputs, half_count, kept)
+    return found
