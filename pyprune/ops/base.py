@@ -260,7 +260,7 @@ class DynamicChannelMixin(LayerKind, MutableAttrs):
         ``form``: (dtype, memory format) to write them in, in the gather's one pass (see :meth:`_gather_form`);
         the dtype applies to autocast-eligible tensors, the memory format to tensors of its rank (the conv weight).
         """
-        slices = {piece.name: piece for piece in self._compact_layout()}
+        slices = self.__dict__["_provider"].slices(self)  # the layout, built once per selection
         dtype, memory_format = form if form is not None else (None, None)
         rank = {torch.channels_last: 4, torch.channels_last_3d: 5}.get(memory_format)
         compact = []
