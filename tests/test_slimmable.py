@@ -369,6 +369,23 @@ def test_default_args_candidates_give_uniform_subnets():
 
 # ------------------------------------------------------------------------------------ mmrazor's published units
 @pytest.mark.slow
+@pytest.mark.parametrize("width", [0, 1, "max"])
+def test_budget_cost_of_a_width_counts_the_params_and_flops_of_its_export(trained, width):
+    # the per-width BNs live in the supernet only: the cost model must not count them as fixed parameters
+    from pyprune.budget.cost import subnet_cost
+    from pyprune.mutators.summary import count_flops, count_params
+    algorithm = trained
+    small = algorithm.export(width).eval()
+    before = algorithm.mutator.current_choices
+    algorithm.mutator.set_choices(algorithm._width_choices(width))
+    try:
+        cost = subnet_cost(algorithm.model, algorithm.mutator)
+    finally:
+        algorithm.mutator.set_choices(before)
+    assert cost.params == count_params(small)
+    assert cost.flops == count_flops(small, torch.zeros(1, 3, 8, 8))
+
+
 def test_published_slimmable_mobilenet_v2_loads_and_exports_each_subnet_with_its_bn():
     """AutoSlim's slimmable MobileNetV2 1.5x units file (three subnets; candidate lists repeat widths) on the
     mmcls-named model: switchable BNs installed without warnings, and each subnet's export equals the slimmable

@@ -11,7 +11,8 @@ where ``in_w`` / ``out_w`` are sums of unit counts (times the ref's ``expand``) 
 kind's answer (``pyprune.ops.layer_kind(layer).cost_terms(layer, calls)``, see ``pyprune.ops.cost_terms``) from the
 shapes of its calls in one forward of the example input: the budget knows no layer type itself, so a kind
 registered in ``pyprune.ops.DYNAMIC_OPS`` (or a layer with its own forward served as one) is costed with no change
-here. A parameter several layers hold (a tied embedding) is counted once. ``base`` comes from one
+here. A parameter several layers hold (a tied embedding) is counted once; one no export keeps (a switchable BN's
+sets for its other widths, ``supernet_only_parameters``) not at all. ``base`` comes from one
 ``FlopCounterMode`` count of that same forward and ``count_params``. Evaluating a subnet is then arithmetic, with no
 forward, no re-trace and no export, and equals ``count_flops`` / ``count_params`` of the exported model (the tests
 check this on conv, grouped and depthwise conv, flatten -> linear, concatenation, attention and served-layer
@@ -139,7 +140,8 @@ class CostModel:
         layer_costs = [_layer_cost(name, layer, kinds[name], *sides[name], calls.get(name, []), counted)
                        for name, layer in layers.items()]
         base = Cost(flops=flops_now - sum(layer.cost(current, "flops") for layer in layer_costs),
-                    params=count_params(model) - sum(layer.cost(full, "params") for layer in layer_costs))
+                    params=count_params(model) - _supernet_only_params(model)
+                    - sum(layer.cost(full, "params") for layer in layer_costs))
         return cls(units, layer_costs, base)
 
     # ------------------------------------------------------------------------------------------------- counts
@@ -246,6 +248,16 @@ def _active_widths(layer, kind) -> Tuple[int, int]:
     if hasattr(layer, "active_out_channels"):
         return layer.active_out_channels, layer.active_in_channels
     return kind.channel_counts(layer)
+
+
+def _supernet_only_params(model: nn.Module) -> int:
+    """Parameters the dynamic layers hold that no export keeps (a switchable BN's other widths' sets), counted
+    once: ``count_params(model)`` includes them, the exported model does not."""
+    seen = {}
+    for module in model.modules():
+        for parameter in getattr(module, "supernet_only_parameters", lambda: [])():
+            seen[id(parameter)] = parameter.numel()
+    return sum(seen.values())
 
 
 # ------------------------------------------------------------------------------------------------ per layer

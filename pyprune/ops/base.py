@@ -299,6 +299,11 @@ class DynamicChannelMixin(LayerKind, MutableAttrs):
             held += [v for v in values if isinstance(v, Tensor)]
         return held + self.__dict__["_provider"].held_device_tensors()
 
+    def supernet_only_parameters(self) -> List[nn.Parameter]:
+        """Parameters the op holds that no export keeps (a switchable BN's per-width sets other than the active
+        one): what a count of the exported model's parameters leaves out. Default: none."""
+        return []
+
     def _compact_layout(self) -> List[ChannelSlice]:
         """Each pruned channel tensor and the channels its compact copy keeps (tensors kept whole are left out):
         the one description of the slices, from which the gather, compact training mode and the batched gather

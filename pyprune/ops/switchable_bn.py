@@ -96,6 +96,11 @@ class SwitchableBatchNorm2d(DynamicBatchNorm2d):
                 getattr(bn, name).requires_grad_(parameter.requires_grad)
         return bn.train(self.training)
 
+    def supernet_only_parameters(self) -> List[nn.Parameter]:
+        """Every per-width set's parameters: the export holds one width's tensors, which the layer kind's cost
+        terms count at the active width already."""
+        return list(self.candidate_bn.parameters())
+
     def _active_candidate(self):
         """The private BN of the active width, None at full width; ChannelSelectionError for any other width."""
         count = self.active_out_channels
