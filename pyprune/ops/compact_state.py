@@ -27,9 +27,11 @@ class ChannelSlice(NamedTuple):
     ``[K_out]`` or None, cols = kept input channels ``[K_in]``, per-group local ``[G, K_in / G]`` or None; cols only
     for tensors of rank > 1). ``dim > 0``: ``tensor.index_select(dim, rows)`` (e.g. attention's ``bias_k``
     ``[1, 1, E]``, ``dim=2``). ``name`` is the tensor's path relative to the op (``"weight"``, ``"out_proj.bias"``).
+    ``tensor`` is None in the provider's per-selection cache, which keeps the channels only (the op's current
+    tensor is read at use: a parameter replaced meanwhile is not kept alive by the cache).
     """
     name: str
-    tensor: Tensor
+    tensor: Optional[Tensor]
     rows: Optional[Tensor]
     cols: Optional[Tensor] = None
     dim: int = 0
