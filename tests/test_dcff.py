@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import join_two_rank_gloo, run_two_ranks
 from pyprune.algorithms.dcff import DCFF, dcff_temperature
 from pyprune.errors import ConfigError
 from pyprune.mutators import load_pruned
@@ -235,6 +237,44 @@ def test_resume_mid_run_reproduces_the_uninterrupted_run():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(second.export().eval()(x), whole.export().eval()(x), rtol=0, atol=0)
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    join_two_rank_gloo(rank, port)
+    try:
+        algorithm = build(seed=1)  # one seed on every rank: the same weights, so the same ranking
+        model = algorithm.model.train()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for images, labels in batches(8, seed=20 + rank):  # different data per rank; steps at 0, 3, 6
+            loss = F.cross_entropy(ddp(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            algorithm.step()
+        torch.save({"selection": {n: i for n, i in algorithm.mutator.selection_state().items() if i is not None},
+                    "weights": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+                    "history": algorithm.history}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_gloo_ranks_on_different_data_stay_identical(tmp_path):
+    rank0, rank1 = run_two_ranks(_rank_worker, tmp_path, 180)
+    assert rank0["history"] == rank1["history"] and len(rank0["history"]) == 3
+    assert rank0["selection"].keys() == rank1["selection"].keys() and rank0["selection"]
+    for name, index in rank0["selection"].items():
+        assert torch.equal(index, rank1["selection"][name]), name
+    for name, tensor in rank0["weights"].items():
+        if "running" not in name and "num_batches" not in name:  # DDP broadcasts buffers before a forward only
+            torch.testing.assert_close(tensor, rank1["weights"][name], rtol=1e-5, atol=1e-6, msg=name)
+    # one rank alone on its own data ends elsewhere: the gradient reduction did something
+    alone = build(seed=1)
+    train(alone, batches(8, seed=20))
+    moved = alone.model.c1.weight.detach()
+    assert not torch.allclose(moved, rank0["weights"]["c1.weight"], rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_of_another_schedule_is_refused_and_changes_nothing():
