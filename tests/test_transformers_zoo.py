@@ -1,6 +1,6 @@
 """The transformers zoo of ``pyprune bench sweep --zoo transformers`` on a representative subset (BERT and
 DistilBERT with its own config names, GPT-2's Conv1D, a GQA Llama, Qwen3's q / k RMSNorm over the head dim, Gemma's
-scaled embedding, ViT's patch embedding):
+scaled embedding, Phi-3's sliced fused qkv_proj, ViT's patch embedding):
 at ratio 0.5 heads, hidden size and MLP prune, at most 35 % of the non-embedding parameters stay, the export equals
 the dynamic model (1e-4 of the output scale), one optimizer step of the export changes its loss, and the export
 reloads with ``from_pretrained`` to the same logits (atol 1e-5) where the family's config can express the widths
@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from pyprune.app.bench import sweep, zoos  # noqa: E402
 from pyprune.app.bench.transformers_zoo import HF_COLUMNS, family_names  # noqa: E402
 
-SUBSET = ["bert", "distilbert", "gpt2", "llama-gqa", "qwen3", "gemma", "vit"]
+SUBSET = ["bert", "distilbert", "gpt2", "llama-gqa", "qwen3", "phi3", "gemma", "vit"]
 
 
 def test_the_zoo_lists_every_family_and_has_its_own_columns():

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.config_view import ConfigView
 
 __all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_uniform_choices",
            "tie_uniform_widths", "hf_config_for", "attach_hf_config", "HF_SAVE_REFUSED"]
@@ -133,8 +134,12 @@ def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
 
 
 def _first_attribute(module: nn.Module, names) -> Optional[int]:
+    """The first of ``names`` that is an int attribute of ``module``, or one the module's own config view holds
+    (Phi-3's ``config.num_attention_heads``, see :class:`pyprune.ops.config_view.ConfigView`)."""
+    view = getattr(module, "config", None)
+    overrides = view.overrides if isinstance(view, ConfigView) else {}
     for name in names:
-        value = getattr(module, name, None)
+        value = getattr(module, name, overrides.get(name))
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
@@ -152,10 +157,12 @@ def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str,
     if key is not None:
         # GPT-2 writes n_inner=None for "4 x hidden"; its MLP is then found by that width
         before = getattr(config, key) if getattr(config, key) is not None else 4 * hidden_before
+        # the first MLP up projection, or fused gate | up one of twice the width (Phi-3's gate_up_proj)
         for name, module in reference.named_modules():
             dims = _linear_dims(module)
-            if dims == (hidden_before, before) and "att" not in name.lower():  # the first MLP up projection
-                after = _linear_dims(exported.get_submodule(name))[1]
+            fused = {(hidden_before, before): 1, (hidden_before, 2 * before): 2}.get(dims)
+            if fused is not None and "att" not in name.lower():
+                after = _linear_dims(exported.get_submodule(name))[1] // fused
                 if after != getattr(config, key):
                     changed[key] = int(after)
                 break
@@ -336,7 +343,17 @@ def attach_hf_config(exported: nn.Module) -> nn.Module:
     swaps.update({id(getattr(old, key)): getattr(new, key) for key in (getattr(old, "sub_configs", None) or {})
                   if getattr(old, key, None) is not None})
     for module in exported.modules():
-        replacement = swaps.get(id(getattr(module, "config", None)))
+        config = getattr(module, "config", None)
+        if isinstance(config, ConfigView) and id(config._shared) in swaps:
+            # a module's own view (its head count, Phi-3): the new config holds the same values where uniform
+            shared = swaps[id(config._shared)]
+            if all(getattr(shared, k, None) == v for k, v in config.overrides.items()):
+                module.config = shared
+            else:
+                module.config = ConfigView(shared)
+                module.config.__dict__.update(config.overrides)
+            continue
+        replacement = swaps.get(id(config))
         if replacement is not None:
             module.config = replacement
     return exported

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ChannelSelectionError, ConfigError
+from .config_view import own_config
 from .cost_terms import NO_COST, Bilinear, CostTerms, ParameterCount
 from .layer_kind import OneSelectionKind
 
@@ -165,9 +166,13 @@ class ChannelCount(ChannelParameter):
 
     def __init__(self, model: nn.Module, path: str, span: Optional[int] = None):
         owner, attribute = _owner_of(model, path)
-        if owner is None or type(owner.__dict__.get(attribute)) is not int:
+        holder = None
+        if owner is None:  # an attribute of a module's config object (``self_attn.config.num_attention_heads``)
+            owner, holder = _owner_of(model, path.rpartition(".")[0])
+            attribute = f"{holder}.{attribute}"
+        value = _count_value(owner, attribute)
+        if value is None:
             raise ConfigError(f"the model has no module, parameter, buffer or int attribute named {path!r}")
-        value = owner.__dict__[attribute]
         self.per = span // value if span is not None and value > 0 and span > value and span % value == 0 else 1
         self._bind(owner, attribute, path, None, value * self.per)
 
@@ -182,7 +187,12 @@ class ChannelCount(ChannelParameter):
             raise ChannelSelectionError(f"{self.pyprune_name}: {count} channels do not split into {self.per} "
                                         f"equal blocks")
         super().set_out_index(index)
-        self.owner.__dict__[self.attribute] = self.active_out_channels // self.per
+        count = self.active_out_channels // self.per
+        holder, _, attribute = self.attribute.rpartition(".")
+        if holder:  # the config is shared with other modules: this module gets a view of its own to hold it
+            setattr(own_config(self.owner, holder), attribute, count)
+        else:
+            self.owner.__dict__[attribute] = count
 
     set_in_index = set_out_index
 
@@ -196,6 +206,22 @@ class ChannelCount(ChannelParameter):
     def __repr__(self) -> str:
         per = f", per {self.per}" if self.per != 1 else ""
         return f"ChannelCount({self.pyprune_name}, {self.active_out_channels}/{self.num_channels}{per})"
+
+
+def _count_value(owner: Optional[nn.Module], attribute: str) -> Optional[int]:
+    """The int ``owner.<attribute>`` (``attribute`` a name in the module's ``__dict__``, or ``config.<name>``: an
+    int of a plain object the module holds), or None."""
+    if owner is None:
+        return None
+    holder, _, name = attribute.rpartition(".")
+    if not holder:
+        value = owner.__dict__.get(name)
+    else:
+        config = owner.__dict__.get(holder)
+        if config is None or isinstance(config, (nn.Module, Tensor)) or "." in holder:
+            return None
+        value = getattr(config, name, None)
+    return value if type(value) is int else None
 
 
 class _ServesChannelParameters:

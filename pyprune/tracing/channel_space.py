@@ -181,6 +181,13 @@ class GroupTable:
         self._refs[root].append((self._added, ref))
         self._added += 1
 
+    def ref_names(self, gid: int) -> set:
+        """The names the refs of ``gid``'s group (every piece of a partitioned one) point at."""
+        root = self.find(gid)
+        if root in self._pieces:
+            return set().union(*(self.ref_names(piece.gid) for piece in self._pieces[root]))
+        return {ref.name for _, ref in self._refs[root]}
+
     # ---- partitioned groups --------------------------------------------------------------------------------------
     def is_partitioned(self, gid: int) -> bool:
         return self.find(gid) in self._pieces

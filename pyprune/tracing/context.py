@@ -96,6 +96,9 @@ class PropagationContext:
         self.spaces: Dict[torch.fx.Node, Any] = {}    # node -> its value (see the module docstring)
         self.notes: List[str] = []                    # warnings given, once each
         self.bound_tensors: Dict[str, list] = {}      # channel tensor path -> [(using node, space)]
+        self.count_paths: set = set()                 # int attributes bound to follow a group (ChannelCounts)
+        self.sliced_parts: List[tuple] = []           # (slicing node, groups its int bounds count): see .fused
+        self.fused_parts: set = set()                 # groups sliced out of a fused output at int bounds
 
     def new_space(self, size: int, dim: int, ndim: int, fixed_reason: str = "") -> ChannelSpace:
         """A space on dim ``dim`` (of ``ndim``) holding one new group of ``size`` channels."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from .channel_space import ChannelSpace, PartedSpace, Segment, merge_adjacent, slice_space
 from .context import PropagationContext
+from .fused import is_fused_part
 from .sizes import ChannelSize, tie_blocks
 from .spec import ChannelRef
 
@@ -81,10 +82,26 @@ def count_attribute(ctx: PropagationContext, node: torch.fx.Node, value: int, he
     return _path(owner_path, names[0]) if len(names) == 1 else None
 
 
-def named_attributes(ctx: PropagationContext, node: torch.fx.Node, names: Sequence[str], value: int) -> List[str]:
-    """Paths of the attributes called one of ``names`` that equal ``value`` in the module whose code made ``node``."""
+def named_attributes(ctx: PropagationContext, node: torch.fx.Node, names: Sequence[str], value: int,
+                     config: bool = False) -> List[str]:
+    """Paths of the attributes called one of ``names`` that equal ``value`` in the module whose code made ``node``;
+    with ``config``, those of the config object it holds too (``config.num_attention_heads``, see
+    :func:`_config_attributes`)."""
     owner_path, owner = module_of(ctx, node)
-    return [_path(owner_path, a) for a, v in _int_attributes(owner).items() if a in names and v == value]
+    found = _int_attributes(owner)
+    if config:
+        found.update(_config_attributes(owner))
+    return [_path(owner_path, a) for a, v in found.items() if a.rpartition(".")[2] in names and v == value]
+
+
+def _config_attributes(module: Optional[nn.Module]) -> dict:
+    """``{"config.<name>": value}``: the public int attributes of the plain config object ``module.config``
+    (an HF config; Phi-3 computes its q | k | v slice bounds from ``self.config.num_attention_heads``)."""
+    config = vars(module).get("config") if module is not None else None
+    if config is None or isinstance(config, (nn.Module, torch.Tensor)):
+        return {}
+    return {f"config.{a}": getattr(config, a) for a in HEAD_COUNT_ATTRIBUTES + KV_HEAD_ATTRIBUTES
+            if type(getattr(config, a, None)) is int}
 
 
 def _named_value(ctx: PropagationContext, node: torch.fx.Node, names: Sequence[str], value: int) -> bool:
@@ -98,6 +115,7 @@ def bind_count(ctx: PropagationContext, space: ChannelSpace, path: str, expand: 
     """Int attribute ``path`` follows the channels of ``space``: it counts its positions, times ``expand`` (the
     width in channels of a space of heads: ``head_dim`` per head); a partial segment pins its group."""
     offset = 0
+    ctx.count_paths.add(path)
     for seg in space.segments:
         width = seg.width * expand
         if ctx.whole(seg):
@@ -127,6 +145,7 @@ def split_heads(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpac
     if why:
         return why
     width_read = _head_dim_from_width(ctx, entries[-1], heads, block)
+    sliced = is_fused_part(ctx, space)  # before the refinement gives its channels new groups
     plan = _plan(ctx, space, parts, heads, block)
     if isinstance(plan, str):
         return plan
@@ -139,7 +158,7 @@ def split_heads(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpac
                 return "a head would take part of a channel another op already groups differently"
             refined.append(Segment(found[0], found[1], found[2]))
         part_spaces.append(ChannelSpace(first + len(factors) - 2, ndim, merge_adjacent(refined)))
-    _bind_head_attributes(ctx, node, part_spaces, heads, block, literal_attribute)
+    _bind_head_attributes(ctx, node, part_spaces, heads, block, literal_attribute, sliced)
     if width_read is not None:
         if not tie_blocks(ctx, node, width_read, part_spaces[0].expanded(block)):  # each head: block channels
             why = f"{ctx.where(node)} computes head_dim from the width of another group"
@@ -215,10 +234,12 @@ def _plan(ctx: PropagationContext, space: ChannelSpace, parts: int, heads: int, 
 
 
 def _bind_head_attributes(ctx: PropagationContext, node: torch.fx.Node, part_spaces: List[ChannelSpace],
-                          heads: int, block: int, literal_attribute: Optional[str]) -> None:
+                          heads: int, block: int, literal_attribute: Optional[str], sliced: bool) -> None:
     """The attribute the code spelled the head count with, and the module's conventionally named head counts /
-    widths of the same value, follow the heads of every part."""
-    counts = named_attributes(ctx, node, HEAD_COUNT_ATTRIBUTES + KV_HEAD_ATTRIBUTES, heads)
+    widths of the same value, follow the heads of every part. For a part sliced out of a fused output
+    (``sliced``, :mod:`.fused`), whose bounds the code may compute from head counts of its config, so do the
+    config's."""
+    counts = named_attributes(ctx, node, HEAD_COUNT_ATTRIBUTES + KV_HEAD_ATTRIBUTES, heads, config=sliced)
     if literal_attribute is not None and literal_attribute not in counts:
         counts.append(literal_attribute)
     widths = named_attributes(ctx, node, HEAD_WIDTH_ATTRIBUTES, heads * block)

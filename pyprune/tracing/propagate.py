@@ -15,6 +15,7 @@ from torch import nn
 
 from . import rules_attention, rules_elementwise, rules_shape, rules_writes
 from .channel_tensors import check_bound_tensors
+from .fused import check_slice_bounds
 from .channel_space import PartedSpace
 from .context import OP_RULES, PropagationContext, flat_nodes, op_name, shapes
 from .outputs import fixed_parts, is_model_output_type
@@ -40,6 +41,7 @@ def propagate(model: nn.Module, graph: torch.fx.Graph, strict: bool = False, gqa
         ctx.spaces[node] = visit(ctx, node)
         check_sizes(ctx, node)
     check_bound_tensors(ctx, graph)
+    check_slice_bounds(ctx)
     return ctx
 
 

@@ -19,6 +19,7 @@ from ..ops.registry import is_prunable_layer, layer_kind, on_layer_types_added, 
 from ..ops.served import has_own_forward, serving_probe
 from .channel_space import ChannelSpace, Segment
 from .context import PropagationContext, dim_arg, op_name, shapes
+from .fused import slice_cut
 from .rules_shape import SPLIT
 from .spec import ChannelRef
 
@@ -117,10 +118,11 @@ def conv(ctx: PropagationContext, node, module: nn.Module):
 
 @layer_rule(nn.Linear)
 def linear(ctx: PropagationContext, node, module: nn.Linear):
-    """Features on the last dim: input read, output a new group."""
+    """Features on the last dim: input read, output a new group (one per part of a fused output that every user
+    cuts into parts: Phi-3's ``qkv_proj`` sliced into q | k | v)."""
     space, ndim = _input(ctx, node), len(shapes(node))
     layer_inputs(ctx, node, space, ndim - 1 if space is None else space.ndim - 1, False)
-    return output_group(ctx, node, module.out_features, ndim - 1, ndim)
+    return split_output_groups(ctx, node, module.out_features, ndim - 1, ndim)
 
 
 @layer_rule(nn.LayerNorm)
@@ -235,8 +237,8 @@ def transposed_linear(ctx: PropagationContext, node, module: nn.Module):
 
 def split_output_groups(ctx: PropagationContext, node, size: int, dim: int, ndim: int) -> ChannelSpace:
     """The layer's ``size`` output channels on ``dim``: one new group, or, when every user of the output splits it
-    along ``dim`` (a fused projection: q | k | v in one layer, split right after), one new group per piece, so
-    each piece of the split is a whole group (pruned, or fixed, on its own)."""
+    along ``dim`` (a fused projection: q | k | v in one layer, split or sliced right after, see :mod:`.fused`), one
+    new group per piece, so each piece of the split is a whole group (pruned, or fixed, on its own)."""
     cuts = _split_points(ctx, node, dim, ndim, size)
     if not cuts:
         return output_group(ctx, node, size, dim, ndim)
@@ -249,10 +251,18 @@ def split_output_groups(ctx: PropagationContext, node, size: int, dim: int, ndim
 
 
 def _split_points(ctx: PropagationContext, node, dim: int, ndim: int, size: int) -> List[int]:
-    """Inner boundaries of the pieces every user of ``node`` splits it into along ``dim``; [] when a user does
-    anything else with it (takes it whole)."""
+    """Inner boundaries of the pieces every user of ``node`` splits (or slices) it into along ``dim``; [] when a
+    user does anything else with it (takes it whole) than that or reading its size."""
     cuts = set()
     for user in node.users:
+        sliced = slice_cut(user, dim, ndim, size) if op_name(user, ctx.model) == "getitem" and \
+            user.args[0] is node else None
+        if sliced is not None:  # qkv[..., lo:hi]
+            cuts.update(sliced)
+            continue
+        if op_name(user, ctx.model) in ("size", "dim") or (op_name(user, ctx.model) == "getattr" and
+                                                           user.args[1:] == ("shape",)):
+            continue  # reads a size, not the channels
         pieces = shapes(user)
         split_dim = dim_arg(user, 2, 0)
         if op_name(user, ctx.model) not in SPLIT or not user.args or user.args[0] is not node or \

@@ -11,6 +11,7 @@ import torch.fx
 from .channel_space import ChannelSpace, PartedSpace, merge_adjacent, slice_space
 from .channel_tensors import fix_channel_sized_constants
 from .context import PropagationContext, dim_arg, flat_nodes, op_rule, shapes
+from .fused import item_at, note_sliced_part
 from .heads import KV_GROUP_ATTRIBUTES, bind_count, count_attribute, named_attributes, split_heads
 from .rules_elementwise import elementwise
 from .sizes import ChannelSize
@@ -289,6 +290,8 @@ def getitem(ctx: PropagationContext, node: torch.fx.Node, name: str):
         result = _looked_up(ctx, node, space, index)
     else:
         result = index_space(space, index)
+        if not isinstance(result, str):
+            note_sliced_part(ctx, node, space, index)  # a part of a fused output, cut at ints
     return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
 
 
@@ -308,7 +311,7 @@ def _looked_up(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpace
 
 def _index_parts(ctx: PropagationContext, node: torch.fx.Node, parted: PartedSpace, index):
     """``qkv[0]``: an int at the parts dim picks that part; indexing that keeps the parts dim whole moves it."""
-    item = _item_at(index, parted.ndim, parted.dim)
+    item = item_at(index, parted.ndim, parted.dim)
     if type(item) is int:
         result = index_space(parted.parts[item % len(parted.parts)], index)
     elif item == slice(None):
@@ -319,25 +322,6 @@ def _index_parts(ctx: PropagationContext, node: torch.fx.Node, parted: PartedSpa
     else:
         result = "it slices fused heads along their parts"
     return ctx.unknown(node, "getitem", result) if isinstance(result, str) else result
-
-
-def _item_at(index, ndim: int, dim: int):
-    """The index item that applies to dim ``dim`` of an ``ndim``-dim tensor (``slice(None)`` when none does)."""
-    items = index if isinstance(index, tuple) else (index,)
-    consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
-    position = 0
-    for i in items:
-        if i is None:
-            continue
-        if i is Ellipsis:
-            position += ndim - consumed
-            if position > dim:
-                return slice(None)
-            continue
-        if position == dim:
-            return i
-        position += 1
-    return slice(None)
 
 
 def index_space(space: ChannelSpace, index) -> Union[ChannelSpace, str]:
