@@ -162,6 +162,11 @@ class ChannelCount(ChannelParameter):
     a whole factor ``k``, the attribute counts one of ``k`` equal blocks: it holds the active count divided by
     ``k`` (HF's ``num_key_value_groups``: query heads per key / value head, with the query heads' unit balanced over
     the ``k`` key / value heads).
+
+    ``path`` may name an int of the plain config object a module holds
+    (``layers.0.self_attn.config.num_attention_heads``: Phi-3 computes its q | k | v slice bounds from it). That
+    config is shared by every layer, so the first write gives the module a
+    :class:`~pyprune.ops.config_view.ConfigView` of its own holding the count; the shared config is never written.
     """
 
     def __init__(self, model: nn.Module, path: str, span: Optional[int] = None):
