@@ -122,8 +122,9 @@ def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=ma
     meta with the field doubled, :mod:`pyprune.mutators.hf_fields`) sets that field to ``kept * ratio``; units
     linked through shared fields form one group, whose counts follow one scale. A group with a unit that does not
     prune (T5's cross-attention heads) takes that unit's count; else the scale of the ``given`` units (all of them
-    must agree) or ``pick`` over the group's counts. ConfigError naming the units when the fixed units disagree, or a
-    count would not be a whole number in range. Not an HF model: ``counts`` unchanged."""
+    must agree, with the fixed units too) or ``pick`` over the group's counts. ConfigError naming one unit per role
+    where those disagree, or a count would not be a whole number in range. Not an HF model: ``counts`` unchanged.
+    The field map costs one meta build per integer config field (cached per config)."""
     pretrained = _pretrained_model_class()
     if pretrained is None or not isinstance(model, pretrained):
         return dict(counts)
@@ -139,13 +140,14 @@ def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=ma
                  if name in result and (given is None or name in given)}
         if not asked:
             continue
-        scales = fixed or asked
-        if len(set(scales.values())) > 1 and (fixed or given is not None):
+        # the tie follows the fixed units, which must agree; given counts must agree with them and each other
+        must_agree = fixed if given is None else dict(fixed, **asked)
+        if len(set(must_agree.values())) > 1:
             shown = ", ".join(f"{name} keeps {by_name[name].active_channels if name in fixed else result[name]}"
-                              for name in list(scales)[:4])
+                              for name in _one_per_role(must_agree))
             raise ConfigError(f"tie_across_fields: one config field governs these units, which keep counts no "
                               f"config holds: {shown}")
-        scale = next(iter(fixed.values())) if fixed else pick(asked.values())
+        scale = next(iter(must_agree.values())) if must_agree else pick(asked.values())
         for name, share in group.items():
             count = scale * share
             unit = by_name[name]
@@ -156,6 +158,14 @@ def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=ma
                                   f"{unit.num_channels} channels to match the units one config field ties it to")
             result[name] = int(count)
     return result
+
+
+def _one_per_role(names) -> List[str]:
+    """The first name of each role among ``names``, at most four: the units an error message shows."""
+    shown: Dict[str, str] = {}
+    for name in names:
+        shown.setdefault(role_of(name), name)
+    return list(shown.values())[:4]
 
 
 def _field_groups(ratios: Dict[str, Dict[str, Fraction]]) -> List[Dict[str, Fraction]]:
