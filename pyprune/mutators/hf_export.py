@@ -1,23 +1,35 @@
-"""Exports that stay HuggingFace models: widths tied across layers, and the new widths written into the config.
+"""Exports that stay HuggingFace models: widths tied across layers and roles, the new widths written into the config.
 
 A pruned HF model reloads with ``from_pretrained`` only if its config says how wide every layer is, and an HF
-config has one ``hidden_size`` / ``intermediate_size`` / ``num_attention_heads`` for all layers. Two parts:
+config has one field for many layers (``hidden_size``, ``intermediate_size``, ``num_attention_heads``), sometimes
+for several roles (T5's ``num_heads``: encoder, decoder and cross-attention heads). Three parts:
 
 * **Uniform widths.** A unit's *role* is its name with the layer index replaced by ``*``
   (``model.layers.*.mlp.gate_proj_(0, 128)_128``): the same position in every layer. :func:`set_uniform_choices`
   gives one choice per role, :func:`tie_uniform_widths` makes every unit of a role keep the same count,
-  :func:`is_uniform` / :func:`non_uniform_roles` check. Only the counts are tied: each layer still keeps its own
+  :func:`is_uniform` / :func:`non_uniform_roles` check. Given the HF ``model``, both also tie the units that one
+  config field governs across roles (:func:`tie_across_fields`; which field governs which width is found by
+  building the model on meta with each integer field doubled, :mod:`pyprune.mutators.hf_fields`): Whisper's one
+  ``d_model`` for its encoder, decoder and convolutions, T5's heads with its cross-attention's (which do not prune),
+  CLIP's text heads with the text hidden size they divide. Only the counts are tied: each layer still keeps its own
   most important channels (the config knows sizes, not which channels).
 * **The config.** :func:`hf_config_for` reads the exported modules' shapes into a copy of the config (hidden size
   from the input embedding, intermediate size from the first MLP up projection, heads and ``head_dim`` from the
-  first attention module when they changed), then builds the model from that config on the meta device and checks
-  that every tensor has the export's shape: a width that differs between layers, or that this config family
-  cannot express, is one ConfigError naming the role; so is a float attribute the new config would derive
-  otherwise (Gemma's ``sqrt(hidden_size)`` embedding scale). A composite config (CLIP's ``text_config`` /
-  ``vision_config``) gets each sub-config's widths from the sub-model built from it. ``ChannelMutator.export``
-  calls :func:`attach_hf_config` on every ``PreTrainedModel``: the export gets the new config, or (widths not
-  expressible) keeps working but its ``save_pretrained`` raises that error and points to
-  :func:`pyprune.mutators.io.save_pruned`.
+  first attention module when they changed; a composite config's ``text_config`` / ``vision_config`` from the
+  sub-model built from each), builds the model from that config on the meta device and checks that every tensor has
+  the export's shape. Where that reading misses a field (Whisper's ``encoder_ffn_dim`` / ``decoder_ffn_dim``, T5's
+  ``num_heads``), every field is read off the widths it alone governs (:func:`hf_fields.solve_fields`) and checked
+  again. A width that differs between layers, or that no config of the family holds, is one ConfigError naming the
+  role and both shapes.
+* **Derived scales.** A float the model derives from a width in ``__init__`` (Gemma's ``sqrt(hidden_size)``
+  embedding scale, T5's ``d_model ** -0.5`` before its tied ``lm_head``) is folded into the export's weights, so
+  that its logits and the reload's stay the ones of the dynamic model (:mod:`pyprune.mutators.hf_scales`: the
+  embedding table, and a tied table's logits undone at the final norm, whose output, the last hidden state, is
+  scaled); any other such float is a ConfigError naming the module.
+
+``ChannelMutator.export`` calls :func:`attach_hf_config` on every ``PreTrainedModel``: the export gets the new
+config, or (widths not expressible) keeps working but its ``save_pretrained`` raises that error and points to
+:func:`pyprune.mutators.io.save_pruned`.
 
 transformers is imported only when the model comes from it (``import pyprune`` never imports it).
 """
@@ -297,7 +309,9 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
     / ``d_ff`` / ``ffn_dim``) and, when heads changed, ``num_attention_heads``, ``num_key_value_heads``,
     ``head_dim``. The model built from the new config must have every tensor of ``exported`` at its exact shape
     (checked on the meta device); otherwise ConfigError naming the role (the tensor name with ``*`` for the layer
-    index) and both shapes."""
+    index) and both shapes. Where the first embedding / MLP / attention do not give every field, each field is read
+    off the widths it alone governs (:func:`pyprune.mutators.hf_fields.solve_fields`: T5's ``num_heads`` / ``d_kv``,
+    Whisper's ``encoder_*`` / ``decoder_*`` fields)."""
     return _config_and_folds(exported, original_config)[0]
 
 
