@@ -357,3 +357,16 @@ def test_a_derived_float_no_weight_undoes_keeps_the_export_and_refuses_its_save(
     with pytest.raises(ConfigError, match=r"model\.norm\.width_scale is 0\.125 in the export but 0\.176777 .*no "
                                           r"weight is known to undo it"):
         small.save_pretrained(tmp_path)
+
+
+def test_a_folded_export_round_trips_through_save_pruned(tmp_path):
+    # load_pruned folds the fresh export's scales as export does, then loads the folded weights the file holds
+    model, mutator, inputs = _prepared_family("gemma")
+    mutator.set_global_ratio(0.5)
+    small = mutator.export(model).eval()
+    save_pruned(tmp_path, model, mutator, exported=small)
+    torch.manual_seed(1)  # another initialisation: the weights must come from the file
+    fresh, _ = build_family("gemma")
+    loaded = load_pruned(fresh, tmp_path / "structure.json", tmp_path / "pruned_model.pt").eval()
+    assert loaded.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
+    torch.testing.assert_close(_output(loaded, inputs), _output(small, inputs), rtol=0, atol=0)
