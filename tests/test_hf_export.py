@@ -298,8 +298,14 @@ def test_one_config_field_ties_units_across_roles():
     assert {u.name.split(".")[0] for u in heads} == {"encoder", "decoder"}
     mutator.set_global_ratio(0.5)
     assert {u.active_channels for u in heads} == {2}
+    assert hf_export.is_uniform(mutator) and not hf_export.is_uniform(mutator, model)  # per role, not per field
+    group = ("encoder.block.*.layer.*.SelfAttention.q_(0, 64)_4 + decoder.block.*.layer.*.EncDecAttention.q_(0, 64)_4"
+             " + decoder.block.*.layer.*.SelfAttention.q_(0, 64)_4")
+    # one self-attention unit per stack (the relative position bias is shared by its layers), a fixed cross one per
+    # decoder layer
+    assert hf_export.non_uniform_roles(mutator, model) == {group: [2, 4, 2, 4]}
     counts = hf_export.tie_uniform_widths(mutator, model=model)
-    assert {u.active_channels for u in heads} == {4}
+    assert {u.active_channels for u in heads} == {4} and hf_export.is_uniform(mutator, model)
     assert counts["encoder.block.*.layer.*.DenseReluDense.wi_(0, 128)_128"] == 64  # MLP and hidden still prune
     # Whisper: encoder and decoder MLP are two fields (each role its own count), d_model is one
     model, mutator, _ = _prepared_family("whisper")

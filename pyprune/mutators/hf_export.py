@@ -78,15 +78,25 @@ def _role_key(unit) -> str:
     return role if role.endswith(f"_{unit.num_channels}") else f"{role}[{unit.num_channels}]"
 
 
-def non_uniform_roles(mutator) -> Dict[str, List[int]]:
-    """``{role: kept count of each of its units}`` for every role whose units keep different counts."""
-    return {role: [u.active_channels for u in units] for role, units in uniform_roles(mutator).items()
-            if len({u.active_channels for u in units}) > 1}
+def non_uniform_roles(mutator, model: Optional[nn.Module] = None) -> Dict[str, List[int]]:
+    """``{role: kept count of each of its units}`` for every role whose units keep different counts; with the HF
+    ``model``, also ``{'role + role + ...': counts}`` for each group of units one config field governs
+    (:func:`tie_across_fields`) whose counts no config holds."""
+    found = {role: [u.active_channels for u in units] for role, units in uniform_roles(mutator).items()
+             if len({u.active_channels for u in units}) > 1}
+    if model is not None:
+        for group, by_name in _unit_groups(mutator, model):
+            scales = {name: by_name[name].active_channels / share for name, share in group.items()}
+            if len(set(scales.values())) > 1:
+                found[" + ".join(dict.fromkeys(role_of(name) for name in group))] = \
+                    [by_name[name].active_channels for name in group]
+    return found
 
 
-def is_uniform(mutator) -> bool:
-    """Every unit of a role keeps the same number of channels."""
-    return not non_uniform_roles(mutator)
+def is_uniform(mutator, model: Optional[nn.Module] = None) -> bool:
+    """Every unit of a role keeps the same number of channels (with the HF ``model``: and the units one config
+    field governs keep counts that field can hold)."""
+    return not non_uniform_roles(mutator, model)
 
 
 def set_uniform_choices(mutator, choices: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
@@ -137,15 +147,8 @@ def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=ma
     must agree, with the fixed units too) or ``pick`` over the group's counts. ConfigError naming one unit per role
     where those disagree, or a count would not be a whole number in range. Not an HF model: ``counts`` unchanged.
     The field map costs one meta build per integer config field (cached per config)."""
-    pretrained = _pretrained_model_class()
-    if pretrained is None or not isinstance(model, pretrained):
-        return dict(counts)
-    governed = hf_fields.field_map(type(model), model.config)
-    sole = hf_fields.sole_fields(governed)
-    ratios = {u.name: hf_fields.unit_ratios(u, model.config, governed, sole) for u in mutator.units}
-    by_name = {u.name: u for u in mutator.units}
     result = dict(counts)
-    for group in _field_groups(ratios):  # {unit name: its count per unit of the group's scale}
+    for group, by_name in _unit_groups(mutator, model):  # {unit name: its count per unit of the group's scale}
         fixed = {name: by_name[name].active_channels / share for name, share in group.items()
                  if not by_name[name].is_mutable}
         asked = {name: result[name] / share for name, share in group.items()
@@ -170,6 +173,19 @@ def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=ma
                                   f"{unit.num_channels} channels to match the units one config field ties it to")
             result[name] = int(count)
     return result
+
+
+def _unit_groups(mutator, model: nn.Module) -> List[Tuple[Dict[str, Fraction], Dict[str, Any]]]:
+    """``[(group, {unit name: unit})]``: the units (fixed ones too) linked through the config fields that govern
+    them alone (:func:`_field_groups`); none for a model that is not an HF ``PreTrainedModel``."""
+    pretrained = _pretrained_model_class()
+    if pretrained is None or not isinstance(model, pretrained):
+        return []
+    governed = hf_fields.field_map(type(model), model.config)
+    sole = hf_fields.sole_fields(governed)
+    ratios = {u.name: hf_fields.unit_ratios(u, model.config, governed, sole) for u in mutator.units}
+    by_name = {u.name: u for u in mutator.units}
+    return [(group, by_name) for group in _field_groups(ratios)]
 
 
 def _one_per_role(names) -> List[str]:
