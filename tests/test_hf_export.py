@@ -13,9 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf_layers import VOCAB, _bert_mlm, _gpt2, _llama  # noqa: E402
-from pyprune.errors import ConfigError  # noqa: E402
+from pyprune.errors import ChannelSelectionError, ConfigError  # noqa: E402
 from pyprune.mutators import ChannelMutator, load_pruned, save_pruned  # noqa: E402
-from pyprune.mutators import hf_export  # noqa: E402
+from pyprune.mutators import hf_export, hf_fields  # noqa: E402
 
 RELOAD_TOL = dict(rtol=0, atol=1e-5)
 MLP_ROLE = "model.layers.*.mlp.gate_proj_(0, 128)_128"
@@ -268,7 +268,7 @@ def test_a_tied_uniform_export_of_every_family_reloads_to_the_same_logits(case, 
     small = mutator.export(model).eval()
     assert not hasattr(small, hf_export.HF_SAVE_REFUSED), getattr(small, hf_export.HF_SAVE_REFUSED, "")
     for path, value in expected.items():
-        assert hf_export.hf_fields.get_field(small.config, path) == value, path
+        assert hf_fields.get_field(small.config, path) == value, path
     exported = _output(small, inputs)
     scale = float(dynamic.abs().max())
     torch.testing.assert_close(exported, dynamic, rtol=0, atol=1e-4 * scale)
@@ -326,6 +326,11 @@ def test_choices_one_config_field_cannot_hold_are_one_config_error_and_change_no
     with pytest.raises(ConfigError, match=r"one config field governs these units.*EncDecAttention\.q_\(0, 64\)_4 "
                                           r"keeps 4.*SelfAttention\.q_\(0, 64\)_4 keeps 2"):
         hf_export.set_uniform_choices(mutator, {"encoder.block.*.layer.*.SelfAttention.q_(0, 64)_4": 2},
+                                      model=model)
+    assert mutator.current_choices == before
+    with pytest.raises(ChannelSelectionError, match=r"DenseReluDense\.wi_\(0, 128\)_128: channel count must be in "
+                                                    r"\[1, 128\], got 999"):
+        hf_export.set_uniform_choices(mutator, {"encoder.block.*.layer.*.DenseReluDense.wi_(0, 128)_128": 999},
                                       model=model)
     assert mutator.current_choices == before
 

@@ -111,9 +111,12 @@ def set_uniform_choices(mutator, choices: Mapping[str, Any], model: Optional[nn.
     unknown = [role for role in choices if role not in roles]
     if unknown:
         raise ConfigError(f"set_uniform_choices: unknown roles {unknown}; the model's roles are {sorted(roles)}")
-    counts = {unit.name: unit.choice_to_count(choice) for role, choice in choices.items() for unit in roles[role]}
-    if model is not None:
-        counts = tie_across_fields(mutator, model, counts, given=set(counts))
+    if model is None:
+        mutator.set_choices({unit.name: choice for role, choice in choices.items() for unit in roles[role]})
+        return
+    # validated as set_choices validates (one ConfigError naming the unit, nothing changed), then tied as counts
+    counts = {unit.name: mutator._count_for(unit, choice) for role, choice in choices.items() for unit in roles[role]}
+    counts = tie_across_fields(mutator, model, counts, given=set(counts))
     by_name = {unit.name: unit for unit in mutator.mutable_units}
     mutator.set_choices({name: by_name[name].count_to_choice(count) for name, count in counts.items()})
 
