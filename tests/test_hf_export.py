@@ -5,6 +5,7 @@ config cannot express) are refused by ``save_pretrained`` with the reason, and r
 
 Tolerance: a reloaded model computes with the same tensors in the same order as the export, so atol 1e-5.
 """
+import copy
 import warnings
 
 import pytest
@@ -381,3 +382,23 @@ def test_a_folded_export_round_trips_through_save_pruned(tmp_path):
     loaded = load_pruned(fresh, tmp_path / "structure.json", tmp_path / "pruned_model.pt").eval()
     assert loaded.model.embed_tokens.scalar_embed_scale == pytest.approx(32 ** 0.5)
     torch.testing.assert_close(_output(loaded, inputs), _output(small, inputs), rtol=0, atol=0)
+
+
+SOLVED = {  # family: the fields of a smaller config, each read back off the model built from it
+    "phi3": dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),  # head_dim
+    "t5": dict(d_model=32, num_heads=2, d_ff=64),  # derived from hidden / heads; T5's n_heads attribute
+    "whisper": dict(d_model=32, encoder_attention_heads=2, decoder_attention_heads=1, encoder_ffn_dim=64,
+                    decoder_ffn_dim=96),
+    "llama-gqa": dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVED))
+def test_every_changed_field_is_read_back_off_the_widths_it_governs(name):
+    model, _ = build_family(name)
+    smaller = copy.deepcopy(model.config)
+    for key, value in SOLVED[name].items():
+        setattr(smaller, key, value)
+    built = hf_fields.build_on_meta(type(model), smaller)
+    governed = hf_fields.field_map(type(model), model.config)
+    assert hf_fields.solve_fields(built, model.config, governed) == SOLVED[name]

@@ -160,10 +160,12 @@ def unit_ratios(unit, config, governed: FieldMap, sole: Dict[str, str]) -> Dict[
 def solve_fields(exported: nn.Module, config, governed: FieldMap) -> Dict[str, int]:
     """``{field path: value}`` for the fields whose value in ``exported`` differs from ``config``'s.
 
-    A field's value is read off the widths it governs alone (:func:`sole_fields`), scaled as the doubling scaled
+    First each field is read off the widths it governs alone (:func:`sole_fields`), scaled as the doubling scaled
     them (``width / value * field``): module output widths first, integer attributes only for a field that governs
-    no output width alone (Whisper's heads: ``num_heads`` on its attention modules). The most common reading wins; a
-    width that does not scale to an integer is not read."""
+    no output width alone (Whisper's heads: ``num_heads`` on its attention modules). Then a field still unread is
+    solved from a width it shares with fields already read, each of which doubles or halves it (Phi-3's
+    ``head_dim = hidden_size / num_attention_heads``: the heads from the head width and the hidden size). The most
+    common reading wins; a width that does not scale to an integer is not read."""
     widths = module_widths(exported)
     module_names = {name for name, _ in exported.named_modules()}
     readings: Dict[str, Dict[bool, List[int]]] = {}
@@ -172,10 +174,45 @@ def solve_fields(exported: nn.Module, config, governed: FieldMap) -> Dict[str, i
         if key in widths and (widths[key] * value) % before == 0:
             is_attribute = key not in module_names
             readings.setdefault(path, {False: [], True: []})[is_attribute].append(widths[key] * value // before)
-    solved: Dict[str, int] = {}
-    for path, found in readings.items():
-        found = found[False] or found[True]
-        best = max(set(found), key=found.count)
-        if best != get_field(config, path):
-            solved[path] = best
-    return solved
+    known = {path: _most_common(found[False] or found[True]) for path, found in readings.items()}
+    known.update(_solve_shared(widths, config, governed, known))
+    return {path: value for path, value in known.items() if value != get_field(config, path)}
+
+
+def _most_common(values: List[int]) -> int:
+    return max(set(values), key=values.count)
+
+
+def _solve_shared(widths: Dict[str, int], config, governed: FieldMap, known: Dict[str, int]) -> Dict[str, int]:
+    """Fields not in ``known`` solved from widths they share with known ones: a width each of its fields doubles
+    (exponent 1) or halves (-1) is ``before * prod((new / old) ** exponent)``; a width with one unknown field gives
+    it, repeated while that finds more."""
+    exponents: Dict[str, Dict[str, int]] = {}  # width key: {field: +1 / -1}
+    for path, changed in governed.items():
+        for key, (before, doubled) in changed.items():
+            if doubled in (2 * before, before / 2):
+                exponents.setdefault(key, {})[path] = 1 if doubled == 2 * before else -1
+            else:
+                exponents.setdefault(key, {})[path] = 0  # not a power law: the width is not read
+    found: Dict[str, int] = {}
+    progress = True
+    while progress:
+        progress = False
+        readings: Dict[str, List[int]] = {}
+        for key, fields in exponents.items():
+            unknown = [path for path in fields if path not in known and path not in found]
+            if len(unknown) != 1 or key not in widths or 0 in fields.values():
+                continue
+            path = unknown[0]
+            ratio = Fraction(widths[key], governed[path][key][0])
+            for other, exponent in fields.items():
+                if other != path:
+                    value = {**known, **found}[other]
+                    ratio /= Fraction(value, get_field(config, other)) ** exponent
+            solved = get_field(config, path) * ratio ** fields[path]
+            if solved.denominator == 1 and solved > 0:
+                readings.setdefault(path, []).append(int(solved))
+        for path, values in readings.items():
+            found[path] = _most_common(values)
+            progress = True
+    return found
