@@ -130,7 +130,8 @@ def tie_uniform_widths(mutator, reduce: str = "max", model: Optional[nn.Module] 
         raise ConfigError(f"tie_uniform_widths: reduce must be 'max' or 'min', got {reduce!r}")
     pick = max if reduce == "max" else min
     roles = uniform_roles(mutator)
-    counts = {u.name: pick(v.active_channels for v in units) for units in roles.values() for u in units}
+    per_role = {role: pick(u.active_channels for u in units) for role, units in roles.items()}
+    counts = {u.name: per_role[role] for role, units in roles.items() for u in units}
     if model is not None:
         counts = tie_across_fields(mutator, model, counts, pick=pick)
     by_name = {unit.name: unit for unit in mutator.mutable_units}
