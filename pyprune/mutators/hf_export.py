@@ -1,28 +1,41 @@
-"""Exports that stay HuggingFace models: widths tied across layers, and the new widths written into the config.
+"""Exports that stay HuggingFace models: widths tied across layers and roles, the new widths written into the config.
 
 A pruned HF model reloads with ``from_pretrained`` only if its config says how wide every layer is, and an HF
-config has one ``hidden_size`` / ``intermediate_size`` / ``num_attention_heads`` for all layers. Two parts:
+config has one field for many layers (``hidden_size``, ``intermediate_size``, ``num_attention_heads``), sometimes
+for several roles (T5's ``num_heads``: encoder, decoder and cross-attention heads). Three parts:
 
 * **Uniform widths.** A unit's *role* is its name with the layer index replaced by ``*``
   (``model.layers.*.mlp.gate_proj_(0, 128)_128``): the same position in every layer. :func:`set_uniform_choices`
   gives one choice per role, :func:`tie_uniform_widths` makes every unit of a role keep the same count,
-  :func:`is_uniform` / :func:`non_uniform_roles` check. Only the counts are tied: each layer still keeps its own
+  :func:`is_uniform` / :func:`non_uniform_roles` check. Given the HF ``model``, both also tie the units that one
+  config field governs across roles (:func:`tie_across_fields`; which field governs which width is found by
+  building the model on meta with each integer field doubled, :mod:`pyprune.mutators.hf_fields`): Whisper's one
+  ``d_model`` for its encoder, decoder and convolutions, T5's heads with its cross-attention's (which do not prune),
+  CLIP's text heads with the text hidden size they divide. Only the counts are tied: each layer still keeps its own
   most important channels (the config knows sizes, not which channels).
 * **The config.** :func:`hf_config_for` reads the exported modules' shapes into a copy of the config (hidden size
   from the input embedding, intermediate size from the first MLP up projection, heads and ``head_dim`` from the
-  first attention module when they changed), then builds the model from that config on the meta device and checks
-  that every tensor has the export's shape: a width that differs between layers, or that this config family
-  cannot express, is one ConfigError naming the role; so is a float attribute the new config would derive
-  otherwise (Gemma's ``sqrt(hidden_size)`` embedding scale). A composite config (CLIP's ``text_config`` /
-  ``vision_config``) gets each sub-config's widths from the sub-model built from it. ``ChannelMutator.export``
-  calls :func:`attach_hf_config` on every ``PreTrainedModel``: the export gets the new config, or (widths not
-  expressible) keeps working but its ``save_pretrained`` raises that error and points to
-  :func:`pyprune.mutators.io.save_pruned`.
+  first attention module when they changed; a composite config's ``text_config`` / ``vision_config`` from the
+  sub-model built from each), builds the model from that config on the meta device and checks that every tensor has
+  the export's shape. Where that reading misses a field (Whisper's ``encoder_ffn_dim`` / ``decoder_ffn_dim``, T5's
+  ``num_heads``), every field is read off the widths it alone governs (:func:`hf_fields.solve_fields`) and checked
+  again. A width that differs between layers, or that no config of the family holds, is one ConfigError naming the
+  role and both shapes.
+* **Derived scales.** A float the model derives from a width in ``__init__`` (Gemma's ``sqrt(hidden_size)``
+  embedding scale, T5's ``d_model ** -0.5`` before its tied ``lm_head``) is folded into the export's weights, so
+  that its logits and the reload's stay the ones of the dynamic model (:mod:`pyprune.mutators.hf_scales`: the
+  embedding table, and a tied table's logits undone at the final norm, whose output, the last hidden state, is
+  scaled); any other such float is a ConfigError naming the module.
+
+``ChannelMutator.export`` calls :func:`attach_hf_config` on every ``PreTrainedModel``: the export gets the new
+config, or (widths not expressible) keeps working but its ``save_pretrained`` raises that error and points to
+:func:`pyprune.mutators.io.save_pruned`.
 
 transformers is imported only when the model comes from it (``import pyprune`` never imports it).
 """
 import copy
 import re
+from fractions import Fraction
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -31,9 +44,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.config_view import ConfigView
+from . import hf_fields
+from .hf_fields import build_on_meta
+from .hf_scales import ScaleFolds, plan_scale_folds
 
 __all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_uniform_choices",
-           "tie_uniform_widths", "hf_config_for", "attach_hf_config", "HF_SAVE_REFUSED"]
+           "tie_uniform_widths", "tie_across_fields", "hf_config_for", "attach_hf_config", "HF_SAVE_REFUSED"]
 
 # a path component that is only digits: the index into a ModuleList of layers (``layers.3.``, ``h.0.``)
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=[._])|^\d+(?=\.)")
@@ -63,40 +79,155 @@ def _role_key(unit) -> str:
     return role if role.endswith(f"_{unit.num_channels}") else f"{role}[{unit.num_channels}]"
 
 
-def non_uniform_roles(mutator) -> Dict[str, List[int]]:
-    """``{role: kept count of each of its units}`` for every role whose units keep different counts."""
-    return {role: [u.active_channels for u in units] for role, units in uniform_roles(mutator).items()
-            if len({u.active_channels for u in units}) > 1}
+def non_uniform_roles(mutator, model: Optional[nn.Module] = None) -> Dict[str, List[int]]:
+    """``{role: kept count of each of its units}`` for every role whose units keep different counts; with the HF
+    ``model``, also ``{'role + role + ...': counts}`` for each group of units one config field governs
+    (:func:`tie_across_fields`) whose counts no config holds."""
+    found = {role: [u.active_channels for u in units] for role, units in uniform_roles(mutator).items()
+             if len({u.active_channels for u in units}) > 1}
+    if model is not None:
+        for group, by_name in _unit_groups(mutator, model):
+            scales = {name: by_name[name].active_channels / share for name, share in group.items()}
+            if len(set(scales.values())) > 1:
+                found[" + ".join(dict.fromkeys(role_of(name) for name in group))] = \
+                    [by_name[name].active_channels for name in group]
+    return found
 
 
-def is_uniform(mutator) -> bool:
-    """Every unit of a role keeps the same number of channels."""
-    return not non_uniform_roles(mutator)
+def is_uniform(mutator, model: Optional[nn.Module] = None) -> bool:
+    """Every unit of a role keeps the same number of channels (with the HF ``model``: and the units one config
+    field governs keep counts that field can hold)."""
+    return not non_uniform_roles(mutator, model)
 
 
-def set_uniform_choices(mutator, choices: Mapping[str, Any]) -> None:
+def set_uniform_choices(mutator, choices: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
     """Set ``{role: choice}``: one choice drives every unit of the role (all validated first, nothing changed on
-    a bad one). Roles are the keys of :func:`uniform_roles`."""
+    a bad one). Roles are the keys of :func:`uniform_roles`. With the HF ``model`` the mutator was prepared on, the
+    units of other roles that one config field governs with it follow too (:func:`tie_across_fields`): T5's encoder
+    and decoder heads, Whisper's encoder / decoder residual stream; two given roles that disagree on one field are a
+    ConfigError."""
     if not isinstance(choices, Mapping):
         raise ConfigError(f"set_uniform_choices takes a dict {{role: choice}}, got {type(choices).__name__}")
     roles = uniform_roles(mutator)
     unknown = [role for role in choices if role not in roles]
     if unknown:
         raise ConfigError(f"set_uniform_choices: unknown roles {unknown}; the model's roles are {sorted(roles)}")
-    mutator.set_choices({unit.name: choice for role, choice in choices.items() for unit in roles[role]})
+    if model is None:
+        mutator.set_choices({unit.name: choice for role, choice in choices.items() for unit in roles[role]})
+        return
+    # validated as set_choices validates (one ConfigError naming the unit, nothing changed), then tied as counts
+    counts = {unit.name: mutator._count_for(unit, choice) for role, choice in choices.items() for unit in roles[role]}
+    counts = tie_across_fields(mutator, model, counts, given=set(counts))
+    by_name = {unit.name: unit for unit in mutator.mutable_units}
+    mutator.set_choices({name: by_name[name].count_to_choice(count) for name, count in counts.items()})
 
 
-def tie_uniform_widths(mutator, reduce: str = "max") -> Dict[str, int]:
+def tie_uniform_widths(mutator, reduce: str = "max", model: Optional[nn.Module] = None) -> Dict[str, int]:
     """Make every unit of a role keep the same count: the role's largest (``reduce='max'``) or smallest
-    (``'min'``) current count. Returns ``{role: count}`` for every role."""
+    (``'min'``) current count. With the HF ``model`` the mutator was prepared on, the units that one config field
+    governs across roles are tied too (:func:`tie_across_fields`), so that the export's config can hold them.
+    Returns ``{role: count}`` for every role."""
     if reduce not in ("max", "min"):
         raise ConfigError(f"tie_uniform_widths: reduce must be 'max' or 'min', got {reduce!r}")
     pick = max if reduce == "max" else min
     roles = uniform_roles(mutator)
-    counts = {role: pick(u.active_channels for u in units) for role, units in roles.items()}
-    mutator.set_choices({u.name: u.count_to_choice(counts[role]) for role, units in roles.items() for u in units
-                         if u.active_channels != counts[role]})
-    return counts
+    per_role = {role: pick(u.active_channels for u in units) for role, units in roles.items()}
+    counts = {u.name: per_role[role] for role, units in roles.items() for u in units}
+    if model is not None:
+        counts = tie_across_fields(mutator, model, counts, pick=pick)
+    by_name = {unit.name: unit for unit in mutator.mutable_units}
+    mutator.set_choices({name: by_name[name].count_to_choice(count) for name, count in counts.items()
+                         if by_name[name].active_channels != count})
+    return {role: counts[units[0].name] for role, units in roles.items()}
+
+
+def tie_across_fields(mutator, model: nn.Module, counts: Dict[str, int], pick=max,
+                      given: Optional[set] = None) -> Dict[str, int]:
+    """``counts`` (``{mutable unit name: count}``) made to agree wherever one config field governs several units.
+
+    Each unit whose output spans a width one field of ``model.config`` governs alone (found by building the model on
+    meta with the field doubled, :mod:`pyprune.mutators.hf_fields`) sets that field to ``kept * ratio``; units
+    linked through shared fields form one group, whose counts follow one scale. A group with a unit that does not
+    prune (T5's cross-attention heads) takes that unit's count; else the scale of the ``given`` units (all of them
+    must agree, with the fixed units too) or ``pick`` over the group's counts. ConfigError naming one unit per role
+    where those disagree, or a count would not be a whole number in range. Not an HF model: ``counts`` unchanged.
+    The field map costs one meta build per integer config field (cached per config)."""
+    result = dict(counts)
+    for group, by_name in _unit_groups(mutator, model):  # {unit name: its count per unit of the group's scale}
+        fixed = {name: by_name[name].active_channels / share for name, share in group.items()
+                 if not by_name[name].is_mutable}
+        asked = {name: result[name] / share for name, share in group.items()
+                 if name in result and (given is None or name in given)}
+        if not asked:
+            continue
+        # the tie follows the fixed units, which must agree; given counts must agree with them and each other
+        must_agree = fixed if given is None else dict(fixed, **asked)
+        if len(set(must_agree.values())) > 1:
+            shown = ", ".join(f"{name} keeps {by_name[name].active_channels if name in fixed else result[name]}"
+                              for name in _one_per_role(must_agree))
+            raise ConfigError(f"tie_across_fields: one config field governs these units, which keep counts no "
+                              f"config holds: {shown}")
+        scale = next(iter(must_agree.values())) if must_agree else pick(asked.values())
+        for name, share in group.items():
+            count = scale * share
+            unit = by_name[name]
+            if not unit.is_mutable:
+                continue
+            if count.denominator != 1 or not 1 <= count <= unit.num_channels:
+                raise ConfigError(f"tie_across_fields: {name} would keep {float(count):g} of its "
+                                  f"{unit.num_channels} channels to match the units one config field ties it to")
+            result[name] = int(count)
+    return result
+
+
+def _unit_groups(mutator, model: nn.Module) -> List[Tuple[Dict[str, Fraction], Dict[str, Any]]]:
+    """``[(group, {unit name: unit})]``: the units (fixed ones too) linked through the config fields that govern
+    them alone (:func:`_field_groups`); none for a model that is not an HF ``PreTrainedModel``."""
+    pretrained = _pretrained_model_class()
+    if pretrained is None or not isinstance(model, pretrained):
+        return []
+    governed = hf_fields.field_map(type(model), model.config)
+    sole = hf_fields.sole_fields(governed)
+    ratios = {u.name: hf_fields.unit_ratios(u, model.config, governed, sole) for u in mutator.units}
+    by_name = {u.name: u for u in mutator.units}
+    return [(group, by_name) for group in _field_groups(ratios)]
+
+
+def _one_per_role(names) -> List[str]:
+    """The first name of each role among ``names``, at most four: the units an error message shows."""
+    shown: Dict[str, str] = {}
+    for name in names:
+        shown.setdefault(role_of(name), name)
+    return list(shown.values())[:4]
+
+
+def _field_groups(ratios: Dict[str, Dict[str, Fraction]]) -> List[Dict[str, Fraction]]:
+    """Units linked through shared fields, each group ``{unit name: count at scale 1}`` (``field = count *
+    ratio``, so two units of one field keep counts in the inverse ratio of their ratios)."""
+    by_field: Dict[str, List[str]] = {}
+    for name, fields in ratios.items():
+        for path in fields:
+            by_field.setdefault(path, []).append(name)
+    seen: set = set()
+    groups = []
+    for start in ratios:
+        if start in seen or not ratios[start]:
+            continue
+        group = {start: Fraction(1)}
+        todo = [start]
+        seen.add(start)
+        while todo:
+            name = todo.pop()
+            for path, ratio in ratios[name].items():
+                value = group[name] * ratio  # the field at scale 1
+                for other in by_field[path]:
+                    share = value / ratios[other][path]
+                    if other not in group:
+                        group[other] = share
+                        seen.add(other)
+                        todo.append(other)
+        groups.append(group)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------- HF config
@@ -106,22 +237,6 @@ def _pretrained_model_class():
         return None
     from transformers import PreTrainedModel
     return PreTrainedModel
-
-
-def _build_on_meta(model_class, config) -> nn.Module:
-    """``model_class(config)`` with its tensors on the meta device: shapes only, no memory, no initialisation."""
-    from transformers.utils import logging
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # a tiny test vocabulary makes config checks warn on every build; shown once
-    try:
-        with torch.device("meta"):
-            return model_class(config)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError) as error:
-        # a model class that is not built from its config alone, or a config it rejects: no config is written
-        raise ConfigError(f"{model_class.__name__} cannot be rebuilt from a {type(config).__name__} on the meta "
-                          f"device ({type(error).__name__}: {error})") from None
-    finally:
-        logging.set_verbosity(verbosity)
 
 
 def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
@@ -221,9 +336,44 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
     / ``d_ff`` / ``ffn_dim``) and, when heads changed, ``num_attention_heads``, ``num_key_value_heads``,
     ``head_dim``. The model built from the new config must have every tensor of ``exported`` at its exact shape
     (checked on the meta device); otherwise ConfigError naming the role (the tensor name with ``*`` for the layer
-    index) and both shapes."""
+    index) and both shapes. Where the first embedding / MLP / attention do not give every field, each field is read
+    off the widths it alone governs (:func:`pyprune.mutators.hf_fields.solve_fields`: T5's ``num_heads`` / ``d_kv``,
+    Whisper's ``encoder_*`` / ``decoder_*`` fields)."""
+    return _config_and_folds(exported, original_config)[0]
+
+
+def _config_and_folds(exported: nn.Module, original_config) -> Tuple[Any, ScaleFolds]:
+    """:func:`hf_config_for`'s config, and the derived scales to fold into the export's weights
+    (:mod:`pyprune.mutators.hf_scales`) so that a model built from it computes the same."""
     model_class = type(exported)
-    reference = _build_on_meta(model_class, copy.deepcopy(original_config))
+    reference = build_on_meta(model_class, copy.deepcopy(original_config))
+    shapes = {name: tuple(t.shape) for name, t in exported.state_dict().items() if isinstance(t, torch.Tensor)}
+    _check_uniform(shapes, model_class)
+    config, changed = _read_config(exported, reference, original_config)
+    rebuilt_model = build_on_meta(model_class, config)
+    problems = _shape_problems(shapes, rebuilt_model)
+    if problems:
+        # the fields read off the first embedding / MLP / attention do not give every width (a field per role:
+        # Whisper's encoder_ffn_dim / decoder_ffn_dim; T5's num_heads without a head_dim attribute): each field is
+        # read off the widths it governs, found by building the model with it doubled
+        governed = hf_fields.field_map(model_class, original_config)
+        config = copy.deepcopy(original_config)
+        changed = hf_fields.solve_fields(exported, original_config, governed)
+        for path, value in changed.items():
+            hf_fields.set_field(config, path, value)
+        rebuilt_model = build_on_meta(model_class, config)
+        problems = _shape_problems(shapes, rebuilt_model)
+    if problems:
+        written = ", ".join(f"{k}={v}" for k, v in changed.items()) or "no width changed"
+        raise ConfigError(f"{model_class.__name__}: the pruned widths do not fit a {type(config).__name__} "
+                          f"({written}): " + "; ".join(problems) + "; this family's config cannot express "
+                          "these widths (e.g. a hidden size pruned while its attention heads are kept whole)")
+    return config, plan_scale_folds(exported, rebuilt_model)
+
+
+def _read_config(exported: nn.Module, reference: nn.Module, original_config) -> Tuple[Any, Dict[str, int]]:
+    """A copy of ``original_config`` with the widths read off the export's first embedding / MLP / attention, and
+    ``{field: value}`` of what changed."""
     config = copy.deepcopy(original_config)
     changed: Dict[str, int] = {}
     for key, owner in _width_owners(exported, original_config):
@@ -236,21 +386,16 @@ def hf_config_for(exported: nn.Module, original_config) -> Any:
                                         source).items():
             setattr(target, name, value)
             changed[name if key is None else f"{key}.{name}"] = value
-    shapes = {name: tuple(t.shape) for name, t in exported.state_dict().items() if isinstance(t, torch.Tensor)}
-    _check_uniform(shapes, model_class)
-    rebuilt_model = _build_on_meta(model_class, config)
+    return config, changed
+
+
+def _shape_problems(shapes: Dict[str, Tuple[int, ...]], rebuilt_model: nn.Module) -> List[str]:
+    """The first tensors of the export whose shape the rebuilt model does not have (role and both shapes)."""
     rebuilt = {name: tuple(t.shape) for name, t in rebuilt_model.state_dict().items()}
     wrong = [name for name in shapes if name in rebuilt and rebuilt[name] != shapes[name]]
     missing = sorted(set(shapes) ^ set(rebuilt))
-    if wrong or missing:
-        written = ", ".join(f"{k}={v}" for k, v in changed.items()) or "no width changed"
-        problems = [f"{role_of(n)} is {list(shapes[n])} in the export but {list(rebuilt[n])} from the config"
-                    for n in wrong[:3]] + ([f"tensors only one side has: {missing[:3]}"] if missing else [])
-        raise ConfigError(f"{model_class.__name__}: the pruned widths do not fit a {type(config).__name__} "
-                          f"({written}): " + "; ".join(problems) + "; this family's config cannot express "
-                          "these widths (e.g. a hidden size pruned while its attention heads are kept whole)")
-    _check_derived_scales(exported, rebuilt_model, model_class)
-    return config
+    return [f"{role_of(n)} is {list(shapes[n])} in the export but {list(rebuilt[n])} from the config"
+            for n in wrong[:3]] + ([f"tensors only one side has: {missing[:3]}"] if missing else [])
 
 
 def _width_owners(exported: nn.Module, config) -> List[Tuple[Optional[str], str]]:
@@ -275,28 +420,6 @@ def _width_owners(exported: nn.Module, config) -> List[Tuple[Optional[str], str]
         raise ConfigError(f"{type(exported).__name__}: its {type(config).__name__} has no hidden_size and no "
                           "sub-config with one, so pyprune cannot write its widths")
     return owners
-
-
-def _check_derived_scales(exported: nn.Module, rebuilt: nn.Module, model_class) -> None:
-    """ConfigError naming the first module whose float attribute the new config would set to another value.
-
-    A model built from the new config recomputes what its modules derive from the widths (Gemma's embedding
-    scale ``sqrt(hidden_size)``, an attention ``scaling`` from ``head_dim``); the export keeps the values it was
-    trained with, so a reload would compute other logits. Plain float attributes are compared (they are set in
-    ``__init__`` and so present on the meta-built model)."""
-    for name, module in exported.named_modules():
-        try:
-            other = rebuilt.get_submodule(name)
-        except AttributeError:
-            continue
-        for key, value in vars(module).items():
-            if key.startswith("_") or not isinstance(value, float):
-                continue
-            new = vars(other).get(key)
-            if isinstance(new, float) and abs(new - value) > 1e-6 * max(abs(value), 1.0):
-                raise ConfigError(f"{model_class.__name__}: {role_of(name) or 'the model'}.{key} is {value:.6g} in "
-                                  f"the export but {new:.6g} in a model built from the new config (derived from a "
-                                  "pruned width): a reload would compute other outputs")
 
 
 def _check_uniform(shapes: Dict[str, Tuple[int, ...]], model_class) -> None:
@@ -333,7 +456,7 @@ def attach_hf_config(exported: nn.Module) -> nn.Module:
         return exported
     old = exported.config
     try:
-        new = hf_config_for(exported, old)
+        new, folds = _config_and_folds(exported, old)
     except ConfigError as error:
         exported.save_pretrained = _RefusedSave(str(error))
         setattr(exported, HF_SAVE_REFUSED, str(error))
@@ -356,4 +479,5 @@ def attach_hf_config(exported: nn.Module) -> nn.Module:
         replacement = swaps.get(id(config))
         if replacement is not None:
             module.config = replacement
+    folds.apply()  # the export takes the new config's derived scales, its weights undo them: same outputs
     return exported

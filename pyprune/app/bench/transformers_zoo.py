@@ -261,9 +261,11 @@ def reload_difference(exported: nn.Module, inputs: CallArgs, auto: str) -> float
 
 def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
     """One row of :data:`HF_COLUMNS`: prepare with the keyword demo input, every unit at ``ratio`` (one width per
-    role, so the export writes its config), export == dynamic, one optimizer step of the export changes its loss,
+    role) and the units one config field governs tied (``tie_uniform_widths(mutator, model=model)``, kept only where
+    the tied export's config holds its widths), export == dynamic, one optimizer step of the export changes its loss,
     ``save_pretrained`` -> ``from_pretrained`` gives the export's logits."""
     from ...mutators import ChannelMutator, count_params
+    from ...mutators.hf_export import HF_SAVE_REFUSED, tie_uniform_widths
     from ...tracing import trace_channel_units
     from ...tracing.outputs import fixed_output_values
     from .sweep import output_difference
@@ -281,9 +283,16 @@ def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
         row["parse_s"] = time.perf_counter() - start
         row.update(units=len(mutator.units), mutable=len(mutator.mutable_units), **unit_kinds(mutator, model))
         mutator.set_global_ratio(ratio)
+        untied = mutator.current_choices
+        # units one config field governs keep one count (T5's heads, with its cross-attention's that do not prune);
+        # a family whose config cannot hold the widths even so (Swin's stages) keeps the ratio's choices instead
+        tie_uniform_widths(mutator, model=model)
+        pruned = mutator.export(model).eval()
+        if hasattr(pruned, HF_SAVE_REFUSED):
+            mutator.set_choices(untied)
+            pruned = mutator.export(model).eval()
         with torch.no_grad():
             dynamic = call_model(model, inputs)
-        pruned = mutator.export(model).eval()
         with torch.no_grad():
             # on the outputs that keep their shape (the tracer's default frees auxiliary ones, e.g. T5's
             # encoder_last_hidden_state, which come out narrower)
