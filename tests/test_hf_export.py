@@ -402,3 +402,25 @@ def test_every_changed_field_is_read_back_off_the_widths_it_governs(name):
     built = hf_fields.build_on_meta(type(model), smaller)
     governed = hf_fields.field_map(type(model), model.config)
     assert hf_fields.solve_fields(built, model.config, governed) == SOLVED[name]
+
+
+def test_a_model_without_token_tables_exports_and_its_save_gives_the_reason(tmp_path):
+    # Wav2Vec2's get_input_embeddings raises NotImplementedError: the export must not depend on it
+    import transformers as t
+    torch.manual_seed(0)
+    config = t.Wav2Vec2Config(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              intermediate_size=64, conv_dim=(16,), conv_stride=(5,), conv_kernel=(10,),
+                              num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
+    model, audio = t.Wav2Vec2ForCTC(config).eval(), torch.randn(2, 800)
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=dict(input_values=audio)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mutator.prepare_from_supernet(model)
+    mutator.set_global_ratio(0.5)
+    small = mutator.export(model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_values=audio).logits, model(input_values=audio).logits,
+                                   rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="Wav2Vec2ForCTC"):
+        small.save_pretrained(tmp_path)

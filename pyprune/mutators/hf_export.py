@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..ops.config_view import ConfigView
 from . import hf_fields
 from .hf_fields import build_on_meta
-from .hf_scales import ScaleFolds, plan_scale_folds
+from .hf_scales import ScaleFolds, hf_embeddings, plan_scale_folds
 
 __all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_uniform_choices",
            "tie_uniform_widths", "tie_across_fields", "hf_config_for", "attach_hf_config", "HF_SAVE_REFUSED"]
@@ -265,7 +265,7 @@ def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str,
     (the model built from the original config)."""
     changed: Dict[str, int] = {}
     hidden_before = config.hidden_size
-    hidden = _embedding_width(exported.get_input_embeddings(), hidden_before)
+    hidden = _embedding_width(hf_embeddings(exported, "input"), hidden_before)
     if hidden != hidden_before:
         changed["hidden_size"] = int(hidden)
     key = next((k for k in _INTERMEDIATE_KEYS if hasattr(config, k)), None)

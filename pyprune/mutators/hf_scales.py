@@ -24,6 +24,18 @@ from torch import nn
 
 from ..errors import ConfigError
 
+
+def hf_embeddings(model: nn.Module, side: str) -> Optional[nn.Module]:
+    """``model.get_input_embeddings()`` (``side='input'``) or ``get_output_embeddings()`` (``'output'``), None where
+    the model has none: transformers raises NotImplementedError for families without token tables (Wav2Vec2)."""
+    getter = getattr(model, f"get_{side}_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except (NotImplementedError, AttributeError):
+        return None
+
 __all__ = ["DerivedScale", "DERIVED_SCALES", "ScaleFolds", "plan_scale_folds"]
 
 
@@ -107,7 +119,7 @@ def plan_scale_folds(exported: nn.Module, rebuilt: nn.Module) -> ScaleFolds:
                                   "pruned width, and no weight is known to undo it): a reload would compute other "
                                   "outputs")
     norm_factor = 1.0
-    output = exported.get_output_embeddings() if hasattr(exported, "get_output_embeddings") else None
+    output = hf_embeddings(exported, "output")
     for fold in folds:
         ratio = fold.rule.factor(fold.old) / fold.rule.factor(fold.new)
         if fold.rule.where == "logits_input":
