@@ -259,11 +259,20 @@ def reload_difference(exported: nn.Module, inputs: CallArgs, auto: str) -> float
                      .abs().max())
 
 
+def _kept_shares(model: nn.Module, pruned: nn.Module) -> Tuple[float, float]:
+    """(parameters of ``pruned`` / of ``model``, the same without the embedding tables)."""
+    from ...mutators import count_params
+    before, kept = count_params(model), count_params(pruned)
+    return kept / before, (kept - embedding_params(pruned)) / (before - embedding_params(model))
+
+
 def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
     """One row of :data:`HF_COLUMNS`: prepare with the keyword demo input, every unit at ``ratio`` (one width per
-    role) and the units one config field governs tied (``tie_uniform_widths(mutator, model=model)``, kept only where
-    the tied export's config holds its widths), export == dynamic, one optimizer step of the export changes its loss,
-    ``save_pretrained`` -> ``from_pretrained`` gives the export's logits."""
+    role, the default path), export == dynamic, parameters kept, one optimizer step of the export changes its loss,
+    and ``save_pretrained`` -> ``from_pretrained`` gives the export's logits. Where the config cannot hold the
+    ratio's widths, the reload is tried on the export with the units one config field governs tied
+    (``tie_uniform_widths(mutator, model=model)``; T5's self-attention heads with its cross-attention's, which do
+    not prune), and ``reload`` names that export's non-embedding share."""
     from ...mutators import ChannelMutator, count_params
     from ...mutators.hf_export import HF_SAVE_REFUSED, tie_uniform_widths
     from ...tracing import trace_channel_units
@@ -283,14 +292,7 @@ def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
         row["parse_s"] = time.perf_counter() - start
         row.update(units=len(mutator.units), mutable=len(mutator.mutable_units), **unit_kinds(mutator, model))
         mutator.set_global_ratio(ratio)
-        untied = mutator.current_choices
-        # units one config field governs keep one count (T5's heads, with its cross-attention's that do not prune);
-        # a family whose config cannot hold the widths even so (Swin's stages) keeps the ratio's choices instead
-        tie_uniform_widths(mutator, model=model)
         pruned = mutator.export(model).eval()
-        if hasattr(pruned, HF_SAVE_REFUSED):
-            mutator.set_choices(untied)
-            pruned = mutator.export(model).eval()
         with torch.no_grad():
             dynamic = call_model(model, inputs)
         with torch.no_grad():
@@ -298,12 +300,20 @@ def sweep_family(name: str, ratio: float = 0.5) -> Dict[str, object]:
             # encoder_last_hidden_state, which come out narrower)
             exported = fixed_output_values(call_model(pruned, inputs))
             row["max_rel_diff"] = f"{output_difference(exported, fixed_output_values(dynamic)):.1e}"
-        before, kept = count_params(model), count_params(pruned)
-        row.update(params_M=before / 1e6, params_kept=kept / before,
-                   non_embedding_kept=(kept - embedding_params(pruned)) / (before - embedding_params(model)))
+        kept_share = functools.partial(_kept_shares, model)
+        row["params_M"] = count_params(model) / 1e6
+        row["params_kept"], row["non_embedding_kept"] = kept_share(pruned)
+        reloadable, note = pruned, ""
+        if hasattr(pruned, HF_SAVE_REFUSED):
+            untied = mutator.current_choices
+            tie_uniform_widths(mutator, model=model)
+            tied = mutator.export(model).eval()
+            mutator.set_choices(untied)
+            if not hasattr(tied, HF_SAVE_REFUSED):
+                reloadable, note = tied, f" (tied widths: {kept_share(tied)[1]:.2f} non-embedding kept)"
         try:
-            difference = reload_difference(pruned, inputs, family.auto)
-            row["reload"] = "yes" if difference <= RELOAD_TOL else f"differs by {difference:.1e}"
+            difference = reload_difference(reloadable, inputs, family.auto)
+            row["reload"] = ("yes" if difference <= RELOAD_TOL else f"differs by {difference:.1e}") + note
         except ConfigError as error:
             row["reload"] = "refused: " + str(error).replace("save_pretrained refused: ", "")[:200]
         loss_before, loss_after = train_changes_loss(pruned, inputs)
