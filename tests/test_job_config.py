@@ -51,6 +51,8 @@ def test_quick_presets_yield_to_given_values_and_a_budget_replaces_the_ratio():
 @pytest.mark.parametrize("options, message", [
     (dict(target_ratio=0.5, target_params=0.3), "--target-ratio and --target-params are alternatives"),
     (dict(allocation="global"), "--allocation needs a budget"),
+    (dict(target_flops=0.5, floor=0.0), "--floor must be 'auto' or a fraction in (0, 1]"),
+    (dict(algorithm="group-fisher", floor=0.3), "--floor"),
     (dict(model="no_such_net"), "unknown model 'no_such_net'"),
     (dict(data="/no/such/folder"), "--data /no/such/folder: no such directory"),
     (dict(cuda_graphs=True), "--cuda-graphs needs --no-compact"),

@@ -43,6 +43,11 @@ def budget_value(text: str) -> float:
         raise argparse.ArgumentTypeError(reason) from None
 
 
+def floor_value(text: str):
+    """A --floor value: ``auto`` or a kept fraction in (0, 1]."""
+    return text if text == "auto" else kept_ratio(text)
+
+
 def int_at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -97,9 +102,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "the training device at each pruning step")
     parser.add_argument("--allocation", choices=("global", "uniform"), default=None,
                         help="how a --target-flops / --target-params / --target-latency budget is spread over the "
-                             "units: uniform (one ratio for all, the default: with magnitude importance it was the "
-                             "more accurate at equal FLOPs in benchmarks/RESULTS.md) or global (by importance per "
-                             "cost; see docs/BUDGETS.md for floors and cost_power)")
+                             "units: uniform (one ratio for all, the default: global did not beat it in "
+                             "benchmarks/RESULTS.md, 'Pruning algorithms at 50 %% FLOPs') or global (by importance "
+                             "per cost; see docs/BUDGETS.md)")
+    parser.add_argument("--floor", type=floor_value, default=None,
+                        help="the fewest channels a unit keeps under a budget: auto (the default: a quarter of its "
+                             "channels under global allocation, or half of its uniform count when less; none under "
+                             "uniform) or a fraction (0, 1] of every unit's channels")
     parser.add_argument("--prune-times", type=int_at_least(1), default=None, help="pruning steps (default 4)")
     parser.add_argument("--step-freq", type=int_at_least(1), default=None,
                         help="training iterations between pruning steps (default: one epoch)")

@@ -25,6 +25,12 @@ from .errors import BudgetError
 from .importance import UnitRanking
 
 ALLOCATIONS = ("global", "uniform")
+AUTO_FLOOR = "auto"
+# The default floor of global allocation, as a fraction of a unit's channels. Importance per cost can cut a unit far
+# below what uniform allocation keeps (a cheap-looking residual stream thinned to one channel bottlenecks the whole
+# network), so no unit goes below a quarter of its width -- or below half of what uniform allocation keeps it at,
+# when that is less, so that any budget uniform allocation meets stays reachable.
+GLOBAL_FLOOR_FRACTION = 0.25
 
 
 @dataclass
@@ -84,8 +90,21 @@ def floor_count(unit, floor, reachable: Sequence[int]) -> int:
     return reachable[min(index, len(reachable) - 1)]
 
 
+def auto_floor(ladders: Sequence[Ladder], uniform_counts: Sequence[int]) -> Dict[str, int]:
+    """The default floor of global allocation per unit name: ``GLOBAL_FLOOR_FRACTION`` of its channels (rounded up),
+    or half of its count under uniform allocation (``uniform_counts``, aligned with the cost model) when that is
+    less; at least one channel. Every floor is at most the uniform count, so uniform's plan stays in reach."""
+    floors = {}
+    for ladder in ladders:
+        unit, uniform = ladder.unit, uniform_counts[ladder.pos]
+        floors[unit.name] = max(1, min(math.ceil(GLOBAL_FLOOR_FRACTION * unit.num_channels), uniform // 2))
+    return floors
+
+
 def check_floor(floor, unit_names) -> None:
     """Reject a malformed floor before anything is computed (unknown unit names included)."""
+    if floor == AUTO_FLOOR:
+        return
     if isinstance(floor, Mapping):
         unknown = sorted(str(name) for name in floor if name not in unit_names)
         if unknown:
@@ -98,8 +117,8 @@ def check_floor(floor, unit_names) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
                 or (isinstance(value, float) and value > 1.0):
-            raise BudgetError(f"floor must be a fraction in (0, 1], an int channel count >= 1, a dict of those or "
-                              f"None; got {value!r}")
+            raise BudgetError(f"floor must be 'auto', a fraction in (0, 1], an int channel count >= 1, a dict of "
+                              f"those or None; got {value!r}")
 
 
 def build_ladders(cost_model: CostModel, floor, start: Sequence[int]) -> List[Ladder]:
@@ -236,5 +255,5 @@ def _cheapest_prefix(cost_model, ladders, steps, limits, base) -> Allocation:
     return Allocation(chosen, _granularity(cost_model, chosen, after(high - 1)))
 
 
-__all__ = ["ALLOCATIONS", "Ladder", "Allocation", "reachable_counts", "floor_count", "check_floor", "count_at_ratio",
+__all__ = ["ALLOCATIONS", "AUTO_FLOOR", "GLOBAL_FLOOR_FRACTION", "auto_floor", "Ladder", "Allocation", "reachable_counts", "floor_count", "check_floor", "count_at_ratio",
            "build_ladders", "counts_at", "meets", "allocate_uniform", "allocate_global"]

@@ -2,7 +2,11 @@
 
 A :class:`UnitRanking` is a unit's *drop order* (every channel, the first to go first) and the normalised
 importance of each channel in that order. Global allocation compares these scores across units (divided by what a
-channel costs), so the scores of different units must be on one scale: see :data:`NORMALIZATIONS`.
+channel costs), so the scores of different units must be on one scale: see :data:`NORMALIZATIONS`. A loss-based
+importance (Taylor: the first-order change of the loss when the channel is zeroed) already is on one scale, the
+loss, so it is compared raw and divided by cost: importance per FLOP, as GroupFisher ranks. A magnitude (L1, L2,
+BN-scale) is not -- a unit's weight scale is set by its initialisation and normalisation layers, not by how much it
+matters -- so it is divided by the unit's mean. ``normalization='auto'`` (the default) picks the one that fits.
 
 ``importance`` (what the scores are):
 
@@ -26,7 +30,9 @@ from .errors import BudgetError
 IMPORTANCE_MEASURES = {"l1": "L1MutableChannelUnit", "l2": "L2MutableChannelUnit",
                        "bn_scale": "BNScaleMutableChannelUnit"}
 NORMALIZATIONS = {
-    "mean": "divide by the unit's mean score (default; Torch-Pruning's 'mean'): every unit's scores average 1, so "
+    "auto": "'none' for a loss-based importance learned from gradients (Taylor units' own ranking: already on one "
+            "scale, the loss), 'mean' for a magnitude (default)",
+    "mean": "divide by the unit's mean score (Torch-Pruning's 'mean'): every unit's scores average 1, so "
             "a unit's weight scale does not decide for it",
     "max": "divide by the unit's largest score: every unit's best channel scores 1",
     "group_size": "divide by the number of layers whose outputs the unit couples: a residual stream summing the "
@@ -63,8 +69,9 @@ def check_normalization(normalization: str) -> None:
         raise BudgetError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
 
 
-def rank_unit(model: nn.Module, unit, importance: Importance = None, normalization: str = "mean") -> UnitRanking:
+def rank_unit(model: nn.Module, unit, importance: Importance = None, normalization: str = "auto") -> UnitRanking:
     """The drop order and normalised scores of ``unit`` (see the module docstring for ``importance``)."""
+    own = None
     if importance is None:
         own = _own_importance(unit)
         if own is None:  # a prefix unit: the last channels go first, compared by L1 magnitude
@@ -82,8 +89,16 @@ def rank_unit(model: nn.Module, unit, importance: Importance = None, normalizati
         scores = scores.detach().float().cpu()
         order = _ascending_drop_order(scores, unit.groups)
         by_index = True
+    if normalization == "auto":
+        normalization = "none" if own is not None and loss_based(unit) else "mean"
     normalised = _normalise(scores, normalization, unit)
     return UnitRanking(drop_order=order, scores=normalised[order], by_index=by_index)
+
+
+def loss_based(unit) -> bool:
+    """Whether ``unit``'s own ranking is learned from gradients (Taylor: ``update_importance`` after backward), an
+    estimate of the loss change that compares across units as it is."""
+    return callable(getattr(unit, "update_importance", None)) and callable(getattr(unit, "channel_importance", None))
 
 
 def _own_importance(unit) -> Optional[Tensor]:
@@ -135,5 +150,5 @@ def _normalise(scores: Tensor, normalization: str, unit) -> Tensor:
     return scores
 
 
-__all__ = ["IMPORTANCE_MEASURES", "NORMALIZATIONS", "UnitRanking", "rank_unit", "check_importance",
+__all__ = ["IMPORTANCE_MEASURES", "NORMALIZATIONS", "UnitRanking", "rank_unit", "loss_based", "check_importance",
            "check_normalization"]

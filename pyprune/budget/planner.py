@@ -5,8 +5,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .allocation import (ALLOCATIONS, Allocation, allocate_global, allocate_uniform, build_ladders, check_floor,
-                         counts_at, meets)
+from .allocation import (ALLOCATIONS, AUTO_FLOOR, Allocation, allocate_global, allocate_uniform, auto_floor,
+                         build_ladders, check_floor, counts_at, meets)
 from .cost import METRICS, Cost, CostModel
 from .errors import BudgetError
 from .importance import check_importance, check_normalization, rank_unit
@@ -35,8 +35,10 @@ class BudgetPlanner:
         allocation: ``'global'`` (channels ranked across units by importance per cost) or ``'uniform'`` (one
             ratio everywhere); see :mod:`pyprune.budget.allocation`.
         importance, normalization: the channel scores of global allocation; see :mod:`pyprune.budget.importance`.
-        floor: the fewest channels a unit keeps: None (one channel / one per group, or what the unit's rounding
-            allows), a fraction, a count, or a dict per unit name.
+        floor: the fewest channels a unit keeps: ``'auto'`` (default: under global allocation a quarter of the
+            unit's channels, or half of what uniform allocation keeps it at when that is less -- see
+            :func:`pyprune.budget.allocation.auto_floor`; under uniform allocation None), None (one channel / one
+            per group, or what the unit's rounding allows), a fraction, a count, or a dict per unit name.
         cost_power: global allocation scores a channel by ``importance / cost ** cost_power``: 1 (default) ranks
             by importance per FLOP (or parameter), 0 by importance alone, values between soften the cost.
         rank_metric: the cost a channel's importance is divided by in global allocation; default the budget's
@@ -46,7 +48,7 @@ class BudgetPlanner:
     """
 
     def __init__(self, model: nn.Module, mutator, *, example_inputs=None, allocation: str = "global",
-                 importance=None, normalization: str = "mean", floor=None, rank_metric: Optional[str] = None,
+                 importance=None, normalization: str = "auto", floor=AUTO_FLOOR, rank_metric: Optional[str] = None,
                  cost_power: float = 1.0):
         if allocation not in ALLOCATIONS:
             raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -65,8 +67,10 @@ class BudgetPlanner:
 
     # ------------------------------------------------------------------------------------------------ planning
     def floor_cost(self, start: str = "full") -> Cost:
-        """What the model costs with every mutable unit at its floor (the least any budget can reach)."""
-        ladders = build_ladders(self.cost_model, self.floor, self._start_counts(start))
+        """What the model costs with every mutable unit at its floor (the least any budget can reach; for the
+        ``'auto'`` floor, which depends on the budget, the smallest count of every unit)."""
+        floor = None if self.floor == AUTO_FLOOR else self.floor
+        ladders = build_ladders(self.cost_model, floor, self._start_counts(start))
         return self.cost_model.cost(counts_at(self.cost_model.as_counts(), ladders, "bottom"))
 
     def plan(self, budget, start: str = "full") -> Plan:
@@ -81,13 +85,17 @@ class BudgetPlanner:
         if not limits:
             raise BudgetError("plan() needs a flops or params limit; a latency budget is met by apply_budget()")
         start_counts = self._start_counts(start)
-        ladders = build_ladders(self.cost_model, self.floor, start_counts)
         base = self.cost_model.as_counts(start_counts)
-        self._check_reachable(counts_at(base, ladders, "bottom"), limits, budget)
+        floor = None if self.floor == AUTO_FLOOR else self.floor
+        ladders = build_ladders(self.cost_model, floor, start_counts)
+        self._check_reachable(counts_at(base, ladders, "bottom"), limits, budget, floor)
         if self.allocation == "uniform":
             allocation = allocate_uniform(self.cost_model, ladders, limits, base)
             rankings = {}
         else:
+            if self.floor == AUTO_FLOOR:  # depends on the budget: what uniform allocation keeps of every unit
+                uniform = allocate_uniform(self.cost_model, ladders, limits, base)
+                ladders = build_ladders(self.cost_model, auto_floor(ladders, uniform.counts), start_counts)
             rankings = {ladder.pos: rank_unit(self.model, ladder.unit, self.importance, self.normalization)
                         for ladder in ladders}
             metric = self.rank_metric or ("flops" if "flops" in limits or budget.latency else "params")
@@ -102,7 +110,7 @@ class BudgetPlanner:
             return self.cost_model.as_counts()
         raise BudgetError(f"start must be 'full' or 'current', got {start!r}")
 
-    def _check_reachable(self, floor_counts, limits, budget: Budget) -> None:
+    def _check_reachable(self, floor_counts, limits, budget: Budget, floor) -> None:
         if meets(self.cost_model, floor_counts, limits):
             return
         floor_cost = self.cost_model.cost(floor_counts)
@@ -110,7 +118,7 @@ class BudgetPlanner:
         details = "; ".join(f"{m}: target {limits[m]:,.0f} ({limits[m] / self.full[m]:.1%} of the full model's "
                             f"{self.full[m]:,.0f}) but the floor is {floor_cost[m]:,.0f} "
                             f"({floor_cost[m] / self.full[m]:.1%})" for m in missed)
-        floor = "one channel / one group per unit" if self.floor is None else f"floor={self.floor!r}"
+        floor = "one channel / one group per unit" if floor is None else f"floor={floor!r}"
         raise BudgetError(f"budget {budget.describe(self.full)} cannot be met: with every prunable unit at its floor "
                           f"({floor}) and the fixed units at full width the model still costs more. {details}. "
                           f"Raise the target or lower the floor; nothing was changed.")

@@ -63,7 +63,7 @@ class BudgetResult:
 
 
 def prune_to_budget(model: nn.Module, mutator, *, flops=None, params=None, latency=None, example_inputs=None,
-                    allocation: str = "global", importance=None, normalization: str = "mean", floor=None,
+                    allocation: str = "global", importance=None, normalization: str = "auto", floor="auto",
                     cost_power: float = 1.0,
                     latency_settings: LatencySettings = LatencySettings()) -> BudgetResult:
     """Set the kept channels of every mutable unit so that ``model`` meets the budget, in one shot.

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..ops import SwitchableBatchNorm2d
 from ..units import OneShotMutableChannelUnit
-from .allocation import build_ladders, check_floor, meets
+from .allocation import AUTO_FLOOR, build_ladders, check_floor, meets
 from .cost import METRICS, Cost, CostModel
 from .errors import BudgetError
 from .targets import Budget
@@ -198,6 +198,9 @@ def search_subnet(model: nn.Module, mutator, loader, *, flops=None, params=None,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BudgetError(f"search_subnet: {name} must be an int >= 1, got {value!r}")
     budget = Budget(flops=flops, params=params)
+    if floor == AUTO_FLOOR:  # it is defined relative to a uniform plan, which a search has none of
+        raise BudgetError("search_subnet: floor='auto' is global allocation's default; give None, a fraction, a "
+                          "channel count or a dict of those")
     check_floor(floor, {u.name for u in mutator.units})
     cost_model = CostModel.from_model(model, mutator, example_inputs)
     full = cost_model.full()

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from ...errors import ConfigError
 from .run_dir import CHECKPOINT_FILE
@@ -36,14 +36,17 @@ GROUP_FISHER_NORMALIZATIONS = ("flops", "act")
 DEFAULT_GROUP_FISHER_FLOPS = 0.5  # group-fisher without a budget: half the full model's FLOPs
 # Options whose values must be the same when a run is resumed (the checkpoint stores them as its signature).
 RESUME_KEYS = ("model", "data", "target_ratio", "target_flops", "target_params", "target_latency", "allocation",
-               "prune_times", "step_freq", "unit_type", "epochs",
+               "floor", "prune_times", "step_freq", "unit_type", "epochs",
                "finetune_epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "train_samples",
                "val_samples", "amp", "channels_last", "algorithm", "gf_interval", "gf_normalization",
                "gf_mutate_linear", "calibration_batches")
 # What a checkpoint written before a key was in RESUME_KEYS had for it (such a run was an ite run).
 RESUME_KEY_DEFAULTS = {"algorithm": "ite", "gf_interval": None, "gf_normalization": None, "gf_mutate_linear": False,
-                       "calibration_batches": None}
+                       "calibration_batches": None, "floor": None}
 BUDGET_METRICS = ("flops", "params", "latency")
+# How a budget is spread over the units when --allocation is not given: uniform, because in the benchmark
+# (benchmarks/RESULTS.md, "Pruning algorithms at 50 % FLOPs") global allocation did not beat it (docs/BUDGETS.md).
+DEFAULT_ALLOCATION = "uniform"
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class JobConfig:
     target_flops: Optional[float] = None       # budget: a fraction (0, 1] of the full model's or a count
     target_params: Optional[float] = None
     target_latency: Optional[float] = None
-    allocation: Optional[str] = None           # 'uniform' | 'global' (a budget only); None: uniform
+    allocation: Optional[str] = None           # 'uniform' | 'global' (a budget only); None: DEFAULT_ALLOCATION
+    floor: Optional[Union[str, float]] = None  # fewest channels per unit, 'auto' or a fraction (a budget only); None: auto
     prune_times: Optional[int] = None
     step_freq: Optional[int] = None            # None: one epoch of iterations between pruning steps
     unit_type: Optional[str] = None            # None: L1MutableChannelUnit (ite), GroupFisherChannelUnit
@@ -112,6 +116,13 @@ class JobConfig:
             raise ConfigError(f"--target-ratio and {' / '.join(budget)} are alternatives: give one of them")
         if self.allocation is not None and not budget:
             raise ConfigError("--allocation needs a budget: --target-flops, --target-params or --target-latency")
+        if self.floor is not None and not budget:
+            raise ConfigError("--floor needs a budget: --target-flops, --target-params or --target-latency")
+        if self.floor is not None and self.floor != "auto" and (
+                isinstance(self.floor, bool) or not isinstance(self.floor, (int, float))
+                or not 0.0 < self.floor <= 1.0):
+            raise ConfigError(f"--floor must be 'auto' or a fraction in (0, 1] of each unit's channels, got "
+                              f"{self.floor!r}")
         if not budget and self.target_ratio is None:
             if self.group_fisher:
                 self._set("target_flops", DEFAULT_GROUP_FISHER_FLOPS)
@@ -177,7 +188,7 @@ class JobConfig:
         limits = ", ".join(f"{k} {v:.0%}" if v <= 1 else f"{k} {v:,.0f}" for k, v in budget.items())
         if self.group_fisher:
             return f"budget {limits}"
-        return f"budget {limits} ({self.allocation or 'uniform'} allocation)"
+        return f"budget {limits} ({self.allocation or DEFAULT_ALLOCATION} allocation)"
 
     def algorithm_text(self) -> str:
         """The algorithm in words, e.g. ``ite`` or ``group-fisher (interval 10, act normalization)``."""
@@ -219,6 +230,7 @@ class JobConfig:
              "GroupFisher prunes against counted FLOPs / params, not measured latency"),
             ("--allocation", self.allocation is not None,
              "GroupFisher ranks the channels of all units together (an allocation of its own)"),
+            ("--floor", self.floor is not None, "GroupFisher prunes one channel at a time down to the units' minimum"),
             ("--prune-times", self.prune_times is not None, schedule),
             ("--step-freq", self.step_freq is not None, schedule),
             ("--unit-type", self.unit_type not in (None, GROUP_FISHER_UNIT),

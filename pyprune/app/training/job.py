@@ -37,7 +37,7 @@ from ...ops.compact import rebuild_ddp
 from ...tracing.example_inputs import as_call_args
 from ...units.calibration import calibrate
 from ...utils.files import DiskFullError, atomic_torch_save, fsync_directory, replace_durably
-from .config import RESUME_KEY_DEFAULTS, JobConfig
+from .config import DEFAULT_ALLOCATION, RESUME_KEY_DEFAULTS, JobConfig
 from .distributed import (DistributedContext, all_ranks_agree, broadcast_buffers, configure_threads,
                           setup_distributed, teardown_distributed)
 from .loop import cosine_lr, evaluate, set_lr
@@ -96,8 +96,7 @@ class Run:
         else:
             self.algorithm = ItePruneAlgorithm(self.wrapped, self.mutator, None if budget else config.target_ratio,
                                                step_freq=self.step_freq, prune_times=config.prune_times,
-                                               budget=budget, budget_cfg=dict(allocation=config.allocation or
-                                                                              "uniform") if budget else None)
+                                               budget=budget, budget_cfg=self.budget_cfg() if budget else None)
         self.calibration = self.calibration_batches()
         self.optimizer = self.make_optimizer()
         if config.compact:  # pruned layers train compact between steps and in finetuning
@@ -347,6 +346,12 @@ class Run:
         return row_due
 
     # ------------------------------------------------------------------------------------------ activation units
+    def budget_cfg(self) -> Dict[str, Any]:
+        """The planner options of a budget run: the allocation and the floor per unit ('auto' unless given)."""
+        config = self.config
+        return dict(allocation=config.allocation or DEFAULT_ALLOCATION,
+                    floor="auto" if config.floor is None else config.floor)
+
     def calibration_batches(self) -> Optional[List[Any]]:
         """The first ``--calibration-batches`` training batches, in order and the same on every rank (so that every
         rank scores the channels alike), for activation units; None for other unit types."""
@@ -477,6 +482,7 @@ class Run:
             "command": " ".join(["pyprune"] + list(config.argv)), "model": config.model,
             "algorithm": config.algorithm, "unit_type": config.unit_type, "target_ratio": config.target_ratio,
             "budget": config.budget, "allocation": config.allocation,
+            "floor": config.floor,
             "world_size": self.context.world_size, "device": str(self.device),
             f"{self.metric}_pretrained": first[self.metric], f"{self.metric}_final": last[self.metric],
             f"{self.metric}_exported": exported_accuracy, "params_before": self.full_params,
