@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="'uniform' or 'global', optionally with planner options: 'global:floor=0.25', "
                              "'global:cost_power=0'")
     parser.add_argument("--target-flops", type=float, default=0.5, help="kept fraction of the full model's FLOPs")
-    parser.add_argument("--floor", type=float, default=None,
-                        help="fewest channels a unit keeps, as a fraction (default: one channel / one group)")
+    parser.add_argument("--floor", type=_floor, default="auto",
+                        help="fewest channels a unit keeps: a fraction, or 'auto' (prune_to_budget's default: a "
+                             "quarter of the unit, or half its uniform count when less)")
     parser.add_argument("--data", default=None, help="ImageFolder root (default: the built-in synthetic shapes)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--train-samples", type=int, default=2000)
@@ -69,6 +70,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the table (markdown) to this file")
     return parser.parse_args(argv)
+
+
+def _floor(text: str):
+    """``--floor``: 'auto' or a fraction in [0, 1]."""
+    if text == "auto":
+        return text
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--floor must be 'auto' or a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def allocation_spec(text: str) -> str:
@@ -145,7 +156,7 @@ def bench_model(name: str, args, train_set, val_set, num_classes: int, device) -
         mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=shape))
         mutator.prepare_from_supernet(model)
         planned = time.perf_counter()
-        options = {"floor": args.floor, **allocation_options(allocation)}
+        options = {"floor": args.floor, **allocation_options(allocation)}  # a spec's own floor= wins
         result = prune_to_budget(model, mutator, flops=args.target_flops, **options)
         plan_s = time.perf_counter() - planned
         small = mutator.export(model)
@@ -196,7 +207,7 @@ def main(argv=None) -> int:
               f"{torch.get_num_threads()} threads), data {args.data or 'synthetic shapes'} {args.image_size} px, "
               f"{len(train_set)} train / {len(val_set)} val, batch {args.batch_size}, {args.optimizer} lr {args.lr}, "
               f"pretrain {args.pretrain_steps} steps, finetune {args.finetune_steps} steps, FLOPs target "
-              f"{args.target_flops:.0%}, floor {args.floor or 'one channel / group'}, latency batch "
+              f"{args.target_flops:.0%}, floor {args.floor}, latency batch "
               f"{args.latency_batch}")
     print(header, flush=True)
     rows = []
