@@ -122,6 +122,7 @@ class ChannelMutator:
         assembler.check(model)
         # Validated: from here on the model changes.
         replace_modules(model, plan)
+        ops.serve_read_layers(model, [ref for unit in mutable for ref in unit.related_refs])
         for name, module in model.named_modules():
             if isinstance(module, ops.DynamicChannelMixin):
                 module.pyprune_name = name
@@ -427,6 +428,7 @@ def export_static(model: nn.Module) -> nn.Module:
     ops.retie_exported(model, replacements)  # a tensor several layers hold (tied embeddings) stays one Parameter
     replace_modules(model, replacements)
     ops.export_channel_parameters(model)
+    ops.release_read_layers(model)  # the exported layers hold the compact tensors their readers now read
     left = [name for name, m in model.named_modules()
             if isinstance(m, mixin) or type(m).__module__.startswith("pyprune.ops")]
     if left:
