@@ -156,3 +156,39 @@ def test_small_beit_prunes_heads_and_residual_and_exports_the_timm_class():
     assert sum(p.numel() for p in exported.parameters()) / before < 0.35
     with torch.no_grad():
         torch.testing.assert_close(exported(x), dynamic, atol=1e-5, rtol=0)
+
+
+def test_the_cost_model_counts_the_read_weight_as_the_layer_it_is():
+    from pyprune.budget.cost import CostModel
+    from pyprune.mutators.summary import count_flops, count_params
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 6, 8)
+    mutator = prepared(model, x, ratio=1.0)
+    costs = CostModel.from_model(model, mutator, x)
+    assert [len(layer.out_side.parts) for layer in costs.layers if layer.name == "attn.qkv"] == [3]
+    mutator.set_global_ratio(0.5)
+    predicted = costs.cost()
+    exported = mutator.export(model)
+    assert (predicted.flops, predicted.params) == (count_flops(exported, x), count_params(exported))
+
+
+def test_a_deep_copy_serves_its_own_layer_and_the_batched_gather_hands_the_reader_its_tensors():
+    import copy
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 6, 8)
+    prepared(model, x)
+    twin = copy.deepcopy(model)
+    twin.attn.qkv.set_out_index(None)  # the copy's layer at full width, with the copy's own heads reverted
+    twin.attn.qkv.set_in_index(None)
+    assert model.attn.qkv.active_out_channels == 48 and ops.read_layers(twin.attn) == ("qkv",)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    handle = ops.batched_gather(model)
+    try:
+        got = model(x)  # a training forward with grad: the gather hands qkv its tensors, the reader takes them
+        got.sum().backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=0)
+    assert model.attn.qkv.weight.grad[model.attn.qkv.out_index].abs().sum() > 0

@@ -10,18 +10,22 @@ compact training mode's held tensors, a batched hand-off), as for a forward of t
 the kept channels of the full tensors. Outside the reader's forward nothing changes: ``_parameters``,
 ``state_dict``, and everything pyprune reads (importance, export, compact mode) see the full tensors.
 
+:class:`ReadCalls` reports the calls that use a served weight (``F.linear(x, self.qkv.weight, ...)``) as calls of
+its layer, so the budget's cost model records their shapes as it records a called layer's.
+
 The reader carries a forward pre-hook and an always-called forward hook (module-level functions that find the
 layers by their paths under the reader, so deep copies and pickles of the model serve their own layers);
 :func:`release_read_layers` takes them off when the model is exported to plain layers.
 """
-from typing import Iterable, List, Tuple
+from typing import Callable, Iterable, List, Tuple
 
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from .base import DynamicChannelMixin
 
-__all__ = ["serve_read_layers", "read_layers", "release_read_layers"]
+__all__ = ["serve_read_layers", "read_layers", "release_read_layers", "ReadCalls"]
 
 _READS = "_pyprune_read_layers"  # reader.__dict__: paths (under the reader) of the layers it serves
 _SAVED = "_pyprune_read_saved"   # reader.__dict__: per running forward, what the served attributes replaced
@@ -100,3 +104,24 @@ def release_read_layers(model: nn.Module) -> None:
                 module._forward_hooks_always_called.pop(key, None)
         module.__dict__.pop(_READS, None)
         module.__dict__.pop(_SAVED, None)
+
+
+class ReadCalls(TorchFunctionMode):
+    """While on, each ``linear`` call whose weight is the one a reader hands out of a served layer of ``model``
+    is reported as ``on_call(layer, args, kwargs, output)``: what a forward hook of the layer would see, had the
+    code called it."""
+
+    def __init__(self, model: nn.Module, on_call: Callable):
+        super().__init__()
+        self.layers = [reader.get_submodule(path) for reader in model.modules() for path in read_layers(reader)]
+        self.on_call = on_call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if self.layers and getattr(func, "__name__", "") == "linear":
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            for layer in self.layers:
+                if weight is not None and layer.__dict__.get("weight") is weight:
+                    self.on_call(layer, args, kwargs, output)
+        return output
