@@ -192,3 +192,18 @@ def test_a_deep_copy_serves_its_own_layer_and_the_batched_gather_hands_the_reade
         handle.remove()
     torch.testing.assert_close(got.detach(), expected, atol=1e-6, rtol=0)
     assert model.attn.qkv.weight.grad[model.attn.qkv.out_index].abs().sum() > 0
+
+
+def test_a_config_whose_read_by_names_no_module_holding_the_layer_is_refused_with_the_model_unchanged():
+    from pyprune.errors import ConfigError
+    model, x = Net(), torch.randn(2, 6, 8)
+    specs = trace_channel_units(model, x)
+    for spec in specs:
+        for ref in spec.output_related + spec.input_related:
+            if ref.read_by is not None:
+                ref.read_by = "head"
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=x),
+                             trace_fn=lambda *args, **kwargs: specs)
+    with pytest.raises(ConfigError, match="attn.qkv: read_by 'head'"):
+        mutator.prepare_from_supernet(model)
+    assert type(model.attn.qkv) is nn.Linear and not model.attn._forward_pre_hooks and not model.head._forward_hooks

@@ -121,8 +121,8 @@ class ChannelMutator:
         assembler = LayerIndexAssembler(mutable)
         assembler.check(model)
         # Validated: from here on the model changes.
+        ops.serve_read_layers(model, [ref for unit in mutable for ref in unit.related_refs])  # checks all first
         replace_modules(model, plan)
-        ops.serve_read_layers(model, [ref for unit in mutable for ref in unit.related_refs])
         for name, module in model.named_modules():
             if isinstance(module, ops.DynamicChannelMixin):
                 module.pyprune_name = name

@@ -34,18 +34,24 @@ _MISSING = object()
 
 def serve_read_layers(model: nn.Module, refs: Iterable) -> None:
     """For every ref with ``read_by`` set, make that module serve the ref's layer to its own forward (idempotent).
-    ConfigError when the reader is no module of ``model`` or the layer does not live inside it."""
-    for ref in refs:
-        reader_path = getattr(ref, "read_by", None)
-        if reader_path is None:
-            continue
-        if reader_path and not ref.name.startswith(reader_path + "."):
-            raise ConfigError(f"{ref.name}: its reader {reader_path!r} does not contain it")
-        try:
-            reader = model.get_submodule(reader_path) if reader_path else model
-        except AttributeError:
-            raise ConfigError(f"{ref.name}: the model has no module {reader_path!r} to read it") from None
-        _serve(reader, ref.name[len(reader_path) + 1:] if reader_path else ref.name)
+    Every ref is checked first: ConfigError (nothing changed) when a reader is no module of ``model``, does not
+    contain the ref's layer, or the layer is no module of it."""
+    for reader, path in [_reader_of(model, ref) for ref in refs if getattr(ref, "read_by", None) is not None]:
+        _serve(reader, path)
+
+
+def _reader_of(model: nn.Module, ref) -> Tuple[nn.Module, str]:
+    """(reader module, path of the ref's layer under it)."""
+    reader_path = ref.read_by
+    if reader_path and not ref.name.startswith(reader_path + "."):
+        raise ConfigError(f"{ref.name}: read_by {reader_path!r} names a module that does not contain it")
+    try:
+        reader = model.get_submodule(reader_path) if reader_path else model
+        path = ref.name[len(reader_path) + 1:] if reader_path else ref.name
+        reader.get_submodule(path)
+    except AttributeError:
+        raise ConfigError(f"{ref.name}: read_by {reader_path!r}: the model has no such module holding it") from None
+    return reader, path
 
 
 def read_layers(reader: nn.Module) -> Tuple[str, ...]:
