@@ -207,3 +207,26 @@ def test_a_config_whose_read_by_names_no_module_holding_the_layer_is_refused_wit
     with pytest.raises(ConfigError, match="attn.qkv: read_by 'head'"):
         mutator.prepare_from_supernet(model)
     assert type(model.attn.qkv) is nn.Linear and not model.attn._forward_pre_hooks and not model.head._forward_hooks
+
+
+def test_small_eva02_with_rotary_embeddings_prunes_heads_and_residual():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, patch_size=14, depth=2,
+                              embed_dim=64, num_heads=4, num_classes=10).eval()
+    for name, parameter in model.named_parameters():
+        if name.endswith(("q_bias", "v_bias")):
+            nn.init.normal_(parameter, std=0.1)
+    x = torch.randn(2, 3, 56, 56)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused call and the rotary pairs (torch.stack) are all mapped
+        mutator = prepared(model, x)
+    attention = model.blocks[0].attn
+    assert ops.read_layers(attention) == ("qkv",) and attention.qkv.active_out_channels == 3 * 32
+    with torch.no_grad():
+        dynamic = model(x)
+    exported = mutator.export(model).eval()
+    assert type(exported.blocks[0].attn) is timm.models.eva.EvaAttention
+    assert exported.blocks[0].attn.qkv.weight.shape == (96, 32) and exported.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), dynamic, atol=1e-5, rtol=0)
