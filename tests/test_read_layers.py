@@ -120,6 +120,24 @@ def test_the_reader_gets_the_kept_weight_the_model_keeps_the_full_one_and_the_ex
     assert not attn._forward_pre_hooks and not attn._forward_hooks and attn.num_heads == 2
     with torch.no_grad():
         torch.testing.assert_close(exported(x), dynamic, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), dynamic, atol=1e-6, rtol=0)  # the dynamic model is still served
+
+
+def test_a_unit_prepared_on_its_own_serves_the_reader_too():
+    from pyprune.units import SequentialMutableChannelUnit
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 6, 8)
+    with torch.no_grad():
+        full = model(x)
+    spec = heads_unit(trace_channel_units(model, x))
+    unit = SequentialMutableChannelUnit.from_spec(spec, choice_mode="ratio")
+    unit.prepare_for_pruning(model)
+    assert ops.read_layers(model.attn) == ("qkv",)
+    unit.current_choice = 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), full, atol=1e-6, rtol=0)
+        unit.current_choice = 0.5
+        assert model(x).shape == full.shape and model.attn.qkv.active_out_channels == 48
 
 
 def test_compact_training_hands_the_reader_its_held_weight():
