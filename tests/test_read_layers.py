@@ -248,3 +248,18 @@ def test_small_eva02_with_rotary_embeddings_prunes_heads_and_residual():
     assert exported.blocks[0].attn.qkv.weight.shape == (96, 32) and exported.blocks[0].attn.num_heads == 2
     with torch.no_grad():
         torch.testing.assert_close(exported(x), dynamic, atol=1e-5, rtol=0)
+
+
+def test_a_reader_forward_that_raises_leaves_the_layer_with_its_full_tensors():
+    model, x = Net(), torch.randn(2, 6, 8)
+    prepared(model, x)
+
+    def failing(attention):
+        assert attention.qkv.weight.shape == (48, 16)  # the kept weight while the reader runs
+        raise RuntimeError("the reader's own code failed")
+
+    model.attn.bias_of = failing
+    with pytest.raises(RuntimeError, match="own code failed"):
+        model(x)
+    qkv = model.attn.qkv
+    assert "weight" not in qkv.__dict__ and qkv.in_features == 32 and qkv.weight.shape == (96, 32)

@@ -73,6 +73,7 @@ def _hand_out(reader: nn.Module, args: tuple, kwargs: dict) -> None:
     """Pre-hook: each served DynamicOp's active tensors and width attributes become its instance attributes."""
     x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)), None)
     replaced: List[Tuple[dict, dict]] = []
+    reader.__dict__.setdefault(_SAVED, []).append(replaced)  # first: a gather that raises is taken back too
     for path in read_layers(reader):
         layer = reader.get_submodule(path)
         if not isinstance(layer, DynamicChannelMixin):
@@ -82,7 +83,6 @@ def _hand_out(reader: nn.Module, args: tuple, kwargs: dict) -> None:
         state = layer.__dict__
         replaced.append((state, {name: state.get(name, _MISSING) for name in values}))
         state.update(values)
-    reader.__dict__.setdefault(_SAVED, []).append(replaced)
 
 
 def _take_back(reader: nn.Module, args: tuple, output) -> None:
