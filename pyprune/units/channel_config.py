@@ -2,7 +2,8 @@
 
 A config lists a unit's channels as ``{"name", "start", "end", "is_output_channel"}`` entries (mmrazor's layout);
 pyprune adds ``expand`` where a range is wider than the unit (flatten -> Linear), ``param_dim`` for
-channel-sized tensors and ``read_by`` for a layer whose tensors an enclosing module's code reads directly. mmrazor's analyzer also writes ``expand_ratio`` and lists a norm on both sides of a unit.
+channel-sized tensors and ``read_by`` for a layer whose tensors an enclosing module's code reads directly.
+mmrazor's analyzer also writes ``expand_ratio`` and lists a norm on both sides of a unit.
 """
 from collections.abc import Mapping
 from typing import List, Sequence, Tuple
