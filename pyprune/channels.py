@@ -27,6 +27,9 @@ class ChannelRef:
     where a feature map is flattened into a Linear: each channel becomes its ``H*W`` spatial positions).
     ``param_dim`` is set when ``name`` is a channel-sized parameter or buffer that the model's code uses directly
     (ConvNeXt's ``layer_scale``): the tensor's dim that holds the channels (see ``pyprune.ops.ChannelParameter``).
+    ``read_by`` is set when the code of an enclosing module reads the layer's tensors directly instead of calling
+    it (timm's BEiT: ``F.linear(x, self.qkv.weight, bias)`` in the attention's forward): that module's path (see
+    ``pyprune.ops.read_layers``).
     """
     name: str
     start: int
@@ -34,6 +37,7 @@ class ChannelRef:
     is_output_channel: bool
     expand: int = 1
     param_dim: Optional[int] = None
+    read_by: Optional[str] = None
 
     @property
     def width(self) -> int:
@@ -66,13 +70,15 @@ def unit_name(output_related: Sequence[ChannelRef], input_related: Sequence[Chan
 
 
 def ref_to_dict(ref: ChannelRef) -> Dict[str, Any]:
-    """A ChannelRef in mmrazor's config layout (``expand`` / ``param_dim`` only when set)."""
+    """A ChannelRef in mmrazor's config layout (``expand`` / ``param_dim`` / ``read_by`` only when set)."""
     out = {"name": ref.name, "start": int(ref.start), "end": int(ref.end),
            "is_output_channel": bool(ref.is_output_channel)}
     if ref.expand != 1:
         out["expand"] = int(ref.expand)
     if ref.param_dim is not None:
         out["param_dim"] = int(ref.param_dim)
+    if ref.read_by is not None:
+        out["read_by"] = str(ref.read_by)
     return out
 
 

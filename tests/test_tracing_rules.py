@@ -15,7 +15,7 @@ from pyprune.tracing import PruningTraceWarning, trace_channel_units
 from pyprune.tracing.channel_tensors import count_attribute
 from pyprune.tracing.context import OP_RULES, PropagationContext, op_name, op_rule
 from pyprune.tracing.rules_layers import LAYER_RULES, layer_rule
-from pyprune.tracing.rules_shape import concat, getitem, permute, reshape, split
+from pyprune.tracing.rules_shape import concat, getitem, permute, reshape, split, stack
 from pyprune.tracing.propagate import visit
 from pyprune.tracing.sizes import ChannelSize, check_sizes
 
@@ -78,6 +78,22 @@ def test_reshape_that_splits_the_channel_dim_fixes_the_group():
     with pytest.warns(PruningTraceWarning, match="splits the channel dim"):
         assert reshape(ctx, node_named(graph, "reshape"), "reshape") is None
     assert ctx.table.is_fixed(0)
+
+
+@pytest.mark.parametrize("dim, channel_dim", [(-1, 1), (0, 2), (1, 2), (2, 1)])
+def test_stack_keeps_the_channels_of_its_pieces_on_their_dim(dim, channel_dim):
+    graph, ctx = traced(lambda a, b: torch.stack([a, b], dim), (2, 8, 4), (2, 8, 4))
+    space = stack(ctx, node_named(graph, "stack"), "stack")
+    assert (space.dim, space.ndim, space.width) == (channel_dim, 4, 8)
+    assert ctx.table.find(0) == ctx.table.find(1) and not ctx.table.is_fixed(0)  # both pieces: one group
+
+
+def test_stack_of_pieces_with_channels_on_different_dims_fixes_them():
+    graph, ctx = traced(lambda a, b: torch.stack([a, b.transpose(1, 2)], -1), (2, 8, 8), (2, 8, 8))
+    ctx.spaces[node_named(graph, "transpose")] = permute(ctx, node_named(graph, "transpose"), "transpose")
+    with pytest.warns(PruningTraceWarning, match="same dim"):
+        assert stack(ctx, node_named(graph, "stack"), "stack") is None
+    assert ctx.table.is_fixed(0) and ctx.table.is_fixed(1)
 
 
 def test_concat_then_split_give_back_the_pieces():

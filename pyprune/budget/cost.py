@@ -231,10 +231,18 @@ def _record_calls(model: nn.Module, inputs, kinds: Dict[str, type]) -> Tuple[Dic
 
     handles = [model.get_submodule(name).register_forward_hook(hook_for(name, kind), with_kwargs=True)
                for name, kind in kinds.items()]
+    names = {id(model.get_submodule(name)): name for name in kinds}
+
+    def read_call(layer, args, kwargs, output):  # a layer whose weight the code around it reads (BEiT's qkv)
+        name = names.get(id(layer))
+        if name is not None:
+            x = args[0] if args else kwargs.get("input")
+            calls[name].append(LayerCall.record((x,), {}, output, _active_widths(layer, kinds[name])))
+
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, ops.ReadCalls(model, read_call):
             call_model(model, inputs)
     finally:
         model.train(was_training)

@@ -121,6 +121,7 @@ class ChannelMutator:
         assembler = LayerIndexAssembler(mutable)
         assembler.check(model)
         # Validated: from here on the model changes.
+        ops.serve_read_layers(model, [ref for unit in mutable for ref in unit.related_refs])  # checks all first
         replace_modules(model, plan)
         for name, module in model.named_modules():
             if isinstance(module, ops.DynamicChannelMixin):
@@ -427,6 +428,7 @@ def export_static(model: nn.Module) -> nn.Module:
     ops.retie_exported(model, replacements)  # a tensor several layers hold (tied embeddings) stays one Parameter
     replace_modules(model, replacements)
     ops.export_channel_parameters(model)
+    ops.release_read_layers(model)  # the exported layers hold the compact tensors their readers now read
     left = [name for name, m in model.named_modules()
             if isinstance(m, mixin) or type(m).__module__.startswith("pyprune.ops")]
     if left:

@@ -336,7 +336,8 @@ class GroupTable:
         for gid in range(len(self._parent)):
             if self.find(gid) != gid or gid in self._pieces or not self._refs[gid]:
                 continue
-            refs = list(dict.fromkeys((r.name, r.start, r.end, r.is_output_channel, r.expand, r.param_dim)
+            refs = list(dict.fromkeys((r.name, r.start, r.end, r.is_output_channel, r.expand, r.param_dim,
+                                       r.read_by)
                                       for _, r in sorted(self._refs[gid], key=lambda entry: entry[0])))
             refs = [ChannelRef(*r) for r in refs]
             reasons = list(dict.fromkeys(self._reasons.get(gid, [])))
@@ -352,4 +353,4 @@ def _piece_ref(ref: ChannelRef, piece: Piece) -> ChannelRef:
     channels."""
     return ChannelRef(ref.name, ref.start + piece.offset * ref.expand,
                       ref.start + (piece.offset + piece.length) * ref.expand, ref.is_output_channel,
-                      ref.expand * piece.block, ref.param_dim)
+                      ref.expand * piece.block, ref.param_dim, ref.read_by)

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import rules_attention, rules_elementwise, rules_shape, rules_writes
+from . import rules_attention, rules_elementwise, rules_layer_weights, rules_shape, rules_writes
 from .channel_tensors import check_bound_tensors
 from .fused import check_slice_bounds
 from .channel_space import PartedSpace
@@ -25,7 +25,7 @@ from .rules_elementwise import generic, no_tensor
 from .sizes import check_sizes, size_value
 
 # The modules whose ``@op_rule`` functions fill OP_RULES (importing them registers the rules).
-RULE_MODULES = (rules_elementwise, rules_shape, rules_writes, rules_attention)
+RULE_MODULES = (rules_elementwise, rules_shape, rules_writes, rules_attention, rules_layer_weights)
 NO_TENSOR = {"size", "dim", "numel", "getattr"}
 
 

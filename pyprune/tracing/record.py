@@ -36,6 +36,8 @@ def forward_capture(model: nn.Module, inputs: CallArgs) -> Recording:
         train_failure = failure
         graph = _record(model, inputs, training=False)
     reached = {node.target for node in graph.nodes if node.op == "call_module"}
+    # a layer whose weight the code around it reads (``F.linear(x, self.qkv.weight)``, rules_layer_weights) ran
+    reached |= {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     layers = [name for name, m in model.named_modules() if is_prunable_layer(m)]
     inner = {name for name in layers for outer in layers if name.startswith(outer + ".")}  # attention's out_proj
     missed = [name for name in layers if name not in reached and name not in inner]

@@ -6,7 +6,7 @@ attention share one space between their input and output; embeddings start a gro
 cannot take (a partial group, channels on the wrong dim) fixes the groups. Layer types of optional libraries
 (GPT-2's ``Conv1D``) get their rule when the registry lists them (``pyprune.ops.registry.on_layer_types_added``).
 """
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch.fx
 from torch import nn
@@ -52,26 +52,40 @@ def apply_layer_rule(ctx: PropagationContext, node: torch.fx.Node, module: nn.Mo
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
-def layer_inputs(ctx: PropagationContext, node, space: Optional[ChannelSpace], want_dim: int, is_output: bool):
-    """Add refs of the layer's channel ranges to the groups of ``space``; partial segments pin their group."""
+class LayerName(NamedTuple):
+    """The layer a rule's refs name: its ``path``, and ``read_by``, the path of the module whose code reads the
+    layer's tensors directly (``F.linear(x, self.qkv.weight)``), None when the layer is called."""
+    path: str
+    read_by: Optional[str] = None
+
+    def ref(self, start: int, end: int, is_output: bool, expand: int = 1) -> ChannelRef:
+        return ChannelRef(self.path, start, end, is_output, expand, read_by=self.read_by)
+
+
+def layer_inputs(ctx: PropagationContext, node, space: Optional[ChannelSpace], want_dim: int, is_output: bool,
+                 layer: Optional[LayerName] = None):
+    """Add refs of the layer's channel ranges to the groups of ``space``; partial segments pin their group.
+    ``layer``: the layer the refs name (default: the node's module, ``node.target``)."""
+    layer = layer or LayerName(node.target)
     if space is None:
         return
     if space.dim != want_dim:
-        ctx.fix_space(space, f"{node.target} reads channels on dim {space.dim}, expected {want_dim}")
+        ctx.fix_space(space, f"{layer.path} reads channels on dim {space.dim}, expected {want_dim}")
         return
     offset = 0
     for seg in space.segments:
         if ctx.whole(seg):
-            ctx.table.add_ref(seg.gid, ChannelRef(node.target, offset, offset + seg.width, is_output, seg.expand))
+            ctx.table.add_ref(seg.gid, layer.ref(offset, offset + seg.width, is_output, seg.expand))
         else:
-            ctx.table.fix(seg.gid, f"only part of the group reaches {node.target}")
+            ctx.table.fix(seg.gid, f"only part of the group reaches {layer.path}")
         offset += seg.width
 
 
-def output_group(ctx: PropagationContext, node, size: int, dim: int, ndim: int) -> ChannelSpace:
+def output_group(ctx: PropagationContext, node, size: int, dim: int, ndim: int,
+                 layer: Optional[LayerName] = None) -> ChannelSpace:
     """A new group of ``size`` channels made by the layer of ``node`` (its output channels)."""
     out = ctx.new_space(size, dim, ndim)
-    ctx.table.add_ref(out.segments[0].gid, ChannelRef(node.target, 0, size, True))
+    ctx.table.add_ref(out.segments[0].gid, (layer or LayerName(node.target)).ref(0, size, True))
     return out
 
 
@@ -235,17 +249,20 @@ def transposed_linear(ctx: PropagationContext, node, module: nn.Module):
     return split_output_groups(ctx, node, layer_kind(module).channel_counts(module)[0], ndim - 1, ndim)
 
 
-def split_output_groups(ctx: PropagationContext, node, size: int, dim: int, ndim: int) -> ChannelSpace:
+def split_output_groups(ctx: PropagationContext, node, size: int, dim: int, ndim: int,
+                        layer: Optional[LayerName] = None, cuts: Sequence[int] = ()) -> ChannelSpace:
     """The layer's ``size`` output channels on ``dim``: one new group, or, when every user of the output splits it
     along ``dim`` (a fused projection: q | k | v in one layer, split or sliced right after, see :mod:`.fused`), one
-    new group per piece, so each piece of the split is a whole group (pruned, or fixed, on its own)."""
-    cuts = _split_points(ctx, node, dim, ndim, size)
+    new group per piece, so each piece of the split is a whole group (pruned, or fixed, on its own). ``cuts``:
+    more inner boundaries the output must be cut at (where the pieces of a concatenated bias meet)."""
+    layer = layer or LayerName(node.target)
+    cuts = sorted(set(_split_points(ctx, node, dim, ndim, size)) | {c for c in cuts if 0 < c < size})
     if not cuts:
-        return output_group(ctx, node, size, dim, ndim)
+        return output_group(ctx, node, size, dim, ndim, layer)
     segments = []
     for lo, hi in zip([0] + cuts, cuts + [size]):
         gid = ctx.table.new(hi - lo)
-        ctx.table.add_ref(gid, ChannelRef(node.target, lo, hi, True))
+        ctx.table.add_ref(gid, layer.ref(lo, hi, True))
         segments.append(Segment(gid, 0, hi - lo))
     return ChannelSpace(dim, ndim, tuple(segments))
 

@@ -61,6 +61,27 @@ def _cat_other_dim(ctx: PropagationContext, node: torch.fx.Node, tracked):
     return present[0].with_dim(present[0].dim, ndim)
 
 
+@op_rule("stack")
+def stack(ctx: PropagationContext, node: torch.fx.Node, name: str):
+    """Tensors stacked along a new dim (``torch.stack([-x[..., 1::2], x[..., ::2]], -1)``, the pairs of a rotary
+    embedding): every piece carries the same channels, which keep their dim (one further on when the new dim comes
+    before it). A piece without channels, or pieces with channels on different dims, cannot be followed."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    ndim = len(shapes(node))
+    dim = dim_arg(node, 1, 0)
+    if not isinstance(dim, int) or not isinstance(tensors, (list, tuple)):
+        return ctx.unknown(node, name)
+    tracked = [ctx.space(t) for t in tensors]
+    if not any(tracked):
+        return None
+    if not all(tracked) or len({(s.dim, s.ndim) for s in tracked}) != 1 or tracked[0].ndim != ndim - 1:
+        return ctx.unknown(node, name, "its pieces do not all carry channels on the same dim")
+    ctx.merge_spaces(tracked, f"{ctx.where(node)} stacks different channel groups")
+    space = ctx.space(tensors[0])
+    dim %= ndim
+    return space.with_dim(space.dim + (1 if dim <= space.dim else 0), ndim)
+
+
 @op_rule(*PERMUTE)
 def permute(ctx: PropagationContext, node: torch.fx.Node, name: str):
     """Replay the op on a probe whose only non-1 dim is the channel dim (and the parts dim, size 3, of fused heads),

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..channels import UnitSpec, ratio_to_count, ref_to_dict
 from ..errors import ChannelSelectionError, ConfigError
 from .assembler import LayerIndexAssembler
@@ -306,7 +307,9 @@ class MutableChannelUnit(ChannelUnit):
 
         Validates everything first: a missing or unconvertible module raises ConfigError, the model unchanged.
         """
-        replace_modules(model, plan_dynamic_conversion(model, self.related_refs, f"unit {self.name}"))
+        plan = plan_dynamic_conversion(model, self.related_refs, f"unit {self.name}")
+        ops.serve_read_layers(model, self.related_refs)  # checks every ref before it serves one
+        replace_modules(model, plan)
         self.bind(model)
         if self._assembler is None:
             LayerIndexAssembler([self]).attach(model)

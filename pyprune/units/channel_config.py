@@ -1,8 +1,9 @@
 """Reading a unit's channel entries from a config, as mmrazor and pyprune write them.
 
 A config lists a unit's channels as ``{"name", "start", "end", "is_output_channel"}`` entries (mmrazor's layout);
-pyprune adds ``expand`` where a range is wider than the unit (flatten -> Linear) and ``param_dim`` for
-channel-sized tensors. mmrazor's analyzer also writes ``expand_ratio`` and lists a norm on both sides of a unit.
+pyprune adds ``expand`` where a range is wider than the unit (flatten -> Linear), ``param_dim`` for
+channel-sized tensors and ``read_by`` for a layer whose tensors an enclosing module's code reads directly.
+mmrazor's analyzer also writes ``expand_ratio`` and lists a norm on both sides of a unit.
 """
 from collections.abc import Mapping
 from typing import List, Sequence, Tuple
@@ -17,7 +18,7 @@ __all__ = ["CHANNEL_KEYS", "channel_refs", "config_channels", "repeats_a_shared_
 
 # keys of one channel entry: pyprune's layout, plus mmrazor's analyzer key ``expand_ratio`` (ignored, as mmrazor's
 # Channel.init_from_cfg ignores it: the range's width against the unit's channel count says how wide it is)
-CHANNEL_KEYS = {"name", "start", "end", "is_output_channel", "expand", "param_dim", "expand_ratio"}
+CHANNEL_KEYS = {"name", "start", "end", "is_output_channel", "expand", "param_dim", "read_by", "expand_ratio"}
 
 
 def channel_refs(entries, is_output, num_channels, unit: str) -> List[ChannelRef]:
@@ -46,7 +47,8 @@ def channel_refs(entries, is_output, num_channels, unit: str) -> List[ChannelRef
             width = end - start
             expand = width // num_channels if num_channels and width > num_channels and \
                 width % num_channels == 0 else 1
-        refs.append(ChannelRef(entry["name"], start, end, bool(side), int(expand), entry.get("param_dim")))
+        refs.append(ChannelRef(entry["name"], start, end, bool(side), int(expand), entry.get("param_dim"),
+                               entry.get("read_by")))
     return refs
 
 
