@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pyprune import kernels
 from pyprune.app.bench.model_bench import TinyNet, prepare
-from pyprune.ops import kept_slice_sgd
+from pyprune.ops import kept_slice
 from pyprune.ops.base import DynamicChannelMixin
 from pyprune.ops.kept_slice_sgd import KeptSliceSGD
 
@@ -158,7 +158,7 @@ def test_plain_sgd_is_reproduced_exactly(net):
 @pytest.mark.parametrize("momentum,weight_decay,nesterov", [(0.9, 1e-2, False), (0.8, 1e-2, True)])
 def test_lazy_momentum_rule(net, monkeypatch, general_path, momentum, weight_decay, nesterov):
     if general_path:  # every slice takes the gather / scatter path, as a non-prefix selection does
-        monkeypatch.setattr(kept_slice_sgd, "_prefix_length", lambda index, known: None)
+        monkeypatch.setattr(kept_slice, "_prefix_length", lambda index, known: None)
     model, mutator = net.model, net.mutator
     subnets = _subnets(mutator)
     x, y = _batch()
