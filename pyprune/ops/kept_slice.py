@@ -18,9 +18,11 @@ handed to the rule as a plain parameter.
 
 A slice that keeps a *leading block* of its tensor (a sequential unit's prefix, host-known indices only) costs no
 copy where the block is contiguous in memory (rows of any tensor: batch norm's parameters and running statistics,
-a conv's output channels when all its inputs are kept): the op is handed a view of the full tensor, its in-place
-running-statistics update lands in the full buffers directly, and the rule updates the block in place. Other kept
-slices are gathered copies, updated and scattered back.
+a conv's output channels when all its inputs are kept): the op is handed a view of the full tensor, and its
+in-place running-statistics update lands in the full buffers directly. A strided block (rows and columns of a conv
+weight) is handed as a block copy (``contiguous()``, about twice as fast as the index gather). Either way the rule
+updates the block of the parameter and its state in place (views, nothing written back). Other kept slices are
+gathered copies, updated and scattered back.
 
 The sliced parameters' ``.grad`` stays None (their gradient lives on the compact leaves until :meth:`step` or
 :meth:`zero_grad`); ``state_dict`` / ``load_state_dict`` are the plain optimizer's (full-size state tensors).
@@ -112,12 +114,13 @@ class KeptSliceOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return
         x = next((a for a in args if isinstance(a, Tensor)), None)
+        prefixes: Dict[int, Optional[int]] = {}  # id(index) -> prefix length; ops share index tensors
         for op in self.ops:
             if not op.training or op._holds_compact() or (x is not None and op._gather_form(x) is not None):
                 continue  # gathers on its own (autograd path, full .grad)
             entry = self._leaves.get(id(op))
             if entry is None:
-                entry = self._gather_leaves(op)
+                entry = self._gather_leaves(op, prefixes)
                 if entry is None:
                     continue
                 self._leaves[id(op)] = entry
@@ -127,12 +130,13 @@ class KeptSliceOptimizer(torch.optim.Optimizer):
                                    f"subnet")
             op.tensor_provider.hand(entry.handed)
 
-    def _gather_leaves(self, op: DynamicChannelMixin) -> Optional[_OpLeaves]:
+    def _gather_leaves(self, op: DynamicChannelMixin, prefixes: Dict[int, Optional[int]]) -> Optional[_OpLeaves]:
+        """The compact tensors to hand ``op`` for this step, or None when it has nothing sliced on dims 0 / 1.
+        ``prefixes``: the prefix lengths of the index tensors seen so far in this forward."""
         slices = op.tensor_provider.slices(op)  # the layout of this selection (the op's write-back reads it too)
         if not slices or any(piece.dim for piece in slices.values()):
             return None
         handed, params = [], []
-        prefixes: Dict[int, Optional[int]] = {}  # id(index) -> prefix length (ops share one index for all slices)
         with torch.no_grad():
             for name, source in zip(op._channel_tensors, op._source_tensors()):
                 piece = slices.get(name)
@@ -143,9 +147,14 @@ class KeptSliceOptimizer(torch.optim.Optimizer):
                 region = _prefix_region(piece, prefixes)
                 # a parameter's block: a view of a detached alias (a leaf of its own); a buffer's: a view of the
                 # buffer itself, which its in-place update then writes (the provider sees it needs no carrying back)
-                compact = None if region is None else _narrowed(source.detach() if trained else source, region)
-                if compact is None or not compact.is_contiguous():
-                    compact = gather_slice(piece, source)  # a strided block would be copied by its consumer anyway
+                if region is None:
+                    compact = gather_slice(piece, source)
+                else:
+                    compact = _narrowed(source.detach() if trained else source, region)
+                    if not compact.is_contiguous():
+                        # a strided block would be copied by its consumer anyway; a block copy is about twice as
+                        # fast as the index gather
+                        compact = compact.contiguous()
                 if trained:
                     compact.requires_grad_(True)
                     params.append(_SlicedParameter(source, piece, compact, region))
@@ -236,5 +245,10 @@ def _prefix_region(piece: ChannelSlice, known: Dict[int, Optional[int]]) -> Opti
 def _narrowed(tensor: Tensor, region: Region) -> Tensor:
     """The view of ``tensor``'s leading block ``region`` (shares its storage)."""
     rows, cols = region
-    view = tensor if rows is None else tensor.narrow(0, 0, rows)
-    return view if cols is None else view.narrow(1, 0, cols)
+    shape = list(tensor.shape)
+    if rows is not None:
+        shape[0] = rows
+    if cols is not None:
+        shape[1] = cols
+    # one view op for both dims (two narrows cost twice the dispatch, on every tensor of every step)
+    return tensor.as_strided(shape, tensor.stride(), tensor.storage_offset())
