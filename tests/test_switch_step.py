@@ -192,6 +192,34 @@ def test_dropped_channels_keep_value_and_momentum(net):
     assert not torch.equal(after[1][kept], before[1][kept])
 
 
+def test_contiguous_prefix_blocks_are_handed_as_views_and_written_in_place(net, monkeypatch):
+    """A prefix subnet's batch norms get views of their full tensors (no copy), and F.batch_norm's running-statistics
+    update lands in the full buffers with nothing carried back; strided conv blocks are contiguous copies."""
+    model, mutator = net.model, net.mutator
+    x, y = _batch()
+    optimizer = net.fast(lr=LR)
+    mutator.set_global_ratio(0.5)
+    carried = []
+    monkeypatch.setattr(kernels, "update_running_stats_", lambda *args: carried.append(args))
+    bn = model.stem[1]
+    before = bn.running_mean.clone()
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    entry = optimizer._leaves[id(bn)]
+    kept = bn.out_index.numel()
+    assert 0 < kept < bn.num_features
+    for handed, full in zip(entry.handed, (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        assert handed.data_ptr() == full.data_ptr() and handed.shape == (kept,)
+    assert carried == []  # nothing written back: the update went to the full buffers
+    assert not torch.equal(bn.running_mean[:kept], before[:kept]) and torch.equal(bn.running_mean[kept:],
+                                                                                 before[kept:])
+    conv = model.expand[0]  # pruned inputs and outputs: a strided block of its weight
+    weight_leaf = optimizer._leaves[id(conv)].handed[0]
+    assert weight_leaf.is_contiguous() and weight_leaf.data_ptr() != conv.weight.data_ptr()
+    assert torch.equal(weight_leaf, conv.weight[:weight_leaf.shape[0], :weight_leaf.shape[1]])
+    optimizer.step()
+
+
 def test_two_forwards_accumulate_like_plain_backward(net):
     model, mutator = net.model, net.mutator
     subnets = _subnets(mutator)
