@@ -1,7 +1,7 @@
 """KeptSliceAdamW (pyprune.ops.kept_slice_adamw): AdamW on the kept channels only, per-channel step counts.
 
-Numerics checked here (tolerance rtol 1e-5 / atol 1e-6 throughout: the bias corrections are rounded from float64
-tensors where torch rounds Python floats, a relative difference of order 1e-7 per step):
+Numerics checked here (tolerance rtol 1e-5 / atol 1e-6 throughout: the bias corrections are float32 tensors where
+torch computes Python floats, a relative difference of order 1e-7 per step):
 
 * every channel kept: equal to ``torch.optim.AdamW`` on the same model;
 * one fixed subnet for every step: the kept places equal ``torch.optim.AdamW`` training the exported subnet;
@@ -205,6 +205,16 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_changes_nothing(net):
     after = optimizer.state_dict()
     assert all(torch.equal(after["state"][k][n], before["state"][k][n]) for k in before["state"]
                for n in before["state"][k])
+
+
+def test_lr_zero_moves_the_moments_only(net):
+    model, mutator = net.model, net.mutator
+    x, y = _batch()
+    before = _params(model)
+    optimizer = _fast(net, lr=0.0)
+    _train(model, mutator, optimizer, _subnets(mutator), x, y, steps=2)
+    assert all(torch.equal(v, before[k]) for k, v in _params(model).items())
+    assert any(bool(optimizer.state[p]["exp_avg"].abs().max() > 0) for p in model.parameters())
 
 
 @pytest.mark.parametrize("kwargs,key", [(dict(lr=-1.0), "lr"), (dict(eps="1e-8"), "eps"),

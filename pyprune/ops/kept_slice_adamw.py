@@ -18,8 +18,8 @@ Numerics ("lazy" Adam, as sparse / lazy Adam do for embedding rows):
 * **dropped places**: *untouched* - value, moments and count stay as they are (torch's AdamW in gather mode
   instead feeds them a zero gradient: their moments decay, the update keeps moving them, weight decay shrinks them);
 * with every channel kept at every step each count equals torch's step, and the result equals ``torch.optim.AdamW``
-  up to float rounding (the bias corrections are computed in float64 tensors and rounded to the parameter's dtype,
-  where torch rounds a Python float: relative differences of order 1e-7 per step);
+  up to float rounding (the bias corrections are float32 tensors, where torch computes Python floats: relative
+  differences of order 1e-7 per step);
 * not supported: ``amsgrad``, ``maximize``, ``capturable`` / ``foreach`` / ``fused`` variants.
 
 ``load_state_dict`` also takes a ``torch.optim.AdamW`` state dict (scalar ``step``): the count is broadcast to every
@@ -85,8 +85,8 @@ class KeptSliceAdamW(KeptSliceOptimizer):
 def _adamw_update(values: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
                   counts: List[Tensor], group: dict) -> None:
     """torch's AdamW update in place on ``values`` and their moments, with a per-place step count ``counts[i]``
-    (broadcastable to ``values[i]``) in the bias corrections. The elementwise ops go one ``_foreach`` call per op
-    for the whole list."""
+    (float32, broadcastable to ``values[i]``) in the bias corrections. One ``_foreach`` call per arithmetic op for
+    the whole list (a per-tensor loop would cost a dozen dispatches per parameter)."""
     lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     torch._foreach_add_(counts, 1.0)
     if weight_decay != 0:
@@ -94,12 +94,23 @@ def _adamw_update(values: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    for value, exp_avg, exp_avg_sq, count in zip(values, exp_avgs, exp_avg_sqs, counts):
-        t = count.double()  # the bias corrections as torch computes them (in double), then in the value's dtype
-        step_size = (lr / (1 - torch.pow(beta1, t))).to(value.dtype)
-        correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt_().to(value.dtype)
-        denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
-        value.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+    # the bias corrections per place, from the counts (float32, exact integers): 1 - beta ** t
+    correction1 = torch._foreach_pow(beta1, counts)
+    torch._foreach_neg_(correction1)
+    torch._foreach_add_(correction1, 1.0)
+    correction2 = torch._foreach_pow(beta2, counts)
+    torch._foreach_neg_(correction2)
+    torch._foreach_add_(correction2, 1.0)
+    torch._foreach_sqrt_(correction2)
+    # w -= lr / correction1 * m / (sqrt(v) / sqrt(correction2) + eps); the counts broadcast over trailing dims
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, correction2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_reciprocal_(correction1)
+    torch._foreach_mul_(correction1, lr)  # the step sizes lr / correction1
+    update = torch._foreach_mul(exp_avgs, correction1)
+    torch._foreach_div_(update, denom)
+    torch._foreach_sub_(values, update)
 
 
 def _check_hyper_parameters(lr, betas, eps, weight_decay) -> None:
