@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pyprune import kernels
 from pyprune.app.bench.model_bench import TinyNet, prepare
-from pyprune.ops import kept_slice_sgd
+from pyprune.ops import kept_slice
 from pyprune.ops.base import DynamicChannelMixin
 from pyprune.ops.kept_slice_sgd import KeptSliceSGD
 
@@ -158,7 +158,7 @@ def test_plain_sgd_is_reproduced_exactly(net):
 @pytest.mark.parametrize("momentum,weight_decay,nesterov", [(0.9, 1e-2, False), (0.8, 1e-2, True)])
 def test_lazy_momentum_rule(net, monkeypatch, general_path, momentum, weight_decay, nesterov):
     if general_path:  # every slice takes the gather / scatter path, as a non-prefix selection does
-        monkeypatch.setattr(kept_slice_sgd, "_prefix_length", lambda index, known: None)
+        monkeypatch.setattr(kept_slice, "_prefix_length", lambda index, known: None)
     model, mutator = net.model, net.mutator
     subnets = _subnets(mutator)
     x, y = _batch()
@@ -190,6 +190,34 @@ def test_dropped_channels_keep_value_and_momentum(net):
     assert torch.equal(after[0][~kept], before[0][~kept]) and torch.equal(after[1][~kept], before[1][~kept])
     assert not torch.equal(after[0][kept], before[0][kept])
     assert not torch.equal(after[1][kept], before[1][kept])
+
+
+def test_contiguous_prefix_blocks_are_handed_as_views_and_written_in_place(net, monkeypatch):
+    """A prefix subnet's batch norms get views of their full tensors (no copy), and F.batch_norm's running-statistics
+    update lands in the full buffers with nothing carried back; strided conv blocks are contiguous copies."""
+    model, mutator = net.model, net.mutator
+    x, y = _batch()
+    optimizer = net.fast(lr=LR)
+    mutator.set_global_ratio(0.5)
+    carried = []
+    monkeypatch.setattr(kernels, "update_running_stats_", lambda *args: carried.append(args))
+    bn = model.stem[1]
+    before = bn.running_mean.clone()
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    entry = optimizer._leaves[id(bn)]
+    kept = bn.out_index.numel()
+    assert 0 < kept < bn.num_features
+    for handed, full in zip(entry.handed, (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        assert handed.data_ptr() == full.data_ptr() and handed.shape == (kept,)
+    assert carried == []  # nothing written back: the update went to the full buffers
+    assert not torch.equal(bn.running_mean[:kept], before[:kept]) and torch.equal(bn.running_mean[kept:],
+                                                                                 before[kept:])
+    conv = model.expand[0]  # pruned inputs and outputs: a strided block of its weight
+    weight_leaf = optimizer._leaves[id(conv)].handed[0]
+    assert weight_leaf.is_contiguous() and weight_leaf.data_ptr() != conv.weight.data_ptr()
+    assert torch.equal(weight_leaf, conv.weight[:weight_leaf.shape[0], :weight_leaf.shape[1]])
+    optimizer.step()
 
 
 def test_two_forwards_accumulate_like_plain_backward(net):

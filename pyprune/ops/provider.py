@@ -92,11 +92,12 @@ class TensorProvider:
     # ---------------------------------------------------------------------------------------------- write-back
     def carry_writes(self, op, written: Dict[str, Tensor]) -> None:
         """Carry in-place updates of compact tensors (``{name: compact tensor}``) into the full ones. Gathered copies
-        only: held tensors and tensors returned whole (nothing pruned) already are the full ones."""
+        only: held tensors, tensors returned whole (nothing pruned) and views of the full tensors (a kept-slice
+        optimizer's leading blocks) already wrote into the full ones."""
         if self.holds(op):
             return
         full = dict(zip(op._channel_tensors, op._source_tensors()))
-        pending = {name: t for name, t in written.items() if t is not None and t is not full.get(name)}
+        pending = {name: t for name, t in written.items() if t is not None and not _writes_through(t, full.get(name))}
         if not pending:
             return
         slices = self.slices(op)
@@ -181,6 +182,11 @@ class TensorProvider:
         # the sources are held with the key so that their ids cannot be reused by other tensors meanwhile
         self.cache = (key, sources, compact)
         return compact
+
+
+def _writes_through(tensor: Tensor, full: Optional[Tensor]) -> bool:
+    """Whether an in-place write into ``tensor`` already is one into ``full``: it is ``full`` or a view of it."""
+    return full is not None and (tensor is full or tensor._base is full)
 
 
 def _attribute(module, path: str):
