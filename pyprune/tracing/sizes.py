@@ -11,6 +11,7 @@ import torch.fx
 
 from .channel_space import ChannelSpace, PartedSpace, Segment
 from .context import PropagationContext, dim_arg, flat_nodes, shapes
+from .traced_ints import INT_VALUE
 
 # Arithmetic with a plain int that keeps a size proportional to its width: ``heads * n_rep``, ``C // head_dim``.
 SCALING = {"mul": False, "rmul": False, "floordiv": True, "truediv": True}
@@ -46,6 +47,20 @@ def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
     if scaled is not None:
         return scaled
     return ChannelSize(tuple(dict.fromkeys(space for size in sizes for space in size.spaces)), exact=False)
+
+
+def fold_plain_ints(ctx: PropagationContext, node: torch.fx.Node) -> None:
+    """Write the ints of a recorded forward that read no channel dim (``B``, ``N`` of ``B, N, C = x.shape``) into
+    ``node``'s arguments as the numbers they were, before its rule runs: only a ``ChannelSize`` stays a node
+    (:mod:`.traced_ints`), so every rule sees what it sees in a symbolic graph, where such ints are plain too."""
+    def fold(arg: torch.fx.Node):
+        if INT_VALUE in arg.meta and type(arg.meta[INT_VALUE]) is int and \
+                not isinstance(ctx.spaces.get(arg), ChannelSize):
+            return arg.meta[INT_VALUE]
+        return arg
+    if any(INT_VALUE in arg.meta for arg in flat_nodes((node.args, node.kwargs))):
+        node.args = torch.fx.node.map_arg(node.args, fold)
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, fold)
 
 
 def _scaled(ctx: PropagationContext, node: torch.fx.Node, name: str) -> Optional[ChannelSize]:
