@@ -82,3 +82,89 @@ def test_gathers_that_pick_channels_or_mask_positions_fix_the_hidden_size(index,
     with pytest.warns(PruningTraceWarning, match="getitem.*indexing with tensors at the channel dim"):
         mutator = prepared(model, ids, tracer=tracer)
     assert not unit_of(mutator, "fc").is_mutable
+
+
+# ---- sizes read from tensors in a recorded forward ---------------------------------------------------------------
+class ShapeReadAttention(nn.Module):
+    """timm's attention as a recorded forward sees it: every size read from ``x.shape``, the head width computed
+    as ``C // num_heads`` (no ``head_dim`` attribute), and a data-dependent branch fx cannot trace."""
+
+    def __init__(self, dim=32, num_heads=4):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class ShapeReadViT(nn.Module):
+    def __init__(self, dim=32, depth=2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.ModuleList(ShapeReadAttention(dim) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)  # NHWC, as timm's dynamic_img_size
+        B, H, W, C = x.shape
+        x = x.view(B, -1, C)
+        if x.abs().sum() > 0:  # data-dependent: fx cannot trace this model
+            x = x * 1.0
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def test_recorded_sizes_read_from_shapes_let_heads_and_the_residual_stream_prune():
+    torch.manual_seed(0)
+    model, x = ShapeReadViT().eval(), torch.randn(2, 3, 16, 16)
+    with pytest.warns() as caught:
+        mutator = prepared(model, x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, PruningTraceWarning)]
+    assert any("recorded a real forward" in m for m in messages)
+    assert not [m for m in messages if "recorded a real forward" not in m], messages
+    # head_dim is C // num_heads with C read from the residual stream: the stream is cut into blocks of head_dim
+    # channels, block i in the slot of head i, so one unit prunes heads and stream together
+    unit = unit_of(mutator, "embed")
+    layers = {(r.name, r.expand) for r in unit.output_related}
+    assert {("embed", 8), ("blocks.0.qkv", 8), ("blocks.1.proj", 8), ("blocks.0.num_heads", 1)} <= layers
+    assert unit.is_mutable and unit.current_choice == 2  # of 4 slots
+    exported = assert_export_equals_dynamic(model, mutator, x)
+    assert exported.embed.out_channels == 16 and exported.blocks[0].qkv.out_features == 48
+    assert exported.blocks[1].num_heads == 2
+
+
+def test_sizes_read_from_the_batch_or_tokens_stay_plain_numbers():
+    from pyprune.tracing.capture import capture
+    from pyprune.tracing.example_inputs import CallArgs
+    from pyprune.tracing.propagate import propagate
+    from pyprune.tracing.sizes import ChannelSize
+    from pyprune.tracing.traced_ints import INT_VALUE
+    model = ShapeReadViT(depth=1).eval()
+    graph = capture(model, CallArgs((torch.randn(2, 3, 16, 16),), {}), "torch_function").graph
+    view = next(n for n in graph.nodes if getattr(n.target, "__name__", "") == "view")
+    assert all(isinstance(a, torch.fx.Node) and INT_VALUE in a.meta for a in view.args[1:] if a != -1)
+    ctx = propagate(model, graph, recorded=True)
+    # B became its number again; C stayed the node of the channel size it is
+    batch, rest, channels = view.args[1:]
+    assert batch == 2 and rest == -1 and isinstance(ctx.spaces[channels], ChannelSize)
+
+
+def test_traced_ints_compute_as_ints_and_copy_as_plain_ints():
+    import copy
+    import pickle
+    from pyprune.tracing.traced_ints import TracedInt
+    made = []
+    emit = lambda target, args, value: made.append((target.__name__, value)) or object()  # noqa: E731
+    c = TracedInt(12, node=None, emit=emit)
+    assert (c // 4, 2 * c, c - 2, -c, c % 5, c / 4) == (3, 24, 10, -12, 2, 3.0)
+    assert [name for name, _ in made] == ["floordiv", "mul", "sub", "neg", "mod"]  # true division gives a float
+    assert type(c / 4) is float and type(int(c)) is int and isinstance(c // 4, TracedInt)
+    assert type(copy.deepcopy(c)) is int and type(pickle.loads(pickle.dumps(c))) is int
+    ended = TracedInt(12, node=None, emit=lambda target, args, value: None)  # the recording is over
+    assert type(ended * 2) is int and ended * 2 == 24
