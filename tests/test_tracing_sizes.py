@@ -1,20 +1,20 @@
 """What the recorded forward cannot see as code: advanced indexing that leaves the channel dim whole (CLIP's
 end-of-sequence gather), and Python ints read from tensor shapes (``B, N, C = x.shape``), which the recorder keeps
 as size nodes so a reshape by them follows the pruned width."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from pyprune.mutators import ChannelMutator
-from pyprune.tracing import PruningTraceWarning, trace_channel_units
+from pyprune.tracing import PruningTraceWarning
 
 TRACERS = ["fx", "torch_function"]
 
 
 def prepared(model, demo, ratio=0.5, tracer="auto"):
-    import functools
-    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=demo),
-                             trace_fn=functools.partial(trace_channel_units, tracer=tracer))
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=demo, tracer_type=tracer))
     mutator.prepare_from_supernet(model)
     mutator.set_global_ratio(ratio)
     return mutator
@@ -28,6 +28,14 @@ def assert_export_equals_dynamic(model, mutator, *inputs, atol=1e-5):
     with torch.no_grad():
         torch.testing.assert_close(exported(*inputs), dynamic, atol=atol, rtol=0)
     return exported
+
+
+def prepared_with_warnings(model, demo, tracer="auto"):
+    """(mutator at ratio 0.5, the messages of the PruningTraceWarnings preparing it gave)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mutator = prepared(model, demo, tracer=tracer)
+    return mutator, [str(w.message) for w in caught if issubclass(w.category, PruningTraceWarning)]
 
 
 def unit_of(mutator, layer):
@@ -64,10 +72,9 @@ class EndOfSequencePool(nn.Module):
 def test_gather_on_the_batch_and_token_dims_passes_the_hidden_size_through(tracer):
     torch.manual_seed(0)
     model, ids = EndOfSequencePool().eval(), torch.randint(0, 16, (3, 5))
-    with pytest.warns() as caught:
-        mutator = prepared(model, ids, tracer=tracer)
+    mutator, messages = prepared_with_warnings(model, ids, tracer=tracer)
     # (argmax reduces the token ids, the model input's dim 1: a group that is fixed anyway)
-    assert not [w for w in caught if issubclass(w.category, PruningTraceWarning) and "argmax" not in str(w.message)]
+    assert not [m for m in messages if "argmax" not in m], messages
     hidden = unit_of(mutator, "fc")
     assert hidden.is_mutable and {r.name for r in hidden.output_related} == {"fc", "norm"}
     exported = assert_export_equals_dynamic(model, mutator, ids)
@@ -123,9 +130,7 @@ class ShapeReadViT(nn.Module):
 def test_recorded_sizes_read_from_shapes_let_heads_and_the_residual_stream_prune():
     torch.manual_seed(0)
     model, x = ShapeReadViT().eval(), torch.randn(2, 3, 16, 16)
-    with pytest.warns() as caught:
-        mutator = prepared(model, x)
-    messages = [str(w.message) for w in caught if issubclass(w.category, PruningTraceWarning)]
+    mutator, messages = prepared_with_warnings(model, x)
     assert any("recorded a real forward" in m for m in messages)
     assert not [m for m in messages if "recorded a real forward" not in m], messages
     # head_dim is C // num_heads with C read from the residual stream: the stream is cut into blocks of head_dim
@@ -168,3 +173,37 @@ def test_traced_ints_compute_as_ints_and_copy_as_plain_ints():
     assert type(copy.deepcopy(c)) is int and type(pickle.loads(pickle.dumps(c))) is int
     ended = TracedInt(12, node=None, emit=lambda target, args, value: None)  # the recording is over
     assert type(ended * 2) is int and ended * 2 == 24
+
+
+# ---- when a size follows its output --------------------------------------------------------------------------
+class SizedBeforeCoupled(nn.Module):
+    """HF Swin's and GPT-2's shapes: a branch viewed by the width of the stream it is added to only later, the
+    concatenation of two strided token slices viewed by ``2 * C`` (patch merging), and a view sized by the model
+    input's own length (a fixed group: the same number in every subnet)."""
+
+    def __init__(self, vocab=16, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm, self.branch = nn.LayerNorm(dim), nn.Linear(dim, dim)
+        self.merge = nn.Linear(2 * dim, 6)
+
+    def forward(self, ids):
+        x = self.embed(ids)                                   # [B, T, C]
+        B, T, C = x.shape
+        h = self.branch(self.norm(x)).view(B, 2, T // 2, C)   # C of the stream sizes the branch's output ...
+        x = x + h.view(B, T, C)                               # ... which the add couples with the stream only now
+        x = x.view((-1,) + ids.shape[1:] + (x.size(-1),))     # the input's length T sizes dim 1
+        merged = torch.cat([x[:, 0::2], x[:, 1::2]], -1)      # [B, T / 2, 2C]
+        return self.merge(merged.view(B, -1, 2 * C))
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_sizes_that_follow_once_the_graph_is_walked_leave_the_stream_prunable(tracer):
+    torch.manual_seed(0)
+    model, ids = SizedBeforeCoupled().eval(), torch.randint(0, 16, (2, 6))
+    mutator, messages = prepared_with_warnings(model, ids, tracer=tracer)
+    assert not [m for m in messages if "recorded a real forward" not in m], messages
+    stream = unit_of(mutator, "embed")
+    assert stream.is_mutable and {r.name for r in stream.output_related} == {"embed", "norm", "branch"}
+    exported = assert_export_equals_dynamic(model, mutator, ids)
+    assert exported.merge.in_features == 8 and exported.branch.out_features == 4

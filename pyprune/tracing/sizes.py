@@ -31,7 +31,8 @@ class ChannelSize:
 
 def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
     """The value of a node that yields no tensor: ``x.shape`` / ``x.size()`` (a tuple with a ChannelSize at the
-    channel dim), ``x.size(c)``, and ints computed from ChannelSizes; None for anything else."""
+    channel dim), ``x.size(c)``, shape tuples joined by ``+``, and ints computed from ChannelSizes; None for
+    anything else."""
     if name in ("size", "getattr") and node.args and ctx.space(node.args[0]) is not None:
         space = ctx.space(node.args[0])
         if name == "getattr" and node.args[1:] != ("shape",):
@@ -40,6 +41,10 @@ def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
         if dim is None:
             return tuple(ChannelSize((space,)) if d == space.dim else None for d in range(space.ndim))
         return ChannelSize((space,)) if isinstance(dim, int) and dim % space.ndim == space.dim else None
+    if name == "add" and len(node.args) == 2 and not node.kwargs:  # shape tuples joined: (-1,) + x.shape[1:]
+        pieces = [_tuple_value(ctx, a) for a in node.args]
+        if all(p is not None for p in pieces):
+            return pieces[0] + pieces[1]
     sizes = sizes_in(ctx, (node.args, node.kwargs))
     if not sizes:
         return None
@@ -61,6 +66,16 @@ def fold_plain_ints(ctx: PropagationContext, node: torch.fx.Node) -> None:
     if any(INT_VALUE in arg.meta for arg in flat_nodes((node.args, node.kwargs))):
         node.args = torch.fx.node.map_arg(node.args, fold)
         node.kwargs = torch.fx.node.map_arg(node.kwargs, fold)
+
+
+def _tuple_value(ctx: PropagationContext, value) -> Optional[tuple]:
+    """The value of a shape tuple: a node's (``x.shape[1:]``), or a literal tuple's items' (None for plain ints)."""
+    if isinstance(value, torch.fx.Node):
+        found = ctx.spaces.get(value)
+        return found if isinstance(found, tuple) else None
+    if isinstance(value, tuple):
+        return tuple(ctx.spaces.get(v) if isinstance(v, torch.fx.Node) else None for v in value)
+    return None
 
 
 def _scaled(ctx: PropagationContext, node: torch.fx.Node, name: str) -> Optional[ChannelSize]:
