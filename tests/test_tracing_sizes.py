@@ -207,3 +207,41 @@ def test_sizes_that_follow_once_the_graph_is_walked_leave_the_stream_prunable(tr
     assert stream.is_mutable and {r.name for r in stream.output_related} == {"embed", "norm", "branch"}
     exported = assert_export_equals_dynamic(model, mutator, ids)
     assert exported.merge.in_features == 8 and exported.branch.out_features == 4
+
+
+# ---- a channel tensor through a broadcast add --------------------------------------------------------------------
+class MaskedBiasAttention(nn.Module):
+    """Shifted-window attention as HF Swin writes it: a per-head bias ``[1, heads, N, N]`` plus a mask constant
+    along the heads (``[B, 1, N, N]``), passed to SDPA as one ``attn_mask``."""
+
+    def __init__(self, dim=16, heads=4, tokens=6, masked=True):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.register_buffer("mask", torch.zeros(2, 1 if masked else heads, tokens, tokens).masked_fill(
+            torch.rand(2, 1 if masked else heads, tokens, tokens) > 0.7, -100.0))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.unsqueeze(0) + self.mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_a_per_head_bias_plus_a_mask_constant_along_the_heads_follows_the_heads(tracer):
+    torch.manual_seed(0)
+    model, x = MaskedBiasAttention().eval(), torch.randn(2, 6, 16)
+    mutator, messages = prepared_with_warnings(model, x, tracer=tracer)
+    heads = unit_of(mutator, "qkv")
+    assert heads.is_mutable and ("bias", 4) in {(r.name, r.end) for r in heads.output_related}
+    exported = assert_export_equals_dynamic(model, mutator, x)
+    assert exported.bias.shape == (2, 6, 6) and exported.num_heads == 2
+
+
+def test_a_mask_that_varies_along_the_heads_fixes_them():
+    torch.manual_seed(0)
+    model, x = MaskedBiasAttention(masked=False).eval(), torch.randn(2, 6, 16)
+    mutator, messages = prepared_with_warnings(model, x)
+    assert not unit_of(mutator, "qkv").is_mutable
