@@ -250,8 +250,8 @@ FAMILY_CASES = {  # case: (zoo family, builder or None for the zoo's, {config fi
     # a field per role: encoder / decoder heads and MLP widths, one d_model for both stacks and the convolutions
     "whisper": ("whisper", None, {"d_model": 32, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
                                   "encoder_attention_heads": 2, "decoder_attention_heads": 2}),
-    # sub-configs: the text tower keeps its hidden size, so its heads (head width = hidden / heads) stay whole
-    "clip": ("clip", None, {"text_config.hidden_size": 64, "text_config.num_attention_heads": 4,
+    # sub-configs, each tower with its own widths (head width = hidden / heads in both)
+    "clip": ("clip", None, {"text_config.hidden_size": 32, "text_config.num_attention_heads": 2,
                             "text_config.intermediate_size": 64, "vision_config.hidden_size": 32,
                             "vision_config.num_attention_heads": 2, "vision_config.intermediate_size": 64}),
 }

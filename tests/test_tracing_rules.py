@@ -17,7 +17,7 @@ from pyprune.tracing.context import OP_RULES, PropagationContext, op_name, op_ru
 from pyprune.tracing.rules_layers import LAYER_RULES, layer_rule
 from pyprune.tracing.rules_shape import concat, getitem, permute, reshape, split, stack
 from pyprune.tracing.propagate import visit
-from pyprune.tracing.sizes import ChannelSize, check_sizes
+from pyprune.tracing.sizes import ChannelSize, check_sizes, check_unchecked_sizes
 
 
 def traced(fn, *shapes):
@@ -120,6 +120,7 @@ def visit_all(graph, ctx):
         if node.op not in ("placeholder", "output"):
             ctx.spaces[node] = visit(ctx, node)
             check_sizes(ctx, node)
+    check_unchecked_sizes(ctx)
 
 
 def test_channel_count_read_from_a_tensor_is_an_exact_channel_size():

@@ -27,11 +27,40 @@ def is_model_tensor(model: nn.Module, path) -> bool:
     return False
 
 
+# Elementwise ops a channel tensor may pass with another operand that is constant along its channel dim (the
+# shifted-window mask added to Swin's relative-position bias): slicing the result there slices the channel tensor.
+BROADCAST_OPS = ("add", "sub", "mul")
+
+
+def broadcast_source(model: nn.Module, node: torch.fx.Node, dim: int) -> Optional[Tuple[torch.fx.Node, int]]:
+    """(operand, its dim) of a :data:`BROADCAST_OPS` op whose output dim ``dim`` is that whole dim of exactly one
+    tensor operand, every other operand being of size 1 there (or not reaching it); None otherwise."""
+    out = shapes(node)
+    if op_name(node, model) not in BROADCAST_OPS or node.kwargs or len(node.args) != 2 or \
+            not isinstance(out, torch.Size) or not 0 <= dim < len(out):
+        return None
+    found = []
+    for arg in node.args:
+        shape = shapes(arg) if isinstance(arg, torch.fx.Node) else None
+        if shape is None:
+            if isinstance(arg, torch.fx.Node) or not isinstance(arg, (int, float)):
+                return None  # a node of no known tensor shape, a list, ...
+            continue  # a Python number
+        at = dim - (len(out) - len(shape))
+        if 0 <= at < len(shape) and shape[at] != 1:
+            found.append((arg, at))
+    return found[0] if len(found) == 1 and shapes(found[0][0])[found[0][1]] == out[dim] else None
+
+
 def tensor_pass_users(node: torch.fx.Node, model: nn.Module) -> List[torch.fx.Node]:
-    """The first users of ``node`` past any chain of :data:`TENSOR_PASS` / :data:`VIEW_OPS` ops on it."""
+    """The first users of ``node`` past any chain of :data:`TENSOR_PASS` / :data:`VIEW_OPS` ops on it, and of
+    :data:`BROADCAST_OPS` ops that carry one of its dims whole (:func:`broadcast_source`)."""
     out = []
     for user in node.users:
         if op_name(user, model) in TENSOR_PASS | VIEW_OPS and user.args and user.args[0] is node:
+            out += tensor_pass_users(user, model)
+        elif isinstance(shapes(user), torch.Size) and any(
+                (broadcast_source(model, user, d) or (None,))[0] is node for d in range(len(shapes(user)))):
             out += tensor_pass_users(user, model)
         else:
             out.append(user)
@@ -61,9 +90,9 @@ def fix_channel_sized_constants(ctx: PropagationContext, node, out_ndim: int, tr
 def channel_tensor_source(model: nn.Module, node, dim: int) -> Optional[Tuple[str, int]]:
     """(path, dim) of the parameter / buffer whose dim ``dim`` becomes ``node``'s dim ``dim`` through ops that keep
     it one whole dim (``expand`` / ``to``, and views, permutes, index lookups along other dims: a relative-position
-    bias table), or None."""
+    bias table; an add of a tensor constant along that dim: a shifted-window mask), or None."""
     while node.op != "get_attr":
-        found = source_dim(model, node, dim)
+        found = source_dim(model, node, dim) or broadcast_source(model, node, dim)
         if found is None:
             return None
         node, dim = found

@@ -99,6 +99,7 @@ class PropagationContext:
         self.count_paths: set = set()                 # int attributes bound to follow a group (ChannelCounts)
         self.sliced_parts: List[tuple] = []           # (slicing node, groups its int bounds count): see .fused
         self.fused_parts: set = set()                 # groups sliced out of a fused output at int bounds
+        self.unchecked_sizes: List[tuple] = []        # (node, ChannelSize) its output does not follow yet
 
     def new_space(self, size: int, dim: int, ndim: int, fixed_reason: str = "") -> ChannelSpace:
         """A space on dim ``dim`` (of ``ndim``) holding one new group of ``size`` channels."""

@@ -22,7 +22,7 @@ from .outputs import fixed_parts, is_model_output_type
 from ..ops.registry import unservable_reason
 from .rules_layers import apply_layer_rule, is_prunable_layer
 from .rules_elementwise import generic, no_tensor
-from .sizes import check_sizes, size_value
+from .sizes import check_sizes, check_unchecked_sizes, fold_plain_ints, size_value
 
 # The modules whose ``@op_rule`` functions fill OP_RULES (importing them registers the rules).
 RULE_MODULES = (rules_elementwise, rules_shape, rules_writes, rules_attention, rules_layer_weights)
@@ -38,8 +38,10 @@ def propagate(model: nn.Module, graph: torch.fx.Graph, strict: bool = False, gqa
     ctx.recorded = recorded
     ctx.fixed_outputs = fixed_outputs
     for node in graph.nodes:
+        fold_plain_ints(ctx, node)
         ctx.spaces[node] = visit(ctx, node)
         check_sizes(ctx, node)
+    check_unchecked_sizes(ctx)
     check_bound_tensors(ctx, graph)
     check_slice_bounds(ctx)
     return ctx

@@ -1,7 +1,8 @@
 """Record a real forward pass as a ``torch.fx.Graph``, for models torch.fx cannot trace symbolically.
 
 A ``TorchFunctionMode`` sees every torch call; calls made outside prunable layers become fx nodes, each prunable
-layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths.
+layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths. Sizes
+read from recorded tensors are ints that carry their nodes (:mod:`.traced_ints`), as a symbolic graph's would be.
 """
 import operator
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from .example_inputs import CallArgs, call_model, tensor_leaves
 from .rules_layers import is_prunable_layer
 from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
+from .traced_ints import INT_VALUE, TracedShape, is_shape_read, traced_node, traced_size
 
 
 @dataclass
@@ -53,9 +55,13 @@ class _Recorder(TorchFunctionMode):
         self.graph, self.producers, self.path_of = graph, producers, path_of
         self.tensor_names = tensor_names  # id -> path of the model's parameters and buffers
         self.inside_layer = 0
+        self.recording = True  # traced ints the model keeps make no nodes once the forward is over
         self._keep = []  # keep outputs alive so their ids stay unique while recording
 
     def node_for(self, value):
+        traced = traced_node(value)
+        if traced is not None:
+            return traced
         if isinstance(value, Tensor):
             node = self.producers.get(id(value))
             if node is None:  # a parameter, buffer (named by its path, as fx does) or constant
@@ -67,8 +73,12 @@ class _Recorder(TorchFunctionMode):
             return node
         if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple (GoogLeNet's train outputs)
             return type(value)(*(self.node_for(v) for v in value))
+        if isinstance(value, TracedShape):
+            return tuple(self.node_for(v) for v in value)
         if isinstance(value, (list, tuple)):
             return type(value)(self.node_for(v) for v in value)
+        if isinstance(value, slice):  # x[:, :n] with n read from a shape
+            return slice(self.node_for(value.start), self.node_for(value.stop), self.node_for(value.step))
         if isinstance(value, dict):
             return {k: self.node_for(v) for k, v in value.items()}
         return value
@@ -95,9 +105,37 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.inside_layer == 0 and not _is_metadata_call(func):
-            self.record("call_function", func, args, kwargs, out)
+        if self.inside_layer == 0:
+            reads_size, is_property = is_shape_read(func)
+            if reads_size and args and id(args[0]) in self.producers:
+                return self._traced_size(func, args, kwargs, out, is_property)
+            if not _is_metadata_call(func):
+                self.record("call_function", func, args, kwargs, out)
         return out
+
+    def _traced_size(self, func, args, kwargs, out, is_property: bool):
+        """``x.shape`` (recorded as fx writes it, ``getattr(x, "shape")``), ``x.size()`` or ``x.size(d)`` of a
+        recorded tensor, as traced ints."""
+        if is_property:
+            node = self.graph.create_node("call_function", getattr, (self.node_for(args[0]), "shape"))
+        else:
+            node = self.graph.create_node("call_function", func, self.node_for(tuple(args)),
+                                          self.node_for(dict(kwargs)))
+        node.meta["module_path"] = self.path_of()
+        return traced_size(out, node, self.int_node, self.shape_item)
+
+    def int_node(self, target, args, value):
+        """A node for int arithmetic on traced ints (None once the recording is over)."""
+        if not self.recording:
+            return None
+        node = self.graph.create_node("call_function", target, self.node_for(tuple(args)))
+        node.meta.update(module_path=self.path_of(), **{INT_VALUE: value})
+        return node
+
+    def shape_item(self, shape: torch.fx.Node, index: int, value: int) -> torch.fx.Node:
+        node = self.graph.create_node("call_function", operator.getitem, (shape, index))
+        node.meta.update(module_path=shape.meta["module_path"], **{INT_VALUE: value})
+        return node
 
 
 def _is_metadata_call(func) -> bool:
@@ -160,6 +198,7 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
     except Exception as error:  # the innermost module entered and not left is the one that failed
         raise ForwardFailure(describe_module(model, stack[-1]), error) from error
     finally:
+        recorder.recording = False
         for handle in handles:
             handle.remove()
     output = graph.output(recorder.node_for(out))

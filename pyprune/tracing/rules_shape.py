@@ -24,6 +24,8 @@ PERMUTE = ("permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"
 SPLIT = ("chunk", "split", "tensor_split", "split_with_sizes")
 # Ops that follow a PartedSpace (fused q / k / v heads): these rules, and ops passing a tensor on unchanged.
 PARTED_RULES = PERMUTE + ("getitem", "unbind")
+# dtypes of index tensors that look positions up (bool and uint8 tensors are masks: they select positions).
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8)
 PARTED_PASS = ("contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type_as", "dropout", "Identity",
                "Dropout")
 
@@ -327,7 +329,52 @@ def _looked_up(ctx: PropagationContext, node: torch.fx.Node, space: ChannelSpace
     for dim in range(len(out)):
         if indexed_dim(index, out, src, dim) == space.dim:
             return space.with_dim(dim, len(out))
-    return "indexing with tensors at the channel dim (or several index tensors, a mask, ...)"
+    dim = _channel_dim_after_lookup(index, src, out, space.dim)
+    if dim is not None:
+        return space.with_dim(dim, len(out))
+    return "indexing with tensors at the channel dim (or a mask, a sliced channel dim, ...)"
+
+
+def _channel_dim_after_lookup(index, src: torch.Size, out: torch.Size, channel: int) -> Optional[int]:
+    """The output dim that source dim ``channel`` becomes in ``x[index]`` for advanced indexing by several integer
+    index tensors on other dims (CLIP's end-of-sequence gather ``h[torch.arange(B), ids.argmax(-1)]``, index tensors
+    broadcast together and placed where numpy's rules say), or None.
+
+    Proved by replaying the indexing on a probe ``[*src]`` whose every element is its own channel index, with zero
+    index tensors of the recorded shapes and dtypes: every position of the result along that dim must hold exactly
+    channel ``i`` at ``i``, so each output channel reads the whole channel dim, unmixed, whatever positions the
+    real index tensors pick on the other dims. Boolean masks, tensors at the channel dim and slices written with
+    tensors fail the replay and are not mapped."""
+    entries = index if isinstance(index, tuple) else (index,)
+    replayed = []
+    for entry in entries:
+        if isinstance(entry, torch.fx.Node):
+            shape = shapes(entry)
+            dtype = getattr(entry.meta.get("tensor_meta"), "dtype", None)
+            if not isinstance(shape, torch.Size) or dtype not in INDEX_DTYPES:
+                return None
+            replayed.append(torch.zeros(shape, dtype=dtype))
+        elif isinstance(entry, slice) and any(isinstance(getattr(entry, a), torch.fx.Node)
+                                              for a in ("start", "stop", "step")):
+            return None
+        else:
+            replayed.append(entry)
+    width = src[channel]
+    marks = [1] * len(src)
+    marks[channel] = width
+    probe = torch.arange(width).view(marks).expand(src)
+    try:
+        result = probe[tuple(replayed)]
+    except (IndexError, RuntimeError, TypeError):
+        return None
+    if result.shape != out:
+        return None
+    for dim, size in enumerate(out):
+        along = [1] * len(out)
+        along[dim] = size
+        if size == width and torch.equal(result, torch.arange(width).view(along).expand(out)):
+            return dim
+    return None
 
 
 def _index_parts(ctx: PropagationContext, node: torch.fx.Node, parted: PartedSpace, index):

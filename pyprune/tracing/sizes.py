@@ -11,6 +11,7 @@ import torch.fx
 
 from .channel_space import ChannelSpace, PartedSpace, Segment
 from .context import PropagationContext, dim_arg, flat_nodes, shapes
+from .traced_ints import INT_VALUE
 
 # Arithmetic with a plain int that keeps a size proportional to its width: ``heads * n_rep``, ``C // head_dim``.
 SCALING = {"mul": False, "rmul": False, "floordiv": True, "truediv": True}
@@ -30,7 +31,8 @@ class ChannelSize:
 
 def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
     """The value of a node that yields no tensor: ``x.shape`` / ``x.size()`` (a tuple with a ChannelSize at the
-    channel dim), ``x.size(c)``, and ints computed from ChannelSizes; None for anything else."""
+    channel dim), ``x.size(c)``, shape tuples joined by ``+``, and ints computed from ChannelSizes; None for
+    anything else."""
     if name in ("size", "getattr") and node.args and ctx.space(node.args[0]) is not None:
         space = ctx.space(node.args[0])
         if name == "getattr" and node.args[1:] != ("shape",):
@@ -39,6 +41,10 @@ def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
         if dim is None:
             return tuple(ChannelSize((space,)) if d == space.dim else None for d in range(space.ndim))
         return ChannelSize((space,)) if isinstance(dim, int) and dim % space.ndim == space.dim else None
+    if name == "add" and len(node.args) == 2 and not node.kwargs:  # shape tuples joined: (-1,) + x.shape[1:]
+        pieces = [_tuple_value(ctx, a) for a in node.args]
+        if all(p is not None for p in pieces):
+            return pieces[0] + pieces[1]
     sizes = sizes_in(ctx, (node.args, node.kwargs))
     if not sizes:
         return None
@@ -46,6 +52,30 @@ def size_value(ctx: PropagationContext, node: torch.fx.Node, name: str):
     if scaled is not None:
         return scaled
     return ChannelSize(tuple(dict.fromkeys(space for size in sizes for space in size.spaces)), exact=False)
+
+
+def fold_plain_ints(ctx: PropagationContext, node: torch.fx.Node) -> None:
+    """Write the ints of a recorded forward that read no channel dim (``B``, ``N`` of ``B, N, C = x.shape``) into
+    ``node``'s arguments as the numbers they were, before its rule runs: only a ``ChannelSize`` stays a node
+    (:mod:`.traced_ints`), so every rule sees what it sees in a symbolic graph, where such ints are plain too."""
+    def fold(arg: torch.fx.Node):
+        if INT_VALUE in arg.meta and type(arg.meta[INT_VALUE]) is int and \
+                not isinstance(ctx.spaces.get(arg), ChannelSize):
+            return arg.meta[INT_VALUE]
+        return arg
+    if any(INT_VALUE in arg.meta for arg in flat_nodes((node.args, node.kwargs))):
+        node.args = torch.fx.node.map_arg(node.args, fold)
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, fold)
+
+
+def _tuple_value(ctx: PropagationContext, value) -> Optional[tuple]:
+    """The value of a shape tuple: a node's (``x.shape[1:]``), or a literal tuple's items' (None for plain ints)."""
+    if isinstance(value, torch.fx.Node):
+        found = ctx.spaces.get(value)
+        return found if isinstance(found, tuple) else None
+    if isinstance(value, tuple):
+        return tuple(ctx.spaces.get(v) if isinstance(v, torch.fx.Node) else None for v in value)
+    return None
 
 
 def _scaled(ctx: PropagationContext, node: torch.fx.Node, name: str) -> Optional[ChannelSize]:
@@ -71,22 +101,57 @@ def sizes_in(ctx: PropagationContext, args) -> List[ChannelSize]:
 
 def check_sizes(ctx: PropagationContext, node: torch.fx.Node) -> None:
     """A tensor op shaped by a channel width must produce exactly that channel space; otherwise (e.g.
-    ``out.reshape(B, N, x.shape[-1])`` after attention heads) pin both. Runs after ``node`` got its value."""
+    ``out.reshape(B, N, x.shape[-1])`` after attention heads) pin both. Runs after ``node`` got its value; a size
+    that does not follow yet is checked again once every node has its value (:func:`check_unchecked_sizes`): a
+    later op may still couple the two groups (Swin's attention output, viewed by the width of the residual stream
+    it is added to afterwards)."""
     if node.op not in ("call_function", "call_method", "call_module") or shapes(node) is None or \
             node.meta.get("sizes_tied"):  # a head split whose head_dim is C // num_heads, tied by tie_blocks
         return
-    sizes = sizes_in(ctx, (node.args, node.kwargs))
-    if not sizes:
-        return
-    result, value = ctx.space(node), ctx.spaces.get(node)
-    for size in sizes:
-        if result is not None and size.exact and (_follows(ctx, size, result) or _tie_counts(ctx, node, size, result)):
+    for size in sizes_in(ctx, (node.args, node.kwargs)):
+        if not _size_follows(ctx, node, size):
+            ctx.unchecked_sizes.append((node, size))
+
+
+def check_unchecked_sizes(ctx: PropagationContext) -> None:
+    """The sizes :func:`check_sizes` left: where the result still does not follow the width that shapes it, and
+    that width is not a fixed group's (a constant in every subnet: the model input's sequence length that sizes
+    GPT-2's ``view(-1, seq, hidden)``), pin both."""
+    for node, size in ctx.unchecked_sizes:
+        if _size_follows(ctx, node, size) or _constant(ctx, size):
             continue
         reason = f"its channel count sizes the output of {ctx.where(node)}"
         for space in size.spaces:
             ctx.fix_space(space, reason)
+        value = ctx.spaces.get(node)
         for space in (value if isinstance(value, tuple) else (value,)):
             ctx.fix_space(_as_space(space), reason)
+    ctx.unchecked_sizes.clear()
+
+
+def _size_follows(ctx: PropagationContext, node: torch.fx.Node, size: ChannelSize) -> bool:
+    result = ctx.space(node)
+    return result is not None and size.exact and (_follows(ctx, size, result) or _same_width(ctx, size, result) or
+                                                  _tie_counts(ctx, node, size, result))
+
+
+def _same_width(ctx: PropagationContext, size: ChannelSize, result: ChannelSpace) -> bool:
+    """Whether ``result``'s channel dim is ``size.factor`` times the width of ``size`` in every subnet, though its
+    channels come in another layout: Swin's patch merging views the concatenation of four strided slices of a
+    ``C``-wide tensor by ``4 * C``. Widths are compared per range of a group: equal ranges keep equal counts, and
+    each segment counts its kept channels ``expand`` times."""
+    def counts(space: ChannelSpace, factor: Fraction) -> dict:
+        out = {}
+        for seg in ctx.table.resolve_space(space).segments:
+            key = (ctx.table.find(seg.gid), seg.start, seg.end)
+            out[key] = out.get(key, 0) + seg.expand * factor
+        return out
+    return counts(size.spaces[0], size.factor) == counts(result, Fraction(1))
+
+
+def _constant(ctx: PropagationContext, size: ChannelSize) -> bool:
+    """Whether every group ``size`` reads is fixed: it is then the same number in every subnet."""
+    return all(ctx.table.is_fixed(seg.gid) for space in size.spaces for seg in ctx.table.resolve_space(space).segments)
 
 
 def _follows(ctx: PropagationContext, size: ChannelSize, result: ChannelSpace) -> bool:
