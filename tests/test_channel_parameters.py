@@ -146,3 +146,47 @@ def test_vit_state_dict_restores_hidden_dim():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), pruned(x))
+
+
+class CachedScaleNet(torch.nn.Module):
+    """A channel scale whose eval-mode value is cached and dropped by ``train()`` (timm's attention-bias caches in
+    LeViT / TinyViT): x ``[N, 6]`` -> ``[N, 3]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 8)
+        self.scale = torch.nn.Parameter(torch.rand(8) + 0.5)
+        self.head = torch.nn.Linear(8, 3)
+        self.cache = {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def scaled(self):
+        if self.training or torch.jit.is_tracing():
+            return self.scale * 2
+        if "scale" not in self.cache:
+            self.cache["scale"] = self.scale * 2
+        return self.cache["scale"]
+
+    def forward(self, x):
+        return self.head(self.proj(x) * self.scaled())
+
+
+@pytest.mark.parametrize("tracer", ["FxTracer", "BackwardTracer"])
+def test_a_value_the_owner_derives_from_a_channel_tensor_follows_every_new_selection(tracer):
+    torch.manual_seed(0)
+    model = CachedScaleNet().train()
+    mutator = ChannelMutator("L1MutableChannelUnit", parse_cfg=dict(demo_input=(2, 6), tracer_type=tracer))
+    mutator.prepare_from_supernet(model)
+    unit = next(u for u in mutator.mutable_units if u.name.startswith("proj_"))
+    model.eval()
+    x = torch.randn(4, 6)
+    for count in (8, 4, 6, 2):  # eval forwards at one width after another: the cache must not outlive its width
+        mutator.set_choices({unit.name: count})
+        with torch.no_grad():
+            dynamic = model(x)
+            torch.testing.assert_close(mutator.export(model).eval()(x), dynamic, rtol=1e-5, atol=1e-6)
+    assert [m.training for m in model.modules()] == [False] * len(list(model.modules()))  # modes left as they were

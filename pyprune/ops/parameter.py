@@ -99,6 +99,7 @@ class ChannelParameter(OneSelectionKind):
     def set_out_index(self, index: Optional[Tensor]) -> None:
         """Trusted: sorted unique int64 channel index on the tensor's device, or None for every channel."""
         self._index = None if index is None or index.shape[0] == self.num_channels else index
+        reset_derived_state(self.owner)
 
     set_in_index = set_out_index  # one channel dim: both sides are the same selection
 
@@ -141,6 +142,7 @@ class ChannelParameter(OneSelectionKind):
         else:
             self.owner._buffers[self.attribute] = compact
         self._detach()
+        reset_derived_state(self.owner)
 
     def _detach(self) -> None:
         slots = self.owner.__dict__.get(_SLOTS, {})
@@ -227,6 +229,21 @@ def _count_value(owner: Optional[nn.Module], attribute: str) -> Optional[int]:
             return None
         value = getattr(config, name, None)
     return value if type(value) is int else None
+
+
+def reset_derived_state(owner: nn.Module) -> None:
+    """Make ``owner`` drop what it derived from its tensors at another selection.
+
+    Modules that cache a tensor computed from their parameters (timm's LeViT / TinyViT / EfficientFormer attention
+    keep ``attention_biases[:, idxs]`` per device in eval mode) drop the cache in an overridden ``train()``, the
+    call that marks their parameters as about to change. It is called with the owner's own mode, and every
+    submodule's mode is put back after (``train`` recurses), so only the derived state changes."""
+    if type(owner).train is nn.Module.train:
+        return
+    modes = [(module, module.training) for module in owner.modules()]
+    owner.train(owner.training)
+    for module, mode in modes:
+        module.training = mode
 
 
 class _ServesChannelParameters:
