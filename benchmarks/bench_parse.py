@@ -6,15 +6,18 @@
 For each model (weights not pretrained, batch 1 at its ``pretrained_cfg`` input size): the time of
 ``pyprune.tracing.trace_channel_units`` alone, and of the whole ``ChannelMutator.prepare_from_supernet`` (trace +
 units + DynamicOps + the narrow check's half-width forward), each the median of ``--reps`` runs after one untimed
-warm-up (a run slower than ``--affordable`` seconds is timed once, its warm-up being that one run); the peak resident
+warm-up (a warm-up over ``--affordable`` CPU seconds is the one run timed, marked "1st run"); the peak resident
 memory of the process doing it. Times are wall and CPU (user + system) seconds of the one-thread run: the machine
 may be shared, and the CPU time is what the wall time would be on an idle core. Each model runs in its own child
 process (so its memory is handed back before the next one and the peak is its own), unless ``--in-process``.
-``--units-out`` writes every model's unit names, widths and mutability and a digest of the traced specs, to compare
+One more trace computes every conv / linear layer (the tracer
+before :mod:`pyprune.tracing.layer_shapes`; ``--no-computed`` leaves it out): its CPU time, and whether it finds the
+same specs. ``--units-out`` writes every model's unit names, widths and mutability and a digest of the traced specs, to compare
 a tracer change against (``--compare`` with a file written before).
 Prints a markdown table with the device, versions, date and load average.
 """
 import argparse
+import contextlib
 import copy
 import cProfile
 import gc
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 # One thread: the machine is shared, and the target is stated for one core's worth of work.
@@ -72,13 +76,13 @@ class Clock:
 
 
 def timed(fn, reps: int, affordable: float):
-    """(median wall s, median CPU s, runs timed, last result) of ``fn()`` after one warm-up run; a warm-up slower
-    than ``affordable`` seconds is the only run (its times are reported)."""
+    """(median wall s, median CPU s, runs timed after the warm-up, last result) of ``fn()`` after one warm-up run; a
+    warm-up taking more than ``affordable`` CPU seconds is the only run (its times are reported, runs timed 0)."""
     clock = Clock()
     result = fn()
     first = clock.stop()
-    if first[0] > affordable or reps < 1:
-        return first[0], first[1], 1, result
+    if first[1] > affordable or reps < 1:
+        return first[0], first[1], 0, result
     times = []
     for _ in range(reps):
         clock = Clock()
@@ -87,8 +91,21 @@ def timed(fn, reps: int, affordable: float):
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), reps, result
 
 
-def measure(name: str, reps: int, affordable: float, profile_dir: str = None) -> dict:
-    """One model's row: trace and prepare times, unit counts and names, peak RSS of this process."""
+@contextlib.contextmanager
+def _layers_computed():
+    """The tracer with no layer skipped (``pyprune.tracing.layer_shapes.skipped_output`` always None)."""
+    from pyprune.tracing import record, shape_pass
+    saved = record.skipped_output, shape_pass.skipped_output
+    record.skipped_output = shape_pass.skipped_output = lambda module, args, kwargs: None
+    try:
+        yield
+    finally:
+        record.skipped_output, shape_pass.skipped_output = saved
+
+
+def measure(name: str, reps: int, affordable: float, profile_dir: str = None, compare_computed: bool = True) -> dict:
+    """One model's row: trace and prepare times, unit counts and names, peak RSS of this process; with
+    ``compare_computed``, also one trace computing every layer (CPU time, and whether its specs are the same)."""
     import torch
     from pyprune import ChannelMutator, L1MutableChannelUnit
     from pyprune.tracing import trace_channel_units
@@ -121,10 +138,14 @@ def measure(name: str, reps: int, affordable: float, profile_dir: str = None) ->
         cProfile.runctx("prepare()", globals(), {"prepare": prepare},
                         os.path.join(profile_dir, f"{safe}.prepare.prof"))
     trace_s, trace_cpu_s, trace_reps, specs = timed(trace, reps, affordable)
+    computed = None
+    if compare_computed:  # the tracer as it was: every conv / linear layer computed in the shape pass / recording
+        with _layers_computed():
+            computed_s, computed_cpu_s, _, computed = timed(trace, 0, affordable)
     # prepare's own clock excludes the deepcopy of the model
     first_seconds, units = prepare()
     prepare_times = [first_seconds]
-    if first_seconds[0] <= affordable:
+    if first_seconds[1] <= affordable:
         prepare_times = []
         for _ in range(reps):
             seconds, units = prepare()
@@ -133,9 +154,11 @@ def measure(name: str, reps: int, affordable: float, profile_dir: str = None) ->
         "model": name, "input": list(x.shape[1:]), "params_M": round(params / 1e6, 1),
         "trace_s": round(trace_s, 3), "trace_cpu_s": round(trace_cpu_s, 3), "trace_reps": trace_reps,
         "prepare_s": round(statistics.median(t[0] for t in prepare_times), 3),
-        "prepare_cpu_s": round(statistics.median(t[1] for t in prepare_times), 3), "prepare_reps": len(prepare_times),
+        "prepare_cpu_s": round(statistics.median(t[1] for t in prepare_times), 3), "prepare_reps": len(prepare_times) - (first_seconds[1] > affordable),
         "specs": len(specs), "units": len(units), "mutable": sum(m for _, _, m in units),
         "unit_list": units, "specs_sha1": hashlib.sha1(repr(specs).encode()).hexdigest(),
+        "computed_cpu_s": None if computed is None else round(computed_cpu_s, 3),
+        "same_as_computed": None if computed is None else repr(computed) == repr(specs),
         "peak_rss_MB": round(_peak_rss_mb(), 0),
     }
     del model, x, specs
@@ -153,6 +176,8 @@ def _run_child(name: str, args) -> dict:
                "--affordable", str(args.affordable)]
     if args.profile:
         command += ["--profile", args.profile]
+    if args.no_computed:
+        command += ["--no-computed"]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -174,27 +199,30 @@ def _header(args, started: str) -> list:
         f"# device: CPU ({platform.machine()}), {os.cpu_count()} cores, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS')}   torch {torch.__version__}   torchvision {torchvision.__version__}   "
         f"timm {timm.__version__}",
-        f"# date: {started} UTC, commit {commit}; batch 1 at each model's pretrained_cfg input size, weights not "
-        f"pretrained; median of {args.reps} after one warm-up (runs over {args.affordable:g} s: timed once)",
+        f"# date: {started} UTC, commit {commit}, {args.jobs} model(s) at a time; batch 1 at each model's pretrained_cfg input size, weights not "
+        f"pretrained; median of {args.reps} after one warm-up (a warm-up over {args.affordable:g} CPU s: the one run)",
     ]
 
 
 def table(rows) -> list:
     """The markdown table; the target is judged on the trace's CPU time (its wall time on an idle core)."""
     lines = ["| model | input | params (M) | units (mutable / all) | trace CPU (s) | trace wall (s) | "
-             "prepare CPU (s) | prepare wall (s) | peak RSS (MB) | trace target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "prepare CPU (s) | prepare wall (s) | peak RSS (MB) | trace target | every layer computed: CPU (s), "
+             "same specs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['model']} | failed: {row['error']} | | | | | | | | |")
+            lines.append(f"| {row['model']} | failed: {row['error']} | | | | | | | | | |")
             continue
+        computed = "" if row.get("computed_cpu_s") is None else \
+            f"{row['computed_cpu_s']:.2f}, {'yes' if row['same_as_computed'] else '**no**'}"
         target = TARGET_S.get(row["model"], DEFAULT_TARGET_S)
         ok = f"< {target:g} s" if row["trace_cpu_s"] < target else f"**over {target:g} s**"
-        reps = "" if row["trace_reps"] > 1 else " (1 run)"
+        reps = "" if row["trace_reps"] else " (1st run)"
         size = "x".join(str(d) for d in row["input"][1:])
         lines.append(f"| {row['model']} | {size} | {row['params_M']} | {row['mutable']} / {row['units']} | "
                      f"{row['trace_cpu_s']:.2f}{reps} | {row['trace_s']:.2f} | {row['prepare_cpu_s']:.2f} | "
-                     f"{row['prepare_s']:.2f} | {row['peak_rss_MB']:.0f} | {ok} |")
+                     f"{row['prepare_s']:.2f} | {row['peak_rss_MB']:.0f} | {ok} | {computed} |")
     return lines
 
 
@@ -223,32 +251,41 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=list(TORCHVISION_MODELS + TIMM_MODELS))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--affordable", type=float, default=20.0,
-                        help="a warm-up slower than this many seconds is the only timed run")
+                        help="a warm-up taking more CPU seconds than this is the only timed run")
     parser.add_argument("--units-out", help="write {model: [[unit name, channels, mutable], ...]} to this JSON file")
     parser.add_argument("--compare", help="a --units-out file: fail if any model's units differ from it")
     parser.add_argument("--profile", help="write cProfile stats of one trace and one prepare per model here")
+    parser.add_argument("--jobs", type=int, default=1, help="models measured at once, each in its own process")
     parser.add_argument("--in-process", action="store_true", help="no child processes (peak RSS is cumulative)")
+    parser.add_argument("--no-computed", action="store_true",
+                        help="skip the extra trace that computes every layer (the tracer before layer skipping)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.reps, args.affordable, args.profile)))
+        print(json.dumps(measure(args.child, args.reps, args.affordable, args.profile, not args.no_computed)))
         return 0
     from tqdm import tqdm
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()
     rows = []
-    for name in tqdm(args.models, desc="parse", unit="model"):
-        if args.in_process:
+    if args.in_process:
+        for name in tqdm(args.models, desc="parse", unit="model"):
             try:
-                rows.append(measure(name, args.reps, args.affordable, args.profile))
+                rows.append(measure(name, args.reps, args.affordable, args.profile, not args.no_computed))
             except Exception as error:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 rows.append({"model": name, "error": f"{type(error).__name__}: {error}"[:200]})
             gc.collect()
-        else:
-            rows.append(_run_child(name, args))
-        tqdm.write(table(rows[-1:])[-1])  # each row as it comes: a long run shows progress
-        if args.units_out:
-            _write_units(rows, args.units_out)
+            tqdm.write(table(rows[-1:])[-1])
+    else:  # child processes, --jobs at a time (CPU times stay per process)
+        with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(args.models), desc="parse", unit="model") as bar:
+            for row in pool.map(lambda name: _run_child(name, args), args.models):
+                rows.append(row)
+                bar.update()
+                tqdm.write(table(rows[-1:])[-1])  # each row as it comes: a long run shows progress
+                if args.units_out:
+                    _write_units(rows, args.units_out)
+    if args.units_out:
+        _write_units(rows, args.units_out)
     load_after = os.getloadavg()
     lines = _header(args, started)
     lines.append(f"# load average (1 / 5 / 15 min): {' '.join(f'{v:.1f}' for v in load_before)} at the start, "

@@ -1,23 +1,54 @@
 """Output shapes of the compute-heavy layers (plain ``Conv1d/2d/3d``, ``Linear``), without computing them.
 
-The shape pass only needs shapes, and a model's convolutions and linear layers are nearly all the arithmetic of its
+The tracer only needs shapes, and a model's convolutions and linear layers are nearly all the arithmetic of its
 forward. For these layers the output shape follows from the input shape and the layer's hyper-parameters, so the
-pass hands on a zero tensor of that shape instead (:mod:`.shape_pass` makes sure no later op reads those values in
-a way that could change a shape). Anything the formula does not cover exactly - a subclass with its own forward,
-hooks, an input the layer would reject - returns None, and the layer runs for real (raising its own error).
+shape pass (:mod:`.shape_pass`) and the recorded forward (:mod:`.record`) hand on a zero tensor of that shape
+instead. Anything the formula does not cover exactly - a subclass with its own forward, an input the layer would
+reject - returns None, and the layer runs for real (raising its own error). Both track which values derive from
+such zeros, and :func:`reads_values` says where one would decide a shape or a Python value: there they start
+again computing every layer.
 """
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+from torch.utils import _pytree as pytree
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
+class ValuesNeeded(BaseException):
+    """An op would read values derived from a skipped layer's zeros. A BaseException, so that the model's own
+    ``except Exception`` (the recorded forward runs its code) cannot take it for an error of its own."""
+
+
+# Ops (names without dunder underscores) whose output shape or Python result depends on their input's values.
+VALUE_READS = frozenset({
+    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "item", "tolist", "bincount",
+    "repeat_interleave", "histc", "histogram", "bool", "int", "float", "index", "complex", "numpy", "equal",
+    "allclose", "is_nonzero"})
+# Ops whose output shape depends on a boolean index's values.
+INDEXING = frozenset({"getitem", "setitem", "index", "index_put", "index_put_"})
+
+
+def reads_values(name: str, args, kwargs, is_derived: Callable[[Tensor], bool]) -> bool:
+    """Whether op ``name`` (dunder underscores stripped) may turn values that derive from skipped layers (those
+    ``is_derived`` says) into a shape or a Python value; called for ops that read such values."""
+    if name in VALUE_READS or (name == "where" and len(args) == 1 and not kwargs):
+        return True
+    tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
+    if any(v.dim() == 0 and is_derived(v) for v in tensors):
+        return True  # a zero-dim tensor may be used as a size, a count or an index bound
+    if name in INDEXING:
+        return any(isinstance(v, Tensor) and v.dtype == torch.bool for v in pytree.tree_leaves((args[1:], kwargs)))
+    return False
+
+
 def skipped_output(module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tensor]:
-    """A zero tensor shaped as ``module(*args, **kwargs)``'s output, or None where the layer must run."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor) or _has_hooks(module):
+    """A zero tensor shaped as ``module.forward(*args, **kwargs)``'s output, or None where the layer must run."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
         return None
     x = args[0]
     shape = _output_shape(module, x)
@@ -26,22 +57,35 @@ def skipped_output(module: nn.Module, args: tuple, kwargs: dict) -> Optional[Ten
     return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as module_globals  # torch's global hooks run on every module call
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or torch's global ones) besides its forward."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module_globals._global_forward_hooks or
                 module_globals._global_forward_pre_hooks)
 
 
-def _output_shape(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
+def can_skip(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain conv / linear layer, whose output shape :func:`skipped_output` knows."""
+    return "forward" not in vars(module) and _plain_base(module) is not None
+
+
+def _plain_base(module: nn.Module) -> Optional[type]:
+    """``nn.Linear`` / ``nn.ConvNd`` where ``module`` computes exactly what that class does, else None."""
     kind = type(module)
     if nn.utils.parametrize.is_parametrized(module):
         return None
-    for base, dims in _CONVS.items():
-        if isinstance(module, base) and kind.forward is base.forward and kind._conv_forward is base._conv_forward:
-            return _conv_shape(module, x, dims)
-    if isinstance(module, nn.Linear) and kind.forward is nn.Linear.forward:
-        return _linear_shape(module, x)
+    if isinstance(module, nn.Linear):
+        return nn.Linear if kind.forward is nn.Linear.forward else None
+    base = next((b for b in _CONVS if isinstance(module, b)), None)
+    if base is not None and kind.forward is base.forward and kind._conv_forward is base._conv_forward:
+        return base
     return None
+
+
+def _output_shape(module: nn.Module, x: Tensor) -> Optional[Tuple[int, ...]]:
+    base = _plain_base(module)
+    if base is nn.Linear:
+        return _linear_shape(module, x)
+    return None if base is None else _conv_shape(module, x, _CONVS[base])
 
 
 def _same_tensor_kind(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:

@@ -2,6 +2,11 @@
 
 A ``TorchFunctionMode`` sees every torch call; calls made outside prunable layers become fx nodes, each prunable
 layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths.
+
+Plain convolutions and linear layers are not computed (:mod:`.layer_shapes`): they return zeros of their output
+shape. The mode sees every op that reads values derived from those zeros; where one would turn them into a shape or
+a Python value (the model's own ``if`` included: ``Tensor.__bool__``), the forward is recorded again, every layer
+computed.
 """
 import operator
 from dataclasses import dataclass, field
@@ -11,8 +16,10 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .example_inputs import CallArgs, call_model, tensor_leaves
+from .layer_shapes import ValuesNeeded, can_skip, reads_values, skipped_output
 from .rules_layers import is_prunable_layer
 from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
 
@@ -52,6 +59,7 @@ class _Recorder(TorchFunctionMode):
         self.tensor_names = tensor_names  # id -> path of the model's parameters and buffers
         self.inside_layer = 0
         self._keep = []  # keep outputs alive so their ids stay unique while recording
+        self.derived = set()  # ids of tensors whose values derive from a skipped layer's zeros
 
     def node_for(self, value):
         if isinstance(value, Tensor):
@@ -92,7 +100,16 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        derived = bool(self.derived) and any(isinstance(v, Tensor) and id(v) in self.derived
+                                             for v in pytree.tree_leaves((args, kwargs)))
+        name = getattr(func, "__name__", "").strip("_")
+        if derived and reads_values(name, args, kwargs, lambda t: id(t) in self.derived):
+            raise ValuesNeeded(name)
         out = func(*args, **kwargs)
+        if derived:
+            written = [args[0]] if args and (name.endswith("_") or name == "setitem") else []  # in place
+            self.derived.update(id(v) for v in pytree.tree_leaves((out, written, kwargs.get("out")))
+                                if isinstance(v, Tensor))
         if self.inside_layer == 0 and not _is_metadata_call(func):
             self.record("call_function", func, args, kwargs, out)
         return out
@@ -114,6 +131,15 @@ def _set_meta(node, value, path):
 
 
 def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Graph:
+    """One recorded forward in train or eval mode, plain conv / linear layers skipped where no op reads what they
+    would compute (else, or where that forward fails, every layer computed: a failure is the model's own)."""
+    try:
+        return _record_once(model, inputs, training, skip_layers=True)
+    except (ValuesNeeded, ForwardFailure):
+        return _record_once(model, inputs, training, skip_layers=False)
+
+
+def _record_once(model: nn.Module, inputs: CallArgs, training: bool, skip_layers: bool) -> torch.fx.Graph:
     """One recorded forward in train or eval mode; :class:`ForwardFailure` names the module that failed.
 
     Every input tensor is a placeholder. Tensors passed directly (``model(x)``, ``model(x=x)``) carry their
@@ -152,6 +178,9 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
+    skipped = [m for m in model.modules() if can_skip(m) and is_prunable_layer(m)] if skip_layers else []
+    for module in skipped:  # an instance attribute, deleted after: the class's forward is untouched
+        module.forward = _zeros_forward(module, recorder)
     try:
         with training_mode(model, training), torch.no_grad(), recorder:
             out = call_model(model, inputs)
@@ -160,6 +189,21 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
     finally:
         for handle in handles:
             handle.remove()
+        for module in skipped:
+            del module.forward
     output = graph.output(recorder.node_for(out))
     output.meta["output_type"] = type(out)  # node_for writes a ModelOutput as a plain dict: the policy needs its type
     return graph
+
+
+def _zeros_forward(module: nn.Module, recorder: _Recorder) -> Callable:
+    """``module``'s forward returning zeros of its output shape (its own forward where the shape is not known)."""
+    compute = type(module).forward.__get__(module)
+
+    def forward(*args, **kwargs):
+        out = skipped_output(module, args, kwargs)
+        if out is None:
+            return compute(*args, **kwargs)
+        recorder.derived.add(id(out))
+        return out
+    return forward

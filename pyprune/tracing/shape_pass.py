@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .example_inputs import CallArgs, tensor_leaves
-from .layer_shapes import skipped_output
+from .layer_shapes import ValuesNeeded, can_skip, has_hooks, reads_values, skipped_output
 
 # Doubling the spatial dims of a too-small example input stops before a side exceeds this.
 MAX_SEARCH_SIDE = 1024
@@ -51,17 +51,8 @@ def describe_module(model: nn.Module, path: str) -> str:
     return f"layer '{path}' ({type(model.get_submodule(path)).__name__})"
 
 
-# Ops whose output shape depends on their input's values: fed a value derived from a skipped layer's zeros, they
-# would give a shape the real forward does not.
-DATA_DEPENDENT_OPS = frozenset({
-    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "item", "tolist", "bincount",
-    "repeat_interleave", "histc", "histogram"})
 # Attributes of a tensor that its shape alone decides (exact, whatever the values).
 SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda"})
-
-
-class _ValuesNeeded(Exception):
-    """A node would read, as a shape, values derived from a skipped layer."""
 
 
 class ShapePass(torch.fx.Interpreter):
@@ -69,7 +60,7 @@ class ShapePass(torch.fx.Interpreter):
     when a node fails: it raises :class:`ForwardFailure` naming the node's layer or op instead.
 
     ``skip_layers``: plain convolutions and linear layers output zeros of their shape (see the module docstring);
-    :class:`_ValuesNeeded` where a later node's shape could depend on those values."""
+    :class:`ValuesNeeded` where a later node's shape could depend on those values."""
 
     def __init__(self, gm: torch.fx.GraphModule, skip_layers: bool = False):
         super().__init__(gm)
@@ -79,8 +70,9 @@ class ShapePass(torch.fx.Interpreter):
         self._skipped = False
 
     def call_module(self, target, args, kwargs):
-        if self.skip_layers:
-            out = skipped_output(self.fetch_attr(target), args, kwargs)
+        module = self.fetch_attr(target)
+        if self.skip_layers and can_skip(module) and not has_hooks(module):
+            out = skipped_output(module, args, kwargs)
             if out is not None:
                 self._skipped = True
                 return out
@@ -89,7 +81,7 @@ class ShapePass(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node):
         derived = self.skip_layers and any(i in self.derived for i in n.all_input_nodes)
         if derived and self._reads_values(n):
-            raise _ValuesNeeded(n.name)
+            raise ValuesNeeded(n.name)
         self._skipped = False
         try:
             result = super().run_node(n)
@@ -111,19 +103,11 @@ class ShapePass(torch.fx.Interpreter):
         return result
 
     def _reads_values(self, n: torch.fx.Node) -> bool:
-        """Whether ``n``'s output shape may depend on the values of its inputs that derive from skipped layers."""
+        """Whether ``n``'s output may depend on the values of its inputs that derive from skipped layers."""
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
-        name = name.strip("_")
-        if name in DATA_DEPENDENT_OPS or (name == "where" and len(n.args) == 1 and not n.kwargs):
-            return True
-        values = [self.env[i] for i in n.all_input_nodes if i in self.derived]
-        if any(isinstance(v, Tensor) and v.dim() == 0 for v in values):
-            return True  # a zero-dim tensor may be used as a size, a count or an index bound
-        if name in ("getitem", "setitem", "index", "index_put", "index_put_"):
-            index = torch.fx.node.map_aggregate(n.args[1:], lambda a: self.env.get(a, a) if isinstance(
-                a, torch.fx.Node) else a)
-            return any(isinstance(v, Tensor) and v.dtype == torch.bool for v in pytree.tree_leaves(index))
-        return False
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        derived = {id(self.env[i]) for i in n.all_input_nodes if i in self.derived}
+        return reads_values(name.strip("_"), args, kwargs, lambda t: id(t) in derived)
 
     def _where(self, n: torch.fx.Node) -> str:
         if n.op == "call_module":
@@ -175,7 +159,7 @@ def run_shapes(gm: torch.fx.GraphModule, values: Sequence) -> None:
         try:
             ShapePass(gm, skip_layers=True).run(*values)
             return
-        except (_ValuesNeeded, ForwardFailure):
+        except (ValuesNeeded, ForwardFailure):
             pass
         for node in gm.graph.nodes:  # what the first run stamped before it stopped is stamped again
             node.meta.pop("tensor_meta", None)
