@@ -9,12 +9,11 @@ such zeros, and :func:`reads_values` says where one would decide a shape or a Py
 again computing every layer.
 """
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
-from torch.utils import _pytree as pytree
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
@@ -24,26 +23,39 @@ class ValuesNeeded(BaseException):
     ``except Exception`` (the recorded forward runs its code) cannot take it for an error of its own."""
 
 
-# Ops (names without dunder underscores) whose output shape or Python result depends on their input's values.
+# Ops whose output shape or Python result depends on their input's values; Python's conversions by their dunder
+# names (``Tensor.float`` is a cast, ``Tensor.__float__`` reads the value).
 VALUE_READS = frozenset({
     "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "item", "tolist", "bincount",
-    "repeat_interleave", "histc", "histogram", "bool", "int", "float", "index", "complex", "numpy", "equal",
-    "allclose", "is_nonzero"})
+    "repeat_interleave", "histc", "histogram", "numpy", "equal", "allclose", "is_nonzero",
+    "__bool__", "__int__", "__float__", "__index__", "__complex__"})
 # Ops whose output shape depends on a boolean index's values.
-INDEXING = frozenset({"getitem", "setitem", "index", "index_put", "index_put_"})
+INDEXING = frozenset({"getitem", "setitem", "__getitem__", "__setitem__", "index", "index_put", "index_put_"})
 
 
 def reads_values(name: str, args, kwargs, is_derived: Callable[[Tensor], bool]) -> bool:
-    """Whether op ``name`` (dunder underscores stripped) may turn values that derive from skipped layers (those
-    ``is_derived`` says) into a shape or a Python value; called for ops that read such values."""
+    """Whether op ``name`` (a function's or method's ``__name__``) may turn values that derive from skipped layers
+    (those ``is_derived`` says) into a shape or a Python value; called for ops that read such values."""
     if name in VALUE_READS or (name == "where" and len(args) == 1 and not kwargs):
         return True
-    tensors = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, Tensor)]
-    if any(v.dim() == 0 and is_derived(v) for v in tensors):
+    if any(v.dim() == 0 and is_derived(v) for v in tensors_in((args, kwargs))):
         return True  # a zero-dim tensor may be used as a size, a count or an index bound
     if name in INDEXING:
-        return any(isinstance(v, Tensor) and v.dtype == torch.bool for v in pytree.tree_leaves((args[1:], kwargs)))
+        return any(v.dtype == torch.bool for v in tensors_in((args[1:], kwargs)))
     return False
+
+
+def tensors_in(value) -> Iterator[Tensor]:
+    """The tensors in ``value`` and its lists, tuples and dicts (the recorded forward asks this of every torch
+    call's arguments: pytree's generality costs more than the call itself)."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
 
 
 def skipped_output(module: nn.Module, args: tuple, kwargs: dict) -> Optional[Tensor]:

@@ -16,10 +16,9 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from .example_inputs import CallArgs, call_model, tensor_leaves
-from .layer_shapes import ValuesNeeded, can_skip, reads_values, skipped_output
+from .layer_shapes import ValuesNeeded, can_skip, reads_values, skipped_output, tensors_in
 from .rules_layers import is_prunable_layer
 from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
 
@@ -44,7 +43,9 @@ def forward_capture(model: nn.Module, inputs: CallArgs) -> Recording:
         graph = _record(model, inputs, training=False)
     reached = {node.target for node in graph.nodes if node.op == "call_module"}
     layers = [name for name, m in model.named_modules() if is_prunable_layer(m)]
-    inner = {name for name in layers for outer in layers if name.startswith(outer + ".")}  # attention's out_proj
+    layer_names = set(layers)  # a layer inside another (attention's out_proj): a dotted prefix of it is a layer
+    inner = {name for name in layers
+             if any(name[:i] in layer_names for i, char in enumerate(name) if char == ".")}
     missed = [name for name in layers if name not in reached and name not in inner]
     return Recording(graph, missed, train_failure)
 
@@ -100,16 +101,15 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        derived = bool(self.derived) and any(isinstance(v, Tensor) and id(v) in self.derived
-                                             for v in pytree.tree_leaves((args, kwargs)))
-        name = getattr(func, "__name__", "").strip("_")
+        derived = bool(self.derived) and any(id(v) in self.derived for v in tensors_in((args, kwargs)))
+        name = getattr(func, "__name__", "")
         if derived and reads_values(name, args, kwargs, lambda t: id(t) in self.derived):
             raise ValuesNeeded(name)
         out = func(*args, **kwargs)
         if derived:
-            written = [args[0]] if args and (name.endswith("_") or name == "setitem") else []  # in place
-            self.derived.update(id(v) for v in pytree.tree_leaves((out, written, kwargs.get("out")))
-                                if isinstance(v, Tensor))
+            in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))
+            written = [args[0]] if args and in_place else []
+            self.derived.update(id(v) for v in tensors_in((out, written, kwargs.get("out"))))
         if self.inside_layer == 0 and not _is_metadata_call(func):
             self.record("call_function", func, args, kwargs, out)
         return out

@@ -107,7 +107,7 @@ class ShapePass(torch.fx.Interpreter):
         name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         derived = {id(self.env[i]) for i in n.all_input_nodes if i in self.derived}
-        return reads_values(name.strip("_"), args, kwargs, lambda t: id(t) in derived)
+        return reads_values(name, args, kwargs, lambda t: id(t) in derived)
 
     def _where(self, n: torch.fx.Node) -> str:
         if n.op == "call_module":
