@@ -3,6 +3,11 @@
 A ``TorchFunctionMode`` sees every torch call; calls made outside prunable layers become fx nodes, each prunable
 layer one opaque ``call_module`` node, as in the symbolic graph. Nodes carry output shapes and module paths. Sizes
 read from recorded tensors are ints that carry their nodes (:mod:`.traced_ints`), as a symbolic graph's would be.
+
+Plain convolutions and linear layers are not computed (:mod:`.layer_shapes`): they return zeros of their output
+shape. The mode sees every op that reads values derived from those zeros; where one would turn them into a shape or
+a Python value (the model's own ``if`` included: ``Tensor.__bool__``), the forward is recorded again, every layer
+computed.
 """
 import operator
 from dataclasses import dataclass, field
@@ -14,6 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .example_inputs import CallArgs, call_model, tensor_leaves
+from .layer_shapes import ValuesNeeded, can_skip, reads_values, skipped_output, tensors_in
 from .rules_layers import is_prunable_layer
 from .shape_pass import ForwardFailure, TensorShape, describe_module, training_mode
 from .traced_ints import INT_VALUE, TracedShape, is_shape_read, traced_node, traced_size
@@ -41,7 +47,9 @@ def forward_capture(model: nn.Module, inputs: CallArgs) -> Recording:
     # a layer whose weight the code around it reads (``F.linear(x, self.qkv.weight)``, rules_layer_weights) ran
     reached |= {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
     layers = [name for name, m in model.named_modules() if is_prunable_layer(m)]
-    inner = {name for name in layers for outer in layers if name.startswith(outer + ".")}  # attention's out_proj
+    layer_names = set(layers)  # a layer inside another (attention's out_proj): a dotted prefix of it is a layer
+    inner = {name for name in layers
+             if any(name[:i] in layer_names for i, char in enumerate(name) if char == ".")}
     missed = [name for name in layers if name not in reached and name not in inner]
     return Recording(graph, missed, train_failure)
 
@@ -57,6 +65,7 @@ class _Recorder(TorchFunctionMode):
         self.inside_layer = 0
         self.recording = True  # traced ints the model keeps make no nodes once the forward is over
         self._keep = []  # keep outputs alive so their ids stay unique while recording
+        self.derived = set()  # ids of tensors whose values derive from a skipped layer's zeros
 
     def node_for(self, value):
         traced = traced_node(value)
@@ -104,7 +113,15 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        derived = bool(self.derived) and any(id(v) in self.derived for v in tensors_in((args, kwargs)))
+        name = getattr(func, "__name__", "")
+        if derived and reads_values(name, args, kwargs, lambda t: id(t) in self.derived):
+            raise ValuesNeeded(name)
         out = func(*args, **kwargs)
+        if derived:
+            in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))
+            written = [args[0]] if args and in_place else []
+            self.derived.update(id(v) for v in tensors_in((out, written, kwargs.get("out"))))
         if self.inside_layer == 0:
             reads_size, is_property = is_shape_read(func)
             if reads_size and args and id(args[0]) in self.producers:
@@ -154,6 +171,15 @@ def _set_meta(node, value, path):
 
 
 def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Graph:
+    """One recorded forward in train or eval mode, plain conv / linear layers skipped where no op reads what they
+    would compute (else, or where that forward fails, every layer computed: a failure is the model's own)."""
+    try:
+        return _record_once(model, inputs, training, skip_layers=True)
+    except (ValuesNeeded, ForwardFailure):
+        return _record_once(model, inputs, training, skip_layers=False)
+
+
+def _record_once(model: nn.Module, inputs: CallArgs, training: bool, skip_layers: bool) -> torch.fx.Graph:
     """One recorded forward in train or eval mode; :class:`ForwardFailure` names the module that failed.
 
     Every input tensor is a placeholder. Tensors passed directly (``model(x)``, ``model(x=x)``) carry their
@@ -192,6 +218,9 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(post_hook))
+    skipped = [m for m in model.modules() if can_skip(m) and is_prunable_layer(m)] if skip_layers else []
+    for module in skipped:  # an instance attribute, deleted after: the class's forward is untouched
+        module.forward = _zeros_forward(module, recorder)
     try:
         with training_mode(model, training), torch.no_grad(), recorder:
             out = call_model(model, inputs)
@@ -201,6 +230,21 @@ def _record(model: nn.Module, inputs: CallArgs, training: bool) -> torch.fx.Grap
         recorder.recording = False
         for handle in handles:
             handle.remove()
+        for module in skipped:
+            del module.forward
     output = graph.output(recorder.node_for(out))
     output.meta["output_type"] = type(out)  # node_for writes a ModelOutput as a plain dict: the policy needs its type
     return graph
+
+
+def _zeros_forward(module: nn.Module, recorder: _Recorder) -> Callable:
+    """``module``'s forward returning zeros of its output shape (its own forward where the shape is not known)."""
+    compute = type(module).forward.__get__(module)
+
+    def forward(*args, **kwargs):
+        out = skipped_output(module, args, kwargs)
+        if out is None:
+            return compute(*args, **kwargs)
+        recorder.derived.add(id(out))
+        return out
+    return forward

@@ -1,5 +1,13 @@
 """Run a captured fx graph on example inputs to stamp output shapes on its nodes; say where and why a run fails,
-and find a larger input that runs when the example is too small (e.g. a train-only head needs 299 px)."""
+and find a larger input that runs when the example is too small (e.g. a train-only head needs 299 px).
+
+Convolutions and linear layers are not computed: :mod:`.layer_shapes` gives their output shape, and a zero tensor
+of that shape runs on (the pass needs shapes, and these layers are nearly all of a forward's arithmetic). Every
+value that derives from such zeros is tracked; where one would decide a shape - a data-dependent op (``nonzero``,
+a boolean mask, ``.item()``) or a zero-dim tensor handed to another op - the pass starts again computing every
+layer, and that run's shapes (or failure) are the ones reported. A failure with skipped layers is likewise
+re-run in full, so a model's error is always its own.
+"""
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence
 
@@ -9,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .example_inputs import CallArgs, tensor_leaves
+from .layer_shapes import ValuesNeeded, can_skip, has_hooks, reads_values, skipped_output
 
 # Doubling the spatial dims of a too-small example input stops before a side exceeds this.
 MAX_SEARCH_SIDE = 1024
@@ -42,19 +51,45 @@ def describe_module(model: nn.Module, path: str) -> str:
     return f"layer '{path}' ({type(model.get_submodule(path)).__name__})"
 
 
+# Attributes of a tensor that its shape alone decides (exact, whatever the values).
+SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "layout", "is_cuda"})
+
+
 class ShapePass(torch.fx.Interpreter):
     """Runs the graph and stamps each node's output shapes, as fx's ``ShapeProp`` does, without printing a traceback
-    when a node fails: it raises :class:`ForwardFailure` naming the node's layer or op instead."""
+    when a node fails: it raises :class:`ForwardFailure` naming the node's layer or op instead.
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    ``skip_layers``: plain convolutions and linear layers output zeros of their shape (see the module docstring);
+    :class:`ValuesNeeded` where a later node's shape could depend on those values."""
+
+    def __init__(self, gm: torch.fx.GraphModule, skip_layers: bool = False):
         super().__init__(gm)
         self.extra_traceback = False  # keep the op's own message as it is
+        self.skip_layers = skip_layers
+        self.derived = set()  # nodes whose value derives from a skipped layer's zeros
+        self._skipped = False
+
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if self.skip_layers and can_skip(module) and not has_hooks(module):
+            out = skipped_output(module, args, kwargs)
+            if out is not None:
+                self._skipped = True
+                return out
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node):
+        derived = self.skip_layers and any(i in self.derived for i in n.all_input_nodes)
+        if derived and self._reads_values(n):
+            raise ValuesNeeded(n.name)
+        self._skipped = False
         try:
             result = super().run_node(n)
         except Exception as error:
             raise ForwardFailure(self._where(n), error) from error
+        if (derived or self._skipped) and not (n.target is getattr and n.args[1:2] and
+                                               n.args[1] in SHAPE_ATTRIBUTES or n.target in ("size", "dim", "numel")):
+            self.derived.add(n)
         found = []
 
         def stamp(value):
@@ -66,6 +101,13 @@ class ShapePass(torch.fx.Interpreter):
         if found:
             n.meta["tensor_meta"] = meta
         return result
+
+    def _reads_values(self, n: torch.fx.Node) -> bool:
+        """Whether ``n``'s output may depend on the values of its inputs that derive from skipped layers."""
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        derived = {id(self.env[i]) for i in n.all_input_nodes if i in self.derived}
+        return reads_values(name, args, kwargs, lambda t: id(t) in derived)
 
     def _where(self, n: torch.fx.Node) -> str:
         if n.op == "call_module":
@@ -114,6 +156,13 @@ def run_shapes(gm: torch.fx.GraphModule, values: Sequence) -> None:
     grad; :class:`ForwardFailure` if a node fails. The graph itself may hold train-only branches (aux heads): they
     run too."""
     with training_mode(gm, False), torch.no_grad():  # eval: batch norm runs on a batch of one
+        try:
+            ShapePass(gm, skip_layers=True).run(*values)
+            return
+        except (ValuesNeeded, ForwardFailure):
+            pass
+        for node in gm.graph.nodes:  # what the first run stamped before it stopped is stamped again
+            node.meta.pop("tensor_meta", None)
         ShapePass(gm).run(*values)
 
 
