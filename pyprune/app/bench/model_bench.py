@@ -18,6 +18,10 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
   the whole step (train: forward, loss, backward, SGD step; eval: forward) replayed from one CUDA graph per subnet
   (:mod:`pyprune.graphs`; warm-up and capture happen in the untimed warm-up calls). Skipped ("needs CUDA") on CPU.
 
+Models: torchvision classifiers on images ``[N, 3, S, S]``, ``tiny`` (:class:`TinyNet`), and ``llama`` (a Llama-style
+causal LM from :mod:`.language_models`, on token ids ``[N, seq_len]`` with the next-token loss; mmrazor-ref and
+pyprune-sliced are skipped for it, with the reason in the row).
+
 The eval / train backends of one (model, batch, ratio) are timed in turn, repetition by repetition, so that load
 from other processes hits them alike. Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward +
 cross-entropy + backward + SGD step) at fixed ratios, and ``switch`` (a training step on a new random subnet every
