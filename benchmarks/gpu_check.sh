@@ -18,6 +18,8 @@
 #   kernels  the channel gather table (pyprune bench ops --parts gather)             -> OUTDIR/ops/
 #   models   ours (eager, kept-slice SGD, graphed) vs dense (eager, graphed) vs mmrazor-ref, ResNet-18 / 50, b8, 0.5,
 #            eval / train / switch (pyprune bench models)                           -> OUTDIR/models/
+#            then the Llama (gather, compact, dense; mmrazor-ref is skipped for it), b8, 128 tokens, 0.5, when
+#            transformers imports (else one "skipped" line)                           -> OUTDIR/models_llama/
 #   formats  fp32 / bf16 autocast x contiguous / channels_last, ResNet-50 batch 64, train / eval, the same
 #            backends (benchmarks/bench_formats.py)                                   -> OUTDIR/formats/
 #   switch   mutator.set_choices host time, ResNet-18 / 50, Sequential and L1 units (benchmarks/bench_switch.py)
@@ -128,18 +130,35 @@ cuda_tests() {
         -k "(cuda or CUDA or gpu) and not bad_arguments"
 }
 
-export -f env_report build cuda_tests  # stages run under timeout in a child bash
+# models RESNET_ARGS... :: LLAMA_ARGS...   (arrays do not reach the child bash: the stage passes them as arguments)
+models() {
+    local resnet=() llama=() after=0 arg
+    for arg in "$@"; do
+        if [ "$arg" = "::" ]; then after=1; elif [ "$after" = 0 ]; then resnet+=("$arg"); else llama+=("$arg"); fi
+    done
+    "$PY" -m pyprune bench models "${resnet[@]}" --out "$OUT/models" || return 1
+    if ! "$PY" -c "import transformers" 2> /dev/null; then
+        echo "llama: skipped: transformers is not installed"
+        return 0
+    fi
+    "$PY" -m pyprune bench models "${llama[@]}" --models llama \
+        --backends pyprune-ext pyprune-compact dense mmrazor-ref --out "$OUT/models_llama"
+}
+
+export -f env_report build cuda_tests models  # stages run under timeout in a child bash
 export DEVICE PY OUT
 
 if [ "$DEVICE" = cuda ]; then
     OPS_ARGS=(--device cuda --parts gather --warmup 3 --reps 10)
     MODEL_ARGS=(--device cuda --models resnet18 resnet50 --batch-sizes 8 --ratios 0.5 --warmup 3 --reps 10
                 --switch-subnets 4)
+    LLAMA_ARGS=(--device cuda --batch-sizes 8 --seq-len 128 --ratios 0.5 --warmup 3 --reps 10 --switch-subnets 4)
     FORMAT_ARGS=(--device cuda --models resnet50 --batch 64 --warmup 2 --reps 5)
     SWITCH_ARGS=(--device cuda --models resnet18 resnet50 --units Sequential L1 --calls 200)
 else
     OPS_ARGS=(--device cpu --parts gather --quick)
     MODEL_ARGS=(--device cpu --quick --ratios 0.5)
+    LLAMA_ARGS=(--device cpu --quick --ratios 0.5)
     FORMAT_ARGS=(--device cpu --quick)
     SWITCH_ARGS=(--device cpu --models resnet18 --units Sequential --calls 20)
 fi
@@ -151,7 +170,7 @@ cp "$OUT/logs/env.log" "$OUT/env.txt"
 run_stage build 90 tail build
 run_stage tests 75 tail cuda_tests
 run_stage kernels 45 all "$PY" -m pyprune bench ops "${OPS_ARGS[@]}" --out "$OUT/ops"
-run_stage models 80 all "$PY" -m pyprune bench models "${MODEL_ARGS[@]}" "${BACKENDS[@]}" --out "$OUT/models"
+run_stage models 95 all models "${MODEL_ARGS[@]}" "${BACKENDS[@]}" :: "${LLAMA_ARGS[@]}"
 run_stage formats 55 all "$PY" benchmarks/bench_formats.py "${FORMAT_ARGS[@]}" --out "$OUT/formats"
 run_stage switch 30 all "$PY" benchmarks/bench_switch.py "${SWITCH_ARGS[@]}" --out "$OUT/switch"
 

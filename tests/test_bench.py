@@ -280,6 +280,52 @@ def test_quick_models_run_writes_every_backend_and_ratio(tmp_path, capsys):
     assert "# torch: " + torch.__version__ in out and "targets" in out
 
 
+def test_quick_models_run_of_the_llama_writes_its_rows_and_skips_the_reference(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from pyprune.app.bench import main
+    backends = ["pyprune-torch", "pyprune-compact", "mmrazor-ref", "pyprune-sliced", "dense"]
+    assert main(["models", "--quick", "--models", "llama", "--ratios", "0.5", "--backends", *backends,
+                 "--out", str(tmp_path)]) == 0
+    rows = _read_csv(tmp_path / "models.csv")
+    for workload in ("eval", "train", "switch"):
+        found = {r["backend"]: r for r in rows if r["model"] == "llama" and r["workload"] == workload}
+        assert set(found) == set(backends), workload
+        for backend in ("pyprune-torch", "pyprune-compact", "dense"):
+            assert found[backend]["status"] == "ok", (workload, found[backend]["status"])
+            _assert_positive_finite(found[backend]["median_ms"], f"llama {workload} {backend}")
+        assert found["mmrazor-ref"]["status"] == model_bench.UNSUPPORTED_BY_LANGUAGE_MODELS["mmrazor-ref"]
+        assert found["pyprune-sliced"]["status"].startswith("skipped: KeptSliceSGD")
+    payload = json.loads((tmp_path / "models.json").read_text())
+    assert payload["header"]["seq_len"] == 16
+    target = next(r for r in payload["rows"] if r.get("table") == "targets" and "Llama" in r["target"])
+    assert target["result"] in ("met", "MISSED") and target["numbers"].startswith("worst ")
+    capsys.readouterr()
+
+
+def test_the_llama_bench_loss_is_the_next_token_loss_and_its_export_computes_the_same():
+    pytest.importorskip("transformers")
+    from pyprune.app.bench.language_models import token_batch
+    from pyprune.app.training.lm import next_token_loss
+    cfg = model_bench.quick_config(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = model_bench.build_supernet("llama", cfg.image_size)
+    mutator = model_bench.prepare_named(model, "llama", cfg)
+    mutator.set_global_ratio(0.5)
+    pruned = {u.name.split("_(")[0] for u in mutator.mutable_units}  # hidden size, heads, MLP: all pruned
+    assert pruned >= {"lm.model.embed_tokens", "lm.model.layers.0.self_attn.q_proj", "lm.model.layers.0.mlp.gate_proj"}
+    ids, labels = token_batch("llama", 2, cfg.seq_len, cfg.device)
+    assert ids.shape == (2, 16) and labels.shape == (32,)
+    logits = model(ids)
+    expected = next_token_loss(model.lm(input_ids=ids).logits, labels.view(2, 16))
+    torch.testing.assert_close(F.cross_entropy(logits, labels), expected, rtol=1e-6, atol=1e-6)
+    exported = mutator.export(model)
+    layer = exported.lm.model.layers[0]
+    assert exported.lm.model.embed_tokens.embedding_dim == 128 and layer.mlp.gate_proj.out_features == 344
+    assert layer.self_attn.q_proj.out_features == 128 and exported.lm.lm_head.weight is \
+        exported.lm.model.embed_tokens.weight
+    torch.testing.assert_close(exported(ids), logits, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_attention_and_channels_first_norm_run_the_same_subnet():
     torch.manual_seed(0)
     model = TinyTransformer()

@@ -377,14 +377,16 @@ def test_state_of_another_shape_and_a_second_session_are_refused():
         assert model.stem.weight.shape == (8, 3, 3, 3)
 
 
-def test_layers_sharing_a_tensor_stay_in_gather_mode():
+def test_layers_keeping_other_channels_of_a_shared_tensor_stay_in_gather_mode():
     first, second = to_dynamic(nn.Linear(6, 6)), to_dynamic(nn.Linear(6, 6))
     second.weight = first.weight  # tied weights: one compact copy could not serve two selections
+    first.set_out_channels(3)
+    second.set_out_channels(2)
     for layer in (first, second):
-        layer.set_out_channels(3)
         layer.set_in_channels(3)
     model = nn.Sequential(first, second)
-    with pytest.warns(UserWarning, match=r"0 shares tensors with \['1'\]; it stays in gather mode"):
+    with pytest.warns(UserWarning, match=r"0 shares tensors with \['1'\], which keep other channels of them; these "
+                                         r"layers stay in gather mode"):
         session = compact_training(model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert session.layers == [] and first.weight.shape == (6, 6)
     x = torch.randn(2, 3)

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedParameter
 
 from .base import DynamicChannelMixin, NormLayerKind
+from .compact_state import full_shape_of
 
 __all__ = ["DynamicChannelNorm"]
 
@@ -67,7 +68,8 @@ class DynamicChannelNorm(NormLayerKind, DynamicChannelMixin, nn.Module):
 
     @classmethod
     def channel_counts(cls, module: nn.Module) -> Tuple[int, int]:
-        channels = module._parameters["weight"].shape[0]
+        # the weight's full size: in compact training mode the weight itself is the compact copy
+        channels = full_shape_of(module, "weight")[0]
         return channels, channels
 
     @classmethod

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..utils.modules import unwrap_model
 from .base import DynamicChannelMixin
-from .compact_state import ChannelSlice, CompactOpState, HeldTensor, gather_slice, scatter_slice_
+from .compact_state import ChannelSlice, CompactOpState, HeldTensor, gather_slice, scatter_slice_, state_of
 from .parameter import channel_parameters
 from .registry import DYNAMIC_OPS
 
@@ -41,12 +41,7 @@ _ACTIVE: "weakref.WeakSet[CompactTraining]" = weakref.WeakSet()  # sessions in c
 _STEP_HOOK = None                                                # the global optimizer step pre-hook's handle
 
 
-def _state(module: nn.Module) -> Optional[CompactOpState]:
-    """The compact-mode state installed in ``module``'s tensor provider, or None (not a DynamicOp, or not in
-    compact mode)."""
-    provider = module.__dict__.get("_provider")
-    source = None if provider is None else provider.source
-    return source if isinstance(source, CompactOpState) else None
+_state = state_of  # the compact-mode state of a module, or None
 
 
 def _as_list(optimizers: Optimizers) -> List[torch.optim.Optimizer]:
@@ -68,7 +63,7 @@ def _as_list(optimizers: Optimizers) -> List[torch.optim.Optimizer]:
 def _full_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """state_dict in compact mode: the full-size tensors (compact values written back), same keys as always."""
     state = _state(module)
-    if state is None or not state.held:
+    if state is None or not (state.held or state.borrowed):
         return
     for name, full in state.full_tensors().items():
         if prefix + name in state_dict:
@@ -178,10 +173,10 @@ class CompactTraining:
         state of another shape raise ConfigError naming the layer); nothing changes on error."""
         if self.active:
             raise ConfigError("compact_training: this session is already on")
-        ops = self._compactable_ops()
+        ops, peers = self._compactable_ops()
         self._check_optimizers(ops)
         for name, op in ops:
-            op.tensor_provider.install(CompactOpState(self))
+            op.tensor_provider.install(CompactOpState(self, peers.get(name, ())))
             self._handles += [op.register_state_dict_post_hook(_full_state_dict_hook),
                               op.register_load_state_dict_pre_hook(_release_before_load),
                               op.register_load_state_dict_post_hook(_compact_after_load)]
@@ -196,6 +191,7 @@ class CompactTraining:
         except Exception:
             self.exit()
             raise
+        self._warn_disagreeing_peers()
         return self
 
     def exit(self) -> None:
@@ -255,6 +251,21 @@ class CompactTraining:
             state = _state(op)
             state.suspended, state.loading = False, False
             state.compact(op)
+        self._warn_disagreeing_peers()
+
+    def _warn_disagreeing_peers(self) -> None:
+        """Layers sharing a tensor compact only when they keep the same channels of it (a traced model's tied
+        tensors always do); say which stay in gather mode because they do not (once per group of layers)."""
+        names = {id(op): name for name, op in self._ops}
+        reported = set()
+        for name, op in self._ops:
+            state = _state(op)
+            if name in reported or not state.peers or op._holds_compact() or not op._compact_layout():
+                continue
+            peers = [names[id(peer)] for peer in state.peers]
+            reported.update(peers)
+            warnings.warn(f"compact_training: {name} shares tensors with {peers}, which keep other channels of "
+                          f"them; these layers stay in gather mode", stacklevel=4)
 
     @property
     def layers(self) -> List[str]:
@@ -275,7 +286,9 @@ class CompactTraining:
             raise ConfigError(f"compact_training: {what}() needs the session to be on (enter() it first)")
 
     # ------------------------------------------------------------------------------------------------ validation
-    def _compactable_ops(self) -> List[Tuple[str, DynamicChannelMixin]]:
+    def _compactable_ops(self) -> Tuple[List[Tuple[str, DynamicChannelMixin]], Dict[str, List[nn.Module]]]:
+        """``(ops, peers)``: the ops that can train compact and, per op name, the ops it shares tensors with (tied
+        weights: they compact together, see :mod:`.compact_state`)."""
         ops = [(name, m) for name, m in self.model.named_modules() if isinstance(m, DynamicChannelMixin)]
         if not ops:
             plain = next((f"{name!r} ({type(m).__name__})" for name, m in self.model.named_modules()
@@ -289,24 +302,35 @@ class CompactTraining:
                 raise ConfigError(f"compact_training: layer {name!r} ({type(op).__name__}) is already in compact "
                                   f"training mode (another session, or a deep copy made in compact mode: "
                                   f"pyprune.ops.compact.release_compact(model) releases a copy)")
-        users: Dict[int, List[str]] = {}  # id(tensor) -> the layers / channel parameters using it
+        users: Dict[int, List[str]] = {}  # id(tensor) -> the layers using it
         for name, op in ops:
             for tensor in {id(t): t for t in op._source_tensors() if t is not None}.values():
                 users.setdefault(id(tensor), []).append(name)
+        slots: Dict[int, List[str]] = {}  # id(tensor) -> the channel parameters using it
         for slot in channel_parameters(self.model):
-            users.setdefault(id(slot.tensor), []).append(slot.pyprune_name)
-        return [(name, op) for name, op in ops if self._can_hold(name, op, users)]
+            slots.setdefault(id(slot.tensor), []).append(slot.pyprune_name)
+        groups = _sharing_groups([name for name, _ in ops], users)
+        by_name = dict(ops)
 
-    @staticmethod
-    def _can_hold(name: str, op: DynamicChannelMixin, users: Dict[int, List[str]]) -> bool:
-        """Ops stay in gather mode when compact copies would be wrong: a tensor shared with another layer / a
-        ChannelParameter."""
-        shared = sorted({other for t in op._source_tensors() if t is not None for other in users[id(t)]} - {name})
-        if shared:
-            warnings.warn(f"compact_training: {name} shares tensors with {shared}; it stays in gather mode",
-                          stacklevel=4)
-            return False
-        return True
+        def slots_of(names):
+            return sorted({slot for member in names for t in by_name[member]._source_tensors() if t is not None
+                           for slot in slots.get(id(t), ())})
+        held = []
+        for name, op in ops:
+            # a ChannelParameter reads its tensor at full size (index_select): no compact copy may replace it, nor
+            # one of a peer that compacts together with this op
+            own, through_peers = slots_of([name]), slots_of(groups[name])
+            if own:
+                warnings.warn(f"compact_training: {name} shares tensors with {own}; it stays in gather mode",
+                              stacklevel=4)
+            elif through_peers:
+                peers = [member for member in groups[name] if member != name]
+                warnings.warn(f"compact_training: {name} shares tensors with {peers}, which share tensors with "
+                              f"{through_peers}; it stays in gather mode", stacklevel=4)
+            else:
+                held.append((name, op))
+        peers = {name: [by_name[member] for member in groups[name] if member != name] for name, _ in held}
+        return held, {name: members for name, members in peers.items() if members}
 
     def _check_optimizers(self, ops) -> None:
         model_params = {id(p) for p in self.model.parameters()}
@@ -437,6 +461,17 @@ class CompactTraining:
                                       f"optimizers=...), so its state cannot follow the selection; pass it there "
                                       f"(nothing was stepped)")
         self._checked_steps[id(optimizer)] = self._generation
+
+
+def _sharing_groups(names: List[str], users: Dict[int, List[str]]) -> Dict[str, List[str]]:
+    """Per op name, the names of the ops linked to it through shared tensors (itself included, transitively: a
+    tensor shared by ``a`` and ``b`` and another by ``b`` and ``c`` make one group), in model order."""
+    group_of = {name: [name] for name in names}
+    for sharing in users.values():
+        merged = sorted({member for user in sharing for member in group_of[user]}, key=names.index)
+        for member in merged:
+            group_of[member] = merged
+    return group_of
 
 
 def _activate(session: CompactTraining) -> None:

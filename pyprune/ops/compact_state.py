@@ -9,15 +9,22 @@ their gradients are compact (no scatter). Releasing writes the compact values ba
 Where a compact tensor comes from is a :class:`ChannelSlice`, which every DynamicOp describes for its own tensors
 (``DynamicChannelMixin._compact_layout``); the gather here is the one ``_gather_compact`` does, and the write-back
 is its exact inverse.
+
+Ops that share a tensor (tied input / output embeddings: ``embed_tokens.weight is lm_head.weight``) are *peers*:
+they compact together, and only when every one of them keeps the same channels of every tensor they share (the
+tracer makes tied tensors one selection, so a traced model's always do). The first holds the shared tensor (its
+:class:`HeldTensor`, its optimizer state), the others borrow it; releasing any of them releases them all. Peers
+that disagree (while a selection change reaches them one by one, or for good) all stay full-size and gather.
 """
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["ChannelSlice", "HeldTensor", "CompactOpState", "gather_slice", "scatter_slice_"]
+__all__ = ["ChannelSlice", "HeldTensor", "CompactOpState", "gather_slice", "scatter_slice_", "same_slice",
+           "agree_on_shared", "state_of", "full_shape_of"]
 
 
 class ChannelSlice(NamedTuple):
@@ -35,6 +42,20 @@ class ChannelSlice(NamedTuple):
     rows: Optional[Tensor]
     cols: Optional[Tensor] = None
     dim: int = 0
+
+
+def same_slice(a: Optional[ChannelSlice], b: Optional[ChannelSlice]) -> bool:
+    """Whether two slices keep the same channels (None: the tensor kept whole). The indices are compared by
+    value only when they are not the same tensor (``torch.equal`` syncs a GPU)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.dim == b.dim and _same_index(a.rows, b.rows) and _same_index(a.cols, b.cols)
+
+
+def _same_index(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def gather_slice(piece: ChannelSlice, source: Tensor, dtype: Optional[torch.dtype] = None,
@@ -111,61 +132,99 @@ class CompactOpState:
     (:class:`~pyprune.ops.provider.TensorProvider`) while a compact training session is on.
 
     ``held``: the op's tensors in compact form (empty when its selection keeps every channel, or while paused /
-    loading). ``suspended``: set by the session while paused, so a selection change leaves the op full-size.
-    The session moves optimizer state along and tracks which parameters are compact (the ops keep it alive, so a
-    session nobody else holds still works); a deep copy or a pickle of the op drops it (a copy made in compact mode
-    stays compact, on its own, with no optimizer).
+    loading). ``borrowed``: tensors it shares with a peer that holds them (see the module docstring); ``peers``:
+    the other ops it shares tensors with. ``suspended``: set by the session while paused, so a selection change
+    leaves the op full-size. The session moves optimizer state along and tracks which parameters are compact (the
+    ops keep it alive, so a session nobody else holds still works); a deep copy or a pickle of the op drops it (a
+    copy made in compact mode stays compact, on its own, with no optimizer).
     """
 
-    def __init__(self, session=None):
+    def __init__(self, session=None, peers: Sequence = ()):
         self.session = session
+        self.peers = list(peers)
         self.held: List[HeldTensor] = []
+        self.borrowed: Dict[str, HeldTensor] = {}  # {tensor path relative to the op: the peer's HeldTensor}
         self.tensors: tuple = ()  # the op's _source_tensors() while held: what its forward uses, as they are
         self.tensors_of = None    # the op they belong to (a DataParallel replica shares this state, not them)
         self.suspended = False
         self.loading = False
 
     def __getstate__(self):
-        return {"session": None, "held": self.held, "tensors": self.tensors, "tensors_of": self.tensors_of,
-                "suspended": False, "loading": False}
+        return {"session": None, "peers": self.peers, "held": self.held, "borrowed": self.borrowed,
+                "tensors": self.tensors, "tensors_of": self.tensors_of, "suspended": False, "loading": False}
 
     def held_tensors(self, op) -> Optional[tuple]:
         """The op's channel tensors as they are (they are the compact ones) while held, else None."""
-        if not self.held:
+        if not (self.held or self.borrowed):
             return None
         return self.tensors if self.tensors_of is op else tuple(op._source_tensors())
+
+    def _group(self, op) -> list:
+        """``[(op, state)]`` of ``op`` and its peers (that are still in compact mode)."""
+        group = [(op, self)]
+        for peer in self.peers:
+            state = state_of(peer)
+            if state is not None:
+                group.append((peer, state))
+        return group
 
     # --------------------------------------------------------------------------------------------------- moves
     def compact(self, op, with_optimizer: bool = True) -> None:
         """Swap every pruned channel tensor of ``op`` (and its gradient, and with ``with_optimizer`` the optimizer
-        state shaped like it) for its compact copy; the full data is set aside. No-op when already compact."""
-        if self.held:
+        state shaped like it) for its compact copy; the full data is set aside. No-op when already compact. With
+        peers, all of them together, once none is paused or loading and all keep the same channels of what they
+        share (else all stay full-size)."""
+        if self.held or self.borrowed:
             return
-        layout = op._compact_layout()
+        if not self.peers:
+            self._compact_members([(op, self)], [op._compact_layout()], with_optimizer)
+            return
+        group = self._group(op)
+        if any(state.held or state.borrowed or state.suspended or state.loading for _, state in group):
+            return
+        layouts = [member._compact_layout() for member, _ in group]
+        if agree_on_shared(group, layouts):
+            self._compact_members(group, layouts, with_optimizer)
+
+    def _compact_members(self, group: list, layouts: list, with_optimizer: bool) -> None:
+        """Compact each ``(op, state)`` of ``group`` at its layout; a tensor already compacted by an earlier member
+        is borrowed, not gathered again."""
         session = self.session
         if session is not None and with_optimizer:
-            session._check_optimizer_states(op, layout)  # refuse before anything changes
-        with torch.no_grad():
-            for piece in layout:
-                tensor = piece.tensor
-                full = tensor.data
-                grad = tensor.grad
-                compact_grad = None if grad is None else gather_slice(piece, grad)
-                if session is not None and with_optimizer:
-                    session._compact_optimizer_state(piece, full.shape)
-                tensor.data = gather_slice(piece, full)
-                if grad is not None:
-                    tensor.grad = compact_grad
-                self.held.append(HeldTensor(piece, full))
-        self.tensors, self.tensors_of = tuple(op._source_tensors()), op
-        op.clear_cache()
-        if session is not None:
-            session._held_changed(op, self.held)
+            for (member, _), layout in zip(group, layouts):
+                session._check_optimizer_states(member, layout)  # refuse before anything changes
+        taken: Dict[int, HeldTensor] = {}
+        for (member, state), layout in zip(group, layouts):
+            with torch.no_grad():
+                for piece in layout:
+                    tensor = piece.tensor
+                    if id(tensor) in taken:
+                        state.borrowed[piece.name] = taken[id(tensor)]
+                        continue
+                    full = tensor.data
+                    grad = tensor.grad
+                    compact_grad = None if grad is None else gather_slice(piece, grad)
+                    if session is not None and with_optimizer:
+                        session._compact_optimizer_state(piece, full.shape)
+                    tensor.data = gather_slice(piece, full)
+                    if grad is not None:
+                        tensor.grad = compact_grad
+                    taken[id(tensor)] = HeldTensor(piece, full)
+                    state.held.append(taken[id(tensor)])
+            state.tensors, state.tensors_of = tuple(member._source_tensors()), member
+            member.clear_cache()
+            if session is not None:
+                session._held_changed(member, state.held)
 
     def release(self, op, with_optimizer: bool = True) -> None:
         """Write the compact values back into the full data and swap it back in (gradients scattered into zero
-        full-size ones, optimizer state written back likewise). No-op when nothing is held."""
-        if not self.held:
+        full-size ones, optimizer state written back likewise), in ``op`` and its peers. No-op when nothing is
+        held."""
+        for member, state in self._group(op):
+            state._release_own(member, with_optimizer)
+
+    def _release_own(self, op, with_optimizer: bool) -> None:
+        if not (self.held or self.borrowed):
             return
         session = self.session
         with torch.no_grad():
@@ -183,7 +242,7 @@ class CompactOpState:
                 tensor.data = full
                 if grad is not None:
                     tensor.grad = full_grad
-        released, self.held, self.tensors, self.tensors_of = self.held, [], (), None
+        released, self.held, self.borrowed, self.tensors, self.tensors_of = self.held, [], {}, (), None
         op.clear_cache()
         if session is not None:
             session._held_changed(op, [], released)
@@ -196,6 +255,43 @@ class CompactOpState:
             self.compact(op)
 
     def full_tensors(self) -> Dict[str, Tensor]:
-        """``{tensor path relative to the op: full data with the current values written back}`` (in place)."""
+        """``{tensor path relative to the op: full data with the current values written back}`` (in place), for
+        the tensors it holds and those it borrows."""
         with torch.no_grad():
-            return {held.name: held.written_back() for held in self.held}
+            full = {held.name: held.written_back() for held in self.held}
+            full.update((name, held.written_back()) for name, held in self.borrowed.items())
+            return full
+
+
+def state_of(module) -> Optional[CompactOpState]:
+    """The compact-mode state installed in ``module``'s tensor provider, or None (not a DynamicOp, or not in
+    compact mode)."""
+    provider = module.__dict__.get("_provider")
+    source = None if provider is None else provider.source
+    return source if isinstance(source, CompactOpState) else None
+
+
+def full_shape_of(module, name: str) -> torch.Size:
+    """The full-size shape of ``module``'s parameter / buffer ``name`` (a top-level one), also while compact
+    training mode holds its compact copy (which ``tensor.shape`` is then): what a channel count read from a tensor
+    must use."""
+    state = state_of(module)
+    if state is not None:
+        for held in state.held:
+            if held.name == name:
+                return held.full.shape
+        if name in state.borrowed:
+            return state.borrowed[name].full.shape
+    tensors = module._parameters if name in module._parameters else module._buffers
+    return tensors[name].shape
+
+
+def agree_on_shared(group: list, layouts: list) -> bool:
+    """Whether the ops of ``group`` (``[(op, state)]``) keep the same channels of every tensor two of them use
+    (``layouts``: each op's ``_compact_layout()``; a tensor an op uses but does not slice is kept whole by it)."""
+    users: Dict[int, list] = {}
+    for (member, _), layout in zip(group, layouts):
+        slices = {id(piece.tensor): piece for piece in layout}
+        for tensor in {id(t): t for t in member._source_tensors() if t is not None}.values():
+            users.setdefault(id(tensor), []).append(slices.get(id(tensor)))
+    return all(same_slice(pieces[0], other) for pieces in users.values() for other in pieces[1:])

@@ -8,11 +8,10 @@ tensors one selection (``pyprune.tracing.tied``), so for a traced model they alw
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from .base import DynamicChannelMixin
-from .compact_state import ChannelSlice
+from .compact_state import ChannelSlice, same_slice
 
 __all__ = ["retie_exported"]
 
@@ -39,7 +38,7 @@ def retie_exported(model: nn.Module, exported: Dict[str, nn.Module]) -> None:
             continue
         kept: List[List[Holder]] = []
         for holder in found:
-            same = next((group for group in kept if _same_slice(group[0][2], holder[2])), None)
+            same = next((group for group in kept if same_slice(group[0][2], holder[2])), None)
             if same is None:
                 kept.append([holder])
             else:
@@ -50,18 +49,6 @@ def retie_exported(model: nn.Module, exported: Dict[str, nn.Module]) -> None:
             described = [[f"{name}.{attribute}" for name, attribute, _ in group] for group in kept]
             warnings.warn(f"export: the parameter held by {described} is pruned differently by these layer groups; "
                           f"each group gets its own copy (the tie is not kept)", stacklevel=3)
-
-
-def _same_slice(a: Optional[ChannelSlice], b: Optional[ChannelSlice]) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.dim == b.dim and _same_index(a.rows, b.rows) and _same_index(a.cols, b.cols)
-
-
-def _same_index(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def _tie(model: nn.Module, exported: Dict[str, nn.Module], group: List[Holder]) -> None:

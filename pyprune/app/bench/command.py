@@ -10,6 +10,7 @@ from ..cli import OneLineArgumentParser, int_at_least, kept_ratio
 from . import model_bench
 from . import kernel_bench as op_bench
 from . import sweep as sweep_bench
+from .language_models import LANGUAGE_MODELS
 from .tables import (format_header, format_table, plot_time_vs_ratio, run_header, write_csv, write_json)
 
 
@@ -34,11 +35,12 @@ def _device(name: Optional[str]) -> torch.device:
 
 
 def _model_name(text: str) -> str:
-    """A model ``bench models`` can build: ``tiny`` or a torchvision classifier."""
+    """A model ``bench models`` can build: ``tiny``, a language model (``llama``) or a torchvision classifier."""
     import torchvision
-    if text == "tiny" or text in torchvision.models.list_models(module=torchvision.models):
+    if text == "tiny" or text in LANGUAGE_MODELS or text in torchvision.models.list_models(module=torchvision.models):
         return text
-    raise argparse.ArgumentTypeError(f"unknown model {text!r}: use tiny or a torchvision classification model name "
+    raise argparse.ArgumentTypeError(f"unknown model {text!r}: use tiny, {', '.join(LANGUAGE_MODELS)} or a "
+                                     f"torchvision classification model name "
                                      f"(e.g. {', '.join(model_bench.MODEL_NAMES)})")
 
 
@@ -69,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="which op benchmarks to run (default both)")
     m = sub.choices["models"]
     m.add_argument("--models", nargs="+", type=_model_name, default=None,
-                   help=f"{', '.join(model_bench.MODEL_NAMES)}, tiny, or another torchvision classifier")
+                   help=f"{', '.join(model_bench.MODEL_NAMES)}, tiny, {', '.join(LANGUAGE_MODELS)} (a Llama-style "
+                        f"causal LM on token ids) or another torchvision classifier")
     m.add_argument("--batch-sizes", nargs="+", type=int_at_least(1), default=None)
     m.add_argument("--ratios", nargs="+", type=kept_ratio, default=None, help="kept ratios, each in (0, 1]")
     m.add_argument("--image-size", type=int_at_least(8), default=None)
+    m.add_argument("--seq-len", type=int_at_least(2), default=None,
+                   help="tokens per sequence of a language model (default 128; 16 with --quick)")
     m.add_argument("--backends", nargs="+", default=None,
                    choices=model_bench.BACKENDS + model_bench.GRAPH_BACKENDS + model_bench.OPTIONAL_BACKENDS,
                    help="default: all of BACKENDS, plus pyprune-graph / dense-graph on CUDA (pyprune-batched: only "
@@ -149,8 +154,8 @@ def _run_ops(args, device: torch.device) -> List[Dict[str, object]]:
 def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
     cfg = model_bench.quick_config(device) if args.quick else model_bench.default_config(device)
     overrides = {"models": args.models, "batch_sizes": args.batch_sizes, "ratios": args.ratios,
-                 "image_size": args.image_size, "warmup": args.warmup, "reps": args.reps, "backends": args.backends,
-                 "compile_backend": args.compile_backend, "switch_subnets": args.switch_subnets, "clock": args.clock}
+                 "image_size": args.image_size, "seq_len": args.seq_len, "warmup": args.warmup, "reps": args.reps,
+                 "backends": args.backends, "compile_backend": args.compile_backend, "switch_subnets": args.switch_subnets, "clock": args.clock}
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
@@ -169,7 +174,7 @@ def _models_config(args, device: torch.device) -> model_bench.ModelBenchConfig:
 def _run_models(args, device: torch.device) -> List[Dict[str, object]]:
     """Run, write and print the model benchmarks; returns the result rows."""
     cfg = _models_config(args, device)
-    header = run_header(device, benchmark="models", quick=args.quick, image_size=cfg.image_size,
+    header = run_header(device, benchmark="models", quick=args.quick, image_size=cfg.image_size, seq_len=cfg.seq_len,
                         warmup=cfg.warmup, reps=cfg.reps, compile_backend=cfg.compile_backend,
                         compile_models=cfg.compile_models or "all",
                         compile_batch_sizes=cfg.compile_batch_sizes or "all",

@@ -18,6 +18,10 @@ Backends (each row's ``vs_dense`` is its time over the exported dense model's, s
   the whole step (train: forward, loss, backward, SGD step; eval: forward) replayed from one CUDA graph per subnet
   (:mod:`pyprune.graphs`; warm-up and capture happen in the untimed warm-up calls). Skipped ("needs CUDA") on CPU.
 
+Models: torchvision classifiers on images ``[N, 3, S, S]``, ``tiny`` (:class:`TinyNet`), and ``llama`` (a Llama-style
+causal LM from :mod:`.language_models`, on token ids ``[N, seq_len]`` with the next-token loss; mmrazor-ref and
+pyprune-sliced are skipped for it, with the reason in the row).
+
 The eval / train backends of one (model, batch, ratio) are timed in turn, repetition by repetition, so that load
 from other processes hits them alike. Workloads: ``eval`` (no-grad forward in eval mode), ``train`` (forward +
 cross-entropy + backward + SGD step) at fixed ratios, and ``switch`` (a training step on a new random subnet every
@@ -43,6 +47,7 @@ from torch import nn
 from ... import kernels
 from ...ops.selection import prefix_index
 from ..training.step import TrainStep
+from .language_models import build_language_model, is_language_model, token_batch
 from .mmrazor_reference import build_reference_model
 from .timing import Measurement, measure, synchronize
 
@@ -69,6 +74,7 @@ class ModelBenchConfig:
     batch_sizes: Sequence[int] = (1, 8, 64)
     ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25)
     image_size: int = 224
+    seq_len: int = 128  # tokens per sequence of a language model (:mod:`.language_models`)
     warmup: int = 3
     reps: int = 10
     backends: Sequence[str] = BACKENDS
@@ -85,7 +91,8 @@ class ModelBenchConfig:
 
 def quick_config(device: torch.device) -> ModelBenchConfig:
     """Seconds, not minutes: a tiny CNN, tiny inputs, one warm-up, two repetitions."""
-    return ModelBenchConfig(device=device, models=("tiny",), batch_sizes=(2,), image_size=16, warmup=1, reps=2,
+    return ModelBenchConfig(device=device, models=("tiny",), batch_sizes=(2,), image_size=16, seq_len=16, warmup=1,
+                            reps=2,
                             compile_backend="aot_eager", compile_batch_sizes=None, switch_subnets=2,
                             switch_passes=1)
 
@@ -120,9 +127,12 @@ class TinyNet(nn.Module):
 
 
 def build_supernet(name: str, image_size: int) -> nn.Module:
-    """Randomly initialised model (never downloads weights)."""
+    """Randomly initialised model (never downloads weights): ``tiny``, a language model of
+    :data:`.language_models.LANGUAGE_MODELS` (token ids in, flat logits out) or a torchvision classifier."""
     if name == "tiny":
         return TinyNet()
+    if is_language_model(name):
+        return build_language_model(name)
     import torchvision
     kwargs = {"image_size": image_size} if name.startswith("vit") else {}
     return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
@@ -132,12 +142,31 @@ def num_classes_of(name: str) -> int:
     return 10 if name == "tiny" else NUM_CLASSES
 
 
-def prepare(model: nn.Module, image_size: int):
-    """Prepare ``model`` in place with a prefix (sequential) ChannelMutator; returns the mutator."""
+def batch_of(cfg: ModelBenchConfig, name: str, batch: int):
+    """``(inputs, labels)`` of one step of model ``name``: images ``[batch, 3, S, S]`` and class labels
+    ``[batch]``, or for a language model token ids ``[batch, seq_len]`` and next-token labels ``[batch * seq_len]``."""
+    if is_language_model(name):
+        return token_batch(name, batch, cfg.seq_len, cfg.device)
+    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
+    return x, torch.randint(0, num_classes_of(name), (batch,), device=cfg.device)
+
+
+def prepare_named(model: nn.Module, name: str, cfg: ModelBenchConfig):
+    """:func:`prepare` with model ``name``'s demo input (an image, or ``seq_len`` token ids)."""
+    if is_language_model(name):
+        return prepare(model, cfg.image_size, demo_input={"input_ids": torch.zeros(1, cfg.seq_len, dtype=torch.int64)})
+    return prepare(model, cfg.image_size)
+
+
+def prepare(model: nn.Module, image_size: int, demo_input=None):
+    """Prepare ``model`` in place with a prefix (sequential) ChannelMutator; returns the mutator. ``demo_input``
+    (default: one ``image_size`` image) is what the tracer runs."""
     from ...mutators import ChannelMutator
+    if demo_input is None:
+        demo_input = (1, 3, image_size, image_size)
     mutator = ChannelMutator(
         channel_unit_cfg=dict(type="SequentialMutableChannelUnit", default_args=dict(choice_mode="ratio")),
-        parse_cfg=dict(type="ChannelAnalyzer", demo_input=(1, 3, image_size, image_size), tracer_type="auto"))
+        parse_cfg=dict(type="ChannelAnalyzer", demo_input=demo_input, tracer_type="auto"))
     mutator.prepare_from_supernet(model)
     return mutator
 
@@ -259,7 +288,23 @@ def _replayed(graphed, *args) -> None:
     raise RuntimeError(f"{type(graphed).__name__} never replayed (stats {graphed.stats})")
 
 
-def _skip_reason(backend: str) -> str:
+# What a language model (tied input / output embeddings, RMSNorm, attention heads) does not run on, and why:
+# mmrazor's dynamic ops have no embedding, RMSNorm or attention-head slicing, and neither has the reference;
+# KeptSliceSGD refuses a tensor two layers slice.
+UNSUPPORTED_BY_LANGUAGE_MODELS = {
+    "mmrazor-ref": "skipped: the mmrazor-style reference has no embedding / RMSNorm / attention-head layers",
+    "pyprune-sliced": "skipped: KeptSliceSGD does not step a tensor shared by two layers (tied embeddings)",
+}
+
+
+def _runs(backend: str, model_name: str) -> bool:
+    """Whether ``backend`` can run model ``name`` at all (see :data:`UNSUPPORTED_BY_LANGUAGE_MODELS`)."""
+    return not (is_language_model(model_name) and backend in UNSUPPORTED_BY_LANGUAGE_MODELS)
+
+
+def _skip_reason(backend: str, model_name: str = "") -> str:
+    if not _runs(backend, model_name):
+        return UNSUPPORTED_BY_LANGUAGE_MODELS[backend]
     return "skipped: needs CUDA" if backend in GRAPH_BACKENDS else "skipped: extension not built"
 
 
@@ -287,7 +332,9 @@ def check_same_subnet(runners: Dict[str, Runner], x: torch.Tensor, label: str, t
 # ------------------------------------------------------------------------------------------------------------- grid
 def _result_row(cfg: ModelBenchConfig, model: str, batch: int, ratio, backend: str, workload: str,
                 result: Optional[Measurement], status: str = "ok") -> Dict[str, object]:
-    return {"model": model, "batch": batch, "image_size": cfg.image_size, "ratio": ratio, "backend": backend,
+    # a language model's row leaves image_size empty (its sequence length is the run header's seq_len)
+    image_size = None if is_language_model(model) else cfg.image_size
+    return {"model": model, "batch": batch, "image_size": image_size, "ratio": ratio, "backend": backend,
             "workload": workload,
             "median_ms": float("nan") if result is None else result.median_s * 1e3,
             "times_ms": [] if result is None else [t * 1e3 for t in result.times_s],
@@ -324,7 +371,8 @@ def _backends_for(cfg: ModelBenchConfig, model_name: str, ratio: Optional[float]
     return [b for b in cfg.backends if b != "pyprune-compile" or _compiles(cfg, model_name, ratio, batch)]
 
 
-def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: ModelBenchConfig) -> Dict[str, Runner]:
+def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: ModelBenchConfig,
+                  model_name: str = "") -> Dict[str, Runner]:
     device = cfg.device
     runners = {}
     if "pyprune-ext" in backends and extension_available():
@@ -333,9 +381,9 @@ def _make_runners(model: nn.Module, mutator, backends: Sequence[str], cfg: Model
         runners["pyprune-torch"] = Runner(model, "torch")
     if "pyprune-compact" in backends:
         runners["pyprune-compact"] = Runner.compact(copy.deepcopy(model))
-    if "pyprune-sliced" in backends:
+    if "pyprune-sliced" in backends and _runs("pyprune-sliced", model_name):
         runners["pyprune-sliced"] = Runner.sliced(copy.deepcopy(model))
-    if "mmrazor-ref" in backends:
+    if "mmrazor-ref" in backends and _runs("mmrazor-ref", model_name):
         runners["mmrazor-ref"] = Runner(build_reference_model(model, mutator).model.to(device), "torch")
     runners["dense"] = Runner(mutator.export(copy.deepcopy(model)).to(device), "torch")
     if "pyprune-compile" in backends:
@@ -355,18 +403,17 @@ def bench_fixed_ratios(cfg: ModelBenchConfig, model_name: str, progress: Callabl
     """eval / train rows for every batch size, ratio and backend of one model."""
     torch.manual_seed(cfg.seed)
     model = build_supernet(model_name, cfg.image_size)
-    mutator = prepare(model, cfg.image_size)
+    mutator = prepare_named(model, model_name, cfg)
     model.to(cfg.device)
     rows = []
     for ratio in cfg.ratios:
         mutator.set_global_ratio(ratio)
-        runners = _make_runners(model, mutator, _backends_for(cfg, model_name, ratio), cfg)
+        runners = _make_runners(model, mutator, _backends_for(cfg, model_name, ratio), cfg, model_name)
         # Checked before any training step: afterwards the backends' weights drift apart (each trains its own).
-        probe = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=cfg.device)
+        probe, _ = batch_of(cfg, model_name, 2)
         check_same_subnet(runners, probe, f"{model_name} ratio {ratio}")
         for batch in cfg.batch_sizes:
-            x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
-            y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
+            x, y = batch_of(cfg, model_name, batch)
             for workload in WORKLOADS:
                 backends = _backends_for(cfg, model_name, ratio, batch)
                 rows += _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y)
@@ -406,7 +453,8 @@ def _time_cell(cfg, runners, backends, workload, model_name, batch, ratio, x, y)
     rows = []
     for backend in backends:
         if backend not in runners:
-            rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, None, _skip_reason(backend)))
+            rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, None,
+                                    _skip_reason(backend, model_name)))
         elif backend in failed:
             rows.append(_result_row(cfg, model_name, batch, ratio, backend, workload, None, failed[backend]))
         else:
@@ -450,36 +498,37 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_supernet(model_name, cfg.image_size)
-    mutator = prepare(model, cfg.image_size)
+    mutator = prepare_named(model, model_name, cfg)
     model.to(cfg.device)
     subnets = [mutator.sample_choices() for _ in range(cfg.switch_subnets)]
 
-    reference = build_reference_model(model, mutator)
-    reference.model.to(cfg.device)
+    with_reference = "mmrazor-ref" in cfg.backends and _runs("mmrazor-ref", model_name)
+    if with_reference:
+        reference = build_reference_model(model, mutator)
+        reference.model.to(cfg.device)
+        ref_runner = Runner(reference.model, "torch")
     prefix_counts, dense_models = [], []
     for choices in subnets:
         mutator.set_choices(choices)
         prefix_counts.append(_unit_prefix_counts(mutator))
         dense_models.append(mutator.export(copy.deepcopy(model)).to(cfg.device))
-    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=cfg.device)
-    y = torch.randint(0, num_classes_of(model_name), (batch,), device=cfg.device)
+    x, y = batch_of(cfg, model_name, batch)
 
     dynamic = {name: Runner(model, backend) for name, backend in (("pyprune-ext", "ext"), ("pyprune-torch", "torch"))
                if name in cfg.backends and (backend == "torch" or extension_available())}
-    ref_runner = Runner(reference.model, "torch")
     dense_runners = [Runner(m, "torch") for m in dense_models]
     # Each step runs subnet i (an index into ``subnets``); every backend walks the same sequence.
     steps: Dict[str, Callable[[int], None]] = {}
     for name, runner in dynamic.items():
         steps[name] = lambda i, runner=runner: (mutator.set_choices(subnets[i]), runner.train_step(x, y))
-    if "mmrazor-ref" in cfg.backends:
+    if with_reference:
         steps["mmrazor-ref"] = lambda i: (reference.set_unit_prefixes(prefix_counts[i]), ref_runner.train_step(x, y))
     steps["dense"] = lambda i: dense_runners[i].train_step(x, y)
     if "pyprune-compact" in cfg.backends:
         compact_mutator, compact = _compact_switch_runner(cfg, model_name)
         steps["pyprune-compact"] = lambda i: (_set_paused(compact, compact_mutator, subnets[i]),
                                               compact.train_step(x, y))
-    if "pyprune-sliced" in cfg.backends:
+    if "pyprune-sliced" in cfg.backends and _runs("pyprune-sliced", model_name):
         sliced_mutator, sliced_model = _second_supernet(cfg, model_name)
         sliced = Runner.sliced(sliced_model)
         steps["pyprune-sliced"] = lambda i: (sliced_mutator.set_choices(subnets[i]), sliced.train_step(x, y))
@@ -502,7 +551,8 @@ def bench_switch(cfg: ModelBenchConfig, model_name: str, batch: int) -> List[Dic
             rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch",
                                     Measurement(times_s=times[name], inner=len(subnets))))
         elif name in cfg.backends:
-            rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None, _skip_reason(name)))
+            rows.append(_result_row(cfg, model_name, batch, "switch", name, "switch", None,
+                                    _skip_reason(name, model_name)))
     return rows
 
 
@@ -539,7 +589,7 @@ def _second_supernet(cfg: ModelBenchConfig, model_name: str):
     deep-copied)."""
     torch.manual_seed(cfg.seed)
     model = build_supernet(model_name, cfg.image_size)
-    mutator = prepare(model, cfg.image_size)
+    mutator = prepare_named(model, model_name, cfg)
     return mutator, model.to(cfg.device)
 
 
@@ -611,6 +661,12 @@ def evaluate_targets(rows: Sequence[Dict[str, object]]) -> List[Dict[str, object
                            "pyprune-compact", None if worst is None else worst["vs_dense"] <= 1.03,
                            "" if worst is None else f"worst {worst['vs_dense']:.2f}x at {worst['model']} "
                                                     f"b{worst['batch']} r{worst['ratio']}"))
+
+    llama = pick(model="llama", ratio=0.5, workload="train", backend="pyprune-compact")
+    worst = max(llama, key=lambda r: r["vs_dense"], default=None)
+    targets.append(_target("compact train step <= 1.05x exported (Llama, 50 %)", "pyprune-compact",
+                           None if worst is None else worst["vs_dense"] <= 1.05,
+                           "" if worst is None else f"worst {worst['vs_dense']:.2f}x (batch {worst['batch']})"))
 
     speedups = []
     for ref in pick(backend="mmrazor-ref"):
