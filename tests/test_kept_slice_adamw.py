@@ -20,6 +20,9 @@ from pyprune.ops.kept_slice_adamw import KeptSliceAdamW, step_count_shape
 from test_switch_step import LR, _batch, _kept_masks, _subnets, _train, net, prepared  # noqa: F401 (fixtures)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
+# the dynamic model and its export sum their convolutions in another order (~1e-7 relative in a gradient); Adam's
+# division by sqrt(v) passes such a difference on to the update at full size, over four steps
+EXPORT_TOL = dict(rtol=1e-4, atol=1e-5)
 OPTIONS = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
@@ -27,10 +30,10 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def _assert_close(a, b):
+def _assert_close(a, b, tol=TOL):
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], **tol, msg=lambda m: f"{key}: {m}")
 
 
 def _fast(net, **kwargs):
@@ -102,7 +105,7 @@ def test_one_fixed_subnet_equals_torch_adamw_on_the_export(net):
     _train(model, mutator, optimizer, [choices], x, y)
     assert any(p.grad is None for p in model.parameters())  # the sliced path was taken
     _assert_close({k: v.detach() for k, v in exported.named_parameters()},
-                  _params(mutator.export(copy.deepcopy(model))))
+                  _params(mutator.export(copy.deepcopy(model))), EXPORT_TOL)
 
 
 @pytest.mark.parametrize("general_path", [False, True], ids=["prefix-views", "gather-scatter"])
