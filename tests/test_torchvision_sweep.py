@@ -6,7 +6,9 @@ ratio 0.5, run the dynamic model, ``export()`` it, and check that the exported (
 same logits (fp32: max |diff| <= 1e-4 of the logits' scale), has fewer parameters, and still runs a training-mode
 forward + backward (aux heads included). Then random per-unit ratios on a dozen architectures, and a saved config
 loaded into a fresh model.
-The four giant classifiers (:data:`GIANT`) run with ``PYPRUNE_FULL_SWEEP=1`` (the sweep command always runs them).
+The suite runs the smallest classifier of every family and block variant (:data:`REPRESENTATIVE`, 27 models); the
+other 53, the four giant ones (:data:`GIANT`) included, run with ``PYPRUNE_FULL_SWEEP=1`` (the sweep command always
+runs them all).
 """
 import json
 import os
@@ -56,10 +58,23 @@ GIANT = {"regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32"}
 FULL_SWEEP = os.environ.get("PYPRUNE_FULL_SWEEP") == "1"
 
 
+# The smallest model of every family and every block variant (plain / BN VGG, v1 / v2 Swin, X / Y RegNet, the
+# EfficientNet-V2 blocks, ...): the coupling rules a family's larger members add nothing to. The other classifiers
+# differ in depth and width only; they run with PYPRUNE_FULL_SWEEP=1 and in ``pyprune bench sweep``, on this code.
+REPRESENTATIVE = {"alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+                  "inception_v3", "maxvit_t", "mnasnet0_5", "mnasnet1_0", "mobilenet_v2", "mobilenet_v3_large",
+                  "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50",
+                  "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0", "squeezenet1_1", "swin_t", "swin_v2_t",
+                  "vgg11", "vgg11_bn", "vit_b_32", "wide_resnet50_2"}
+
+
 def _sweep_param(name: str):
     if name in GIANT:
         return pytest.param(name, marks=[pytest.mark.slow, pytest.mark.skipif(
             not FULL_SWEEP, reason="giant classifier: checked by `pyprune bench sweep`; PYPRUNE_FULL_SWEEP=1 runs it")])
+    if name not in REPRESENTATIVE:
+        return pytest.param(name, marks=[pytest.mark.slow, pytest.mark.skipif(
+            not FULL_SWEEP, reason="a larger member of a family the suite runs: PYPRUNE_FULL_SWEEP=1 runs it")])
     return pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name
 
 
