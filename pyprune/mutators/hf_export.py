@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.config_view import ConfigView
 from . import hf_fields
-from .hf_fields import build_on_meta
+from .hf_fields import build_on_meta, linear_dims
 from .hf_scales import ScaleFolds, hf_embeddings, plan_scale_folds
 
 __all__ = ["role_of", "uniform_roles", "non_uniform_roles", "is_uniform", "set_uniform_choices",
@@ -239,15 +239,6 @@ def _pretrained_model_class():
     return PreTrainedModel
 
 
-def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
-    """(in, out) of a Linear or GPT-2's transposed Conv1D (weight ``[in, out]``), else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
-        return module.nx, module.nf
-    return None
-
-
 def _first_attribute(module: nn.Module, names) -> Optional[int]:
     """The first of ``names`` that is an int attribute of ``module``, or one the module's own config view holds
     (Phi-3's ``config.num_attention_heads``, see :class:`pyprune.ops.config_view.ConfigView`)."""
@@ -274,10 +265,10 @@ def _read_widths(exported: nn.Module, reference: nn.Module, config) -> Dict[str,
         before = getattr(config, key) if getattr(config, key) is not None else 4 * hidden_before
         # the first MLP up projection, or fused gate | up one of twice the width (Phi-3's gate_up_proj)
         for name, module in reference.named_modules():
-            dims = _linear_dims(module)
+            dims = linear_dims(module)
             fused = {(hidden_before, before): 1, (hidden_before, 2 * before): 2}.get(dims)
             if fused is not None and "att" not in name.lower():
-                after = _linear_dims(exported.get_submodule(name))[1] // fused
+                after = linear_dims(exported.get_submodule(name))[1] // fused
                 if after != getattr(config, key):
                     changed[key] = int(after)
                 break
@@ -314,7 +305,7 @@ def _read_heads(exported: nn.Module, reference: nn.Module, config) -> Dict[str, 
                 continue
             child = next((getattr(module, c) for c in child_names if isinstance(getattr(module, c, None),
                                                                                  nn.Module)), None)
-            dims = None if child is None else _linear_dims(child)
+            dims = None if child is None else linear_dims(child)
             if dims is not None and head_dim and dims[1] % head_dim == 0:
                 if attribute == "heads":
                     heads = dims[1] // head_dim

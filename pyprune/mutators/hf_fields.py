@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["build_on_meta", "module_widths", "field_map", "solve_fields", "sole_fields", "unit_ratios",
+__all__ = ["build_on_meta", "linear_dims", "module_widths", "field_map", "solve_fields", "sole_fields", "unit_ratios",
            "get_field", "set_field"]
 
 FieldMap = Dict[str, Dict[str, Tuple[int, int]]]
@@ -47,17 +47,25 @@ def build_on_meta(model_class, config) -> nn.Module:
         logging.set_verbosity(verbosity)
 
 
+def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in, out) of a Linear or GPT-2's transposed Conv1D (weight ``[in, out]``), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nx") and hasattr(module, "nf"):
+        return module.nx, module.nf
+    return None
+
+
 def _output_width(module: nn.Module) -> Optional[int]:
     """The width a layer writes: Linear / Conv out channels, GPT-2 Conv1D's ``nf``, an Embedding's columns, else the
     length of its own 1-d ``weight`` (a norm); None for a container."""
-    if isinstance(module, nn.Linear):
-        return module.out_features
+    dims = linear_dims(module)
+    if dims is not None:
+        return dims[1]
     if isinstance(module, nn.modules.conv._ConvNd):
         return module.out_channels
     if isinstance(module, nn.Embedding):
         return module.embedding_dim
-    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
-        return module.nf
     weight = module._parameters.get("weight")
     return int(weight.shape[0]) if weight is not None and weight.dim() == 1 else None
 
