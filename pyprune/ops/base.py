@@ -15,7 +15,7 @@ are derived: its units own the selection and push it through the trusted door, a
 it per unit (``pyprune.mutators.selection_hooks``); an op saves no selection of its own.
 """
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,9 @@ from .selection import choice_to_index
 
 __all__ = ["DynamicChannelMixin"]
 
+
+
+_NOT_SET = object()  # an instance attribute that was absent before an op lent its active state
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
@@ -298,6 +301,27 @@ class DynamicChannelMixin(LayerKind, MutableAttrs):
             values = value if isinstance(value, (tuple, list)) else (value,)
             held += [v for v in values if isinstance(v, Tensor)]
         return held + self.__dict__["_provider"].held_device_tensors()
+
+    def lend_active_state(self, tensors: Sequence[Optional[Tensor]]) -> Dict[str, object]:
+        """Make ``tensors`` (:meth:`active_tensors`, in ``_channel_tensors`` order) and :meth:`active_attributes`
+        instance attributes, found before ``nn.Module.__getattr__`` looks in ``_parameters`` / ``_buffers``: what
+        code that reads ``self.weight`` / ``self.out_features`` directly (a layer's own forward, an enclosing
+        module's) sees at the active width. Returns what they replaced, for :meth:`restore_lent_state`."""
+        values = dict(zip(self._channel_tensors, tensors))
+        values.update(self.active_attributes())
+        state = self.__dict__
+        replaced = {name: state.get(name, _NOT_SET) for name in values}
+        state.update(values)
+        return replaced
+
+    def restore_lent_state(self, replaced: Dict[str, object]) -> None:
+        """Undo :meth:`lend_active_state`: each attribute as it was (absent again where it was absent)."""
+        state = self.__dict__
+        for name, value in replaced.items():
+            if value is _NOT_SET:
+                state.pop(name, None)
+            else:
+                state[name] = value
 
     def supernet_only_parameters(self) -> List[nn.Parameter]:
         """Parameters the op holds that no export keeps (a switchable BN's per-width sets other than the active

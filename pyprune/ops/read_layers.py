@@ -29,7 +29,6 @@ __all__ = ["serve_read_layers", "read_layers", "release_read_layers", "ReadCalls
 
 _READS = "_pyprune_read_layers"  # reader.__dict__: paths (under the reader) of the layers it serves
 _SAVED = "_pyprune_read_saved"   # reader.__dict__: per running forward, what the served attributes replaced
-_MISSING = object()
 
 
 def serve_read_layers(model: nn.Module, refs: Iterable) -> None:
@@ -72,17 +71,13 @@ def _serve(reader: nn.Module, path: str) -> None:
 def _hand_out(reader: nn.Module, args: tuple, kwargs: dict) -> None:
     """Pre-hook: each served DynamicOp's active tensors and width attributes become its instance attributes."""
     x = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)), None)
-    replaced: List[Tuple[dict, dict]] = []
-    reader.__dict__.setdefault(_SAVED, []).append(replaced)  # first: a gather that raises is taken back too
+    lent: List[Tuple[DynamicChannelMixin, dict]] = []
+    reader.__dict__.setdefault(_SAVED, []).append(lent)  # first: a gather that raises is taken back too
     for path in read_layers(reader):
         layer = reader.get_submodule(path)
         if not isinstance(layer, DynamicChannelMixin):
             continue  # a plain layer (exported, or not converted): its own tensors are the right ones
-        values = dict(zip(layer._channel_tensors, layer.active_tensors(x)))
-        values.update(layer.active_attributes())
-        state = layer.__dict__
-        replaced.append((state, {name: state.get(name, _MISSING) for name in values}))
-        state.update(values)
+        lent.append((layer, layer.lend_active_state(layer.active_tensors(x))))
 
 
 def _take_back(reader: nn.Module, args: tuple, output) -> None:
@@ -90,12 +85,8 @@ def _take_back(reader: nn.Module, args: tuple, output) -> None:
     stack = reader.__dict__.get(_SAVED)
     if not stack:
         return
-    for state, old in stack.pop():
-        for name, value in old.items():
-            if value is _MISSING:
-                state.pop(name, None)
-            else:
-                state[name] = value
+    for layer, replaced in stack.pop():
+        layer.restore_lent_state(replaced)
 
 
 def release_read_layers(model: nn.Module) -> None:

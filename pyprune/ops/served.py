@@ -40,8 +40,6 @@ from .compact_state import ChannelSlice
 
 __all__ = ["ServedForward", "ServingProbe", "serving_probe", "served_class", "has_own_forward"]
 
-_MISSING = object()
-
 
 class ServingProbe(NamedTuple):
     """What the probe of one module found: ``channel_dim`` of its input / output (None when it cannot be served)
@@ -108,22 +106,11 @@ class ServedForward:
             self._check_input(x)
         names = self._channel_tensors
         tensors = self.active_tensors(x)
-        state = self.__dict__
-        saved = {}
+        replaced = self.lend_active_state(tensors)
         try:
-            for name, tensor in zip(names, tensors):
-                saved[name] = state.get(name, _MISSING)
-                state[name] = tensor  # found before nn.Module.__getattr__ looks in _parameters / _buffers
-            for attr, value in self.active_attributes().items():
-                saved[attr] = state.get(attr, _MISSING)
-                state[attr] = value
             output = self._own_type.forward(self, *args, **kwargs)
         finally:
-            for key, value in saved.items():
-                if value is _MISSING:
-                    state.pop(key, None)
-                else:
-                    state[key] = value
+            self.restore_lent_state(replaced)
         if self.training:
             buffers = self._buffers
             self.carry_writes({name: t for name, t in zip(names, tensors) if name in buffers})
