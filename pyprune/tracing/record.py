@@ -157,8 +157,7 @@ class _Recorder(TorchFunctionMode):
 
 def _is_metadata_call(func) -> bool:
     name = getattr(func, "__name__", "")
-    return name in ("size", "dim", "__get__", "numel", "__len__", "is_floating_point", "data_ptr") or \
-        func is Tensor.shape.__get__
+    return name in ("size", "dim", "__get__", "numel", "__len__", "is_floating_point", "data_ptr")
 
 
 def _set_meta(node, value, path):
