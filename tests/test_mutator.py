@@ -4,6 +4,7 @@ On :class:`SmallNet` (tests/models.py) with its hand-written UnitSpecs in place 
 pinned), and on torchvision models through the real tracer.
 """
 import copy
+import functools
 import json
 
 import pytest
@@ -374,3 +375,10 @@ def test_switching_choices_on_cuda_never_syncs(unit_type):
     x = torch.randn(2, 3, 8, 8, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(mutator.export(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_trace_fn_partial_with_its_own_tracer_is_refused():
+    # The parser passes tracer= from parse_cfg, which would silently override the partial's.
+    with pytest.raises(ConfigError, match="tracer_type"):
+        make_mutator(trace_fn=functools.partial(trace_channel_units, tracer="fx"))
+    make_mutator(trace_fn=functools.partial(trace_channel_units, gqa=False))  # other keywords are fine

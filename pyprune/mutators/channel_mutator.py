@@ -1,5 +1,6 @@
 """ChannelMutator: owns a model's channel units, their choices and the pruning structure config (mmrazor API)."""
 import copy
+import functools
 import math
 import numbers
 import warnings
@@ -77,6 +78,10 @@ class ChannelMutator:
         self.strict = bool(strict)
         if not callable(trace_fn):
             raise ConfigError(f"trace_fn must be callable, got {trace_fn!r}")
+        # The parser always passes tracer= from parse_cfg, which would silently win over a partial's own.
+        if isinstance(trace_fn, functools.partial) and "tracer" in trace_fn.keywords:
+            raise ConfigError("trace_fn is a functools.partial with tracer=, which parse_cfg['tracer_type'] would "
+                              "override; choose the tracer with parse_cfg=dict(tracer_type=...) instead")
         self.trace_fn = trace_fn
         self.init_cfg = init_cfg
         self.units: List[MutableChannelUnit] = []
