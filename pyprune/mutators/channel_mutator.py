@@ -1,6 +1,5 @@
 """ChannelMutator: owns a model's channel units, their choices and the pruning structure config (mmrazor API)."""
 import copy
-import functools
 import math
 import numbers
 import warnings
@@ -19,6 +18,7 @@ from ..registry import MODELS
 from ..tracing import trace_channel_units
 from ..tracing.example_inputs import as_call_args
 from ..units import LayerIndexAssembler, MutableChannelUnit
+from ..units.analyzer import check_trace_fn
 from ..units.modules import get_layer, is_dynamic, replace_modules, to_dynamic_layer
 from ..units.base import init_args_from_mutable
 from ..units.channel_config import config_channels
@@ -76,12 +76,7 @@ class ChannelMutator:
             raise ConfigError(f"fixed must be a list of module names, got {fixed!r}")
         self.fixed: Tuple[str, ...] = tuple(fixed)
         self.strict = bool(strict)
-        if not callable(trace_fn):
-            raise ConfigError(f"trace_fn must be callable, got {trace_fn!r}")
-        # The parser always passes tracer= from parse_cfg, which would silently win over a partial's own.
-        if isinstance(trace_fn, functools.partial) and "tracer" in trace_fn.keywords:
-            raise ConfigError("trace_fn is a functools.partial with tracer=, which parse_cfg['tracer_type'] would "
-                              "override; choose the tracer with parse_cfg=dict(tracer_type=...) instead")
+        check_trace_fn(trace_fn, type(self).__name__)
         self.trace_fn = trace_fn
         self.init_cfg = init_cfg
         self.units: List[MutableChannelUnit] = []

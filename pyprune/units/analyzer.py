@@ -5,6 +5,7 @@ units as configs ``{unit name: {'init_args': {'num_channels': n}, 'channels': {.
 ``MutableChannelUnit.init_from_cfg`` and ``ChannelMutator`` read. It runs :func:`pyprune.tracing.trace_channel_units`
 (mmrazor's ``BackwardTracer`` maps to pyprune's ``'auto'``: torch.fx, then a recorded real forward).
 """
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable, Dict, List, Optional
 
@@ -23,6 +24,16 @@ DEFAULT_DEMO_INPUT = (1, 3, 224, 224)
 # mmrazor's tracer names and ours -> the ``tracer`` argument of pyprune.tracing.trace_channel_units.
 TRACER_TYPES = {"FxTracer": "fx", "fx": "fx", "TorchFunctionTracer": "torch_function",
                 "torch_function": "torch_function", "auto": "auto", "BackwardTracer": "auto"}
+
+
+def check_trace_fn(trace_fn, owner: str) -> None:
+    """Refuse a ``trace_fn`` that is not callable, or a ``functools.partial`` that binds ``tracer=``: the parser
+    always passes ``tracer=`` from ``tracer_type``, which would silently win over the partial's own."""
+    if not callable(trace_fn):
+        raise ConfigError(f"{owner}: trace_fn must be callable, got {type(trace_fn).__name__}")
+    if isinstance(trace_fn, functools.partial) and "tracer" in trace_fn.keywords:
+        raise ConfigError(f"{owner}: trace_fn is a functools.partial with tracer=, which tracer_type would override; "
+                          "choose the tracer with tracer_type instead")
 
 
 @TASK_UTILS.register_module()
@@ -94,6 +105,8 @@ class ChannelAnalyzer:
         if tracer_type not in TRACER_TYPES:
             raise ConfigError(f"ChannelAnalyzer: unknown tracer_type {tracer_type!r}; known: {sorted(TRACER_TYPES)}")
         check_demo_input(demo_input)
+        if trace_fn is not None:
+            check_trace_fn(trace_fn, "ChannelAnalyzer")
         self.demo_input, self.tracer_type = demo_input, tracer_type
         self.fixed, self.strict, self.trace_fn = tuple(fixed), bool(strict), trace_fn
 

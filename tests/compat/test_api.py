@@ -1,6 +1,7 @@
 """mmrazor API that pyprune offers under the same names: ChannelAnalyzer, ChannelUnit and the unit constructors,
 fix_chosen, mutable channels / values, DefaultDemoInput, models predefined with dynamic ops (parse type
 'Predefined'), a user's unit registered by name."""
+import functools
 import warnings
 
 import pytest
@@ -31,6 +32,15 @@ def run_units(units, model, size=16):
     assert model(torch.rand(2, 3, size, size)).shape == (2, 1000)
     return mutable
 
+
+
+def test_channel_analyzer_refuses_a_trace_fn_partial_with_its_own_tracer():
+    # ChannelAnalyzer always passes tracer= from tracer_type, which would silently override the partial's.
+    from pyprune.tracing import trace_channel_units
+    with pytest.raises(ConfigError, match="ChannelAnalyzer: trace_fn is a functools.partial with tracer="):
+        ChannelAnalyzer(demo_input=SMALL, trace_fn=functools.partial(trace_channel_units, tracer="fx"))
+    with pytest.raises(ConfigError, match="ChannelAnalyzer: trace_fn must be callable"):
+        ChannelAnalyzer(demo_input=SMALL, trace_fn=42)
 
 def test_analyzer_returns_unit_configs():
     configs = ChannelAnalyzer(demo_input=SMALL, tracer_type="FxTracer").analyze(SingleLineModel())
